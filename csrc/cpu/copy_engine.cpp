@@ -1,0 +1,111 @@
+#include "sdict_ext/cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace sdict_ext {
+
+namespace {
+
+// Below this many bytes a chunk is not worth a thread: the fork/join costs more.
+constexpr int64_t kGrainBytes = int64_t{1} << 18;
+
+template <int64_t N>
+inline void copy_run_fixed(char* dst, const char* src, int64_t n, int64_t ds, int64_t ss) {
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(dst + i * ds, src + i * ss, N);
+  }
+}
+
+// Copies `n` elements along one dim; the element size is a compile-time constant
+// on the common sizes so memcpy becomes a single load/store.
+inline void copy_run(char* dst, const char* src, int64_t n, int64_t esz, int64_t ds, int64_t ss) {
+  if (ds == esz && ss == esz) {
+    std::memcpy(dst, src, static_cast<size_t>(n * esz));
+    return;
+  }
+  switch (esz) {
+    case 1: copy_run_fixed<1>(dst, src, n, ds, ss); return;
+    case 2: copy_run_fixed<2>(dst, src, n, ds, ss); return;
+    case 4: copy_run_fixed<4>(dst, src, n, ds, ss); return;
+    case 8: copy_run_fixed<8>(dst, src, n, ds, ss); return;
+    case 16: copy_run_fixed<16>(dst, src, n, ds, ss); return;
+    default:
+      for (int64_t i = 0; i < n; ++i) {
+        std::memcpy(dst + i * ds, src + i * ss, static_cast<size_t>(esz));
+      }
+  }
+}
+
+// Copies elements [begin, end) (row-major order) of a strided entry.
+void copy_strided(const CopyEntry& e, int64_t begin, int64_t end) {
+  const int64_t nd = static_cast<int64_t>(e.sizes.size());
+  c10::SmallVector<int64_t, 6> idx(nd, 0);
+  int64_t rem = begin;
+  int64_t soff = 0;
+  int64_t doff = 0;
+  for (int64_t d = nd - 1; d >= 0; --d) {
+    idx[d] = rem % e.sizes[d];
+    rem /= e.sizes[d];
+    soff += idx[d] * e.src_strides[d];
+    doff += idx[d] * e.dst_strides[d];
+  }
+  const int64_t inner = nd - 1;
+  int64_t cur = begin;
+  while (cur < end) {
+    const int64_t run = std::min(e.sizes[inner] - idx[inner], end - cur);
+    copy_run(e.dst + doff, e.src + soff, run, e.elem_size, e.dst_strides[inner], e.src_strides[inner]);
+    cur += run;
+    idx[inner] += run;
+    soff += run * e.src_strides[inner];
+    doff += run * e.dst_strides[inner];
+    for (int64_t d = inner; d > 0 && idx[d] == e.sizes[d]; --d) {
+      soff += e.src_strides[d - 1] - idx[d] * e.src_strides[d];
+      doff += e.dst_strides[d - 1] - idx[d] * e.dst_strides[d];
+      idx[d] = 0;
+      ++idx[d - 1];
+    }
+  }
+}
+
+// Copies bytes [lo, hi) of entry `e`. Strided entries round both ends up to whole
+// elements, so adjacent byte ranges split the elements without gaps or overlap.
+void copy_bytes(const CopyEntry& e, int64_t lo, int64_t hi) {
+  if (e.dense()) {
+    std::memcpy(e.dst + lo, e.src + lo, static_cast<size_t>(hi - lo));
+    return;
+  }
+  const int64_t first = (lo + e.elem_size - 1) / e.elem_size;
+  const int64_t last = (hi + e.elem_size - 1) / e.elem_size;
+  if (first < last) copy_strided(e, first, last);
+}
+
+}  // namespace
+
+void execute_plan_cpu(const std::vector<CopyEntry>& plan) {
+  if (plan.empty()) return;
+  std::vector<int64_t> starts(plan.size() + 1, 0);
+  for (size_t i = 0; i < plan.size(); ++i) {
+    starts[i + 1] = starts[i] + plan[i].nbytes();
+  }
+  at::parallel_for(0, starts.back(), kGrainBytes, [&](int64_t begin, int64_t end) {
+    size_t i = static_cast<size_t>(std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin()) - 1;
+    for (; i < plan.size() && starts[i] < end; ++i) {
+      const int64_t lo = std::max(begin, starts[i]) - starts[i];
+      const int64_t hi = std::min(end, starts[i + 1]) - starts[i];
+      if (lo < hi) copy_bytes(plan[i], lo, hi);
+    }
+  });
+}
+
+void check_cpu(at::TensorList tensors, const char* op, const char* what) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(
+        tensors[i].device().is_cpu(), op, ": ", what, " ", i, " is on ", tensors[i].device(),
+        " but this is the CPU kernel; move it to the CPU, or build sdict_ext with CUDA for device copies");
+  }
+}
+
+}  // namespace sdict_ext

@@ -1,0 +1,109 @@
+// The copy plan: every sdict_ext op reduces to "copy these N (src, dst) byte
+// layouts", whatever device executes it. Building the plan (validation, shape
+// coalescing, overlap checks) is device-agnostic and lives here; the CPU and CUDA
+// backends only execute it.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/SmallVector.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sdict_ext {
+
+// One copy of `numel` elements of `elem_size` bytes. Strides are in bytes and
+// already coalesced: a dense copy has ndim <= 1 with both strides == elem_size.
+struct CopyEntry {
+  const char* src = nullptr;
+  char* dst = nullptr;
+  int64_t elem_size = 1;
+  int64_t numel = 0;
+  c10::SmallVector<int64_t, 6> sizes;
+  c10::SmallVector<int64_t, 6> src_strides;
+  c10::SmallVector<int64_t, 6> dst_strides;
+
+  int64_t nbytes() const { return numel * elem_size; }
+  bool dense() const {
+    return sizes.size() <= 1 &&
+        (sizes.empty() || (src_strides[0] == elem_size && dst_strides[0] == elem_size));
+  }
+};
+
+// A strided view described by raw pointer, sizes and element strides. Lets the ops
+// describe slices of a flat byte buffer without creating at::Tensor views.
+struct Layout {
+  char* ptr = nullptr;
+  int64_t elem_size = 1;
+  c10::SmallVector<int64_t, 6> sizes;
+  c10::SmallVector<int64_t, 6> strides;  // in elements
+
+  static Layout of(const at::Tensor& t);
+  // A dense row-major block of `sizes` starting at `ptr`.
+  static Layout dense(char* ptr, int64_t elem_size, c10::IntArrayRef sizes);
+  // The sub-box [starts, starts + sizes) of this layout.
+  Layout box(c10::IntArrayRef starts, c10::IntArrayRef box_sizes) const;
+  int64_t numel() const;
+};
+
+// Coalesces dims and appends the copy src -> dst (same sizes) to `plan`. Empty
+// copies are dropped.
+void add_copy(std::vector<CopyEntry>& plan, const Layout& dst, const Layout& src);
+
+// A user tensor (or a slot of one) that an op reads or writes, for overlap checks.
+struct Region {
+  Layout layout;
+  bool written = false;
+  const char* name = "";  // "destination", "source", "out", ...
+  int64_t index = -1;     // the user's index, -1 when the name says it all
+};
+
+// Raises (TORCH_CHECK) when a written region overlaps another written region or a
+// read one. Exact for strided views whose address ranges interleave (e.g. the
+// columns of one matrix). Reads may overlap reads.
+void check_no_overlap(const std::vector<Region>& regions, const char* op);
+
+// Per-pair argument checks for batched_copy_: same dtype and shape, no
+// self-overlapping destination. `op` is used in messages.
+void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, const char* op);
+
+// Layout of the k-th of `world_size` chunks along `dim` of a tensor of size
+// `dim_size`, with torch.chunk semantics: chunk length ceil(dim_size / world_size),
+// trailing chunks possibly short or empty. Returns {start, length}.
+std::pair<int64_t, int64_t> chunk_range(int64_t dim_size, int64_t world_size, int64_t k);
+
+std::string sizes_str(c10::IntArrayRef s);
+
+}  // namespace sdict_ext
+
+namespace sdict_ext {
+
+// Plans for each op, shared by the CPU and CUDA backends. They validate every
+// argument before returning, so a backend that executes a plan never writes
+// anything when the input is bad.
+std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList srcs);
+std::vector<CopyEntry> plan_pack(at::TensorList tensors, c10::IntArrayRef offsets, const at::Tensor& out);
+std::vector<CopyEntry> plan_unpack(
+    const at::Tensor& flat,
+    c10::IntArrayRef offsets,
+    at::TensorList dsts,
+    at::OptionalIntArrayRef full_sizes,
+    at::OptionalIntArrayRef starts);
+std::vector<CopyEntry> plan_gather_concat(
+    const at::Tensor& gathered,
+    int64_t chunk_numel,
+    int64_t world_size,
+    const at::Tensor& out,
+    int64_t shard_dim);
+std::vector<CopyEntry> plan_gather_concat_into(
+    const at::Tensor& gathered,
+    int64_t world_size,
+    c10::IntArrayRef offsets,
+    at::TensorList outs,
+    c10::IntArrayRef shard_dims);
+
+// Output tensor of gather_concat, allocated like `gathered` (dtype, device).
+at::Tensor gather_concat_output(const at::Tensor& gathered, c10::IntArrayRef size);
+
+}  // namespace sdict_ext

@@ -1,0 +1,24 @@
+// Every sdict_ext op schema, in one place. Kernels register per backend in
+// csrc/cpu/*.cpp and csrc/cuda/*.cpp; fake kernels live in sdict_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import sdict_ext._C` loads this library, which runs the registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(sdict_ext, m) {
+  m.def("batched_copy_(Tensor(a!)[] dsts, Tensor[] srcs, bool non_blocking=False) -> ()");
+  m.def("pack_into(Tensor[] tensors, int[] offsets, Tensor(a!) out) -> ()");
+  m.def(
+      "unpack(Tensor flat, int[] offsets, Tensor(a!)[] dsts, int[]? full_sizes=None, "
+      "int[]? starts=None) -> ()");
+  m.def(
+      "gather_concat(Tensor gathered, int chunk_numel, int world_size, int[] size, "
+      "int shard_dim) -> Tensor");
+  m.def(
+      "gather_concat_into(Tensor gathered, int world_size, int[] offsets, Tensor(a!)[] outs, "
+      "int[] shard_dims) -> ()");
+}

@@ -1,0 +1,488 @@
+// Building and validating copy plans. Everything here runs before any byte is
+// written, so a bad argument leaves every destination untouched.
+#include "sdict_ext/copy_plan.h"
+
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
+#include <sstream>
+
+namespace sdict_ext {
+
+std::string sizes_str(c10::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+Layout Layout::of(const at::Tensor& t) {
+  Layout l;
+  l.ptr = static_cast<char*>(t.numel() == 0 ? nullptr : t.data_ptr());
+  l.elem_size = static_cast<int64_t>(t.element_size());
+  l.sizes.assign(t.sizes().begin(), t.sizes().end());
+  l.strides.assign(t.strides().begin(), t.strides().end());
+  return l;
+}
+
+Layout Layout::dense(char* ptr, int64_t elem_size, c10::IntArrayRef sizes) {
+  Layout l;
+  l.ptr = ptr;
+  l.elem_size = elem_size;
+  l.sizes.assign(sizes.begin(), sizes.end());
+  l.strides.resize(sizes.size());
+  int64_t stride = 1;
+  for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
+    l.strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  return l;
+}
+
+Layout Layout::box(c10::IntArrayRef starts, c10::IntArrayRef box_sizes) const {
+  Layout l = *this;
+  int64_t offset = 0;
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    offset += starts[d] * strides[d];
+    l.sizes[d] = box_sizes[d];
+  }
+  if (ptr != nullptr) {
+    l.ptr = ptr + offset * elem_size;
+  }
+  return l;
+}
+
+int64_t Layout::numel() const {
+  int64_t n = 1;
+  for (auto s : sizes) n *= s;
+  return n;
+}
+
+void add_copy(std::vector<CopyEntry>& plan, const Layout& dst, const Layout& src) {
+  const int64_t numel = dst.numel();
+  if (numel == 0) return;
+  CopyEntry e;
+  e.src = src.ptr;
+  e.dst = dst.ptr;
+  e.elem_size = dst.elem_size;
+  e.numel = numel;
+  // Walk from the innermost dim outwards, merging a dim into the previous run when
+  // both sides keep it contiguous with that run; size-1 dims carry no stride.
+  const int64_t esz = dst.elem_size;
+  for (int64_t d = static_cast<int64_t>(dst.sizes.size()) - 1; d >= 0; --d) {
+    const int64_t n = dst.sizes[d];
+    if (n == 1) continue;
+    const int64_t ss = src.strides[d] * esz;
+    const int64_t ds = dst.strides[d] * esz;
+    if (!e.sizes.empty()) {
+      const int64_t run = e.sizes.back();
+      if (ss == run * e.src_strides.back() && ds == run * e.dst_strides.back()) {
+        e.sizes.back() *= n;
+        continue;
+      }
+    }
+    e.sizes.push_back(n);
+    e.src_strides.push_back(ss);
+    e.dst_strides.push_back(ds);
+  }
+  if (e.sizes.empty()) {
+    e.sizes.push_back(1);
+    e.src_strides.push_back(esz);
+    e.dst_strides.push_back(esz);
+  }
+  std::reverse(e.sizes.begin(), e.sizes.end());
+  std::reverse(e.src_strides.begin(), e.src_strides.end());
+  std::reverse(e.dst_strides.begin(), e.dst_strides.end());
+  plan.push_back(std::move(e));
+}
+
+namespace {
+
+struct Span {
+  uintptr_t lo;
+  uintptr_t hi;  // exclusive
+  size_t region;
+};
+
+Span span_of(const Region& r, size_t idx) {
+  const Layout& l = r.layout;
+  uintptr_t lo = reinterpret_cast<uintptr_t>(l.ptr);
+  uintptr_t extent = static_cast<uintptr_t>(l.elem_size);
+  for (size_t d = 0; d < l.sizes.size(); ++d) {
+    extent += static_cast<uintptr_t>((l.sizes[d] - 1) * l.strides[d] * l.elem_size);
+  }
+  return {lo, lo + extent, idx};
+}
+
+bool is_dense(const Layout& l) {
+  int64_t expected = 1;
+  for (int64_t d = static_cast<int64_t>(l.sizes.size()) - 1; d >= 0; --d) {
+    if (l.sizes[d] != 1 && l.strides[d] != expected) return false;
+    expected *= l.sizes[d];
+  }
+  return true;
+}
+
+// Start addresses of every element, for the exact interleaving test.
+std::vector<uintptr_t> element_addresses(const Layout& l) {
+  std::vector<uintptr_t> out;
+  out.reserve(static_cast<size_t>(l.numel()));
+  const int64_t nd = static_cast<int64_t>(l.sizes.size());
+  c10::SmallVector<int64_t, 6> idx(nd, 0);
+  const int64_t n = l.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t off = 0;
+    for (int64_t d = 0; d < nd; ++d) off += idx[d] * l.strides[d];
+    out.push_back(reinterpret_cast<uintptr_t>(l.ptr) + off * l.elem_size);
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < l.sizes[d]) break;
+      idx[d] = 0;
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Whether two layouts whose address ranges intersect share a byte.
+bool layouts_intersect(const Layout& a, const Layout& b) {
+  if (is_dense(a) && is_dense(b)) return true;
+  // Enumerating elements is exact; past this size we stay conservative.
+  constexpr int64_t kExactLimit = int64_t{1} << 24;
+  if (a.numel() + b.numel() > kExactLimit) return true;
+  const std::vector<uintptr_t> as = element_addresses(a);
+  const std::vector<uintptr_t> bs = element_addresses(b);
+  for (uintptr_t bstart : bs) {
+    const uintptr_t bend = bstart + static_cast<uintptr_t>(b.elem_size);
+    // Every element of `a` has the same size, so only the last one starting
+    // before bend can reach past bstart.
+    auto it = std::lower_bound(as.begin(), as.end(), bend);
+    if (it == as.begin()) continue;
+    --it;
+    if (*it + static_cast<uintptr_t>(a.elem_size) > bstart) return true;
+  }
+  return false;
+}
+
+std::string region_name(const Region& r) {
+  std::ostringstream os;
+  os << r.name;
+  if (r.index >= 0) os << " " << r.index;
+  return os.str();
+}
+
+}  // namespace
+
+void check_no_overlap(const std::vector<Region>& regions, const char* op) {
+  std::vector<Span> spans;
+  spans.reserve(regions.size());
+  bool any_written = false;
+  for (size_t i = 0; i < regions.size(); ++i) {
+    if (regions[i].layout.numel() == 0 || regions[i].layout.ptr == nullptr) continue;
+    spans.push_back(span_of(regions[i], i));
+    any_written = any_written || regions[i].written;
+  }
+  if (!any_written) return;
+  std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) {
+    return x.lo < y.lo || (x.lo == y.lo && x.region < y.region);
+  });
+  // Sweep: `active` holds the spans that may still intersect later ones. Without
+  // overlaps it stays tiny, so this is O(n log n) for thousands of tensors.
+  std::vector<Span> active;
+  for (const Span& s : spans) {
+    active.erase(
+        std::remove_if(active.begin(), active.end(), [&](const Span& a) { return a.hi <= s.lo; }),
+        active.end());
+    const Region& rs = regions[s.region];
+    for (const Span& a : active) {
+      const Region& ra = regions[a.region];
+      if (!ra.written && !rs.written) continue;
+      if (!layouts_intersect(ra.layout, rs.layout)) continue;
+      const Region& w = ra.written ? ra : rs;
+      const Region& o = ra.written ? rs : ra;
+      TORCH_CHECK(
+          false, op, ": ", region_name(w), " overlaps ", region_name(o), " in memory",
+          o.written ? "; the result would depend on copy order. Pass disjoint destinations."
+                    : "; a destination must not alias a source. Clone the source first.");
+    }
+    active.push_back(s);
+  }
+}
+
+void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, const char* op) {
+  TORCH_CHECK(
+      dst.layout() == at::kStrided && src.layout() == at::kStrided, op, ": pair ", i,
+      ": only strided (dense) tensors are supported, found layouts ", dst.layout(), " and ",
+      src.layout());
+  TORCH_CHECK(
+      dst.scalar_type() == src.scalar_type(), op, ": pair ", i, ": dtype mismatch, destination is ",
+      dst.scalar_type(), " but source is ", src.scalar_type(),
+      "; copies are byte-exact and never cast, convert the source first");
+  TORCH_CHECK(
+      dst.sizes() == src.sizes(), op, ": pair ", i, ": shape mismatch, destination is ",
+      sizes_str(dst.sizes()), " but source is ", sizes_str(src.sizes()));
+  TORCH_CHECK(
+      at::has_internal_overlap(dst) != at::MemOverlap::Yes, op, ": destination ", i,
+      " overlaps itself (an expanded view); pass a tensor with distinct elements");
+}
+
+std::pair<int64_t, int64_t> chunk_range(int64_t dim_size, int64_t world_size, int64_t k) {
+  const int64_t chunk = (dim_size + world_size - 1) / world_size;
+  const int64_t start = std::min(k * chunk, dim_size);
+  const int64_t len = std::max<int64_t>(0, std::min(chunk, dim_size - start));
+  return {start, len};
+}
+
+namespace {
+
+void check_flat(const at::Tensor& flat, const char* op, const char* name) {
+  TORCH_CHECK(
+      flat.scalar_type() == at::kByte && flat.dim() == 1 && flat.is_contiguous(), op, ": ", name,
+      " must be a contiguous 1-D uint8 tensor, found ", flat.scalar_type(), " of shape ",
+      sizes_str(flat.sizes()));
+}
+
+Region region(const at::Tensor& t, bool written, const char* name, int64_t index) {
+  return Region{Layout::of(t), written, name, index};
+}
+
+int64_t wrap_dim(int64_t dim, int64_t ndim, const char* op, int64_t index) {
+  TORCH_CHECK(
+      ndim > 0, op, ": tensor ", index, " is 0-dim and cannot be sharded; gather it as a plain tensor");
+  TORCH_CHECK(
+      dim >= -ndim && dim < ndim, op, ": tensor ", index, ": shard_dim ", dim,
+      " is out of range for a ", ndim, "-dim tensor");
+  return dim < 0 ? dim + ndim : dim;
+}
+
+}  // namespace
+
+std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList srcs) {
+  constexpr const char* op = "sdict_ext.batched_copy_";
+  TORCH_CHECK(
+      dsts.size() == srcs.size(), op, ": got ", dsts.size(), " destinations and ", srcs.size(),
+      " sources; pass one source per destination");
+  std::vector<Region> regions;
+  regions.reserve(2 * dsts.size());
+  for (size_t i = 0; i < dsts.size(); ++i) {
+    check_copy_pair(dsts[i], srcs[i], static_cast<int64_t>(i), op);
+    regions.push_back(region(dsts[i], true, "destination", static_cast<int64_t>(i)));
+    regions.push_back(region(srcs[i], false, "source", static_cast<int64_t>(i)));
+  }
+  check_no_overlap(regions, op);
+  std::vector<CopyEntry> plan;
+  plan.reserve(dsts.size());
+  for (size_t i = 0; i < dsts.size(); ++i) {
+    add_copy(plan, regions[2 * i].layout, regions[2 * i + 1].layout);
+  }
+  return plan;
+}
+
+std::vector<CopyEntry> plan_pack(at::TensorList tensors, c10::IntArrayRef offsets, const at::Tensor& out) {
+  constexpr const char* op = "sdict_ext.pack";
+  check_flat(out, op, "out");
+  TORCH_CHECK(
+      offsets.size() == tensors.size(), op, ": got ", tensors.size(), " tensors but ",
+      offsets.size(), " offsets; compute them with sdict_ext.ops.pack_layout");
+  char* base = static_cast<char*>(out.numel() == 0 ? nullptr : out.data_ptr());
+  std::vector<Region> regions;
+  regions.reserve(2 * tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(
+        t.layout() == at::kStrided, op, ": tensor ", i, ": only strided tensors can be packed, found ",
+        t.layout());
+    const int64_t nbytes = t.numel() * static_cast<int64_t>(t.element_size());
+    TORCH_CHECK(
+        offsets[i] >= 0 && offsets[i] + nbytes <= out.numel(), op, ": tensor ", i, " (", nbytes,
+        " bytes at offset ", offsets[i], ") does not fit in out of ", out.numel(), " bytes");
+    Layout slot = Layout::dense(
+        base == nullptr ? nullptr : base + offsets[i], t.element_size(), t.sizes());
+    regions.push_back(Region{slot, true, "slot of tensor", static_cast<int64_t>(i)});
+    regions.push_back(region(t, false, "tensor", static_cast<int64_t>(i)));
+  }
+  check_no_overlap(regions, op);
+  std::vector<CopyEntry> plan;
+  plan.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    add_copy(plan, regions[2 * i].layout, regions[2 * i + 1].layout);
+  }
+  return plan;
+}
+
+std::vector<CopyEntry> plan_unpack(
+    const at::Tensor& flat,
+    c10::IntArrayRef offsets,
+    at::TensorList dsts,
+    at::OptionalIntArrayRef full_sizes,
+    at::OptionalIntArrayRef starts) {
+  constexpr const char* op = "sdict_ext.unpack";
+  check_flat(flat, op, "flat");
+  TORCH_CHECK(
+      offsets.size() == dsts.size(), op, ": got ", dsts.size(), " destinations but ",
+      offsets.size(), " offsets");
+  TORCH_CHECK(
+      full_sizes.has_value() == starts.has_value(), op,
+      ": full_sizes and starts go together; pass both or neither");
+  int64_t total_dims = 0;
+  for (const auto& d : dsts) total_dims += d.dim();
+  if (full_sizes.has_value()) {
+    TORCH_CHECK(
+        static_cast<int64_t>(full_sizes->size()) == total_dims &&
+            static_cast<int64_t>(starts->size()) == total_dims,
+        op, ": full_sizes and starts must hold one entry per dim of every destination (", total_dims,
+        " in all), found ", full_sizes->size(), " and ", starts->size());
+  }
+  char* base = static_cast<char*>(flat.numel() == 0 ? nullptr : flat.data_ptr());
+  std::vector<Region> regions;
+  regions.reserve(dsts.size() + 1);
+  regions.push_back(region(flat, false, "flat", -1));
+  std::vector<Layout> srcs;
+  srcs.reserve(dsts.size());
+  int64_t pos = 0;
+  for (size_t i = 0; i < dsts.size(); ++i) {
+    const at::Tensor& d = dsts[i];
+    TORCH_CHECK(
+        d.layout() == at::kStrided, op, ": destination ", i, ": only strided tensors, found ",
+        d.layout());
+    TORCH_CHECK(
+        at::has_internal_overlap(d) != at::MemOverlap::Yes, op, ": destination ", i,
+        " overlaps itself (an expanded view); pass a tensor with distinct elements");
+    const int64_t nd = d.dim();
+    c10::IntArrayRef full = full_sizes.has_value() ? full_sizes->slice(pos, nd) : d.sizes();
+    c10::SmallVector<int64_t, 6> zero(nd, 0);
+    c10::IntArrayRef start = starts.has_value() ? starts->slice(pos, nd) : c10::IntArrayRef(zero);
+    pos += nd;
+    int64_t packed_numel = 1;
+    for (int64_t k = 0; k < nd; ++k) {
+      TORCH_CHECK(
+          start[k] >= 0 && start[k] + d.size(k) <= full[k], op, ": destination ", i, " of shape ",
+          sizes_str(d.sizes()), " at start ", sizes_str(start), " does not fit in the packed shape ",
+          sizes_str(full));
+      packed_numel *= full[k];
+    }
+    const int64_t nbytes = packed_numel * static_cast<int64_t>(d.element_size());
+    TORCH_CHECK(
+        offsets[i] >= 0 && offsets[i] + nbytes <= flat.numel(), op, ": destination ", i, " (",
+        nbytes, " packed bytes at offset ", offsets[i], ") lies outside flat of ", flat.numel(),
+        " bytes");
+    Layout whole = Layout::dense(base == nullptr ? nullptr : base + offsets[i], d.element_size(), full);
+    srcs.push_back(whole.box(start, d.sizes()));
+    regions.push_back(region(d, true, "destination", static_cast<int64_t>(i)));
+  }
+  check_no_overlap(regions, op);
+  std::vector<CopyEntry> plan;
+  plan.reserve(dsts.size());
+  for (size_t i = 0; i < dsts.size(); ++i) {
+    add_copy(plan, regions[i + 1].layout, srcs[i]);
+  }
+  return plan;
+}
+
+namespace {
+
+// Appends the copies of every rank's shard of one tensor. `rank_base(r)` is where
+// rank r's shard starts; shards are stored dense.
+template <typename RankBase>
+void add_shard_copies(
+    std::vector<CopyEntry>& plan,
+    const Layout& out,
+    int64_t dim,
+    int64_t world_size,
+    int64_t max_shard_bytes,
+    const char* op,
+    int64_t index,
+    RankBase rank_base) {
+  c10::SmallVector<int64_t, 6> starts(out.sizes.size(), 0);
+  c10::SmallVector<int64_t, 6> shard(out.sizes.begin(), out.sizes.end());
+  for (int64_t r = 0; r < world_size; ++r) {
+    const auto [start, len] = chunk_range(out.sizes[dim], world_size, r);
+    starts[dim] = start;
+    shard[dim] = len;
+    int64_t bytes = out.elem_size;
+    for (auto s : shard) bytes *= s;
+    TORCH_CHECK(
+        bytes <= max_shard_bytes, op, ": tensor ", index, ": the shard of rank ", r, " has ", bytes,
+        " bytes but each rank's chunk holds only ", max_shard_bytes,
+        "; chunk_numel / offsets do not match the full size");
+    add_copy(plan, out.box(starts, shard), Layout::dense(rank_base(r), out.elem_size, shard));
+  }
+}
+
+}  // namespace
+
+at::Tensor gather_concat_output(const at::Tensor& gathered, c10::IntArrayRef size) {
+  return at::empty(size, gathered.options());
+}
+
+std::vector<CopyEntry> plan_gather_concat(
+    const at::Tensor& gathered,
+    int64_t chunk_numel,
+    int64_t world_size,
+    const at::Tensor& out,
+    int64_t shard_dim) {
+  constexpr const char* op = "sdict_ext.gather_concat";
+  TORCH_CHECK(world_size >= 1, op, ": world_size must be >= 1, found ", world_size);
+  TORCH_CHECK(chunk_numel >= 0, op, ": chunk_numel must be >= 0, found ", chunk_numel);
+  TORCH_CHECK(
+      gathered.dim() == 1 && gathered.is_contiguous(), op,
+      ": gathered must be the contiguous 1-D all-gather buffer, found shape ",
+      sizes_str(gathered.sizes()));
+  TORCH_CHECK(
+      gathered.numel() >= world_size * chunk_numel, op, ": gathered has ", gathered.numel(),
+      " elements, fewer than world_size * chunk_numel = ", world_size * chunk_numel);
+  const int64_t dim = wrap_dim(shard_dim, out.dim(), op, 0);
+  std::vector<CopyEntry> plan;
+  plan.reserve(world_size);
+  char* base = static_cast<char*>(gathered.numel() == 0 ? nullptr : gathered.data_ptr());
+  const int64_t esz = gathered.element_size();
+  add_shard_copies(
+      plan, Layout::of(out), dim, world_size, chunk_numel * esz, op, 0,
+      [&](int64_t r) { return base == nullptr ? nullptr : base + r * chunk_numel * esz; });
+  return plan;
+}
+
+std::vector<CopyEntry> plan_gather_concat_into(
+    const at::Tensor& gathered,
+    int64_t world_size,
+    c10::IntArrayRef offsets,
+    at::TensorList outs,
+    c10::IntArrayRef shard_dims) {
+  constexpr const char* op = "sdict_ext.gather_concat_into";
+  check_flat(gathered, op, "gathered");
+  TORCH_CHECK(world_size >= 1, op, ": world_size must be >= 1, found ", world_size);
+  TORCH_CHECK(
+      gathered.numel() % world_size == 0, op, ": gathered has ", gathered.numel(),
+      " bytes, not a multiple of world_size ", world_size);
+  TORCH_CHECK(
+      offsets.size() == outs.size() && shard_dims.size() == outs.size(), op, ": got ", outs.size(),
+      " outputs, ", offsets.size(), " offsets and ", shard_dims.size(), " shard_dims");
+  const int64_t stride = gathered.numel() / world_size;
+  char* base = static_cast<char*>(gathered.numel() == 0 ? nullptr : gathered.data_ptr());
+  std::vector<Region> regions;
+  regions.reserve(outs.size() + 1);
+  regions.push_back(region(gathered, false, "gathered", -1));
+  for (size_t j = 0; j < outs.size(); ++j) {
+    TORCH_CHECK(
+        outs[j].layout() == at::kStrided, op, ": output ", j, ": only strided tensors, found ",
+        outs[j].layout());
+    TORCH_CHECK(
+        offsets[j] >= 0 && offsets[j] <= stride, op, ": output ", j, ": offset ", offsets[j],
+        " lies outside a rank's chunk of ", stride, " bytes");
+    TORCH_CHECK(
+        at::has_internal_overlap(outs[j]) != at::MemOverlap::Yes, op, ": output ", j,
+        " overlaps itself (an expanded view)");
+    regions.push_back(region(outs[j], true, "output", static_cast<int64_t>(j)));
+  }
+  check_no_overlap(regions, op);
+  std::vector<CopyEntry> plan;
+  plan.reserve(outs.size() * world_size);
+  for (size_t j = 0; j < outs.size(); ++j) {
+    const int64_t dim = wrap_dim(shard_dims[j], outs[j].dim(), op, static_cast<int64_t>(j));
+    const int64_t off = offsets[j];
+    add_shard_copies(
+        plan, regions[j + 1].layout, dim, world_size, stride - off, op, static_cast<int64_t>(j),
+        [&](int64_t r) { return base == nullptr ? nullptr : base + r * stride + off; });
+  }
+  return plan;
+}
+
+}  // namespace sdict_ext

@@ -1,0 +1,14 @@
+"""sdict_ext: fast, memory-bounded PyTorch state-dict utilities.
+
+A drop-in home for ``torch.distributed._state_dict_utils``,
+``torch.distributed.checkpoint.state_dict`` and ``torch.distributed.checkpoint.utils``,
+built on batched C++/CUDA copy kernels and coalesced collectives. See README.md.
+"""
+
+from __future__ import annotations
+
+from sdict_ext import ops
+from sdict_ext.ops import *  # noqa: F403
+
+__all__ = list(ops.__all__)
+__version__ = "0.1.0"

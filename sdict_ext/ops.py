@@ -1,0 +1,275 @@
+"""Typed wrappers over the compiled ``torch.ops.sdict_ext`` kernels.
+
+Every op reduces to "copy these N strided byte layouts", planned and validated in C++
+before the first byte moves, so a bad argument never leaves a destination half-written.
+CPU kernels always exist; CUDA kernels exist when the extension was built against a
+CUDA torch (:func:`has_cuda`). Each op also has a fake kernel, so it traces under
+``torch.compile`` and ``FakeTensorMode``.
+
+Streams: CUDA work is enqueued on the current stream of the device involved. With
+``non_blocking=False`` the call returns after the copies finished; with
+``non_blocking=True`` the data is valid once the current stream reaches this point
+(record an event, or synchronize the stream). On CPU every op is synchronous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "ALIGNMENT",
+    "batched_copy_",
+    "gather_concat",
+    "gather_concat_into",
+    "has_cuda",
+    "is_compiled",
+    "pack",
+    "pack_layout",
+    "unpack",
+]
+
+#: Byte alignment of every slot in a packed buffer: 16 bytes lets CUDA kernels use
+#: vector loads and any dtype (complex128 included) be viewed in place.
+ALIGNMENT = 16
+
+_BUILD_HINT = (
+    "the sdict_ext._C extension is not built; build it with "
+    "`pip install --no-build-isolation .` (or `make test`) in the sdict_ext checkout"
+)
+
+try:
+    from sdict_ext import _C  # noqa: F401  (importing runs the op registrations)
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # pragma: no cover - exercised only on unbuilt trees
+    _IMPORT_ERROR = exc
+
+
+def is_compiled() -> bool:
+    """Whether the compiled extension (and so every op) is available."""
+    return _IMPORT_ERROR is None
+
+
+def has_cuda() -> bool:
+    """Whether the extension was built with its CUDA kernels."""
+    return is_compiled() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sdict_ext::batched_copy_", "CUDA"
+    )
+
+
+def _ops():
+    if _IMPORT_ERROR is not None:
+        raise ImportError(f"{_BUILD_HINT} (import failed: {_IMPORT_ERROR})")
+    return torch.ops.sdict_ext
+
+
+def _round_up(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def pack_layout(
+    specs: Sequence[torch.Tensor | tuple[Sequence[int], torch.dtype]],
+    alignment: int = ALIGNMENT,
+) -> tuple[list[int], int]:
+    """Byte offsets of each tensor in a packed buffer, and the buffer's size.
+
+    The layout depends only on shapes and dtypes, so every rank of a broadcast computes
+    the same one from metadata without exchanging it.
+
+    Args:
+        specs: tensors, or ``(shape, dtype)`` pairs, in packing order.
+        alignment: every slot starts at a multiple of this many bytes (a power of two).
+
+    Returns:
+        ``(offsets, total_bytes)``.
+    """
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"pack_layout: alignment must be a power of two, got {alignment}")
+    offsets: list[int] = []
+    cursor = 0
+    for i, spec in enumerate(specs):
+        if isinstance(spec, torch.Tensor):
+            nbytes = spec.numel() * spec.element_size()
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], torch.dtype):
+            numel = 1
+            for s in spec[0]:
+                numel *= int(s)
+            nbytes = numel * spec[1].itemsize
+        else:
+            raise TypeError(
+                f"pack_layout: spec {i} must be a tensor or a (shape, dtype) pair, "
+                f"got {type(spec).__name__}"
+            )
+        cursor = _round_up(cursor, alignment)
+        offsets.append(cursor)
+        cursor += nbytes
+    return offsets, _round_up(cursor, alignment)
+
+
+def batched_copy_(
+    dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor], non_blocking: bool = False
+) -> None:
+    """Copies ``srcs[i]`` into ``dsts[i]`` for every i, in one call.
+
+    Same result as ``d.copy_(s)`` per pair, but planned once and executed as one
+    parallel CPU pass or one batched CUDA launch. Pairs must match in dtype and shape
+    (no casting, no broadcasting); destinations must be disjoint and must not alias a
+    source. Everything is checked before anything is written. Non-contiguous and
+    misaligned tensors are copied correctly.
+
+    Args:
+        dsts: destination tensors, written in place.
+        srcs: source tensors.
+        non_blocking: for device copies, return once the copies are enqueued on the
+            current stream instead of waiting for them. Device-to-host copies into
+            pageable memory are always synchronous; use pinned destinations.
+    """
+    dsts, srcs = list(dsts), list(srcs)
+    if len(dsts) != len(srcs):
+        raise ValueError(
+            f"batched_copy_: got {len(dsts)} destinations and {len(srcs)} sources; "
+            "pass one source per destination"
+        )
+    if not dsts:
+        return
+    _ops().batched_copy_(dsts, srcs, non_blocking)
+
+
+def pack(
+    tensors: Sequence[torch.Tensor],
+    out: torch.Tensor | None = None,
+    *,
+    offsets: Sequence[int] | None = None,
+    alignment: int = ALIGNMENT,
+) -> torch.Tensor:
+    """Packs tensors byte-exactly into one flat uint8 buffer.
+
+    Equivalent to ``torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])``
+    except that each slot starts at an aligned offset (:func:`pack_layout`), any dtype
+    mix is allowed and non-contiguous tensors are read in place.
+
+    Args:
+        tensors: tensors to pack, in order.
+        out: optional 1-D uint8 buffer of at least the layout's size; allocated on the
+            first tensor's device when omitted.
+        offsets: slot offsets; default :func:`pack_layout` of ``tensors``.
+        alignment: slot alignment used when ``offsets`` is omitted.
+
+    Returns:
+        The packed buffer (``out`` when given).
+    """
+    tensors = list(tensors)
+    if offsets is None:
+        offsets, total = pack_layout(tensors, alignment)
+    else:
+        offsets = list(offsets)
+        total = max(
+            (o + t.numel() * t.element_size() for o, t in zip(offsets, tensors)), default=0
+        )
+    if out is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
+        out = torch.empty(total, dtype=torch.uint8, device=device)
+    if tensors:
+        _ops().pack_into(tensors, offsets, out)
+    return out
+
+
+def unpack(
+    flat: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    *,
+    offsets: Sequence[int] | None = None,
+    full_shapes: Sequence[Sequence[int]] | None = None,
+    starts: Sequence[Sequence[int]] | None = None,
+    alignment: int = ALIGNMENT,
+) -> None:
+    """Writes the packed contents of ``flat`` into ``tensors``, the inverse of :func:`pack`.
+
+    With ``full_shapes`` and ``starts``, slot i holds a tensor of shape
+    ``full_shapes[i]`` and ``tensors[i]`` receives only its box starting at
+    ``starts[i]`` (e.g. the rows / columns a rank owns), so a rank never materialises
+    the full tensor.
+
+    Args:
+        flat: 1-D uint8 packed buffer.
+        tensors: destinations, written in place.
+        offsets: slot offsets; default :func:`pack_layout` of the packed shapes.
+        full_shapes: shape of each packed tensor when destinations are boxes of it.
+        starts: where each destination's box starts in its packed tensor.
+        alignment: slot alignment used when ``offsets`` is omitted.
+    """
+    tensors = list(tensors)
+    if (full_shapes is None) != (starts is None):
+        raise ValueError("unpack: full_shapes and starts go together; pass both or neither")
+    flat_full: list[int] | None = None
+    flat_starts: list[int] | None = None
+    if full_shapes is not None:
+        if len(full_shapes) != len(tensors) or len(starts) != len(tensors):
+            raise ValueError(
+                f"unpack: got {len(tensors)} destinations, {len(full_shapes)} full_shapes "
+                f"and {len(starts)} starts"
+            )
+        flat_full = [int(s) for shape in full_shapes for s in shape]
+        flat_starts = [int(s) for st in starts for s in st]
+    if offsets is None:
+        shapes = full_shapes if full_shapes is not None else [t.shape for t in tensors]
+        offsets, _ = pack_layout(
+            [(tuple(s), t.dtype) for s, t in zip(shapes, tensors)], alignment
+        )
+    if tensors:
+        _ops().unpack(flat, list(offsets), tensors, flat_full, flat_starts)
+
+
+def gather_concat(
+    gathered: torch.Tensor,
+    chunk_numel: int,
+    world_size: int,
+    size: Sequence[int],
+    shard_dim: int,
+) -> torch.Tensor:
+    """Rebuilds a full tensor from an all-gathered buffer of padded shards.
+
+    ``gathered`` is 1-D with ``world_size`` chunks of ``chunk_numel`` elements; chunk r
+    starts with rank r's shard, ``torch.chunk(full, world_size, shard_dim)[r]`` stored
+    contiguously (empty for trailing ranks when the split is uneven). Equivalent to
+    ``torch.cat([chunk[:n_r].view(shape_r) for r ...], shard_dim)`` without the temporaries.
+
+    Returns:
+        A new contiguous tensor of ``size``, dtype and device of ``gathered``.
+    """
+    return _ops().gather_concat(gathered, chunk_numel, world_size, list(size), shard_dim)
+
+
+def gather_concat_into(
+    gathered: torch.Tensor,
+    world_size: int,
+    offsets: Sequence[int],
+    outs: Sequence[torch.Tensor],
+    shard_dims: Sequence[int],
+) -> None:
+    """Rebuilds many tensors from one coalesced all-gather buffer, in one call.
+
+    ``gathered`` is a 1-D uint8 buffer of ``world_size`` equal chunks (what
+    ``all_gather_into_tensor`` returns for one packed buffer per rank). In every rank's
+    chunk, the shard of ``outs[j]`` along ``shard_dims[j]`` (torch.chunk semantics) is
+    stored densely at byte ``offsets[j]``.
+    """
+    outs = list(outs)
+    if outs:
+        _ops().gather_concat_into(gathered, world_size, list(offsets), outs, list(shard_dims))
+
+
+def _register_fakes() -> None:
+    # Mutating ops have nothing to compute on fake tensors; gather_concat allocates.
+    for name in ("batched_copy_", "pack_into", "unpack", "gather_concat_into"):
+        torch.library.register_fake(f"sdict_ext::{name}")(lambda *args, **kwargs: None)
+
+    @torch.library.register_fake("sdict_ext::gather_concat")
+    def _(gathered, chunk_numel, world_size, size, shard_dim):
+        return gathered.new_empty(size)
+
+
+if _IMPORT_ERROR is None:
+    _register_fakes()

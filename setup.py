@@ -1,0 +1,59 @@
+"""Builds sdict_ext._C: the CPU kernels always, the CUDA kernels where torch has CUDA.
+
+CUDA is built when torch was built with CUDA and a toolkit is found (CUDA_HOME), never
+because a GPU happens to be visible; SDICT_EXT_CUDA=0/1 overrides the choice.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("SDICT_EXT_CUDA")
+    available = torch.version.cuda is not None and CUDA_HOME is not None
+    if forced is None:
+        return available
+    if forced == "1" and not available:
+        raise RuntimeError(
+            "SDICT_EXT_CUDA=1 but torch has no CUDA or CUDA_HOME is unset; "
+            "install a CUDA build of torch and a CUDA toolkit, or unset SDICT_EXT_CUDA"
+        )
+    return forced == "1"
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-fvisibility=hidden"]
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if not with_cuda:
+        return CppExtension(
+            "sdict_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+        )
+    sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+    nvcc = ["-O3", "-lineinfo"]
+    return CUDAExtension(
+        "sdict_ext._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+    )
+
+
+setup(
+    packages=find_packages(include=["sdict_ext", "sdict_ext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
