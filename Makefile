@@ -1,0 +1,44 @@
+# `make test` and `make bench` set up a fresh machine, then run.
+# If python3 already has torch (e.g. the GPU machine), it is used as is and nothing is
+# downloaded; otherwise a .venv gets torch 2.13.0 (CPU), served by the local index.
+SHELL := /bin/bash
+HAVE_TORCH := $(shell python3 -c "import torch" >/dev/null 2>&1 && echo yes)
+ifeq ($(HAVE_TORCH),yes)
+PY := python3
+else
+PY := $(CURDIR)/.venv/bin/python
+endif
+SIZE ?= small
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup build test bench cpptest clean
+
+setup:
+ifneq ($(HAVE_TORCH),yes)
+	@test -x .venv/bin/python || python3 -m venv .venv
+	@.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
+	@.venv/bin/pip install -q pybind11 ninja pytest setuptools wheel packaging numpy
+endif
+	@$(PY) -c "import torch, pytest, ninja" 2>/dev/null || $(PY) -m pip install -q pytest ninja packaging
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace -j 2
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: build
+	@if [ -f bench/__main__.py ]; then $(PY) -m bench --size $(SIZE) $(BENCH_ARGS); \
+	else echo "no benchmark yet"; fi
+
+# C++ unit tests of the CPU kernels through CMake/ctest; SANITIZE=ON for ASan+UBSan.
+SANITIZE ?= OFF
+cpptest: setup
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSDICT_EXT_SANITIZE=$(SANITIZE) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake -j 2
+	cd build/cmake && ctest --output-on-failure
+
+clean:
+	rm -rf build sdict_ext/_C*.so

@@ -1,0 +1,432 @@
+"""Specs of the compiled ops: bit-exact against plain torch, on CPU and (when present) CUDA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from sdict_ext import ops
+
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+]
+
+HAS_CUDA = torch.cuda.is_available() and ops.has_cuda()
+cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and sdict_ext built with CUDA")
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """Raw bytes in logical order: NaN payloads and float8 compare exactly."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))
+
+
+def _random(shape, dtype, device="cpu", gen=None) -> torch.Tensor:
+    """Random bit patterns of `dtype` (bool restricted to 0/1)."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool().to(device)
+    raw = torch.randint(0, 256, (numel * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+    return raw.view(dtype).reshape(shape).to(device)
+
+
+def _layouts(dtype, device):
+    """Tensors of every awkward layout: 0-dim, empty, transposed, stepped, offset."""
+    g = torch.Generator().manual_seed(0)
+    base = _random((7, 9, 5), dtype, device, g)
+    return [
+        _random((), dtype, device, g),
+        _random((0, 3), dtype, device, g),
+        _random((13,), dtype, device, g),
+        base,
+        base.transpose(0, 2),
+        base[:, ::2, 1:],
+        _random((33,), dtype, device, g)[1:],  # storage offset: misaligned for 16-byte loads
+        base.select(1, 3),
+    ]
+
+
+# batched_copy_
+
+
+def _check_batched_copy_every_dtype_and_layout(device):
+    for dtype in DTYPES:
+        srcs = _layouts(dtype, device)
+        dsts = [torch.empty_like(s) for s in srcs]
+        ops.batched_copy_(dsts, srcs)
+        for i, (d, s) in enumerate(zip(dsts, srcs)):
+            assert _same(d, s), (dtype, i)
+
+
+def test_batched_copy_every_dtype_and_layout_cpu():
+    _check_batched_copy_every_dtype_and_layout("cpu")
+
+
+@cuda
+def test_batched_copy_every_dtype_and_layout_cuda():
+    _check_batched_copy_every_dtype_and_layout("cuda")
+
+
+def test_batched_copy_into_strided_destinations_matches_copy_():
+    srcs = _layouts(torch.float32, "cpu")
+    def column_major(s):
+        return torch.zeros(s.shape[::-1]).permute(tuple(reversed(range(s.dim()))))
+
+    dsts = [column_major(s) for s in srcs]
+    ref = [column_major(s) for s in srcs]
+    ops.batched_copy_(dsts, srcs)
+    for r, s in zip(ref, srcs):
+        r.copy_(s)
+    assert all(_same(d, r) for d, r in zip(dsts, ref))
+
+
+def test_batched_copy_thousands_of_tiny_tensors_matches_foreach_copy():
+    g = torch.Generator().manual_seed(1)
+    sizes = torch.randint(0, 24, (5000,), generator=g).tolist()
+    srcs = [_random((n,), DTYPES[i % len(DTYPES)], "cpu", g) for i, n in enumerate(sizes)]
+    dsts = [torch.empty_like(s) for s in srcs]
+    ops.batched_copy_(dsts, srcs)
+    assert all(_same(d, s) for d, s in zip(dsts, srcs))
+
+
+def test_batched_copy_columns_of_one_matrix_are_disjoint_destinations():
+    m = torch.zeros(6, 4, dtype=torch.int64)
+    ops.batched_copy_([m[:, 0], m[:, 3]], [torch.arange(6), torch.arange(6) + 10])
+    ref = torch.zeros(6, 4, dtype=torch.int64)
+    ref[:, 0] = torch.arange(6)
+    ref[:, 3] = torch.arange(6) + 10
+    assert torch.equal(m, ref)
+
+
+def test_batched_copy_tensor_over_2_pow_31_bytes_cpu():
+    n = 2**31 + 4099  # more elements and bytes than int32 can index
+    src = torch.empty(n, dtype=torch.uint8)
+    src[:8] = torch.arange(8, dtype=torch.uint8)
+    src[-8:] = torch.arange(100, 108, dtype=torch.uint8)
+    src[2**31 - 4 : 2**31 + 4] = 7
+    dst = torch.zeros(n, dtype=torch.uint8)
+    ops.batched_copy_([dst], [src])
+    assert torch.equal(dst[:8], src[:8])
+    assert torch.equal(dst[-8:], src[-8:])
+    assert torch.equal(dst[2**31 - 4 : 2**31 + 4], src[2**31 - 4 : 2**31 + 4])
+    del src, dst
+
+
+def _expect_error(match, fn, *untouched):
+    before = [t.clone() for t in untouched]
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        fn()
+    for t, b in zip(untouched, before):
+        assert torch.equal(t, b), "a failed call wrote into a destination"
+
+
+def test_batched_copy_rejects_bad_pairs_before_writing_anything():
+    d0, d1, d2 = torch.zeros(3), torch.zeros(3), torch.zeros(3)
+    s = torch.ones(3)
+    _expect_error("1 sources", lambda: ops.batched_copy_([d0, d1], [s]), d0, d1)
+    _expect_error(
+        "pair 2: dtype mismatch",
+        lambda: ops.batched_copy_([d0, d1, d2], [s, s, s.double()]),
+        d0, d1, d2,
+    )
+    _expect_error(
+        "pair 1: shape mismatch",
+        lambda: ops.batched_copy_([d0, d1], [s, torch.ones(4)]),
+        d0, d1,
+    )
+    big = torch.zeros(6)
+    _expect_error(
+        "destination 1 overlaps destination 2|destination 2 overlaps destination 1",
+        lambda: ops.batched_copy_([d0, big[:4], big[2:]], [s, torch.ones(4), torch.ones(4)]),
+        d0, big,
+    )
+    _expect_error(
+        "destination 1 overlaps source 0|must not alias",
+        lambda: ops.batched_copy_([d0, d1], [d1, s]),
+        d0, d1,
+    )
+    _expect_error(
+        "overlaps itself",
+        lambda: ops.batched_copy_([d0, torch.zeros(1).expand(3)], [s, s]),
+        d0,
+    )
+
+
+# pack / unpack
+
+
+def _check_pack_equals_cat_of_bytes(device):
+    tensors = [t for dtype in DTYPES for t in _layouts(dtype, device)]
+    flat = ops.pack(tensors, alignment=1)
+    ref = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+    assert torch.equal(flat.cpu(), ref.cpu())
+    offsets, total = ops.pack_layout(tensors)
+    aligned = ops.pack(tensors)
+    assert aligned.numel() == total and all(o % ops.ALIGNMENT == 0 for o in offsets)
+    for t, o in zip(tensors, offsets):
+        n = t.numel() * t.element_size()
+        assert torch.equal(aligned[o : o + n].cpu(), _bytes(t))
+    outs = [torch.empty_like(t) for t in tensors]
+    ops.unpack(aligned, outs)
+    assert all(_same(o, t) for o, t in zip(outs, tensors))
+
+
+def test_pack_equals_cat_of_bytes_and_unpack_inverts_it_cpu():
+    _check_pack_equals_cat_of_bytes("cpu")
+
+
+@cuda
+def test_pack_equals_cat_of_bytes_and_unpack_inverts_it_cuda():
+    _check_pack_equals_cat_of_bytes("cuda")
+
+
+def test_pack_layout_from_shapes_and_dtypes_matches_layout_from_tensors():
+    tensors = _layouts(torch.bfloat16, "cpu") + _layouts(torch.complex128, "cpu")
+    specs = [(tuple(t.shape), t.dtype) for t in tensors]
+    assert ops.pack_layout(specs) == ops.pack_layout(tensors)
+
+
+def test_pack_into_preallocated_out_leaves_padding_alone():
+    tensors = [torch.arange(3, dtype=torch.int8), torch.arange(5, dtype=torch.int16)]
+    offsets, total = ops.pack_layout(tensors)
+    out = torch.full((total,), 0xEE, dtype=torch.uint8)
+    assert ops.pack(tensors, out) is out
+    assert torch.equal(out[3:16], torch.full((13,), 0xEE, dtype=torch.uint8))
+    assert torch.equal(out[16:26].view(torch.int16), tensors[1])
+
+
+def _check_unpack_writes_only_the_owned_box(device):
+    g = torch.Generator().manual_seed(2)
+    fulls = [_random((10, 7), torch.float32, device, g), _random((4, 6, 5), torch.int16, device, g)]
+    flat = ops.pack(fulls)
+    boxes = [((3, 2), (5, 4)), ((1, 0, 2), (2, 6, 3))]  # (start, shape)
+    dsts = [torch.empty(shape, dtype=f.dtype, device=device) for f, (_, shape) in zip(fulls, boxes)]
+    ops.unpack(
+        flat,
+        dsts,
+        full_shapes=[f.shape for f in fulls],
+        starts=[start for start, _ in boxes],
+    )
+    for d, f, (start, shape) in zip(dsts, fulls, boxes):
+        ref = f
+        for dim, (s, n) in enumerate(zip(start, shape)):
+            ref = ref.narrow(dim, s, n)
+        assert _same(d, ref)
+
+
+def test_unpack_writes_only_the_owned_box_cpu():
+    _check_unpack_writes_only_the_owned_box("cpu")
+
+
+@cuda
+def test_unpack_writes_only_the_owned_box_cuda():
+    _check_unpack_writes_only_the_owned_box("cuda")
+
+
+def test_unpack_into_columns_of_a_shard_matches_narrow():
+    full = torch.arange(48, dtype=torch.float64).view(6, 8)
+    flat = ops.pack([full])
+    dst = torch.zeros(6, 3, dtype=torch.float64)
+    ops.unpack(flat, [dst], full_shapes=[(6, 8)], starts=[(0, 5)])
+    assert torch.equal(dst, full[:, 5:])
+
+
+def test_pack_and_unpack_reject_bad_layouts_before_writing():
+    t = torch.arange(4, dtype=torch.float32)
+    out = torch.zeros(8, dtype=torch.uint8)
+    _expect_error("does not fit", lambda: ops.pack([t], out), out)
+    flat = ops.pack([t, t])
+    dst = torch.zeros(4)
+    _expect_error("lies outside flat", lambda: ops.unpack(flat, [dst], offsets=[32]), dst)
+    _expect_error("does not fit in the packed shape", lambda: ops.unpack(
+        flat, [dst], full_shapes=[(4,)], starts=[(1,)]), dst)
+    _expect_error("must not alias", lambda: ops.unpack(flat, [flat[:4]]), flat)
+    _expect_error("slot of tensor", lambda: ops.pack([t, t], torch.zeros(32, dtype=torch.uint8),
+                                                     offsets=[0, 8]))
+
+
+# gather_concat
+
+
+def _padded_gather(full: torch.Tensor, world: int, dim: int) -> tuple[torch.Tensor, int]:
+    """What an all-gather of torch.chunk shards padded to the largest shard returns."""
+    chunks = list(torch.chunk(full, world, dim)) if full.shape[dim] else []
+    chunks += [full.narrow(dim, 0, 0)] * (world - len(chunks))
+    chunk_numel = max(c.numel() for c in chunks)
+    gathered = torch.zeros(world * chunk_numel, dtype=full.dtype, device=full.device)
+    for r, c in enumerate(chunks):
+        gathered[r * chunk_numel : r * chunk_numel + c.numel()] = c.reshape(-1)
+    return gathered, chunk_numel
+
+
+def _check_gather_concat_matches_cat_of_chunks(device):
+    g = torch.Generator().manual_seed(3)
+    for shape in [(10, 6), (3, 5, 4), (1, 7), (0, 4), (5,)]:
+        for dim in range(len(shape)):
+            for world in (1, 2, 3, 4, 5):
+                for dtype in (torch.float32, torch.bfloat16, torch.bool, torch.complex64):
+                    full = _random(shape, dtype, device, g)
+                    gathered, chunk_numel = _padded_gather(full, world, dim)
+                    out = ops.gather_concat(gathered, chunk_numel, world, shape, dim)
+                    assert _same(out, full), (shape, dim, world, dtype)
+
+
+def test_gather_concat_matches_cat_of_chunks_even_uneven_and_empty_cpu():
+    _check_gather_concat_matches_cat_of_chunks("cpu")
+
+
+@cuda
+def test_gather_concat_matches_cat_of_chunks_even_uneven_and_empty_cuda():
+    _check_gather_concat_matches_cat_of_chunks("cuda")
+
+
+def _check_gather_concat_into_rebuilds_many_tensors(device):
+    g = torch.Generator().manual_seed(4)
+    world = 3
+    fulls = [
+        _random((7, 5), torch.float32, device, g),
+        _random((4, 9), torch.int64, device, g),
+        _random((2, 3, 8), torch.float8_e4m3fn, device, g),
+        _random((1,), torch.bool, device, g),
+        _random((0, 2), torch.float16, device, g),
+    ]
+    dims = [0, 1, 2, 0, 0]
+    shards = [
+        [full.narrow(d, *_chunk(full.shape[d], world, r)) for full, d in zip(fulls, dims)]
+        for r in range(world)
+    ]
+    offsets, total = ops.pack_layout(shards[0])  # rank 0 holds the largest shards
+    gathered = torch.cat([ops.pack(s, torch.zeros(total, dtype=torch.uint8, device=device),
+                                   offsets=offsets) for s in shards])
+    outs = [torch.empty_like(f) for f in fulls]
+    ops.gather_concat_into(gathered, world, offsets, outs, dims)
+    assert all(_same(o, f) for o, f in zip(outs, fulls))
+
+
+def _chunk(n: int, world: int, r: int) -> tuple[int, int]:
+    size = -(-n // world)
+    start = min(r * size, n)
+    return start, max(0, min(size, n - start))
+
+
+def test_gather_concat_into_rebuilds_many_tensors_from_one_buffer_cpu():
+    _check_gather_concat_into_rebuilds_many_tensors("cpu")
+
+
+@cuda
+def test_gather_concat_into_rebuilds_many_tensors_from_one_buffer_cuda():
+    _check_gather_concat_into_rebuilds_many_tensors("cuda")
+
+
+def test_gather_concat_rejects_inconsistent_sizes():
+    gathered = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="fewer than world_size"):
+        ops.gather_concat(gathered, 4, 3, (12,), 0)
+    with pytest.raises(RuntimeError, match="shard of rank 0 has"):
+        ops.gather_concat(gathered, 4, 2, (10,), 0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.gather_concat(gathered, 4, 2, (8,), 1)
+    with pytest.raises(RuntimeError, match="0-dim"):
+        ops.gather_concat(gathered, 4, 2, (), 0)
+
+
+# registration, tracing, build state
+
+
+def test_opcheck_passes_for_every_op():
+    t = [torch.randn(3, 4), torch.arange(5)]
+    flat = ops.pack(t)
+    full = torch.randn(6, 4)
+    gathered, chunk_numel = _padded_gather(full, 2, 0)
+    cases = [
+        (torch.ops.sdict_ext.batched_copy_.default, ([torch.empty(3, 4), torch.empty(5, dtype=torch.int64)], t, False)),
+        (torch.ops.sdict_ext.pack_into.default, (t, ops.pack_layout(t)[0], torch.empty_like(flat))),
+        (torch.ops.sdict_ext.unpack.default, (flat, ops.pack_layout(t)[0], [torch.empty(3, 4), torch.empty(5, dtype=torch.int64)], None, None)),
+        (torch.ops.sdict_ext.gather_concat.default, (gathered, chunk_numel, 2, [6, 4], 0)),
+        (torch.ops.sdict_ext.gather_concat_into.default, (ops.pack([full[:3]]).repeat(2), 2, [0], [torch.empty(6, 4)], [0])),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_fake_tensor_mode_gives_gather_concat_shape_without_running_kernels():
+    with FakeTensorMode():
+        gathered = torch.empty(24)
+        out = ops.gather_concat(gathered, 12, 2, (6, 4), 0)
+        assert out.shape == (6, 4) and out.dtype == torch.float32
+        dst = torch.empty(3)
+        ops.batched_copy_([dst], [torch.empty(3)])
+
+
+def test_ops_trace_under_torch_compile():
+    def rebuild(gathered):
+        return ops.gather_concat(gathered, 12, 2, (6, 4), 0) * 2
+
+    full = torch.randn(6, 4)
+    gathered, _ = _padded_gather(full, 2, 0)
+    compiled = torch.compile(rebuild, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(gathered), full * 2)
+
+
+def test_extension_is_built_here():
+    assert ops.is_compiled()
+    assert ops.has_cuda() == torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sdict_ext::batched_copy_", "CUDA"
+    )
+
+
+def test_unbuilt_extension_imports_and_names_the_build_command():
+    code = (
+        "import sys; sys.modules['sdict_ext._C'] = None\n"
+        "import torch, sdict_ext\n"
+        "assert not sdict_ext.ops.is_compiled()\n"
+        "try:\n"
+        "    sdict_ext.ops.batched_copy_([torch.zeros(1)], [torch.ones(1)])\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install --no-build-isolation ." in out.stdout
+
+
+# CUDA-only directions
+
+
+@cuda
+def test_batched_copy_device_to_pinned_host_and_back_cuda():
+    g = torch.Generator().manual_seed(5)
+    srcs = [_random((n,), torch.float32, "cuda", g) for n in (1, 17, 4096, 1 << 20)]
+    srcs += _layouts(torch.bfloat16, "cuda")
+    host = [torch.empty(s.shape, dtype=s.dtype, pin_memory=True) for s in srcs]
+    ops.batched_copy_(host, srcs, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    assert all(_same(h, s) for h, s in zip(host, srcs))
+    back = [torch.empty_like(s) for s in srcs]
+    ops.batched_copy_(back, host)
+    assert all(_same(b, s) for b, s in zip(back, srcs))
+    pageable = [torch.empty(s.shape, dtype=s.dtype) for s in srcs]
+    ops.batched_copy_(pageable, srcs)
+    assert all(_same(p, s) for p, s in zip(pageable, srcs))
