@@ -35,10 +35,10 @@ bench: build
 # C++ unit tests of the CPU kernels through CMake/ctest; SANITIZE=ON for ASan+UBSan.
 SANITIZE ?= OFF
 cpptest: setup
-	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSDICT_EXT_SANITIZE=$(SANITIZE) \
+	cmake -S . -B build/cmake-$(SANITIZE) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSDICT_EXT_SANITIZE=$(SANITIZE) \
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
-	cmake --build build/cmake -j 2
-	cd build/cmake && ctest --output-on-failure
+	cmake --build build/cmake-$(SANITIZE) -j 2
+	cd build/cmake-$(SANITIZE) && ctest --output-on-failure
 
 clean:
 	rm -rf build sdict_ext/_C*.so
