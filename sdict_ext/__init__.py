@@ -7,8 +7,9 @@ built on batched C++/CUDA copy kernels and coalesced collectives. See README.md.
 
 from __future__ import annotations
 
-from sdict_ext import ops
+from sdict_ext import dist, ops
+from sdict_ext.dist import *  # noqa: F403
 from sdict_ext.ops import *  # noqa: F403
 
-__all__ = list(ops.__all__)
+__all__ = list(ops.__all__) + list(dist.__all__)
 __version__ = "0.1.0"

@@ -8,8 +8,9 @@ signatures and results, minus the traps:
   PyTorch a value or exception that cannot be pickled, an exception that cannot be
   unpickled, or a ``reduce_fun`` result of the wrong length makes one rank raise
   between two collectives while the others wait in the second one until the process
-  group times out (forever, with the default NCCL settings). Here each of those is
-  shipped to every rank as a ``CheckpointException`` naming the rank it came from.
+  group times out (30 minutes by default with gloo, 10 with NCCL) and then fail with an
+  unrelated timeout error. Here each of those is shipped to every rank as a
+  ``CheckpointException`` naming the rank it came from.
 * ``find_tensor_shard`` checks a DTensor's offset (PyTorch returns the local shard
   whatever offset is asked for) and its errors list what is there.
 * ``create_file_view`` keeps its own position and never reads outside its byte range
@@ -108,8 +109,15 @@ def _encode(outcome: _Outcome, rank: int) -> tuple[bytes, _Outcome]:
         what = "failure" if tag == _FAILURES else f"{type(payload).__qualname__} value"
         failure = (
             _FAILURES,
-            {rank: _wrap(TypeError(f"rank {rank} could not pickle its {what} to send it "
-                                   f"to other ranks: {_safe_str(err)}"), err)},
+            {
+                rank: _wrap(
+                    TypeError(
+                        f"rank {rank} could not pickle its {what} to send it "
+                        f"to other ranks: {_safe_str(err)}"
+                    ),
+                    err,
+                )
+            },
         )
         try:
             return pickle.dumps(failure, protocol=pickle.HIGHEST_PROTOCOL), failure
@@ -126,8 +134,15 @@ def _decode(data: bytes, src: int, rank: int) -> _Outcome:
     except BaseException as err:
         return (
             _FAILURES,
-            {src: _wrap(RuntimeError(f"rank {rank} could not unpickle what rank {src} "
-                                     f"sent: {type(err).__name__}: {_safe_str(err)}"), err)},
+            {
+                src: _wrap(
+                    RuntimeError(
+                        f"rank {rank} could not unpickle what rank {src} "
+                        f"sent: {type(err).__name__}: {_safe_str(err)}"
+                    ),
+                    err,
+                )
+            },
         )
 
 
@@ -183,7 +198,9 @@ class DistWrapper:
             set but no process group is initialised; this process is not in ``group``.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, use_dist: bool, coordinator_rank: int) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None, use_dist: bool, coordinator_rank: int
+    ) -> None:
         if isinstance(coordinator_rank, bool):
             raise TypeError("coordinator_rank must be an int, got a bool")
         try:
@@ -212,8 +229,9 @@ class DistWrapper:
             self.rank = 0
             self._world_size = 1
         if not 0 <= coordinator_rank < self._world_size:
-            # PyTorch accepts it, and then no rank (or a rank outside the group) is the
-            # coordinator: the first collective fails or waits for a rank that never comes.
+            # PyTorch accepts it (and ignores it without distributed): no rank is then the
+            # coordinator, and the first collective that needs one fails with a backend
+            # error ("invalid root rank") after earlier steps have already run.
             raise ValueError(
                 f"coordinator_rank must be in [0, {self._world_size}) for a group of "
                 f"{self._world_size} rank(s), got {coordinator_rank}"
@@ -307,7 +325,7 @@ class DistWrapper:
 
         Raises:
             CheckpointException: on every rank, if the coordinator's object cannot be
-                pickled (PyTorch raises on the coordinator only and the rest hang).
+                pickled (PyTorch raises on the coordinator only; the rest wait out the timeout).
         """
         outcome = (_VALUE, object) if self.is_coordinator else None
         return _result("broadcast_object", self._broadcast(outcome))
@@ -354,10 +372,14 @@ class DistWrapper:
         if self.is_coordinator:
             if object_list is None or len(object_list) != self._world_size:
                 got = "None" if object_list is None else f"{len(object_list)} items"
-                outcomes = [self._fail(ValueError(
-                    f"scatter_object needs one item per rank ({self._world_size}) on the "
-                    f"coordinator, got {got}"
-                ))] * self._world_size
+                outcomes = [
+                    self._fail(
+                        ValueError(
+                            f"scatter_object needs one item per rank ({self._world_size}) on the "
+                            f"coordinator, got {got}"
+                        )
+                    )
+                ] * self._world_size
             else:
                 outcomes = [(_VALUE, item) for item in object_list]
         return _result("scatter_object", self._scatter(outcomes))
@@ -404,11 +426,17 @@ class DistWrapper:
             or isinstance(results, (str, bytes))
             or len(results) != self._world_size
         ):
-            got = f"{len(results)} items" if isinstance(results, Sequence) else type(results).__name__
-            return [self._fail(ValueError(
-                f"reduce_fun must return a sequence with one item per rank "
-                f"({self._world_size}), got {got}"
-            ))] * self._world_size
+            got = (
+                f"{len(results)} items" if isinstance(results, Sequence) else type(results).__name__
+            )
+            return [
+                self._fail(
+                    ValueError(
+                        f"reduce_fun must return a sequence with one item per rank "
+                        f"({self._world_size}), got {got}"
+                    )
+                )
+            ] * self._world_size
         return [(_VALUE, item) for item in results]
 
     def all_reduce(
@@ -562,8 +590,7 @@ def find_state_dict_object(state_dict: STATE_DICT_TYPE, index: MetadataIndex) ->
         )
         hint = f"; close matches: {', '.join(map(repr, close))}" if close else ""
         raise ValueError(
-            f"Could not find FQN: {index.fqn!r} in a state dict of {len(state_dict)} "
-            f"entries{hint}"
+            f"Could not find FQN: {index.fqn!r} in a state dict of {len(state_dict)} entries{hint}"
         ) from None
     if isinstance(obj, torch.Tensor):
         return find_tensor_shard(obj, index)
@@ -599,6 +626,10 @@ class _FileView(io.RawIOBase):
 
     def seekable(self) -> bool:
         return True
+
+    def write(self, data: Any, /) -> int:
+        # RawIOBase would raise a bare NotImplementedError; say what is wrong instead.
+        raise io.UnsupportedOperation("a file view is read-only")
 
     def tell(self) -> int:
         self._checkClosed()  # type: ignore[attr-defined]

@@ -46,7 +46,9 @@ raised between collectives leaves the group's collective sequence out of step, a
 the next test must not inherit that.
 
 Workers import ``fn``'s module by name, so test modules must be importable from the
-repository root (``tests`` is a package; pytest runs with ``pythonpath = ["."]``).
+repository root (``tests`` is a package; pytest runs with ``pythonpath = ["."]``). Every
+rank has loaded ``fn`` (imported its module) before any rank starts running it, so
+import times never eat into a collective's timeout.
 Workers run single-threaded (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``)
 because the CI machine has two cores shared by every rank.
 """
@@ -117,6 +119,21 @@ class Exited:
     __hash__ = None  # type: ignore[assignment]
 
 
+def _receive(conn: Any) -> bytes:
+    try:
+        return conn.recv_bytes()
+    except (EOFError, OSError, KeyboardInterrupt):
+        return b""
+
+
+def _send(conn: Any, data: bytes) -> bool:
+    try:
+        conn.send_bytes(data)
+        return True
+    except (OSError, KeyboardInterrupt):
+        return False
+
+
 def _worker_main(rank: int, world_size: int, port: int, pg_timeout: float, conn: Any) -> None:
     # Thread limits must be in the environment before torch starts its OpenMP pool.
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -132,6 +149,14 @@ def _worker_main(rank: int, world_size: int, port: int, pg_timeout: float, conn:
             is_master=False,
             timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
         )
+        # Meet every rank in the store first: on a loaded machine the ranks finish
+        # importing torch seconds apart, and the group's own rendezvous waits only the
+        # (possibly short) group timeout.
+        store.set(f"tests.mp/arrived/{rank}", "1")
+        store.wait(
+            [f"tests.mp/arrived/{r}" for r in range(world_size)],
+            timedelta(seconds=STARTUP_TIMEOUT_S),
+        )
         dist.init_process_group(
             "gloo",
             store=store,
@@ -144,21 +169,30 @@ def _worker_main(rank: int, world_size: int, port: int, pg_timeout: float, conn:
         return
     conn.send_bytes(pickle.dumps((True, None)))
 
+    # Each call has two phases: load (unpickle fn, importing its module) and reply, then
+    # wait for the parent's go-ahead and run. Only once every rank has loaded does any
+    # rank start, so fn's first collective never waits out another rank's imports.
     while True:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError, KeyboardInterrupt):
-            break
-        if not data:  # the shutdown request
+        data = _receive(conn)
+        if not data:  # the shutdown request, or the parent is gone
             break
         try:
-            fn, args, kwargs = pickle.loads(data)
+            call = pickle.loads(data)
+            loaded = pickle.dumps((True, None))
+        except BaseException:
+            call, loaded = None, pickle.dumps((False, traceback.format_exc()))
+        if not _send(conn, loaded):
+            break
+        if call is None:
+            continue
+        if not _receive(conn):
+            break
+        fn, args, kwargs = call
+        try:
             reply = pickle.dumps((True, fn(*args, **kwargs)))
         except BaseException:
             reply = pickle.dumps((False, traceback.format_exc()))
-        try:
-            conn.send_bytes(reply)
-        except (OSError, KeyboardInterrupt):
+        if not _send(conn, reply):
             break
     sys.stdout.flush()
     sys.stderr.flush()
@@ -179,7 +213,10 @@ class _Group:
         # The parent hosts the rendezvous store on a port the kernel picks, so there is
         # no window in which another process (another engineer's tests) can take it.
         self._store = dist.TCPStore(
-            "127.0.0.1", 0, is_master=True, wait_for_workers=False,
+            "127.0.0.1",
+            0,
+            is_master=True,
+            wait_for_workers=False,
             timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
         )
         self._conns: list[Any] = []
@@ -208,17 +245,26 @@ class _Group:
 
     def call(self, payload: bytes, timeout: float, allow_exit: Collection[int]) -> list[Any]:
         """Send one pickled call to every rank and gather the replies (see module doc)."""
+        deadline = time.monotonic() + timeout
+        self._send_all(payload)
+        self._phase(timeout, (), f"load the call within {timeout:g}s")
+        self._send_all(b"go")
+        return self._phase(deadline - time.monotonic(), allow_exit, f"finish within {timeout:g}s")
+
+    def _send_all(self, data: bytes) -> None:
         for conn in self._conns:
             try:
-                conn.send_bytes(payload)
+                conn.send_bytes(data)
             except OSError:
                 pass  # a dead worker is reported by _collect through its sentinel
+
+    def _phase(self, timeout: float, allow_exit: Collection[int], what: str) -> list[Any]:
         results, failures, pending = self._collect(timeout, allow_exit)
         if pending and not failures:
             self.kill()
             raise TimeoutError(
-                f"ranks {sorted(pending)} of a {self.world_size}-rank group did not finish "
-                f"within {timeout:g}s; the group was killed"
+                f"ranks {sorted(pending)} of a {self.world_size}-rank group did not {what}; "
+                "the group was killed"
             )
         if failures:
             self.kill()
@@ -258,7 +304,10 @@ class _Group:
                     except (EOFError, OSError):
                         ok, value = self._death(rank, allow_exit)
                     except BaseException:
-                        ok, value = False, "could not unpickle the reply:\n" + traceback.format_exc()
+                        ok, value = (
+                            False,
+                            "could not unpickle the reply:\n" + traceback.format_exc(),
+                        )
                 elif not self._procs[rank].is_alive():
                     ok, value = self._death(rank, allow_exit)
                 else:
@@ -331,7 +380,9 @@ def _pickle_call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
 _POOLS: dict[int, _Group] = {}
 
 
-def run_on_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 60.0, **kwargs: Any) -> list[Any]:
+def run_on_ranks(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 60.0, **kwargs: Any
+) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on every rank of the cached ``world_size`` pool.
 
     See the module docstring for the contract.
