@@ -1,0 +1,622 @@
+"""Checkpoint staging for ``torch.distributed.checkpoint.async_save`` that barely stalls training.
+
+:class:`PinnedStager` snapshots a state dict into host memory with batched copies into one
+reusable host slab, so ``async_save`` blocks the trainer only for the bookkeeping of
+``stage`` (recording an event and queueing a job); walking the state dict and copying run
+behind the trainer (on a side CUDA stream, or in a background thread for CPU tensors).
+
+The contract with the trainer
+-----------------------------
+``stage`` returns before the copy has finished. Until the staging completes (its Future
+resolves, or :meth:`PinnedStager.synchronize_staging` returns), the trainer may run its
+next forward and backward passes, but must not modify anything the state dict refers to:
+
+* ``optimizer.step()`` must wait. Either call ``stager.synchronize_staging()`` before it,
+  or install :meth:`PinnedStager.guard_optimizer` once, which makes every
+  ``optimizer.step()`` wait for the staging in flight (and raise its failure).
+* State that the forward pass mutates in place (BatchNorm running statistics, step
+  counters kept in buffers, a KV cache registered as a buffer) is part of the state dict
+  too: with such modules, synchronize before the next forward instead.
+* On CUDA, the snapshot is ordered after the work already enqueued on the current stream
+  when ``stage`` is called (an event recorded there); later kernels on that stream may run
+  concurrently with the copy, which is why they must not write the staged tensors.
+
+The staged state dict shares the stager's slab with every later staging of the same
+layout: wait for a checkpoint's upload (``AsyncSaveResponse.upload_completion``) before
+staging the next one, as with PyTorch's ``DefaultStager`` and its storage cache.
+
+Staging is local to a rank. When it fails on one rank, DCP's upload fails there before
+its first collective, and the other ranks' uploads wait in the checkpoint's collectives
+until that process group's timeout; give the group passed to ``async_save`` a timeout
+you can live with, and let the failure raised from ``optimizer.step()`` (with
+:meth:`PinnedStager.guard_optimizer`) end the job.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+import time
+import warnings
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.tensor import DTensor
+from torch.utils.hooks import RemovableHandle
+
+from sdict_ext import ops
+from sdict_ext.utils import create_cpu_state_dict
+
+__all__ = ["PinnedStager", "StagingStats"]
+
+#: Default cap on the bytes moved by one ``batched_copy_`` call: large enough that a
+#: checkpoint takes a handful of calls, small enough to bound the per-call plan.
+DEFAULT_BUCKET_BYTES = 1 << 30
+
+# Leaf kinds, looked up by exact type and cached: ``isinstance(x, DTensor)`` goes through
+# the tensor metaclass and costs microseconds per leaf, which adds up at 20,000 leaves.
+_CONTAINER, _TENSOR, _DTENSOR, _SHARDED, _VALUE = range(5)
+_KINDS: dict[type, int] = {}
+
+# Immutable leaves are staged by reference; anything else is deep-copied at staging time.
+_IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _kind(obj: Any) -> int:
+    cls = type(obj)
+    kind = _KINDS.get(cls)
+    if kind is None:
+        if issubclass(cls, (dict, list, tuple)):
+            kind = _CONTAINER
+        elif issubclass(cls, DTensor):
+            kind = _DTENSOR
+        elif issubclass(cls, ShardedTensor):
+            kind = _SHARDED
+        elif issubclass(cls, torch.Tensor):
+            kind = _TENSOR
+        else:
+            kind = _VALUE
+        _KINDS[cls] = kind
+    return kind
+
+
+def _snapshot(value: Any) -> Any:
+    if isinstance(value, _IMMUTABLE):
+        return value
+    if isinstance(value, io.BytesIO):
+        return io.BytesIO(value.getvalue())
+    return copy.deepcopy(value)
+
+
+@dataclass
+class StagingStats:
+    """Counters and timings of a :class:`PinnedStager`, for logs and benchmarks.
+
+    Attributes:
+        stages: stagings completed successfully.
+        allocations: host slabs allocated (the first staging, then one per layout change).
+        staged_bytes: tensor bytes copied by the last staging.
+        last_blocking_s: seconds the caller spent inside the last ``stage`` call: what
+            ``async_save`` costs the trainer beyond its own planning.
+        last_staging_s: seconds from entering the last ``stage`` call to its copy being
+            complete in host memory.
+    """
+
+    stages: int = 0
+    allocations: int = 0
+    staged_bytes: int = 0
+    last_blocking_s: float = 0.0
+    last_staging_s: float = 0.0
+
+
+class _Walk:
+    """One pass over a state dict: its layout signature, its tensors, and a rebuilt copy.
+
+    The rebuilt copy has the same nesting (dicts, lists, tuples, as PyTorch's
+    ``_copy_state_dict`` returns), the staged tensor leaf ``i`` from ``out_leaves`` in
+    place of source tensor leaf ``i``, and a snapshot of every other leaf. Without
+    ``build`` the pass only collects the signature and the tensors.
+
+    Args:
+        out_leaves: staged tensor leaves, in visiting order.
+        build: whether to rebuild the state dict (and snapshot its plain values).
+        values: snapshots taken by an earlier pass over the same state dict, reused
+            instead of snapshotting twice (a snapshot may be a deep copy).
+    """
+
+    __slots__ = ("sig", "leaves", "locals", "values", "out_leaves", "build", "_reuse")
+
+    def __init__(
+        self, out_leaves: list[Any], build: bool = True, values: list[Any] | None = None
+    ) -> None:
+        self.sig: list[Any] = []
+        self.leaves: list[Any] = []
+        self.locals: list[torch.Tensor] = []
+        self.values: list[Any] = []
+        self.out_leaves = out_leaves
+        self.build = build
+        self._reuse = values
+
+    def visit(self, obj: Any) -> Any:
+        kind = _kind(obj)
+        sig = self.sig
+        if kind == _CONTAINER:
+            if isinstance(obj, dict):
+                keys = tuple(obj)
+                sig.append(("d", keys))
+                if not self.build:
+                    for k in keys:
+                        self.visit(obj[k])
+                    return None
+                return {k: self.visit(obj[k]) for k in keys}
+            sig.append(("t" if isinstance(obj, tuple) else "l", len(obj)))
+            items = [self.visit(v) for v in obj]
+            if not self.build:
+                return None
+            return items if isinstance(obj, list) else tuple(items)
+        if kind == _VALUE:
+            sig.append(_VALUE)
+            if not self.build:
+                return None
+            if self._reuse is not None:
+                value = self._reuse[len(self.values)]
+            else:
+                value = _snapshot(obj)
+            self.values.append(value)
+            return value
+        index = len(self.leaves)
+        self.leaves.append(obj)
+        if kind == _TENSOR:
+            sig.append((_TENSOR, obj.shape, obj.dtype, obj.device))
+            self.locals.append(obj)
+        elif kind == _DTENSOR:
+            # _spec and _local_tensor are what DCP itself reads; the public accessors go
+            # through __torch_function__ / autograd and cost several times more per leaf.
+            local = obj._local_tensor
+            sig.append((_DTENSOR, obj._spec, local.shape, local.device))
+            self.locals.append(local)
+        else:
+            shards = obj.local_shards()
+            sig.append(
+                (
+                    _SHARDED,
+                    obj.metadata(),
+                    tuple((s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in shards),
+                )
+            )
+            self.locals.extend(s.tensor for s in shards)
+        return self.out_leaves[index] if index < len(self.out_leaves) else None
+
+
+def _leaf_paths(obj: Any, prefix: str = "") -> list[str]:
+    """Key paths of the tensor leaves, in the order :class:`_Walk` visits them (for errors)."""
+    kind = _kind(obj)
+    if kind == _CONTAINER:
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        paths: list[str] = []
+        for key, value in items:
+            paths.extend(_leaf_paths(value, f"{prefix}.{key}" if prefix else str(key)))
+        return paths
+    if kind == _VALUE:
+        return []
+    if kind == _SHARDED:
+        return [f"{prefix} (local shard {i})" for i in range(len(obj.local_shards()))]
+    return [prefix]
+
+
+@dataclass
+class _Bucket:
+    dsts: list[torch.Tensor]
+    indices: list[int]
+
+
+@dataclass
+class _CopyGroup:
+    """Copies from one source device with one blocking mode, cut into buckets."""
+
+    device: torch.device
+    non_blocking: bool
+    buckets: list[_Bucket]
+
+
+@dataclass
+class _Layout:
+    """Everything cached for one state-dict layout: the slab and the copy plan."""
+
+    sig: list[Any]
+    out_leaves: list[Any]
+    groups: list[_CopyGroup]
+    cuda_devices: frozenset[torch.device]
+    nbytes: int
+
+
+class PinnedStager(AsyncStager):
+    """An ``AsyncStager`` that stages into one reusable host slab with batched copies.
+
+    Drop-in for ``torch.distributed.checkpoint.staging.DefaultStager``::
+
+        stager = PinnedStager()
+        stager.guard_optimizer(optimizer)   # optimizer.step() waits for staging
+        ...
+        response = dcp.async_save(state_dict, checkpoint_id=path, async_stager=stager)
+        ...                                 # forward / backward overlap the copy
+        optimizer.step()                    # waits here if the copy is still running
+        ...
+        response.upload_completion.result() # before the next async_save
+        stager.close()
+
+    The first staging of a layout (keys, nesting, shapes, dtypes, devices, DTensor specs,
+    ShardedTensor metadata) allocates one host slab with ``create_cpu_state_dict``
+    (pinned and/or shared as configured) and plans the copies; every later staging of
+    the same layout reuses both, so it allocates nothing and pins nothing. A changed
+    layout is detected on the next ``stage``, re-allocated, and the old slab is dropped.
+
+    Copies are ``sdict_ext.ops.batched_copy_`` calls, one per source device (and bucket):
+    for CUDA sources, enqueued on a side stream behind an event recorded on the caller's
+    current stream; for CPU sources, run in the stager's background thread. With
+    ``async_staging`` the whole staging (walking the state dict included) runs in that
+    thread and ``stage`` returns a ``Future`` at once; ``async_save`` then returns an
+    ``AsyncSaveResponse`` whose ``staging_completion`` resolves when the copy is done.
+
+    DTensor and ShardedTensor leaves are staged as their local shards inside a DTensor /
+    ShardedTensor with the same metadata, so DCP writes a sharded checkpoint.
+
+    See the module docstring for what the trainer may do while a staging is in flight.
+
+    Args:
+        pin_memory: pin the slab so CUDA copies run asynchronously at full bandwidth.
+            Ignored, with a warning, when CUDA is unavailable (as ``DefaultStager`` does).
+        share_memory: put the slab in shared memory, for
+            ``AsyncCheckpointerType.PROCESS`` uploads.
+        async_staging: stage in a background thread and return a ``Future``; otherwise
+            ``stage`` returns the staged state dict once the copy is complete.
+        bucket_bytes: most bytes one ``batched_copy_`` call moves (a larger tensor goes
+            alone); sweep it to measure the granularity's effect.
+    """
+
+    _synchronize_after_execute: bool = False
+
+    def __init__(
+        self,
+        pin_memory: bool = True,
+        share_memory: bool = False,
+        async_staging: bool = True,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
+        if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
+            raise ValueError(
+                f"PinnedStager: bucket_bytes must be a positive int, got {bucket_bytes!r}"
+            )
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn(
+                "PinnedStager: ignoring pin_memory=True because CUDA is not available",
+                stacklevel=2,
+            )
+            pin_memory = False
+        self._pin_memory = pin_memory
+        self._share_memory = share_memory
+        self._async_staging = async_staging
+        self._bucket_bytes = bucket_bytes
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="PinnedStager")
+            if async_staging
+            else None
+        )
+        self._layout: _Layout | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._pending: list[Future] = []
+        self._hooks: list[RemovableHandle] = []
+        self._stats = StagingStats()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def stats(self) -> StagingStats:
+        """A copy of the counters and timings (see :class:`StagingStats`)."""
+        with self._lock:
+            return replace(self._stats)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    def stage(self, state_dict: dict[str, Any]) -> Future[dict[str, Any]] | dict[str, Any]:
+        """Starts copying ``state_dict`` into the host slab.
+
+        Args:
+            state_dict: the state dict to snapshot (dicts, lists and tuples of tensors,
+                DTensors, ShardedTensors and plain values).
+
+        Returns:
+            With ``async_staging``, a ``Future`` of the staged state dict (its exception
+            is the staging's failure); otherwise the staged state dict.
+
+        Raises:
+            RuntimeError: the stager is closed.
+            TypeError: ``state_dict`` is not a dict.
+        """
+        start = time.perf_counter()
+        self._check_open("stage")
+        if not isinstance(state_dict, dict):
+            raise TypeError(
+                f"PinnedStager.stage: state_dict must be a dict, got {type(state_dict).__name__}"
+            )
+        events = self._record_events()
+        if self._executor is None:
+            staged = self._stage(state_dict, events, start)
+            self._set_blocking(start)
+            return staged
+        future = self._executor.submit(self._stage, state_dict, events, start)
+        self._pending.append(future)
+        self._set_blocking(start)
+        return future
+
+    def synchronize_staging(self) -> None:
+        """Waits until every staging started so far is complete.
+
+        After it returns, the trainer may modify the staged state (``optimizer.step()``).
+
+        Raises:
+            RuntimeError: the stager is closed.
+            Exception: the first failure among those stagings, raised here once (it also
+                stays in that staging's ``Future``).
+        """
+        self._check_open("synchronize_staging")
+        pending, self._pending = self._pending, []
+        failure: BaseException | None = None
+        for future in pending:
+            exc = future.exception()
+            if exc is not None and failure is None:
+                failure = exc
+        if failure is not None:
+            raise failure
+
+    def guard_optimizer(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Makes ``optimizer.step()`` wait for the staging in flight before it runs.
+
+        Installs a step pre-hook that calls :meth:`synchronize_staging`, so a staging
+        failure is raised from ``optimizer.step()``. :meth:`close` removes the hook.
+
+        Args:
+            optimizer: the optimizer whose steps modify the staged parameters and state.
+
+        Returns:
+            The hook's handle; ``handle.remove()`` uninstalls it.
+        """
+        self._check_open("guard_optimizer")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "PinnedStager.guard_optimizer: expected a torch.optim.Optimizer, "
+                f"got {type(optimizer).__name__}"
+            )
+        # A weak reference, so an optimizer that outlives the stager does not keep its
+        # slab alive.
+        stager_ref = weakref.ref(self)
+
+        def wait_for_staging(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            stager = stager_ref()
+            if stager is not None and not stager.closed:
+                stager.synchronize_staging()
+
+        handle = optimizer.register_step_pre_hook(wait_for_staging)
+        self._hooks.append(handle)
+        return handle
+
+    def close(self) -> None:
+        """Waits for stagings in flight, then frees the slab and stops the thread.
+
+        Failures of those stagings stay in their futures (``close`` does not raise them).
+        The slab is unpinned (``cudaHostUnregister``) and freed as soon as no staged
+        state dict returned earlier is still referenced (DCP drops its reference when the
+        upload completes). Calling ``close`` again does nothing; any other use raises.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for future in self._pending:
+            future.exception()
+        self._pending = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._layout = None
+        self._streams = {}
+
+    def __enter__(self) -> PinnedStager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"PinnedStager.{what}: the stager is closed")
+
+    def _set_blocking(self, start: float) -> None:
+        with self._lock:
+            self._stats.last_blocking_s = time.perf_counter() - start
+
+    def _record_events(self) -> dict[torch.device, torch.cuda.Event]:
+        """Marks "now" on the caller's current stream of every CUDA device in play."""
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return {}
+        devices = {torch.device("cuda", torch.cuda.current_device())}
+        layout = self._layout
+        if layout is not None:
+            devices |= layout.cuda_devices
+        events = {}
+        for device in devices:
+            if device not in self._streams:
+                # Created on the caller's thread, as DefaultStager does, so the side
+                # stream is never confused with the trainer's stream.
+                self._streams[device] = torch.cuda.Stream(device)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            events[device] = event
+        return events
+
+    @torch.no_grad()
+    def _stage(
+        self,
+        state_dict: dict[str, Any],
+        events: dict[torch.device, torch.cuda.Event],
+        start: float,
+    ) -> dict[str, Any]:
+        layout = self._layout
+        if layout is None:
+            walk = _Walk([], build=False)
+            walk.visit(state_dict)
+        else:
+            walk = _Walk(layout.out_leaves)
+            staged = walk.visit(state_dict)
+        if layout is None or walk.sig != layout.sig:
+            layout = self._build_layout(state_dict, walk)
+            walk = _Walk(layout.out_leaves, values=walk.values if walk.build else None)
+            staged = walk.visit(state_dict)
+        self._copy(layout, walk.locals, events)
+        with self._lock:
+            self._stats.stages += 1
+            self._stats.staged_bytes = layout.nbytes
+            self._stats.last_staging_s = time.perf_counter() - start
+        return staged
+
+    def _build_layout(self, state_dict: dict[str, Any], walk: _Walk) -> _Layout:
+        """Validates the sources, allocates the slab and plans the copies for a new layout."""
+        srcs = walk.locals
+        paths: list[str] | None = None
+        for i, src in enumerate(srcs):
+            if src.device.type not in ("cpu", "cuda") or src.layout != torch.strided:
+                paths = paths or _leaf_paths(state_dict)
+                raise ValueError(
+                    f"PinnedStager: cannot stage {paths[i]!r}: a {src.layout} tensor on "
+                    f"{src.device}; only strided CPU and CUDA tensors can be staged"
+                )
+        # Drop the old slab before allocating the new one, so peak host memory stays at
+        # one slab (earlier staged state dicts still referenced elsewhere keep theirs).
+        self._layout = None
+        # Only the tensor leaves go to the allocator, flat and in visiting order: plain
+        # values need no slab (and would be deep-copied). DTensors go as their local
+        # tensors, re-wrapped below with the source's spec, so a 0-dim DTensor gets slab
+        # memory too instead of coming back as the source itself.
+        template = create_cpu_state_dict(
+            {
+                str(i): leaf._local_tensor if _kind(leaf) == _DTENSOR else leaf
+                for i, leaf in enumerate(walk.leaves)
+            },
+            pin_memory=self._pin_memory,
+            share_memory=self._share_memory,
+        )
+        out_leaves = [
+            DTensor(staged, leaf._spec, requires_grad=False)
+            if _kind(leaf) == _DTENSOR
+            else staged
+            for leaf, staged in zip(walk.leaves, template.values())
+        ]
+        out = _Walk([], build=False)
+        out.visit(out_leaves)
+        dsts = out.locals
+        if len(dsts) != len(srcs):
+            raise RuntimeError(
+                f"PinnedStager: create_cpu_state_dict returned {len(dsts)} tensors for "
+                f"{len(srcs)} source tensors"
+            )
+        groups: dict[tuple[torch.device, bool], list[int]] = {}
+        nbytes = 0
+        for i, (dst, src) in enumerate(zip(dsts, srcs)):
+            if dst.shape != src.shape or dst.dtype != src.dtype or dst.device.type != "cpu":
+                paths = paths or _leaf_paths(state_dict)
+                raise RuntimeError(
+                    f"PinnedStager: create_cpu_state_dict returned a {dst.dtype} "
+                    f"{tuple(dst.shape)} tensor on {dst.device} for {paths[i]!r}, a "
+                    f"{src.dtype} {tuple(src.shape)} tensor"
+                )
+            if src.numel() == 0:
+                continue
+            # Pageable destinations make a "non-blocking" device copy synchronous anyway;
+            # they are copied in blocking mode, still off the trainer's thread.
+            non_blocking = src.device.type == "cuda" and dst.is_pinned()
+            groups.setdefault((src.device, non_blocking), []).append(i)
+            nbytes += src.numel() * src.element_size()
+        plan = [
+            _CopyGroup(device, non_blocking, self._cut_buckets(indices, dsts))
+            for (device, non_blocking), indices in groups.items()
+        ]
+        layout = _Layout(
+            sig=walk.sig,
+            out_leaves=out_leaves,
+            groups=plan,
+            cuda_devices=frozenset(d for d, _ in groups if d.type == "cuda"),
+            nbytes=nbytes,
+        )
+        self._layout = layout
+        with self._lock:
+            self._stats.allocations += 1
+        return layout
+
+    def _cut_buckets(self, indices: list[int], dsts: list[torch.Tensor]) -> list[_Bucket]:
+        buckets: list[_Bucket] = []
+        current = _Bucket([], [])
+        size = 0
+        for i in indices:
+            nbytes = dsts[i].numel() * dsts[i].element_size()
+            if current.indices and size + nbytes > self._bucket_bytes:
+                buckets.append(current)
+                current = _Bucket([], [])
+                size = 0
+            current.indices.append(i)
+            current.dsts.append(dsts[i])
+            size += nbytes
+        if current.indices:
+            buckets.append(current)
+        return buckets
+
+    def _copy(
+        self,
+        layout: _Layout,
+        srcs: list[torch.Tensor],
+        events: dict[torch.device, torch.cuda.Event],
+    ) -> None:
+        """Runs the layout's copy plan; returns once every byte is in host memory."""
+        used_streams: list[torch.cuda.Stream] = []
+        for group in layout.groups:
+            if group.device.type != "cuda":
+                for bucket in group.buckets:
+                    ops.batched_copy_(bucket.dsts, [srcs[i] for i in bucket.indices])
+                continue
+            stream = self._side_stream(group.device, events)
+            with torch.cuda.stream(stream):
+                for bucket in group.buckets:
+                    ops.batched_copy_(
+                        bucket.dsts,
+                        [srcs[i] for i in bucket.indices],
+                        non_blocking=group.non_blocking,
+                    )
+            used_streams.append(stream)
+        for stream in used_streams:
+            stream.synchronize()
+
+    def _side_stream(
+        self, device: torch.device, events: dict[torch.device, torch.cuda.Event]
+    ) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        event = events.get(device)
+        if event is None:
+            # No event was recorded for this device (a layout's first staging with
+            # tensors off the current device): wait for everything queued on it instead.
+            torch.cuda.synchronize(device)
+        else:
+            stream.wait_event(event)
+        return stream
+

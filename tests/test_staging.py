@@ -1,0 +1,551 @@
+"""Tests for sdict_ext.staging.PinnedStager, the AsyncStager for DCP's async_save.
+
+Staged results are compared bit-exactly with a snapshot of the source taken at staging
+time and with what PyTorch's ``_create_cpu_state_dict`` + ``_copy_state_dict`` produce;
+checkpoints written through ``async_save`` are read back with ``dcp.load``.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import threading
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+from sdict_ext import staging
+from sdict_ext.staging import PinnedStager
+from tests.mp import run_on_ranks
+
+CALL_TIMEOUT_S = 120
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _sample_state_dict(device: str = "cpu") -> dict:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, generator=g)
+    return {
+        "model": {
+            "w": w.to(device),
+            "b": torch.randn(16, generator=g).to(torch.bfloat16).to(device),
+            "idx": torch.arange(12).view(3, 4).t().to(device),  # non-contiguous int64
+            "mask": (torch.randn(5, generator=g) > 0).to(device),
+            "empty": torch.empty(0, 4, device=device),
+            "scalar": torch.tensor(2.5, device=device),
+        },
+        "optim": {
+            "state": {"w": {"step": torch.tensor(3.0), "exp_avg": torch.randn(8, 16).to(device)}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": ["w"]}],
+        },
+        "extra": io.BytesIO(b"abc"),
+        "name": "run",
+        "n": 7,
+        "none": None,
+    }
+
+
+def _snapshot(obj):
+    """A deep copy of a state dict with every tensor cloned to the CPU."""
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_snapshot(v) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, io.BytesIO):
+        return io.BytesIO(obj.getvalue())
+    return obj
+
+
+def _mutate(obj) -> None:
+    """Changes every tensor and BytesIO of a state dict in place."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _mutate(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _mutate(v)
+    elif isinstance(obj, torch.Tensor):
+        if obj.dtype == torch.bool:
+            obj.logical_not_()
+        else:
+            obj.add_(1)
+    elif isinstance(obj, io.BytesIO):
+        obj.seek(0)
+        obj.write(b"zzz")
+
+
+def _assert_equal(staged, expected, path: str = "") -> None:
+    assert type(staged) is type(expected), path
+    if isinstance(expected, dict):
+        assert list(staged) == list(expected), path
+        for k in expected:
+            _assert_equal(staged[k], expected[k], f"{path}.{k}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(staged) == len(expected), path
+        for i, (s, e) in enumerate(zip(staged, expected)):
+            _assert_equal(s, e, f"{path}.{i}")
+    elif isinstance(expected, torch.Tensor):
+        assert staged.device.type == "cpu", path
+        assert staged.dtype == expected.dtype and staged.shape == expected.shape, path
+        assert torch.equal(staged, expected.cpu()), path
+    elif isinstance(expected, io.BytesIO):
+        assert staged.getvalue() == expected.getvalue(), path
+    else:
+        assert staged == expected, path
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return [obj] if isinstance(obj, torch.Tensor) else []
+
+
+def _stage_now(stager: PinnedStager, state_dict: dict) -> dict:
+    future = stager.stage(state_dict)
+    stager.synchronize_staging()
+    return future.result()
+
+
+def test_pinned_stager_is_an_async_stager_that_needs_no_sync_after_execute():
+    stager = PinnedStager(pin_memory=False)
+    assert isinstance(stager, AsyncStager)
+    assert stager.should_synchronize_after_execute is False
+    stager.close()
+
+
+def _check_snapshot_survives_source_changes(device: str, pin_memory: bool) -> None:
+    state_dict = _sample_state_dict(device)
+    expected = _snapshot(state_dict)
+    with PinnedStager(pin_memory=pin_memory) as stager:
+        future = stager.stage(state_dict)
+        stager.synchronize_staging()
+        _mutate(state_dict)  # what optimizer.step() does once staging is synchronized
+        state_dict["optim"]["param_groups"][0]["lr"] = 0.5
+        _assert_equal(future.result(), expected)
+
+
+def test_stage_returns_future_with_bit_exact_snapshot_cpu():
+    _check_snapshot_survives_source_changes("cpu", pin_memory=False)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_stage_returns_future_with_bit_exact_snapshot_cuda():
+    _check_snapshot_survives_source_changes("cuda", pin_memory=True)
+
+
+def test_staged_state_dict_matches_pytorch_create_and_copy():
+    state_dict = _sample_state_dict()
+    del state_dict["extra"]  # PyTorch's type check rejects BytesIO in _copy_state_dict
+    reference = _copy_state_dict(state_dict, _create_cpu_state_dict(state_dict))
+    with PinnedStager(pin_memory=False) as stager:
+        _assert_equal(_stage_now(stager, state_dict), reference)
+
+
+def test_synchronous_staging_returns_the_state_dict():
+    state_dict = _sample_state_dict()
+    expected = _snapshot(state_dict)
+    with PinnedStager(pin_memory=False, async_staging=False) as stager:
+        staged = stager.stage(state_dict)
+        assert isinstance(staged, dict)
+        _mutate(state_dict)
+        stager.synchronize_staging()  # a no-op here: nothing is in flight
+        _assert_equal(staged, expected)
+
+
+def test_three_stages_of_one_layout_allocate_one_slab(monkeypatch):
+    calls = []
+    real = staging.create_cpu_state_dict
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(staging, "create_cpu_state_dict", counting)
+    state_dict = _sample_state_dict()
+    with PinnedStager(pin_memory=False) as stager:
+        pointers = []
+        for _ in range(3):
+            expected = _snapshot(state_dict)
+            staged = _stage_now(stager, state_dict)
+            _assert_equal(staged, expected)
+            pointers.append([t.data_ptr() for t in _tensors(staged) if t.numel()])
+            _mutate(state_dict)
+        assert calls == [{"pin_memory": False, "share_memory": False}]
+        assert pointers[0] == pointers[1] == pointers[2]
+        slabs = {t.untyped_storage().data_ptr() for t in _tensors(staged) if t.numel()}
+        assert len(slabs) == 1
+        stats = stager.stats
+        assert (stats.stages, stats.allocations) == (3, 1)
+        assert stats.staged_bytes == sum(
+            t.numel() * t.element_size() for t in _tensors(_sample_state_dict())
+        )
+
+
+def test_fresh_state_dict_objects_of_one_layout_reuse_the_slab():
+    # model.state_dict() detaches into new tensor objects on every call.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with PinnedStager(pin_memory=False) as stager:
+        first = _stage_now(stager, model.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(2)
+        second = _stage_now(stager, model.state_dict())
+        assert stager.stats.allocations == 1
+        for key, value in model.state_dict().items():
+            assert second[key].data_ptr() == first[key].data_ptr()
+            assert torch.equal(second[key], value)
+
+
+def test_plain_values_are_refreshed_on_every_stage():
+    state_dict = _sample_state_dict()
+    with PinnedStager(pin_memory=False) as stager:
+        first = _stage_now(stager, state_dict)
+        state_dict["optim"]["param_groups"][0]["lr"] = 0.01
+        state_dict["name"] = "renamed"
+        second = _stage_now(stager, state_dict)
+        assert stager.stats.allocations == 1
+        assert first["optim"]["param_groups"][0]["lr"] == 0.1
+        assert second["optim"]["param_groups"][0]["lr"] == 0.01
+        assert second["name"] == "renamed"
+        assert second["optim"]["param_groups"][0]["betas"] == (0.9, 0.999)
+
+
+def _add_key(sd):
+    sd["model"]["new"] = torch.ones(3)
+
+
+def _change_shape(sd):
+    sd["model"]["w"] = torch.zeros(4, 16)
+
+
+def _change_dtype(sd):
+    sd["model"]["w"] = sd["model"]["w"].double()
+
+
+def _remove_key(sd):
+    del sd["optim"]["state"]["w"]["exp_avg"]
+
+
+@pytest.mark.parametrize("change", [_add_key, _change_shape, _change_dtype, _remove_key])
+def test_layout_change_reallocates_and_releases_the_old_slab(change):
+    state_dict = _sample_state_dict()
+    with PinnedStager(pin_memory=False) as stager:
+        staged = _stage_now(stager, state_dict)
+        old = weakref.ref(staged["model"]["w"])
+        old_storage = weakref.ref(staged["model"]["w"].untyped_storage())
+        del staged
+        change(state_dict)
+        expected = _snapshot(state_dict)
+        _assert_equal(_stage_now(stager, state_dict), expected)
+        assert stager.stats.allocations == 2
+        gc.collect()
+        assert old() is None
+        assert old_storage() is None
+
+
+class _Blocker:
+    """A plain leaf whose staging waits for ``release`` and records when it finished."""
+
+    def __init__(self, release: threading.Event, order: list[str]) -> None:
+        self.release = release
+        self.order = order
+
+    def __deepcopy__(self, memo):
+        if not self.release.wait(timeout=30):
+            raise TimeoutError("the test never released the blocked staging")
+        self.order.append("staged")
+        return "blocker"
+
+
+class _Boom:
+    """A plain leaf whose staging fails."""
+
+    def __deepcopy__(self, memo):
+        raise ValueError("boom while staging")
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.ones(2, 4)).sum().backward()
+    return model, optimizer
+
+
+def test_guard_optimizer_makes_step_wait_for_staging():
+    model, optimizer = _model_and_optimizer()
+    before = _snapshot(model.state_dict())
+    release, order = threading.Event(), []
+    with PinnedStager(pin_memory=False) as stager:
+        stager.guard_optimizer(optimizer)
+        future = stager.stage({"model": model.state_dict(), "gate": _Blocker(release, order)})
+
+        def step():
+            optimizer.step()
+            order.append("step")
+
+        stepper = threading.Thread(target=step)
+        stepper.start()
+        stepper.join(timeout=0.3)
+        assert stepper.is_alive(), "optimizer.step() ran while staging was in flight"
+        release.set()
+        stepper.join(timeout=30)
+        assert order == ["staged", "step"]
+        _assert_equal(future.result()["model"], before)
+        assert not torch.equal(model.weight.detach(), before["weight"])
+
+
+def test_staging_failure_surfaces_from_future_synchronize_and_guarded_step():
+    model, optimizer = _model_and_optimizer()
+    with PinnedStager(pin_memory=False) as stager:
+        future = stager.stage({"model": model.state_dict(), "bad": _Boom()})
+        assert isinstance(future.exception(timeout=30), ValueError)
+        with pytest.raises(ValueError, match="boom while staging"):
+            stager.synchronize_staging()
+        stager.synchronize_staging()  # delivered once; the future keeps it
+
+        stager.guard_optimizer(optimizer)
+        stager.stage({"bad": _Boom()})
+        with pytest.raises(ValueError, match="boom while staging"):
+            optimizer.step()
+
+        # The stager stays usable after a failed staging.
+        expected = _snapshot(model.state_dict())
+        _assert_equal(_stage_now(stager, model.state_dict()), expected)
+
+
+def test_synchronous_staging_failure_raises_from_stage():
+    with PinnedStager(pin_memory=False, async_staging=False) as stager:
+        with pytest.raises(ValueError, match="boom while staging"):
+            stager.stage({"bad": _Boom()})
+
+
+def test_unstageable_tensor_is_named_by_key_path():
+    state_dict = {"model": {"ok": torch.ones(2), "sp": torch.eye(3).to_sparse()}}
+    with PinnedStager(pin_memory=False) as stager:
+        future = stager.stage(state_dict)
+        with pytest.raises(ValueError, match=r"'model\.sp'.*sparse"):
+            future.result()
+        assert stager.stats.allocations == 0
+
+
+def test_invalid_arguments_raise():
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        PinnedStager(pin_memory=False, bucket_bytes=0)
+    with PinnedStager(pin_memory=False) as stager:
+        with pytest.raises(TypeError, match="state_dict must be a dict"):
+            stager.stage([torch.ones(2)])
+        with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+            stager.guard_optimizer(object())
+
+
+def test_small_buckets_stage_the_same_values():
+    state_dict = _sample_state_dict()
+    expected = _snapshot(state_dict)
+    with PinnedStager(pin_memory=False, bucket_bytes=64) as stager:
+        _assert_equal(_stage_now(stager, state_dict), expected)
+
+
+def test_shared_memory_staging():
+    state_dict = _sample_state_dict()
+    with PinnedStager(pin_memory=False, share_memory=True) as stager:
+        staged = _stage_now(stager, state_dict)
+        assert all(t.is_shared() for t in _tensors(staged) if t.dim() and t.numel())
+        _assert_equal(staged, _snapshot(state_dict))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_pin_memory_without_cuda_warns_and_stages_pageable():
+    with pytest.warns(UserWarning, match="pin_memory"):
+        stager = PinnedStager(pin_memory=True)
+    with stager:
+        staged = _stage_now(stager, {"w": torch.ones(3)})
+        assert torch.equal(staged["w"], torch.ones(3))
+
+
+def test_closed_stager_raises_and_close_is_idempotent():
+    model, optimizer = _model_and_optimizer()
+    stager = PinnedStager(pin_memory=False)
+    stager.guard_optimizer(optimizer)
+    stager.close()
+    stager.close()
+    assert stager.closed
+    for call in (
+        lambda: stager.stage({"w": torch.ones(2)}),
+        stager.synchronize_staging,
+        lambda: stager.guard_optimizer(optimizer),
+    ):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+    optimizer.step()  # close() removed the guard
+
+
+def test_close_waits_for_staging_and_releases_the_slab():
+    state_dict = _sample_state_dict()
+    stager = PinnedStager(pin_memory=False)
+    future = stager.stage(state_dict)
+    stager.close()  # waits for the staging in flight
+    staged = future.result()
+    refs = [weakref.ref(t) for t in _tensors(staged)]
+    storages = [weakref.ref(t.untyped_storage()) for t in _tensors(staged) if t.numel()]
+    del staged, future
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert all(r() is None for r in storages)
+
+
+# DCP warns about single-process saves and loads even with no_dist=True.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_async_save_round_trip_single_process(tmp_path):
+    state_dict = _sample_state_dict()
+    del state_dict["extra"]
+    with PinnedStager(pin_memory=False) as stager:
+        for step in range(2):
+            expected = _snapshot(state_dict)
+            path = tmp_path / f"step{step}"
+            response = dcp.async_save(
+                state_dict, checkpoint_id=path, async_stager=stager, no_dist=True
+            )
+            assert isinstance(response, AsyncSaveResponse)
+            response.staging_completion.result(timeout=60)
+            _mutate(state_dict)  # training goes on once staging completed
+            response.upload_completion.result(timeout=60)
+
+            loaded = _snapshot(expected)
+            _mutate(loaded)
+            loaded["n"] = loaded["name"] = loaded["none"] = None
+            loaded["optim"]["param_groups"][0]["lr"] = None
+            dcp.load(loaded, checkpoint_id=path, no_dist=True)
+            _assert_equal(loaded, expected)
+        assert stager.stats.allocations == 1
+
+
+def _rank_values(shape, rank_offset=0.0):
+    return torch.arange(torch.Size(shape).numel(), dtype=torch.float32).view(shape) + rank_offset
+
+
+def _local(value):
+    """The local data of a DTensor, ShardedTensor (one local shard) or plain tensor."""
+    if hasattr(value, "to_local"):
+        return value.to_local()
+    if hasattr(value, "local_shards"):
+        (shard,) = value.local_shards()
+        return shard.tensor
+    return value
+
+
+def _on_rank_sharded_async_save(path: str) -> dict:
+    from torch.distributed._shard.sharded_tensor import zeros as sharded_zeros
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world)])
+
+    def build(fill: bool) -> dict:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ShardedTensor is deprecated
+            st = sharded_zeros(spec, 6, 3)
+        dt_full = _rank_values((10, 4)) if fill else torch.zeros(10, 4)
+        if fill:
+            st.local_shards()[0].tensor.copy_(_rank_values(st.local_shards()[0].tensor.shape, rank))
+        return {
+            "dt_shard": distribute_tensor(dt_full, mesh, [Shard(0)]),
+            "dt_repl": distribute_tensor(dt_full * 2, mesh, [Replicate()]),
+            "dt_scalar": distribute_tensor(torch.tensor(float(fill) + 0.5), mesh, [Replicate()]),
+            "st": st,
+            "plain": torch.full((3,), float(fill)),
+            "step": 5 if fill else 0,
+        }
+
+    source = build(fill=True)
+    with PinnedStager(pin_memory=False) as stager:
+        staged = _stage_now(stager, source)
+        staged_meta = {
+            "dt_type": type(staged["dt_shard"]).__name__,
+            "placements": [str(p) for p in staged["dt_shard"].placements],
+            "local_equal": torch.equal(_local(staged["dt_shard"]), _local(source["dt_shard"])),
+            "local_shape": tuple(_local(staged["dt_shard"]).shape),
+            "st_offsets": [s.metadata.shard_offsets for s in staged["st"].local_shards()],
+            "st_equal": torch.equal(_local(staged["st"]), _local(source["st"])),
+        }
+        response = dcp.async_save(source, checkpoint_id=path, async_stager=stager)
+        response.upload_completion.result(timeout=60)
+
+    target = build(fill=False)
+    dcp.load(target, checkpoint_id=path)
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return {
+        **staged_meta,
+        "dt_chunks": len(metadata["dt_shard"].chunks),
+        "st_chunks": len(metadata["st"].chunks),
+        "loaded_equal": {
+            key: torch.equal(_local(target[key]), _local(source[key]))
+            for key in ("dt_shard", "dt_repl", "dt_scalar", "st", "plain")
+        },
+        "step": target["step"],
+    }
+
+
+@pytest.mark.dist
+def test_async_save_writes_sharded_checkpoint_from_two_ranks(tmp_path):
+    results = run_on_ranks(2, _on_rank_sharded_async_save, str(tmp_path), timeout=CALL_TIMEOUT_S)
+    for rank, result in enumerate(results):
+        assert result["dt_type"] == "DTensor"
+        assert result["placements"] == ["S(0)"]
+        assert result["local_shape"] == (5, 4)
+        assert result["local_equal"] and result["st_equal"]
+        assert result["st_offsets"] == [[3 * rank, 0]]
+        assert result["dt_chunks"] == 2 and result["st_chunks"] == 2
+        assert result["loaded_equal"] == dict.fromkeys(
+            ("dt_shard", "dt_repl", "dt_scalar", "st", "plain"), True
+        )
+        assert result["step"] == 5
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_snapshot_orders_after_work_queued_on_the_current_stream():
+    source = torch.zeros(1 << 22, device="cuda")
+    update = torch.full_like(source, 3.0)
+    with PinnedStager(pin_memory=True) as stager:
+        torch.cuda._sleep(10_000_000)  # keeps the next write queued when stage() is called
+        source.copy_(update)
+        future = stager.stage({"w": source})
+        stager.synchronize_staging()
+        source.zero_()
+        staged = future.result()["w"]
+        assert staged.is_pinned()
+        assert torch.equal(staged, torch.full((1 << 22,), 3.0))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_three_stages_reuse_the_pinned_slab():
+    state_dict = _sample_state_dict("cuda")
+    with PinnedStager(pin_memory=True) as stager:
+        pointers = []
+        for _ in range(3):
+            expected = _snapshot(state_dict)
+            staged = _stage_now(stager, state_dict)
+            _assert_equal(staged, expected)
+            pointers.append([t.data_ptr() for t in _tensors(staged) if t.numel()])
+            _mutate(state_dict)
+        assert pointers[0] == pointers[1] == pointers[2]
+        assert stager.stats.allocations == 1
