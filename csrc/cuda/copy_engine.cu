@@ -1,0 +1,78 @@
+// Copies through the DMA copy engines, and host-memory queries. CUDA runtime only.
+#include "sdict_ext/cuda_copy.h"
+
+#include <vector>
+
+namespace sdict_ext {
+
+namespace {
+
+cudaError_t copy_each(const EngineCopy* copies, size_t count, cudaStream_t stream) {
+  for (size_t i = 0; i < count; ++i) {
+    const cudaError_t err =
+        cudaMemcpyAsync(copies[i].dst, copies[i].src, copies[i].bytes, cudaMemcpyDefault, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+#if CUDART_VERSION >= 12080
+// One driver call for the whole list; measured elsewhere at ~2x the throughput of
+// per-copy calls for many small copies, the same for large ones.
+cudaError_t copy_batch(const EngineCopy* copies, size_t count, cudaStream_t stream) {
+  std::vector<void*> dsts(count);
+  std::vector<void*> srcs(count);
+  std::vector<size_t> sizes(count);
+  for (size_t i = 0; i < count; ++i) {
+    dsts[i] = copies[i].dst;
+    srcs[i] = const_cast<void*>(copies[i].src);  // CUDA 12.8/12.9 take void**
+    sizes[i] = copies[i].bytes;
+  }
+  cudaMemcpyAttributes attr{};
+  // Sources may be written by earlier work on the stream (e.g. the step that just
+  // produced the parameters), so they must be read in stream order.
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  // Staging is meant to overlap training compute: keep these copies off the SMs.
+  attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+  size_t attr_index = 0;
+#if CUDART_VERSION >= 13000
+  return cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), count, &attr, &attr_index, 1, stream);
+#else
+  size_t fail_index = 0;
+  return cudaMemcpyBatchAsync(
+      dsts.data(), srcs.data(), sizes.data(), count, &attr, &attr_index, 1, &fail_index, stream);
+#endif
+}
+#endif
+
+}  // namespace
+
+cudaError_t copy_engine_async(const EngineCopy* copies, size_t count, bool batch, cudaStream_t stream) {
+#if CUDART_VERSION >= 12080
+  // The batch API rejects the legacy default stream, which is torch's default.
+  const bool legacy = stream == nullptr || stream == cudaStreamLegacy;
+  if (batch && count > 1 && !legacy) {
+    const cudaError_t err = copy_batch(copies, count, stream);
+    if (err != cudaErrorInvalidValue && err != cudaErrorNotSupported) return err;
+    // A driver that refuses the batch gets the same copies one by one; they are
+    // independent, so re-issuing any that did start is harmless. Clear the error so
+    // the caller's next launch check does not report it.
+    (void)cudaGetLastError();
+  }
+#else
+  (void)batch;
+#endif
+  return copy_each(copies, count, stream);
+}
+
+cudaError_t query_host_memory(const void* ptr, HostMemoryInfo* info) {
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, ptr);
+  if (err != cudaSuccess) return err;
+  // Pageable memory reports cudaMemoryTypeUnregistered (CUDA >= 11), not an error.
+  info->pinned = attr.type == cudaMemoryTypeHost;
+  info->device_ptr = info->pinned ? attr.devicePointer : nullptr;
+  return cudaSuccess;
+}
+
+}  // namespace sdict_ext
