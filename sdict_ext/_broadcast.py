@@ -1,0 +1,357 @@
+"""``broadcast_state_dict`` and ``distribute_state_dict``: load a full state dict into a sharded one.
+
+PyTorch's ``_broadcast_state_dict`` broadcasts one tensor at a time and builds every
+full tensor on every rank before slicing out the local shard. Here rank 0 packs the
+tensors into bucketed flat buffers, one broadcast per bucket, and every rank unpacks
+each slot straight into its destination: the DTensor's local shard (only its box is
+read, so no rank other than 0 ever holds a full copy of a sharded tensor) or a new
+full tensor where the local value is a plain tensor.
+
+``distribute_state_dict`` needs no communication at all: every rank has the full state
+dict, so each slices its own box out locally, with one batched copy per device pair
+(PyTorch scatters each tensor from rank 0 with ``distribute_tensor``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from sdict_ext import ops
+from sdict_ext._collectives import (
+    DEFAULT_BUCKET_BYTES,
+    RankFailure,
+    agree,
+    box_of,
+    buckets,
+    is_plain_placement,
+    mesh_coordinates,
+)
+from sdict_ext._copies import batched_copy_pairs, offload_leaves
+from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
+
+__all__ = ["broadcast_state_dict", "distribute_state_dict"]
+
+
+class _TensorInfo(NamedTuple):
+    """What rank 0 announces for a tensor it is about to broadcast."""
+
+    size: torch.Size
+    dtype: torch.dtype
+
+
+def _pg_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
+    # As PyTorch: the caller's device when the group can move it, else the group's first.
+    types = group._device_types
+    if device.type in {t.type for t in types}:
+        return device
+    return types[0]
+
+
+def _announce(full_state_dict: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Rank 0's metadata: plain values and 0-dim tensors travel as objects."""
+    meta: list[tuple[str, Any]] = []
+    for key, value in full_state_dict.items():
+        if not torch.is_tensor(value):
+            meta.append((key, value))
+            continue
+        if leaf_kind(value) != LEAF_TENSOR:
+            raise ValueError(
+                f"broadcast_state_dict: full_state_dict[{key!r}] is a "
+                f"{type(value).__name__}; the full state dict must hold plain tensors"
+            )
+        info = value.cpu() if value.dim() == 0 else _TensorInfo(value.size(), value.dtype)
+        meta.append((key, info))
+    return meta
+
+
+class _Dest:
+    """Where one broadcast tensor lands on this rank."""
+
+    __slots__ = ("key", "full_shape", "unpack_into", "box_start", "finish", "result")
+
+    def __init__(self, key: str, full_shape: tuple[int, ...]) -> None:
+        self.key = key
+        self.full_shape = full_shape
+        # The tensor unpack() writes this slot into (None: this rank keeps nothing).
+        self.unpack_into: torch.Tensor | None = None
+        self.box_start: tuple[int, ...] = ()
+        # A tensor to cast / move the unpacked data into afterwards, if any.
+        self.finish: torch.Tensor | None = None
+        self.result: Any = None
+
+
+def _local_box(
+    shape: tuple[int, ...], local: DTensor
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """This rank's (shape, start) box of a full tensor laid out like ``local``.
+
+    The same box as PyTorch's ``compute_local_shape_and_global_offset``, which this
+    falls back to for placements other than Shard / Replicate; for those, the
+    arithmetic on cached mesh coordinates costs a fraction of it (it builds index
+    tensors per call).
+    """
+    mesh, placements = local.device_mesh, local.placements
+    if not is_plain_placement(placements):
+        box_shape, box_start = compute_local_shape_and_global_offset(shape, mesh, placements)
+        if not box_start and tuple(box_shape) == (0,):
+            return None
+        return tuple(box_shape), tuple(box_start)
+    coord = mesh_coordinates(mesh).get(dist.get_rank())
+    if coord is None:
+        return None
+    return box_of(shape, mesh.shape, coord, placements)
+
+
+def _plan_dest(
+    key: str,
+    info: _TensorInfo,
+    local: Any,
+    full: torch.Tensor | None,
+    device: torch.device,
+    flat_device: torch.device,
+) -> _Dest:
+    shape = tuple(info.size)
+    dest = _Dest(key, shape)
+    if local is None:
+        return dest
+    if not isinstance(local, DTensor):
+        if full is not None:  # rank 0 keeps its own tensor, as PyTorch does
+            dest.result = full.detach().to(device)
+            return dest
+        new = torch.empty(shape, dtype=info.dtype, device=device)
+        dest.result = new
+        dest.box_start = (0,) * len(shape)
+        if device == flat_device:
+            dest.unpack_into = new
+        else:
+            dest.unpack_into = torch.empty(shape, dtype=info.dtype, device=flat_device)
+            dest.finish = new
+        return dest
+    box = _local_box(shape, local)
+    if box is None:
+        return dest  # this rank is not part of the DTensor's mesh
+    box_shape, box_start = box
+    box_shape = tuple(box_shape)
+    dest.box_start = tuple(box_start)
+    if local.is_meta:
+        new = torch.empty(box_shape, dtype=info.dtype, device=device)
+        dest.result = DTensor.from_local(
+            new, local.device_mesh, local.placements, shape=local.shape, stride=local.stride()
+        )
+    else:
+        # The local tensor itself (to_local() would only add an autograd view of it).
+        new = local._local_tensor
+        if tuple(new.shape) != box_shape:
+            raise ValueError(
+                f"broadcast_state_dict: key {key!r}: the local shard has shape "
+                f"{tuple(new.shape)}, but the full tensor {shape} with placements "
+                f"{local.placements} gives this rank {box_shape}"
+            )
+        dest.result = local
+    if new.dtype == info.dtype and new.device == flat_device:
+        dest.unpack_into = new
+    else:
+        # PyTorch's copy_ casts to the local dtype; unpack is byte-exact, so stage.
+        dest.unpack_into = torch.empty(box_shape, dtype=info.dtype, device=flat_device)
+        dest.finish = new
+    return dest
+
+
+def broadcast_state_dict(
+    full_state_dict: dict[str, Any],
+    local_state_dict: dict[str, Any],
+    device: torch.device,
+    pg: dist.ProcessGroup | None = None,
+    strict: bool = False,
+    cpu_offload: bool = False,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> None:
+    """Loads rank 0's full state dict into every rank's local state dict, in place.
+
+    Counterpart of ``_broadcast_state_dict``.
+
+    Same results as PyTorch: a DTensor local value receives its shard (a meta DTensor
+    is replaced by a new one); any other present local value is replaced by a new full
+    tensor on ``device`` (on rank 0, its own full tensor moved to ``device``); keys
+    whose local value is missing or None take no tensor; non-tensor values and 0-dim
+    tensors are assigned to keys the local state dict has. ``strict`` drops local keys
+    the full state dict lacks; ``cpu_offload`` moves the received tensors to the CPU.
+
+    Differences: tensors travel in packed buckets (one broadcast per bucket, at most
+    ``ceil(total bytes / bucket_bytes)``) instead of one at a time; ranks other than 0
+    never build a full copy of a tensor they hold sharded; ``cpu_offload=True`` does not
+    raise ``KeyError`` for a tensor only the full state dict has; and a failure on any
+    rank (rank 0's metadata, a local shard of the wrong shape) is raised on every rank
+    before any tensor is sent. The source is the group's rank 0.
+
+    Args:
+        full_state_dict: on the group's rank 0, the flat full state dict (plain
+            tensors); ignored elsewhere.
+        local_state_dict: this rank's state dict, updated in place.
+        device: where new tensors are placed.
+        pg: the process group; default: the default group.
+        strict: remove local keys the full state dict does not have.
+        cpu_offload: move the received tensors to the CPU.
+        bucket_bytes: bytes per broadcast bucket.
+    """
+    group = pg if pg is not None else dist.distributed_c10d._get_default_group()
+    is_src = dist.get_rank(group) == 0
+    error: BaseException | None = None
+    meta: list[tuple[str, Any]] | None = None
+    if is_src:
+        try:
+            meta = _announce(full_state_dict)
+        except Exception as exc:  # shipped to every rank below
+            error = exc
+    box = [(meta, None if error is None else f"{type(error).__name__}: {error}")]
+    dist.broadcast_object_list(box, group=group, group_src=0)
+    meta, src_error = box[0]
+    if src_error is not None:
+        if error is not None:
+            raise error
+        raise RankFailure(
+            f"broadcast_state_dict failed on the source rank: {src_error}", {0: src_error}
+        )
+
+    flat_device = _pg_device(group, device)
+    tensor_keys: list[tuple[str, _TensorInfo]] = [
+        (k, v) for k, v in meta if isinstance(v, _TensorInfo)
+    ]
+    dests: list[_Dest] = []
+    try:
+        for key, info in tensor_keys:
+            full = full_state_dict[key] if is_src else None
+            dests.append(
+                _plan_dest(key, info, local_state_dict.get(key), full, device, flat_device)
+            )
+        specs = [(tuple(info.size), info.dtype) for _, info in tensor_keys]
+        runs = buckets([ops.pack_layout([spec])[1] for spec in specs], bucket_bytes)
+        layouts = [ops.pack_layout([specs[j] for j in run]) for run in runs]
+        flat = torch.empty(
+            max((total for _, total in layouts), default=0), dtype=torch.uint8, device=flat_device
+        )
+    except Exception as exc:  # reported to every rank by agree()
+        error = exc
+    agree(group, error, 0, "broadcast_state_dict")
+
+    for run, (offsets, total) in zip(runs, layouts):
+        buf = flat[:total]
+        if is_src:
+            srcs = [full_state_dict[tensor_keys[j][0]].detach() for j in run]
+            srcs = [t if t.device == flat_device else t.to(flat_device) for t in srcs]
+            ops.pack(srcs, out=buf, offsets=offsets)
+        dist.broadcast(buf, group=group, group_src=0)
+        picked = [
+            (offsets[n], dests[j]) for n, j in enumerate(run) if dests[j].unpack_into is not None
+        ]
+        if picked:
+            ops.unpack(
+                buf,
+                [d.unpack_into for _, d in picked],
+                offsets=[o for o, _ in picked],
+                full_shapes=[d.full_shape for _, d in picked],
+                starts=[d.box_start for _, d in picked],
+            )
+    _finish(dests)
+
+    global_keys = {k for k, _ in meta}
+    for key, value in meta:
+        if not isinstance(value, _TensorInfo) and key in local_state_dict:
+            local_state_dict[key] = value
+    received = [d for d in dests if d.result is not None]
+    if cpu_offload:
+        moved = offload_leaves(
+            [d.result for d in received], [leaf_kind(d.result) for d in received]
+        )
+        for d, value in zip(received, moved):
+            d.result = value
+    for d in received:
+        local_state_dict[d.key] = d.result
+    if strict:
+        for key in [k for k in local_state_dict if k not in global_keys]:
+            del local_state_dict[key]
+
+
+def _finish(dests: list[_Dest]) -> None:
+    """Moves staged slots into their real destinations (other device or dtype)."""
+    same_dtype = [
+        d for d in dests if d.finish is not None and d.finish.dtype == d.unpack_into.dtype
+    ]
+    batched_copy_pairs([d.finish for d in same_dtype], [d.unpack_into for d in same_dtype])
+    with torch.no_grad():
+        for d in dests:
+            if d.finish is not None and d.finish.dtype != d.unpack_into.dtype:
+                d.finish.copy_(d.unpack_into)
+
+
+def distribute_state_dict(
+    full_state_dict: dict[str, Any],
+    local_state_dict: dict[str, Any],
+    device: torch.device,
+    pg: dist.ProcessGroup | None = None,
+) -> None:
+    """Loads a full state dict that every rank holds into the local one, in place.
+
+    Counterpart of ``_distribute_state_dict``.
+
+    Same results as PyTorch: non-tensor values and 0-dim tensors (moved to the CPU) are
+    assigned; a DTensor local value is replaced by a new DTensor of the same mesh and
+    placements holding this rank's box; any other present local value is replaced by
+    the full tensor moved to ``device`` (the same tensor when it is already there).
+
+    Difference: each rank slices its box out of its own copy, with one batched copy per
+    device pair and no communication, where PyTorch's ``distribute_tensor`` scatters
+    every tensor from rank 0; the full state dicts must therefore be equal on every
+    rank, as the function's contract already says. ``Partial`` and ``_StridedShard``
+    placements still go through ``distribute_tensor``.
+
+    Args:
+        full_state_dict: the flat full state dict (plain tensors), on every rank.
+        local_state_dict: this rank's state dict, updated in place.
+        device: where new tensors are placed.
+        pg: unused (the DTensors carry their meshes); kept for the signature.
+    """
+    del pg
+    results: dict[str, Any] = {}
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for key, value in full_state_dict.items():
+        if not torch.is_tensor(value):
+            results[key] = value
+            continue
+        if value.dim() == 0:
+            results[key] = value.cpu()
+            continue
+        local = local_state_dict.get(key)
+        if local is None:
+            continue
+        if not isinstance(local, DTensor):
+            results[key] = value.detach().to(device)
+            continue
+        mesh, placements = local.device_mesh, local.placements
+        if not is_plain_placement(placements):
+            results[key] = distribute_tensor(value.detach().to(device), mesh, placements)
+            continue
+        coords = mesh_coordinates(mesh)
+        me = dist.get_rank()
+        if me not in coords:
+            continue
+        shape, start = box_of(tuple(value.shape), mesh.shape, coords[me], placements)
+        new = torch.empty(shape, dtype=value.dtype, device=device)
+        src = value.detach()
+        for d, (lo, n) in enumerate(zip(start, shape)):
+            if n != src.shape[d]:
+                src = src.narrow(d, lo, n)
+        dsts.append(new)
+        srcs.append(src)
+        results[key] = DTensor.from_local(
+            new, mesh, placements, shape=value.shape, stride=value.stride()
+        )
+    batched_copy_pairs(dsts, srcs)
+    local_state_dict.update(results)

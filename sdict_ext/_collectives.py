@@ -1,0 +1,210 @@
+"""Shared pieces of the coalesced collectives: agreement, buckets, DTensor boxes.
+
+Used by :mod:`sdict_ext._gather` and :mod:`sdict_ext._broadcast`.
+
+*Agreement.* Before any bulk collective, every rank reports whether building its plan
+(validation, allocations) failed, plus a digest of the plan, in one tiny
+``all_reduce``. If any rank failed, or the plans differ, every rank raises, so no rank
+is ever left waiting in a bulk collective that another rank will never enter.
+
+*Buckets.* Tensors are split into ``ceil(total / bucket_bytes)`` contiguous runs of
+nearly equal bytes, so the number of bulk collectives is exactly the ceiling of the
+total over the bucket size (each bucket holds at most ``bucket_bytes`` plus one tensor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DeviceMesh, Replicate, Shard
+
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "RankFailure",
+    "agree",
+    "box_of",
+    "buckets",
+    "digest",
+    "is_plain_placement",
+    "mesh_coordinates",
+    "status_device",
+]
+
+#: Default bytes per bucket: one bucket is the extra memory a gather / broadcast needs.
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+class RankFailure(RuntimeError):
+    """Raised on the ranks that did not fail themselves when another rank's plan failed.
+
+    Attributes:
+        failures: rank -> the failing rank's error text.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failures = failures
+
+
+def status_device(group: dist.ProcessGroup) -> torch.device:
+    """The device a small control tensor must live on for collectives on ``group``."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def digest(items: Sequence[Any]) -> int:
+    """A 56-bit digest of ``repr(items)``, identical on every rank for equal plans.
+
+    Python's ``hash`` of strings differs between processes, so a real hash is used;
+    56 bits keep both the digest and its negation inside int64.
+    """
+    h = hashlib.blake2b(repr(items).encode(), digest_size=7)
+    return int.from_bytes(h.digest(), "little")
+
+
+def agree(
+    group: dist.ProcessGroup, error: BaseException | None, plan_digest: int, what: str
+) -> None:
+    """Makes every rank of ``group`` raise if any rank failed or the plans differ.
+
+    One ``all_reduce(MAX)`` of ``[failed, digest, -digest]`` on the happy path; only
+    when something is wrong, one ``all_gather_object`` collects the messages. The rank
+    that failed re-raises its own exception; the others raise :class:`RankFailure`
+    naming it.
+
+    Args:
+        group: every rank of it must call this.
+        error: this rank's failure, or None.
+        plan_digest: :func:`digest` of what this rank is about to send and expect.
+        what: the calling function's name, for messages.
+    """
+    flags = torch.tensor(
+        [1 if error is not None else 0, plan_digest, -plan_digest],
+        dtype=torch.int64,
+        device=status_device(group),
+    )
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    failed, high, neg_low = flags.tolist()
+    if not failed and high == -neg_low:
+        return
+    text = None
+    if error is not None:
+        text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    reports: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reports, (text, plan_digest), group=group)
+    failures = {r: t for r, (t, _) in enumerate(reports) if t is not None}
+    if not failures:
+        groups: dict[int, list[int]] = {}
+        for r, (_, d) in enumerate(reports):
+            groups.setdefault(d, []).append(r)
+        failures = {
+            ranks[0]: f"ranks {ranks} see a different state dict (keys, shapes, dtypes or "
+            "placements) than the other ranks"
+            for ranks in groups.values()
+        }
+        message = (
+            f"{what}: the ranks disagree on the state dict; every rank must pass the same "
+            f"keys, shapes, dtypes and placements: rank groups {sorted(groups.values())}"
+        )
+        raise RankFailure(message, failures)
+    if error is not None:
+        raise error
+    lines = "; ".join(f"rank {r}: {t}" for r, t in sorted(failures.items()))
+    raise RankFailure(f"{what} failed on another rank, so no rank proceeded: {lines}", failures)
+
+
+def buckets(costs: Sequence[int], bucket_bytes: int) -> list[range]:
+    """Splits items (in order) into at most ``ceil(sum(costs) / bucket_bytes)`` runs.
+
+    Each run holds nearly ``total / n`` bytes; an item goes to the run its midpoint
+    falls in, so a run exceeds ``bucket_bytes`` by at most one item. Empty runs are
+    dropped.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    n_items = len(costs)
+    if n_items == 0:
+        return []
+    total = sum(costs)
+    n = max(1, math.ceil(total / bucket_bytes))
+    target = total / n if total else 1.0
+    runs: list[range] = []
+    start = 0
+    cursor = 0
+    current = 0
+    for i, cost in enumerate(costs):
+        b = min(n - 1, int((cursor + cost / 2) // target))
+        if b != current and i > start:
+            runs.append(range(start, i))
+            start = i
+        current = b
+        cursor += cost
+    runs.append(range(start, n_items))
+    return runs
+
+
+def is_plain_placement(placements: Sequence[Any]) -> bool:
+    """Whether every placement is exactly ``Shard`` or ``Replicate``.
+
+    Only those describe a dense box of the full tensor per rank; ``Partial`` needs a
+    reduction and ``_StridedShard`` an interleaving, so those go through PyTorch.
+    """
+    return all(type(p) is Shard or isinstance(p, Replicate) for p in placements)
+
+
+_COORDS: dict[int, tuple[Any, dict[int, tuple[int, ...]]]] = {}
+
+
+def mesh_coordinates(mesh: DeviceMesh) -> dict[int, tuple[int, ...]]:
+    """Global rank -> coordinate in ``mesh`` (cached per mesh object)."""
+    cached = _COORDS.get(id(mesh))
+    if cached is not None and cached[0] is mesh:
+        return cached[1]
+    ranks = mesh.mesh.tolist()
+    coords: dict[int, tuple[int, ...]] = {}
+
+    def walk(node: Any, prefix: tuple[int, ...]) -> None:
+        if isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, prefix + (i,))
+        else:
+            coords[int(node)] = prefix
+
+    walk(ranks, ())
+    _COORDS[id(mesh)] = (mesh, coords)
+    return coords
+
+
+def box_of(
+    full_shape: Sequence[int],
+    mesh_shape: Sequence[int],
+    coord: Sequence[int],
+    placements: Sequence[Any],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (shape, start) box of the full tensor held at mesh coordinate ``coord``.
+
+    For ``Shard`` / ``Replicate`` placements only, matching
+    ``torch.distributed.tensor._utils.compute_local_shape_and_global_offset`` (which
+    only answers for the calling rank): each ``Shard(d)`` splits the current extent of
+    dim d as ``torch.chunk`` does, mesh dims applied left to right.
+    """
+    shape = list(full_shape)
+    start = [0] * len(shape)
+    for mesh_dim, placement in enumerate(placements):
+        if type(placement) is not Shard:
+            continue
+        d = placement.dim if placement.dim >= 0 else placement.dim + len(shape)
+        n, k, r = shape[d], mesh_shape[mesh_dim], coord[mesh_dim]
+        chunk = -(-n // k) if n else 0
+        lo = min(chunk * r, n)
+        size = max(0, min(n, lo + chunk) - lo)
+        start[d] += lo
+        shape[d] = size
+    return tuple(shape), tuple(start)

@@ -1,0 +1,139 @@
+"""Batched tensor copies and CPU offload over flat leaf lists.
+
+The shared back end of copy / offload / create-CPU in :mod:`sdict_ext.utils`: pairs are
+grouped by (destination device, source device) and each group is one
+:func:`sdict_ext.ops.batched_copy_` call, instead of one ``copy_`` per tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from sdict_ext import ops
+from sdict_ext._traverse import LEAF_DTENSOR, LEAF_SHARDED, LEAF_TENSOR
+
+__all__ = ["batched_copy_pairs", "offload_leaves"]
+
+_CPU = torch.device("cpu")
+
+
+def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        t.device,
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        tuple(t.stride()),
+        t.dtype,
+    )
+
+
+def _dedupe(
+    dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The pairs that copying one by one would leave visible, without aliasing.
+
+    A destination that is its own source is dropped (``copy_`` would be a no-op,
+    leaving any earlier write in place); a destination named several times (tied
+    weights in a model state dict) keeps only its last pair, the one whose data a
+    pair-by-pair copy leaves behind.
+    """
+    by_dst: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    for dst, src in zip(dsts, srcs):
+        key = _view_key(dst)
+        if src is dst or (src.device == dst.device and _view_key(src) == key):
+            continue
+        by_dst.pop(key, None)
+        by_dst[key] = (dst, src)
+    return list(by_dst.values())
+
+
+def _groups(
+    dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    # get_device() is -1 for host tensors and, unlike .device, builds no object: the
+    # all-host case (every CPU run) costs two cheap calls per pair.
+    if all(d.get_device() == -1 for d in dsts) and all(s.get_device() == -1 for s in srcs):
+        return [(list(dsts), list(srcs))] if dsts else []
+    groups: dict[tuple[torch.device, torch.device], tuple[list, list]] = {}
+    for dst, src in zip(dsts, srcs):
+        group = groups.get((dst.device, src.device))
+        if group is None:
+            group = groups[(dst.device, src.device)] = ([], [])
+        group[0].append(dst)
+        group[1].append(src)
+    return list(groups.values())
+
+
+def batched_copy_pairs(
+    dsts: Sequence[torch.Tensor],
+    srcs: Sequence[torch.Tensor],
+    non_blocking: bool = False,
+    validate: Callable[[], None] | None = None,
+) -> None:
+    """``dsts[i].copy_(srcs[i])`` for every i, one batched op call per device pair.
+
+    The op checks dtypes, shapes and aliasing in C++ before writing, so the common
+    case pays no per-tensor Python checks. Only when it refuses does this look
+    closer: ``validate`` (if given) raises the caller's precise error, naming the key
+    path; otherwise aliased pairs (tied weights, self-copies) are reduced as a
+    pair-by-pair copy would see them and copied again.
+
+    Args:
+        dsts: destinations.
+        srcs: sources, one per destination.
+        non_blocking: passed to the op.
+        validate: raises if some pair cannot be copied; it runs before any write
+            when the pairs span several device pairs (several op calls).
+    """
+    groups = _groups(dsts, srcs)
+    if len(groups) > 1 and validate is not None:
+        validate()
+    with torch.no_grad():
+        try:
+            for group_dsts, group_srcs in groups:
+                ops.batched_copy_(group_dsts, group_srcs, non_blocking=non_blocking)
+            return
+        except RuntimeError:
+            if validate is not None:
+                validate()
+            pairs = _dedupe(dsts, srcs)
+            if len(pairs) == len(dsts):
+                raise
+        for group_dsts, group_srcs in _groups([d for d, _ in pairs], [s for _, s in pairs]):
+            ops.batched_copy_(group_dsts, group_srcs, non_blocking=non_blocking)
+
+
+def offload_leaves(values: Sequence[Any], kinds: Sequence[int]) -> list[Any]:
+    """What ``value.to("cpu")`` returns for each tensor leaf, with the copies batched.
+
+    Like ``Tensor.to``, a value already on the CPU is returned as is (no copy); other
+    plain tensors get new pageable CPU tensors with the same strides. DTensors keep
+    their spec around a CPU local tensor; ShardedTensors (rare off the CPU) use their
+    own ``to``. Non-tensor values pass through.
+    """
+    out = list(values)
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for i, (value, kind) in enumerate(zip(values, kinds)):
+        if kind == LEAF_TENSOR:
+            if value.device != _CPU:
+                new = torch.empty_like(value, device=_CPU)
+                dsts.append(new)
+                srcs.append(value)
+                out[i] = new
+        elif kind == LEAF_DTENSOR:
+            local = value._local_tensor
+            if local.device != _CPU:
+                new = torch.empty_like(local, device=_CPU)
+                dsts.append(new)
+                srcs.append(local)
+                out[i] = DTensor(new, value._spec, requires_grad=value.requires_grad)
+        elif kind == LEAF_SHARDED:
+            out[i] = value.to(_CPU)
+    batched_copy_pairs(dsts, srcs)
+    return out

@@ -1,0 +1,443 @@
+"""``gather_state_dict``: full tensors from DTensor / ShardedTensor leaves, coalesced.
+
+PyTorch gathers tensor by tensor: one ``redistribute`` (one or more all-gathers) per
+DTensor, one padded all-gather per ShardedTensor. Here the local shards of many
+tensors are packed into one buffer per bucket, one bulk exchange moves the bucket,
+and one op call rebuilds all of its tensors:
+
+* DTensors sharded along one mesh dim (FSDP ``[Shard(0)]``, TP ``[Shard(1)]``, HSDP
+  ``[Replicate(), Shard(0)]``): every rank's slot has the same layout (the
+  ``torch.chunk`` split), and :func:`sdict_ext.ops.gather_concat_into` rebuilds, on
+  that mesh dim's process group.
+* Everything else that is a dense box per rank (several sharded mesh dims, uneven
+  splits where some ranks hold nothing, ShardedTensors with any shard layout): each
+  rank packs its own pieces, and one :func:`sdict_ext.ops.batched_copy_` places every
+  piece into its box of the output.
+* ``Partial`` and ``_StridedShard`` placements (a reduction or an interleaving, not a
+  box), and several sharded mesh dims on a mesh smaller than the world, fall back to
+  PyTorch's per-tensor ``redistribute`` after the coalesced part. Fully replicated
+  DTensors need no exchange: their local tensor is the result, as in PyTorch.
+
+The exchange: on CPU (gloo) each rank broadcasts its slot into the shared buffer
+(measured 2.5x faster than gloo's all-gather for 16 MiB slots on the dev machine);
+on accelerators one in-place ``all_gather_single`` per bucket.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.tensor import DTensor, Replicate
+
+from sdict_ext import ops
+from sdict_ext._collectives import (
+    DEFAULT_BUCKET_BYTES,
+    agree,
+    box_of,
+    buckets,
+    digest,
+    is_plain_placement,
+    mesh_coordinates,
+)
+from sdict_ext._copies import offload_leaves
+from sdict_ext._traverse import (
+    LEAF_DTENSOR,
+    LEAF_OTHER,
+    LEAF_SHARDED,
+    Flat,
+    flatten,
+    format_path,
+    leaf_kind,
+)
+
+__all__ = ["gather_state_dict"]
+
+_CPU = torch.device("cpu")
+_ALIGN = ops.ALIGNMENT
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class _Item:
+    """One tensor to rebuild from the pieces every rank of a group holds."""
+
+    __slots__ = ("leaf", "shape", "dtype", "mine", "pieces", "shard_dim", "out", "out_device")
+
+    def __init__(self, leaf: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.leaf = leaf
+        self.shape = shape
+        self.dtype = dtype
+        # This rank's piece tensors, in the order of pieces[my rank].
+        self.mine: list[torch.Tensor] = []
+        # pieces[r]: (shape, start) boxes of the full tensor that group rank r sends.
+        self.pieces: list[list[tuple[tuple[int, ...], tuple[int, ...]]]] = []
+        # Set for the torch.chunk layout that gather_concat_into rebuilds.
+        self.shard_dim: int | None = None
+        self.out: torch.Tensor | None = None
+        self.out_device = _CPU
+
+    def slot_bytes(self, rank: int) -> int:
+        size = self.dtype.itemsize
+        return sum(_aligned(_numel(shape) * size) for shape, _ in self.pieces[rank])
+
+
+class _Stream:
+    """Items exchanged on one process group through buffers on one device."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, chunked: bool) -> None:
+        self.group = group
+        self.device = device
+        self.chunked = chunked
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.items: list[_Item] = []
+
+    def cost(self, item: _Item) -> int:
+        if self.chunked:  # every rank's slot is rank 0's, the largest torch.chunk piece
+            return self.world * item.slot_bytes(0)
+        return self.world * max(item.slot_bytes(r) for r in range(self.world))
+
+    def layout(self, items: Sequence[_Item]) -> tuple[list[list[int]], int]:
+        """Per-rank byte offsets of every piece in a bucket, and the slot size.
+
+        Chunked items use one layout for every rank (rank 0's piece is the largest
+        ``torch.chunk`` piece); others pack each rank's own pieces densely.
+        """
+        if self.chunked:
+            offsets, total = ops.pack_layout([(it.pieces[0][0][0], it.dtype) for it in items])
+            return [offsets] * self.world, total
+        per_rank: list[list[int]] = []
+        chunk = 0
+        for r in range(self.world):
+            specs = [(shape, it.dtype) for it in items for shape, _ in it.pieces[r]]
+            offsets, total = ops.pack_layout(specs)
+            per_rank.append(offsets)
+            chunk = max(chunk, total)
+        return per_rank, chunk
+
+
+def _exchange(stream: _Stream, gathered: torch.Tensor, chunk: int) -> None:
+    """Fills every rank's slot of ``gathered`` (this rank's slot is already packed)."""
+    if stream.device.type == "cpu":
+        for r in range(stream.world):
+            dist.broadcast(gathered[r * chunk : (r + 1) * chunk], group=stream.group, group_src=r)
+        return
+    mine = gathered[stream.rank * chunk : (stream.rank + 1) * chunk]
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(gathered, mine, group=stream.group)
+
+
+def _rebuild(
+    stream: _Stream,
+    items: Sequence[_Item],
+    gathered: torch.Tensor,
+    offsets: list[list[int]],
+    chunk: int,
+    outs: Sequence[torch.Tensor],
+) -> None:
+    if stream.chunked:
+        ops.gather_concat_into(
+            gathered[: stream.world * chunk],
+            stream.world,
+            offsets[0],
+            outs,
+            [it.shard_dim for it in items],
+        )
+        return
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for r in range(stream.world):
+        base = r * chunk
+        k = 0
+        for it, out in zip(items, outs):
+            for shape, start in it.pieces[r]:
+                offset = offsets[r][k]
+                k += 1
+                numel = _numel(shape)
+                if numel == 0:
+                    continue
+                nbytes = numel * it.dtype.itemsize
+                src = gathered[base + offset : base + offset + nbytes].view(it.dtype).view(shape)
+                dst = out
+                for d, (lo, n) in enumerate(zip(start, shape)):
+                    if n != out.shape[d]:
+                        dst = dst.narrow(d, lo, n)
+                dsts.append(dst)
+                srcs.append(src)
+    ops.batched_copy_(dsts, srcs)
+
+
+def _mesh_dim_route(
+    mesh: Any, md: int, cache: dict
+) -> tuple[dist.ProcessGroup, list[tuple[int, ...]], bool]:
+    """For exchanges along mesh dim ``md``: its group, each group rank's mesh
+    coordinate, and whether group rank order is coordinate order (the chunk layout).
+
+    Cached per call of gather_state_dict: every tensor on a mesh shares the answer.
+    """
+    key = (id(mesh), md)
+    route = cache.get(key)
+    if route is None:
+        group = mesh.get_group(md)
+        coords = mesh_coordinates(mesh)
+        me = coords[dist.get_rank()]
+        row = [
+            g for g, c in coords.items()
+            if all(c[i] == me[i] for i in range(len(me)) if i != md)
+        ]
+        row.sort(key=lambda g: coords[g][md])
+        group_ranks = [dist.get_group_rank(group, g) for g in row]
+        by_group_rank = [coords[g] for _, g in sorted(zip(group_ranks, row))]
+        route = cache[key] = (group, by_group_rank, group_ranks == list(range(len(row))))
+    return route
+
+
+def _plan_dtensor(value: DTensor, leaf: int, streams: dict, order: list, cache: dict) -> bool:
+    """Adds a coalesced item for ``value``; False when it needs PyTorch's path."""
+    placements = value.placements
+    if not is_plain_placement(placements):
+        return False
+    sharded = [md for md, p in enumerate(placements) if not isinstance(p, Replicate)]
+    if not sharded:
+        return False  # fully replicated: PyTorch's path is a no-op returning the local
+    mesh = value.device_mesh
+    local = value._local_tensor
+    item = _Item(leaf, tuple(value.shape), value.dtype)
+    item.out_device = local.device
+    if len(sharded) == 1:
+        md = sharded[0]
+        group, coords_by_rank, chunked = _mesh_dim_route(mesh, md, cache)
+        if chunked:
+            # torch.chunk layout: rank 0's piece is the largest, and the only one the
+            # slot layout and the rebuild need.
+            box0 = box_of(item.shape, mesh.shape, coords_by_rank[0], placements)
+            item.pieces = [[box0]] * len(coords_by_rank)
+            item.shard_dim = placements[md].dim % max(1, len(item.shape))
+        else:
+            item.pieces = [
+                [box_of(item.shape, mesh.shape, c, placements)] for c in coords_by_rank
+            ]
+    else:
+        # Several sharded mesh dims: exchange on the default group, whose ranks are
+        # the global ranks, when the mesh covers all of it.
+        group = dist.group.WORLD
+        world = dist.get_world_size(group)
+        if mesh.size() != world:
+            return False
+        chunked = False
+        coords = mesh_coordinates(mesh)
+        replicated = [md for md, p in enumerate(placements) if isinstance(p, Replicate)]
+        for g in range(world):
+            c = coords[g]
+            # Replicas hold the same box; only coordinate 0 of replicated dims sends it.
+            sends = all(c[md] == 0 for md in replicated)
+            item.pieces.append([box_of(item.shape, mesh.shape, c, placements)] if sends else [])
+    if item.pieces[dist.get_rank(group)]:
+        item.mine = [local]
+    key = (id(group), local.device, chunked)
+    stream = streams.get(key)
+    if stream is None:
+        stream = streams[key] = _Stream(group, local.device, chunked)
+        order.append(key)
+    stream.items.append(item)
+    return True
+
+
+def _plan_sharded(
+    value: Any,
+    leaf: int,
+    group: dist.ProcessGroup,
+    device: torch.device,
+    streams: dict,
+    order: list,
+) -> None:
+    meta = value.metadata()
+    world = dist.get_world_size(group)
+    item = _Item(leaf, tuple(meta.size), meta.tensor_properties.dtype)
+    local_shards = value.local_shards()
+    item.out_device = local_shards[0].tensor.device if local_shards else _CPU
+    item.pieces = [[] for _ in range(world)]
+    for shard_meta in meta.shards_metadata:
+        rank = shard_meta.placement.rank()
+        item.pieces[rank].append((tuple(shard_meta.shard_sizes), tuple(shard_meta.shard_offsets)))
+    by_offset = {tuple(s.metadata.shard_offsets): s.tensor for s in local_shards}
+    me = dist.get_rank(group)
+    for _, start in item.pieces[me]:
+        if start not in by_offset:
+            raise ValueError(
+                f"gather_state_dict: rank {me} has no local shard at offsets {start} that "
+                "the ShardedTensor's metadata places on it"
+            )
+        item.mine.append(by_offset[start])
+    key = (id(group), device, False)
+    stream = streams.get(key)
+    if stream is None:
+        stream = streams[key] = _Stream(group, device, False)
+        order.append(key)
+    stream.items.append(item)
+
+
+def _pytorch_dtensor_gather(value: DTensor) -> torch.Tensor:
+    full = value.redistribute(
+        device_mesh=value.device_mesh, placements=[Replicate()] * len(value.placements)
+    ).to_local()
+    if isinstance(full, AsyncCollectiveTensor):
+        full = full.wait()
+    return full
+
+
+def _default_device(group: dist.ProcessGroup) -> torch.device:
+    return dist.distributed_c10d._get_pg_default_device(group)
+
+
+def gather_state_dict(
+    state_dict: dict[str, Any],
+    *,
+    pg: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
+    cpu_offload: bool = False,
+    ranks_only: tuple[int, ...] = (),
+    type_check: bool = True,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> dict[str, Any]:
+    """Replaces every DTensor / ShardedTensor with its full tensor (``_gather_state_dict``).
+
+    Every rank of ``pg`` (and of the DTensors' meshes) must call this with a state
+    dict of the same structure. Shards move in coalesced buckets: at most
+    ``ceil(total gathered bytes / bucket_bytes)`` bulk exchanges per group, and the
+    extra memory beyond the results is one bucket. A failure while planning on any
+    rank (bad leaf type, a shard that is missing) raises on every rank before any
+    bulk collective starts.
+
+    Args:
+        state_dict: the sharded state dict.
+        pg: group for ShardedTensors (default: each one's own group) and for the
+            agreement between ranks (default: the default group); DTensors use
+            their mesh.
+        device: buffer device for ShardedTensors; default: the group's default.
+        cpu_offload: return CPU tensors; with an accelerator the results are moved
+            bucket by bucket, so device memory holds at most one bucket of them.
+        ranks_only: when non-empty, only these ranks get results; the others take part
+            in the collectives and get ``{}``.
+        type_check: raise ``ValueError`` for unsupported leaf types.
+        bucket_bytes: bytes per bucket (all ranks' shards of its tensors together).
+
+    Returns:
+        The state dict with full plain tensors in place of sharded ones; plain tensors
+        and other values as they are (the same objects), like PyTorch.
+    """
+    # Unsupported leaves are reported after the walk, not during it, so a rank that
+    # fails still knows whether it holds sharded leaves, i.e. whether the other ranks
+    # wait for it in the agreement below.
+    flat = flatten(state_dict, type_check=False)
+    sharded = [i for i, k in enumerate(flat.kinds) if k in (LEAF_DTENSOR, LEAF_SHARDED)]
+    error: BaseException | None = None
+    if type_check and LEAF_OTHER in flat.kinds:
+        bad = flat.kinds.index(LEAF_OTHER)
+        error = ValueError(
+            f"Unexpected value type {type(flat.leaves[bad])} at key path "
+            f"{format_path(flat.paths[bad])!r}; pass type_check=False to accept it"
+        )
+    if not sharded:
+        # Nothing to exchange: like PyTorch, no collective at all, so a plain state
+        # dict can be "gathered" by any subset of ranks, or without a process group.
+        if error is not None:
+            raise error
+        keep = not ranks_only or dist.get_rank(pg) in ranks_only
+        return _finish(flat, list(flat.leaves), keep, cpu_offload)
+
+    group = pg if pg is not None else dist.distributed_c10d._get_default_group()
+    keep = not ranks_only or dist.get_rank(pg) in ranks_only
+    streams: dict[Any, _Stream] = {}
+    order: list[Any] = []
+    fallback: list[int] = []
+    plan: list[Any] = []
+    try:
+        routes: dict[Any, Any] = {}
+        for i in sharded:
+            value, path = flat.leaves[i], flat.paths[i]
+            if flat.kinds[i] == LEAF_DTENSOR:
+                if not _plan_dtensor(value, i, streams, order, routes):
+                    fallback.append(i)
+                plan.append((path, tuple(value.shape), value.dtype, value.placements))
+            else:
+                # The shard metadata numbers ranks within the tensor's own group.
+                st_group = pg if pg is not None else (value._process_group or group)
+                buf_device = device if device is not None else _default_device(st_group)
+                _plan_sharded(value, i, st_group, buf_device, streams, order)
+                plan.append((path, tuple(value.size()), value.dtype))
+        if keep:
+            _allocate_outputs(streams, cpu_offload)
+    except Exception as exc:  # reported to every rank by agree()
+        error = exc if error is None else error
+    agree(group, error, digest(plan), "gather_state_dict")
+
+    out = list(flat.leaves)
+    for key in order:
+        _run_stream(streams[key], bucket_bytes, keep, cpu_offload, out)
+    for i in fallback:
+        out[i] = _pytorch_dtensor_gather(flat.leaves[i])
+    return _finish(flat, out, keep, cpu_offload)
+
+
+def _finish(flat: Flat, out: list[Any], keep: bool, cpu_offload: bool) -> Any:
+    if not keep:
+        return {} if flat.top_is_dict else None
+    for i, kind in enumerate(flat.kinds):
+        if kind == LEAF_OTHER:
+            out[i] = copy.deepcopy(out[i])
+    if cpu_offload:
+        out = offload_leaves(out, [leaf_kind(v) for v in out])
+    return flat.rebuild(out)
+
+
+def _allocate_outputs(streams: dict[Any, _Stream], cpu_offload: bool) -> None:
+    for stream in streams.values():
+        for it in stream.items:
+            device = _CPU if cpu_offload else it.out_device
+            it.out = torch.empty(it.shape, dtype=it.dtype, device=device)
+
+
+def _run_stream(
+    stream: _Stream, bucket_bytes: int, keep: bool, cpu_offload: bool, out: list[Any]
+) -> None:
+    items = stream.items
+    runs = buckets([stream.cost(it) for it in items], bucket_bytes)
+    layouts = [stream.layout([items[j] for j in run]) for run in runs]
+    biggest = max((chunk for _, chunk in layouts), default=0)
+    gathered = torch.empty(stream.world * biggest, dtype=torch.uint8, device=stream.device)
+    for run, (offsets, chunk) in zip(runs, layouts):
+        bucket = [items[j] for j in run]
+        mine_slot = gathered[stream.rank * chunk : (stream.rank + 1) * chunk]
+        mine = [t for it in bucket for t in it.mine]
+        if mine:
+            ops.pack(mine, out=mine_slot, offsets=offsets[stream.rank])
+        _exchange(stream, gathered[: stream.world * chunk], chunk)
+        if not keep:
+            continue
+        finals = [it.out for it in bucket]
+        staged = cpu_offload and stream.device.type != "cpu"
+        outs = (
+            [torch.empty(it.shape, dtype=it.dtype, device=stream.device) for it in bucket]
+            if staged
+            else finals
+        )
+        _rebuild(stream, bucket, gathered, offsets, chunk, outs)
+        if staged:
+            ops.batched_copy_(finals, outs)
+        for it in bucket:
+            out[it.leaf] = it.out

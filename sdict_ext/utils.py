@@ -1,0 +1,501 @@
+"""State-dict utilities: the counterpart of ``torch.distributed._state_dict_utils``.
+
+Same signatures and results as PyTorch's underscore functions, built on one traversal
+(:mod:`sdict_ext._traverse`) and batched ops instead of Python work and a collective per
+tensor:
+
+* copies and offloads are grouped by device pair into one
+  :func:`sdict_ext.ops.batched_copy_` call each;
+* :func:`create_cpu_state_dict` carves every tensor out of one host slab (one
+  allocation, one pin registration, one shared-memory segment);
+* :func:`gather_state_dict` and :func:`broadcast_state_dict` move packed buckets, one
+  bulk collective per bucket (see :mod:`sdict_ext._collectives`).
+
+Where PyTorch's behaviour is a trap we differ, and the docstring says so: structure,
+dtype and shape mismatches raise :class:`CompanionMismatch` naming the key path before
+anything is written; :func:`check_state_dict_similarity` never writes; a failure on one
+rank of a collective function is raised on every rank instead of leaving them waiting.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+
+from sdict_ext._broadcast import broadcast_state_dict, distribute_state_dict
+from sdict_ext._copies import batched_copy_pairs, offload_leaves
+from sdict_ext._cpu_slab import carve
+from sdict_ext._gather import gather_state_dict
+from sdict_ext._traverse import (
+    LEAF_DTENSOR,
+    LEAF_OTHER,
+    LEAF_SHARDED,
+    LEAF_TENSOR,
+    CompanionMismatch,
+    Flat,
+    flatten,
+    format_path,
+    leaf_kind,
+)
+
+__all__ = [
+    "CompanionMismatch",
+    "broadcast_state_dict",
+    "check_state_dict_similarity",
+    "copy_state_dict",
+    "create_cpu_state_dict",
+    "distribute_state_dict",
+    "flatten_state_dict",
+    "gather_state_dict",
+    "iterate_state_dict",
+    "offload_state_dict_to_cpu",
+    "traverse_state_dict",
+    "unflatten_state_dict",
+]
+
+_CPU = torch.device("cpu")
+
+PathItem = str | int
+ObjPath = tuple[PathItem, ...]
+
+
+def _outside_ranks_only(ranks_only: tuple[int, ...], pg: dist.ProcessGroup | None) -> bool:
+    return bool(ranks_only) and dist.get_rank(pg) not in ranks_only
+
+
+def _empty_result(flat: Flat) -> Any:
+    # What PyTorch returns on ranks outside ``ranks_only``: {} for a dict root, else None.
+    return {} if flat.top_is_dict else None
+
+
+def _copy_value(value: Any, kind: int) -> Any:
+    # Unsupported leaves (accepted with type_check=False) are deep-copied, as PyTorch does.
+    return copy.deepcopy(value) if kind == LEAF_OTHER else value
+
+
+def _leaf_values(flat: Flat) -> list[Any]:
+    """The leaves as the result starts out: as they are, unsupported ones deep-copied."""
+    out = list(flat.leaves)
+    if LEAF_OTHER in flat.kinds:
+        for i, kind in enumerate(flat.kinds):
+            if kind == LEAF_OTHER:
+                out[i] = copy.deepcopy(out[i])
+    return out
+
+
+def _local_pairs(
+    src: Any, dst: Any, path: tuple[Any, ...]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The (destination, source) plain tensors that copying ``src`` into ``dst`` writes.
+
+    Raises CompanionMismatch, naming ``path``, when the two cannot be copied without
+    casting, broadcasting or guessing.
+    """
+    where = f"at key path {format_path(path)!r}"
+    src_kind, dst_kind = leaf_kind(src), leaf_kind(dst)
+    if dst_kind != src_kind:
+        names = {
+            LEAF_TENSOR: "a tensor",
+            LEAF_DTENSOR: "a DTensor",
+            LEAF_SHARDED: "a ShardedTensor",
+        }
+        raise CompanionMismatch(
+            f"{where}: the source is {names[src_kind]}, the destination "
+            f"{names.get(dst_kind, 'a ' + type(dst).__name__)}"
+        )
+    if src_kind == LEAF_DTENSOR:
+        if src.shape != dst.shape:
+            raise CompanionMismatch(
+                f"{where}: DTensor shapes differ: source {tuple(src.shape)}, "
+                f"destination {tuple(dst.shape)}"
+            )
+        pairs = [(dst._local_tensor, src._local_tensor)]
+    elif src_kind == LEAF_SHARDED:
+        src_shards, dst_shards = src.local_shards(), dst.local_shards()
+        if len(src_shards) != len(dst_shards):
+            raise CompanionMismatch(
+                f"{where}: the source has {len(src_shards)} local shards, the destination "
+                f"{len(dst_shards)}"
+            )
+        pairs = [(d.tensor, s.tensor) for d, s in zip(dst_shards, src_shards)]
+    else:
+        pairs = [(dst, src)]
+    for d, s in pairs:
+        if d.dtype != s.dtype:
+            raise CompanionMismatch(
+                f"{where}: dtypes differ: source {s.dtype}, destination {d.dtype} "
+                "(copy_state_dict does not cast)"
+            )
+        if d.shape != s.shape:
+            raise CompanionMismatch(
+                f"{where}: shapes differ: source {tuple(s.shape)}, destination "
+                f"{tuple(d.shape)}"
+            )
+    return [d for d, _ in pairs], [s for _, s in pairs]
+
+
+def iterate_state_dict(
+    obj: Any,
+    sharded_tensor_func: Callable,
+    dtensor_func: Callable,
+    tensor_func: Callable,
+    *,
+    pg: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
+    cpu_offload: bool = False,
+    companion_obj: Any = None,
+    ranks_only: tuple[int, ...] = (),
+    type_check: bool = True,
+    non_blocking: bool = True,
+) -> Any:
+    """Applies a function per tensor kind to every tensor leaf, then offloads or copies.
+
+    Counterpart of ``_iterate_state_dict``: each ``*_func(value, pg, device,
+    companion)`` is called on its leaves in traversal order; its tensor results are
+    then offloaded to the CPU (``cpu_offload`` without a companion) or copied into the
+    companion's tensors, both batched. Non-tensor leaves are returned as they are
+    (deep-copied when ``type_check=False`` let an unsupported type through).
+
+    Differences from PyTorch: the companion's structure is checked before any
+    function runs (PyTorch may have run collectives for earlier leaves when it
+    finds a mismatch), and a leaf whose companion cannot receive it raises
+    :class:`CompanionMismatch` naming the key path (PyTorch raises ``AssertionError``
+    or ``AttributeError``, or casts silently).
+
+    Args:
+        obj: the state dict.
+        sharded_tensor_func: applied to ShardedTensor leaves.
+        dtensor_func: applied to DTensor leaves.
+        tensor_func: applied to plain tensor leaves.
+        pg: passed to the functions; also the group of ``ranks_only``.
+        device: passed to the functions.
+        cpu_offload: move tensor results to the CPU (ignored with a companion).
+        companion_obj: a state dict of the same structure to copy results into.
+        ranks_only: when non-empty, ranks outside it get ``{}`` (dict root) or None.
+        type_check: raise ``ValueError`` for unsupported leaf types.
+        non_blocking: passed to the copies into the companion.
+
+    Returns:
+        The new structure (new containers; leaves as described).
+    """
+    use_companion = companion_obj is not None
+    flat = flatten(
+        obj, type_check=type_check, companion=companion_obj, use_companion=use_companion
+    )
+    companions = flat.companions if use_companion else [None] * len(flat.leaves)
+    funcs = {
+        LEAF_SHARDED: sharded_tensor_func,
+        LEAF_DTENSOR: dtensor_func,
+        LEAF_TENSOR: tensor_func,
+    }
+    out: list[Any] = []
+    for value, kind, companion in zip(flat.leaves, flat.kinds, companions):
+        func = funcs.get(kind)
+        out.append(
+            func(value, pg, device, companion) if func is not None else _copy_value(value, kind)
+        )
+    if _outside_ranks_only(ranks_only, pg):
+        return _empty_result(flat)
+
+    out_kinds = [leaf_kind(v) for v in out]
+    to_offload = [
+        i
+        for i, (k, c) in enumerate(zip(out_kinds, companions))
+        if k <= LEAF_SHARDED and cpu_offload and c is None
+    ]
+    if to_offload:
+        moved = offload_leaves([out[i] for i in to_offload], [out_kinds[i] for i in to_offload])
+        for i, value in zip(to_offload, moved):
+            out[i] = value
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    targets: list[tuple[int, Any]] = []
+    for i, (value, kind, companion) in enumerate(zip(out, out_kinds, companions)):
+        if kind <= LEAF_SHARDED and companion is not None:
+            d, s = _local_pairs(value, companion, flat.paths[i])
+            dsts += d
+            srcs += s
+            targets.append((i, companion))
+    batched_copy_pairs(dsts, srcs, non_blocking=non_blocking)
+    for i, companion in targets:
+        out[i] = companion
+    return flat.rebuild(out)
+
+
+def offload_state_dict_to_cpu(
+    state_dict: dict[str, Any],
+    *,
+    ranks_only: tuple[int, ...] = (),
+    type_check: bool = True,
+) -> dict[str, Any]:
+    """Returns the state dict with every tensor moved to the CPU (``_offload_state_dict_to_cpu``).
+
+    Tensors already on the CPU are returned as they are, as ``Tensor.to("cpu")`` does;
+    the others are copied with one batched device-to-host copy per device.
+
+    Args:
+        state_dict: the state dict.
+        ranks_only: when non-empty, ranks outside it get ``{}``.
+        type_check: raise ``ValueError`` for unsupported leaf types.
+    """
+    flat = flatten(state_dict, type_check=type_check)
+    if _outside_ranks_only(ranks_only, None):
+        return _empty_result(flat)
+    leaves = offload_leaves(_leaf_values(flat), flat.kinds)
+    return flat.rebuild(leaves)
+
+
+def copy_state_dict(
+    state_dict: dict[str, Any],
+    copy_state_dict: dict[str, Any],
+    non_blocking: bool = False,
+    type_check: bool = True,
+) -> dict[str, Any]:
+    """Copies every tensor of ``state_dict`` into ``copy_state_dict`` (``_copy_state_dict``).
+
+    The structures are checked in full first, then one batched copy runs per
+    (destination, source) device pair. DTensor and ShardedTensor leaves copy their
+    local tensors. A destination tensor shared by several keys (tied weights) is
+    written once.
+
+    Unlike PyTorch, which raises ``AttributeError`` for a dict-vs-list mismatch, casts
+    dtypes silently and can leave the destination half-written, every mismatch raises
+    :class:`CompanionMismatch` naming the key path before the first byte is written.
+
+    Args:
+        state_dict: the source.
+        copy_state_dict: the destination; same structure, dtypes and shapes.
+        non_blocking: let device copies run asynchronously on the current stream.
+        type_check: raise ``ValueError`` for unsupported leaf types.
+
+    Returns:
+        A new structure like ``state_dict`` whose tensors are the destination's
+        tensors (its non-tensor values are the source's).
+    """
+    flat = flatten(
+        state_dict, type_check=type_check, companion=copy_state_dict, use_companion=True
+    )
+    out = _leaf_values(flat)
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    checked = flat.tensor_indices()
+    for i in checked:
+        src, dst = flat.leaves[i], flat.companions[i]
+        if flat.kinds[i] == LEAF_TENSOR and leaf_kind(dst) == LEAF_TENSOR:
+            # Plain pairs are checked by the op itself (before it writes anything).
+            dsts.append(dst)
+            srcs.append(src)
+        else:
+            if dst is None:
+                raise CompanionMismatch(
+                    f"at key path {format_path(flat.paths[i])!r}: the destination has None "
+                    "where the source has a tensor"
+                )
+            d, s = _local_pairs(src, dst, flat.paths[i])
+            dsts += d
+            srcs += s
+        out[i] = dst
+
+    def validate() -> None:
+        for i in checked:
+            _local_pairs(flat.leaves[i], flat.companions[i], flat.paths[i])
+
+    batched_copy_pairs(dsts, srcs, non_blocking=non_blocking, validate=validate)
+    return flat.rebuild(out)
+
+
+def _needs_slab(t: torch.Tensor) -> bool:
+    # PyTorch gives zero-element and meta tensors zero-filled, unpinned tensors.
+    return t.numel() > 0 and not t.is_meta
+
+
+def create_cpu_state_dict(
+    state_dict: dict[str, Any], pin_memory: bool = False, share_memory: bool = False
+) -> dict[str, Any]:
+    """A CPU state dict of the same structure, shapes and dtypes (``_create_cpu_state_dict``).
+
+    Every new tensor is a view into one host slab: one allocation, pinned with one
+    ``cudaHostRegister`` when ``pin_memory``, placed in one shared-memory segment when
+    ``share_memory`` (both together work), and released (unregistered, then freed)
+    when the last of its tensors dies. PyTorch instead pins and shares per tensor:
+    one open file per tensor with ``share_memory=True``, and a registration that
+    was once never undone.
+
+    Values are uninitialised, except 0-dim tensors (zero, as in PyTorch) and
+    zero-element / meta tensors (ordinary zero-filled CPU tensors, as in PyTorch).
+    0-dim DTensors and ShardedTensors without local shards are returned as they are.
+    Differences: 0-dim tensors are pinned/shared with the rest here; without an
+    accelerator ``pin_memory=True`` warns once and returns pageable memory (PyTorch
+    raises).
+
+    Args:
+        state_dict: the model.
+        pin_memory: pin the slab.
+        share_memory: share the slab between processes.
+    """
+    flat = flatten(state_dict, type_check=False)
+    out = _leaf_values(flat)
+    specs: list[tuple[tuple[int, ...], torch.dtype]] = []
+    # Where each carved tensor goes: (leaf index, shard index or -1, zero it).
+    slots: list[tuple[int, int, bool]] = []
+    pending_sharded: dict[int, ShardedTensor] = {}
+
+    def place(t: torch.Tensor, leaf: int, shard: int) -> torch.Tensor | None:
+        if _needs_slab(t):
+            specs.append((tuple(t.shape), t.dtype))
+            slots.append((leaf, shard, t.dim() == 0))
+            return None
+        new = torch.zeros_like(t, device=_CPU)
+        return new.share_memory_() if share_memory else new
+
+    for i, (value, kind) in enumerate(zip(flat.leaves, flat.kinds)):
+        if kind == LEAF_TENSOR:
+            out[i] = place(value, i, -1)
+        elif kind == LEAF_DTENSOR:
+            if value.dim() == 0:
+                continue
+            local = place(value._local_tensor, i, -1)
+            if local is not None:
+                out[i] = DTensor(local, value._spec, requires_grad=value.requires_grad)
+        elif kind == LEAF_SHARDED:
+            if not value.local_shards():
+                continue
+            # Rare, legacy type: keep PyTorch's own copy of the wrapper and metadata.
+            st = value.to(_CPU) if value.device != _CPU else copy.deepcopy(value)
+            for j, shard in enumerate(st.local_shards()):
+                new = place(shard.tensor, i, j)
+                if new is not None:
+                    shard.tensor = new
+            pending_sharded[i] = st
+            out[i] = st
+
+    carved = carve(specs, pin_memory=pin_memory, share_memory=share_memory)
+    for (leaf, shard, zero), t in zip(slots, carved):
+        if zero:
+            t.zero_()
+        value = flat.leaves[leaf]
+        if shard >= 0:
+            pending_sharded[leaf].local_shards()[shard].tensor = t
+        elif flat.kinds[leaf] == LEAF_DTENSOR:
+            out[leaf] = DTensor(t, value._spec, requires_grad=value.requires_grad)
+        else:
+            out[leaf] = t
+    return flat.rebuild(out)
+
+
+def check_state_dict_similarity(
+    state_dict: dict[str, Any], compared_state_dict: dict[str, Any]
+) -> bool:
+    """Whether two state dicts have the same structure, tensor dtypes and sizes.
+
+    Counterpart of ``_check_state_dict_similarity``, which copies ``state_dict`` into
+    ``compared_state_dict`` while "checking"; this one only reads. A tensor whose
+    counterpart is not a tensor makes the answer False (PyTorch raises
+    ``AttributeError``), and DTensors are compared by global size and dtype.
+    """
+    try:
+        flat = flatten(
+            state_dict, type_check=False, companion=compared_state_dict, use_companion=True
+        )
+    except CompanionMismatch:
+        return False
+    if compared_state_dict is None:
+        return True
+    for i in flat.tensor_indices():
+        value, other = flat.leaves[i], flat.companions[i]
+        if not isinstance(other, torch.Tensor):
+            return False
+        if other.dtype != value.dtype or other.size() != value.size():
+            return False
+    return True
+
+
+def traverse_state_dict(
+    state_dict: Mapping[Any, Any], visitor: Callable[[ObjPath, Any], None]
+) -> None:
+    """Calls ``visitor(path, value)`` for every non-container value (``_traverse_state_dict``).
+
+    Mappings, lists and tuples are walked into; mapping keys appear in paths as
+    ``str(key)``, list positions as ints. Empty containers produce no call.
+    """
+
+    def walk(path: ObjPath, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(path + (str(k),), v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(path + (i,), v)
+        else:
+            visitor(path, value)
+
+    for key, value in state_dict.items():
+        walk((str(key),), value)
+
+
+def flatten_state_dict(
+    state_dict: Mapping[Any, Any],
+) -> tuple[dict[str, Any], dict[str, ObjPath]]:
+    """Flattens nested containers into one level keyed by dotted paths (``_flatten_state_dict``).
+
+    Returns:
+        ``(flat, mapping)``: ``flat["a.b.0"]`` is the value at path ``("a", "b", 0)``
+        and ``mapping["a.b.0"] == ("a", "b", 0)``; :func:`unflatten_state_dict` undoes it.
+
+    Raises:
+        ValueError: two paths join to the same dotted key.
+    """
+    flat: dict[str, Any] = {}
+    mapping: dict[str, ObjPath] = {}
+
+    def add(path: ObjPath, value: Any) -> None:
+        key = ".".join(map(str, path))
+        if key in flat:
+            raise ValueError(f"duplicated flatten key {key}")
+        flat[key] = value
+        mapping[key] = path
+
+    traverse_state_dict(state_dict, add)
+    return flat, mapping
+
+
+def _child(container: Any, key: PathItem, next_key: PathItem) -> Any:
+    # The container at ``container[key]``, created (a dict for a str key next, a list
+    # for an int) when absent; lists grow with None up to the index.
+    fresh: Any = {} if type(next_key) is str else []
+    if isinstance(container, Mapping):
+        return container.setdefault(key, fresh)
+    if len(container) <= key:
+        container.extend([None] * (key + 1 - len(container)))
+    if container[key] is None:
+        container[key] = fresh
+    return container[key]
+
+
+def unflatten_state_dict(
+    state_dict: Mapping[str, Any], mapping: Mapping[str, ObjPath]
+) -> dict[str, Any]:
+    """Rebuilds the nested state dict from :func:`flatten_state_dict`'s output.
+
+    Counterpart of ``_unflatten_state_dict``.
+
+    Int path items become list positions (lists are padded with None), str items dict
+    keys; tuples therefore come back as lists, as in PyTorch.
+    """
+    nested: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        path = mapping[key]
+        container: Any = nested
+        for here, nxt in zip(path, path[1:]):
+            container = _child(container, here, nxt)
+        last = path[-1]
+        if type(last) is int and len(container) <= last:
+            container.extend([None] * (last + 1 - len(container)))
+        container[last] = value
+    return nested

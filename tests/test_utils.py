@@ -1,0 +1,377 @@
+"""Single-process specs for ``sdict_ext.utils``, each compared with PyTorch's own function.
+
+The collective functions (gather / broadcast / distribute) and DTensor leaves are
+covered in ``tests/test_utils_dist.py``.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import warnings
+import weakref
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch.distributed import _state_dict_utils as ref
+
+from sdict_ext import _traverse, utils
+from sdict_ext._collectives import box_of, buckets
+
+
+def _nested() -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model": OrderedDict(
+            w=torch.randn(4, 3, generator=g),
+            b=torch.arange(5, dtype=torch.int32),
+            half=torch.randn(2, 2, generator=g).to(torch.bfloat16),
+        ),
+        "optim": {
+            "state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(3, generator=g)}},
+            "param_groups": [{"lr": 0.1, "params": [0], "betas": (0.9, 0.99)}],
+        },
+        "strided": torch.randn(3, 4, generator=g).t(),
+        "empty": torch.empty(0, 3),
+        "misc": [None, "s", b"raw", 3, 2.5, True, io.BytesIO(b"x")],
+        "empty_dict": {},
+        "empty_list": [],
+    }
+
+
+def _same(a, b) -> bool:
+    """Deep equality with bit-exact tensors (and same dtype / shape)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
+        )
+    if isinstance(a, io.BytesIO):
+        return isinstance(b, io.BytesIO) and a.getvalue() == b.getvalue()
+    if isinstance(a, dict):
+        return type(b) is type(a) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(b) is type(a) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+# ---------------------------------------------------------------- traversal
+
+
+def test_traverse_visits_the_same_paths_and_values_as_pytorch():
+    sd = _nested()
+    ours, theirs = [], []
+    utils.traverse_state_dict(sd, lambda p, v: ours.append((p, v)))
+    ref._traverse_state_dict(sd, lambda p, v: theirs.append((p, v)))
+    assert [p for p, _ in ours] == [p for p, _ in theirs]
+    assert all(a is b for (_, a), (_, b) in zip(ours, theirs))
+    assert ("optim", "state", "0", "step") in [p for p, _ in ours]
+
+
+def test_flatten_and_unflatten_match_pytorch():
+    sd = _nested()
+    flat, mapping = utils.flatten_state_dict(sd)
+    ref_flat, ref_mapping = ref._flatten_state_dict(sd)
+    assert mapping == ref_mapping
+    assert list(flat) == list(ref_flat) and all(flat[k] is ref_flat[k] for k in flat)
+    assert _same(utils.unflatten_state_dict(flat, mapping),
+                 ref._unflatten_state_dict(ref_flat, ref_mapping))
+    # Sparse list indices are padded with None, as PyTorch does.
+    sparse = {"a.2": 5, "b.x": 1}
+    sparse_map = {"a.2": ("a", 2), "b.x": ("b", "x")}
+    assert utils.unflatten_state_dict(sparse, sparse_map) == {"a": [None, None, 5], "b": {"x": 1}}
+    assert utils.unflatten_state_dict(sparse, sparse_map) == ref._unflatten_state_dict(
+        sparse, sparse_map
+    )
+
+
+def test_flatten_rejects_duplicated_keys_like_pytorch():
+    sd = {"a.b": 1, "a": {"b": 2}}
+    with pytest.raises(ValueError, match="duplicated flatten key a.b"):
+        utils.flatten_state_dict(sd)
+    with pytest.raises(ValueError, match="duplicated flatten key a.b"):
+        ref._flatten_state_dict(sd)
+
+
+def test_internal_flat_view_rebuilds_the_structure_with_new_leaves():
+    sd = _nested()
+    flat = _traverse.flatten(sd)
+    assert flat.paths[0] == ("model", "w") and flat.kinds[0] == _traverse.LEAF_TENSOR
+    assert flat.tensor_indices() == [
+        i for i, v in enumerate(flat.leaves) if isinstance(v, torch.Tensor)
+    ]
+    rebuilt = flat.rebuild(flat.leaves)
+    # Containers are rebuilt as PyTorch's iteration rebuilds them: OrderedDict -> dict.
+    assert type(rebuilt["model"]) is dict and rebuilt["model"]["w"] is sd["model"]["w"]
+    assert rebuilt["optim"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert rebuilt["empty_dict"] == {} and rebuilt["empty_list"] == []
+
+
+# ---------------------------------------------------------------- iterate
+
+
+def test_iterate_applies_functions_like_pytorch():
+    sd = _nested()
+
+    def double(t, pg, device, companion):
+        return t * 2
+
+    ours = utils.iterate_state_dict(sd, double, double, double)
+    theirs = ref._iterate_state_dict(sd, double, double, double)
+    assert _same(ours, theirs)
+    assert torch.equal(ours["model"]["w"], sd["model"]["w"] * 2)
+
+
+def test_iterate_type_check_rejects_unknown_leaves_and_deep_copies_them_when_off():
+    sd = {"a": torch.ones(2), "weird": {"s": {1, 2}}}
+    ident = ref._identity_func
+    with pytest.raises(ValueError, match=r"Unexpected value type .*'weird.s'"):
+        utils.iterate_state_dict(sd, ident, ident, ident)
+    with pytest.raises(ValueError, match="Unexpected value type"):
+        ref._iterate_state_dict(sd, ident, ident, ident)
+    out = utils.iterate_state_dict(sd, ident, ident, ident, type_check=False)
+    assert out["weird"]["s"] == {1, 2} and out["weird"]["s"] is not sd["weird"]["s"]
+
+
+def test_iterate_with_companion_copies_into_it_like_pytorch():
+    sd = _nested()
+    ours_dst = utils.create_cpu_state_dict(sd)
+    theirs_dst = ref._create_cpu_state_dict(sd)
+    ident = ref._identity_func
+    ours = utils.iterate_state_dict(sd, ident, ident, ident, companion_obj=ours_dst)
+    theirs = ref._iterate_state_dict(sd, ident, ident, ident, companion_obj=theirs_dst)
+    assert _same(ours, theirs) and _same(ours_dst, theirs_dst)
+    assert ours["model"]["w"] is ours_dst["model"]["w"]
+
+
+# ---------------------------------------------------------------- copy
+
+
+def test_copy_matches_pytorch_and_returns_the_destination_tensors():
+    sd = _nested()
+    ours_dst = utils.create_cpu_state_dict(sd)
+    theirs_dst = ref._create_cpu_state_dict(sd)
+    ours = utils.copy_state_dict(sd, ours_dst)
+    theirs = ref._copy_state_dict(sd, theirs_dst)
+    assert _same(ours, theirs)
+    assert _same(ours_dst, theirs_dst)
+    assert ours["strided"] is ours_dst["strided"]
+    assert ours["misc"][1] == "s" and ours is not ours_dst
+
+
+def test_copy_writes_a_tied_destination_once():
+    shared = torch.zeros(3)
+    src = {"a": torch.full((3,), 1.0), "b": torch.full((3,), 2.0)}
+    out = utils.copy_state_dict(src, {"a": shared, "b": shared})
+    # Copying pair by pair leaves the last source behind; so does the batched copy.
+    assert torch.equal(shared, torch.full((3,), 2.0))
+    assert out["a"] is shared and out["b"] is shared
+
+
+def test_copy_dict_vs_list_raises_companion_mismatch_with_the_key_path():
+    src = {"model": {"layers": {"0": torch.ones(2)}}}
+    dst = {"model": {"layers": [torch.zeros(2)]}}
+    with pytest.raises(utils.CompanionMismatch, match="'model.layers'"):
+        utils.copy_state_dict(src, dst)
+    # PyTorch's defect: AttributeError instead of CompanionMismatch.
+    with pytest.raises(AttributeError):
+        ref._copy_state_dict(src, dst)
+    # Ours is a PyTorch CompanionMismatch too, so existing handlers keep working.
+    assert issubclass(utils.CompanionMismatch, ref.CompanionMismatch)
+
+
+def test_copy_checks_every_dtype_and_shape_before_writing_anything():
+    src = {"a": torch.ones(2), "b": torch.ones(3), "c": torch.ones(2, dtype=torch.float64)}
+    dst = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(2)}
+    with pytest.raises(utils.CompanionMismatch, match="'c': dtypes differ"):
+        utils.copy_state_dict(src, dst)
+    assert torch.equal(dst["a"], torch.zeros(2)) and torch.equal(dst["b"], torch.zeros(3))
+    dst["c"] = torch.zeros(3, dtype=torch.float64)
+    with pytest.raises(utils.CompanionMismatch, match="'c': shapes differ"):
+        utils.copy_state_dict(src, dst)
+    assert torch.equal(dst["a"], torch.zeros(2))
+    # PyTorch casts silently.
+    cast_dst = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(2)}
+    ref._copy_state_dict(src, cast_dst)
+    assert cast_dst["c"].dtype == torch.float32
+
+
+def test_copy_rejects_missing_keys_and_none_destinations():
+    with pytest.raises(utils.CompanionMismatch, match="missing in the companion: \\['b'\\]"):
+        utils.copy_state_dict({"a": torch.ones(1), "b": torch.ones(1)}, {"a": torch.zeros(1)})
+    with pytest.raises(utils.CompanionMismatch, match="'a': the destination has None"):
+        utils.copy_state_dict({"a": torch.ones(1)}, {"a": None})
+
+
+# ---------------------------------------------------------------- create_cpu_state_dict
+
+
+def _slab_ptrs(sd) -> set[int]:
+    ptrs = set()
+    utils.traverse_state_dict(
+        sd,
+        lambda p, v: ptrs.add(v.untyped_storage().data_ptr())
+        if isinstance(v, torch.Tensor) and v.numel()
+        else None,
+    )
+    return ptrs
+
+
+def test_create_cpu_matches_pytorch_shapes_dtypes_and_values_it_defines():
+    sd = _nested()
+    ours = utils.create_cpu_state_dict(sd)
+    theirs = ref._create_cpu_state_dict(sd)
+    ours_flat, _ = utils.flatten_state_dict(ours)
+    theirs_flat, _ = utils.flatten_state_dict(theirs)
+    assert list(ours_flat) == list(theirs_flat)
+    for key, value in ours_flat.items():
+        other = theirs_flat[key]
+        if isinstance(value, torch.Tensor):
+            assert (value.shape, value.dtype, value.device) == (other.shape, other.dtype,
+                                                                 other.device), key
+            assert value.is_contiguous()
+        elif isinstance(value, io.BytesIO):
+            assert value.getvalue() == other.getvalue()
+        else:
+            assert value == other, key
+    # 0-dim tensors are zero and zero-element ones plain, as in PyTorch.
+    assert torch.equal(ours["optim"]["state"][0]["step"], torch.tensor(0.0))
+    assert ours["empty"].shape == (0, 3)
+
+
+def test_create_cpu_carves_every_tensor_out_of_one_slab():
+    sd = _nested()
+    ours = utils.create_cpu_state_dict(sd)
+    assert len(_slab_ptrs(ours)) == 1
+    assert len(_slab_ptrs(ref._create_cpu_state_dict(sd))) > 1
+    ptrs = [t.data_ptr() for t in utils.flatten_state_dict(ours)[0].values()
+            if isinstance(t, torch.Tensor) and t.numel()]
+    assert all(p % 16 == 0 for p in ptrs)
+
+
+def test_create_cpu_share_memory_uses_one_shared_segment():
+    sd = {f"t{i}": torch.randn(3) for i in range(50)}
+    ours = utils.create_cpu_state_dict(sd, share_memory=True)
+    assert all(t.is_shared() for t in ours.values())
+    assert len({t.untyped_storage()._share_filename_cpu_()[1] for t in ours.values()}) == 1
+
+
+def test_create_cpu_slab_is_freed_when_the_last_tensor_dies():
+    sd = {"a": torch.randn(4), "b": torch.randn(2, 2)}
+    ours = utils.create_cpu_state_dict(sd, share_memory=True)
+    storage_ref = weakref.ref(ours["a"].untyped_storage())
+    a = ours.pop("a")
+    del ours
+    gc.collect()
+    assert storage_ref() is not None  # "a" still holds the slab
+    del a
+    gc.collect()
+    assert storage_ref() is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="behaviour without an accelerator")
+def test_create_cpu_pin_memory_without_accelerator_warns_and_returns_pageable_tensors():
+    sd = {"a": torch.randn(4)}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        ours = utils.create_cpu_state_dict(sd, pin_memory=True)
+    assert ours["a"].shape == (4,) and not ours["a"].is_pinned()
+    with pytest.raises(RuntimeError):  # PyTorch raises here
+        ref._create_cpu_state_dict(sd, pin_memory=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_create_cpu_pin_and_share_registers_once_and_unregisters_on_free():
+    sd = {f"t{i}": torch.randn(8, device="cuda") for i in range(10)}
+    for _ in range(2):  # registering the range again works only if it was unregistered
+        ours = utils.create_cpu_state_dict(sd, pin_memory=True, share_memory=True)
+        assert all(t.is_pinned() and t.is_shared() for t in ours.values())
+        utils.copy_state_dict(sd, ours)
+        assert all(torch.equal(ours[k], sd[k].cpu()) for k in sd)
+        del ours
+        gc.collect()
+
+
+# ---------------------------------------------------------------- similarity / offload
+
+
+def test_similarity_matches_pytorch_and_never_writes_into_the_second_argument():
+    sd = _nested()
+    other = utils.create_cpu_state_dict(sd)
+    for t in utils.flatten_state_dict(other)[0].values():
+        if isinstance(t, torch.Tensor) and t.numel():
+            t.fill_(0)
+    assert utils.check_state_dict_similarity(sd, other) is True
+    assert torch.equal(other["model"]["w"], torch.zeros(4, 3))
+    assert ref._check_state_dict_similarity(sd, other) is True
+    assert torch.equal(other["model"]["w"], sd["model"]["w"])  # PyTorch's defect: it copied
+
+    other["model"]["w"] = torch.zeros(4, 3, dtype=torch.float64)
+    assert utils.check_state_dict_similarity(sd, other) is False
+    assert ref._check_state_dict_similarity(sd, other) is False
+    other["model"]["w"] = torch.zeros(4, 4)
+    assert utils.check_state_dict_similarity(sd, other) is False
+    assert ref._check_state_dict_similarity(sd, other) is False
+    del other["model"]["w"]
+    assert utils.check_state_dict_similarity(sd, other) is False
+    assert ref._check_state_dict_similarity(sd, other) is False
+
+
+def test_offload_returns_cpu_tensors_as_they_are_like_pytorch():
+    sd = _nested()
+    ours = utils.offload_state_dict_to_cpu(sd)
+    theirs = ref._offload_state_dict_to_cpu(sd)
+    assert _same(ours, theirs)
+    assert ours["model"]["w"] is sd["model"]["w"] and theirs["model"]["w"] is sd["model"]["w"]
+
+
+# ---------------------------------------------------------------- planning helpers
+
+
+def test_buckets_never_exceed_the_ceiling_of_total_over_bucket():
+    costs = [600] * 10 + [1] * 7 + [3000]
+    runs = buckets(costs, 1000)
+    assert len(runs) <= -(-sum(costs) // 1000)
+    assert [j for r in runs for j in r] == list(range(len(costs)))
+    assert buckets([], 10) == [] and len(buckets([0, 0], 10)) == 1
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        buckets([1], 0)
+
+
+def test_box_matches_pytorch_local_shape_and_offset_rule():
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    cases = [
+        ((5, 3), (4,), [Shard(0)]),
+        ((3, 7), (2, 2), [Shard(0), Shard(1)]),
+        ((7, 2), (2, 2), [Shard(0), Shard(0)]),
+        ((1, 3), (2, 2), [Shard(0), Shard(1)]),
+        ((4, 4), (2, 3), [Replicate(), Shard(1)]),
+    ]
+    for shape, mesh_shape, placements in cases:
+        coords = [(i,) for i in range(mesh_shape[0])] if len(mesh_shape) == 1 else [
+            (i, j) for i in range(mesh_shape[0]) for j in range(mesh_shape[1])
+        ]
+        for coord in coords:
+            theirs = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coord),
+                                                            placements)
+            ours = box_of(shape, mesh_shape, coord, placements)
+            assert ours[0] == theirs[0]
+            # Offsets agree wherever the box is not empty (PyTorch puts empty ones at the end).
+            if all(ours[0]):
+                assert ours[1] == theirs[1]
+
+
+def test_gather_of_a_plain_state_dict_needs_no_process_group_like_pytorch():
+    sd = _nested()
+    ours = utils.gather_state_dict(sd)
+    theirs = ref._gather_state_dict(sd)
+    assert _same(ours, theirs)
+    assert ours["model"]["w"] is sd["model"]["w"]
+    assert _same(utils.gather_state_dict(sd, cpu_offload=True), theirs)

@@ -1,0 +1,444 @@
+"""Multi-process specs for the collective functions of ``sdict_ext.utils``.
+
+Every case runs ours and PyTorch's ``torch.distributed._state_dict_utils`` function on
+the same inputs in the same gloo group and requires bit-identical results. Workers are
+module-level functions run by ``tests.mp.run_on_ranks``; they catch expected failures
+themselves and return what they saw, so a failure test does not discard the pool.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed import _state_dict_utils as ref
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Replicate,
+    Shard,
+    distribute_tensor,
+    init_device_mesh,
+)
+
+from sdict_ext import utils
+from tests.mp import run_on_ranks
+
+pytestmark = pytest.mark.dist
+
+_MESHES: dict[tuple[int, ...], Any] = {}
+
+
+def _mesh(shape: tuple[int, ...]):
+    # Device meshes create process groups (collectively), so each worker builds a
+    # shape once and reuses it across calls.
+    if shape not in _MESHES:
+        _MESHES[shape] = init_device_mesh("cpu", shape)
+    return _MESHES[shape]
+
+
+def _full(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        # Integer-valued floats, so a Partial sum is exact whatever the reduction order.
+        return torch.randint(-50, 50, shape, generator=g).to(dtype)
+    return torch.randint(-50, 50, shape, generator=g, dtype=dtype)
+
+
+def _dt(shape, dtype, seed, mesh_shape, placements) -> DTensor:
+    return distribute_tensor(
+        _full(shape, dtype, seed), _mesh(mesh_shape), placements, src_data_rank=None
+    )
+
+
+def _partial(shape, seed, mesh_shape) -> DTensor:
+    rank = dist.get_rank()
+    local = _full(shape, torch.float32, seed + rank)
+    return DTensor.from_local(local, _mesh(mesh_shape), [Partial()], run_check=False)
+
+
+def _sharded_tensor(rows: int, cols: int, seed: int):
+    from torch.distributed._shard.sharded_tensor import empty as st_empty
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    ws = dist.get_world_size()
+    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(ws)])
+    st = st_empty(spec, rows, cols)
+    full = _full((rows, cols), torch.float32, seed)
+    for shard in st.local_shards():
+        off = shard.metadata.shard_offsets[0]
+        shard.tensor.copy_(full[off : off + shard.tensor.shape[0]])
+    return st
+
+
+def _describe(value: Any) -> Any:
+    """A picklable, comparable description of a result (tensors by their bytes)."""
+    if isinstance(value, DTensor):
+        return (
+            "DTensor",
+            tuple(value.shape),
+            str(value.dtype),
+            tuple(value.placements),
+            _describe(value.to_local()),
+        )
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        data = t.view(-1).view(torch.uint8).tolist() if t.numel() else []
+        return ("T", tuple(t.shape), str(t.dtype), str(value.device), data)
+    if isinstance(value, dict):
+        return {k: _describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, [_describe(v) for v in value])
+    return value
+
+
+# ---------------------------------------------------------------- gather
+
+
+def _gather_cases() -> dict[str, Any]:
+    ws = dist.get_world_size()
+    sd: dict[str, Any] = {
+        "even_s0": _dt((4 * ws, 3), torch.float32, 1, (ws,), [Shard(0)]),
+        "uneven_s0": _dt((ws + 1, 3), torch.float32, 2, (ws,), [Shard(0)]),
+        "fewer_rows_than_ranks": _dt((ws - 1, 2), torch.bfloat16, 3, (ws,), [Shard(0)]),
+        "uneven_s1": _dt((3, 2 * ws - 1), torch.int64, 4, (ws,), [Shard(1)]),
+        "s2": _dt((2, 3, ws + 2), torch.float16, 5, (ws,), [Shard(2)]),
+        "replicate": _dt((3, 3), torch.float32, 6, (ws,), [Replicate()]),
+        "partial": _partial((2, 3), 7, (ws,)),
+        "scalar": _dt((), torch.float32, 8, (ws,), [Replicate()]),
+        "plain": _full((2, 2), torch.float32, 9),
+        "nested": {"list": [_dt((5, 2), torch.float32, 10, (ws,), [Shard(0)]), 7, "s"],
+                   "none": None, "tuple": (1.5, b"raw")},
+        "sharded_tensor": _sharded_tensor(2 * ws + 1, 3, 11),
+    }
+    if ws == 4:
+        sd.update(
+            {
+                "2d_s0_s1": _dt((3, 5), torch.float32, 20, (2, 2), [Shard(0), Shard(1)]),
+                "2d_s0_s1_empty": _dt((1, 3), torch.float32, 21, (2, 2), [Shard(0), Shard(1)]),
+                "2d_rep_s0": _dt((5, 3), torch.float32, 22, (2, 2), [Replicate(), Shard(0)]),
+                "2d_s1_rep": _dt((3, 5), torch.int32, 23, (2, 2), [Shard(1), Replicate()]),
+                "2d_s0_s0": _dt((7, 2), torch.float32, 24, (2, 2), [Shard(0), Shard(0)]),
+            }
+        )
+    return sd
+
+
+def _gather_matches_pytorch(cpu_offload: bool, ranks_only: tuple[int, ...], bucket: int):
+    sd = _gather_cases()
+    ours = utils.gather_state_dict(
+        sd, cpu_offload=cpu_offload, ranks_only=ranks_only, bucket_bytes=bucket
+    )
+    theirs = ref._gather_state_dict(sd, cpu_offload=cpu_offload, ranks_only=ranks_only)
+    return _describe(ours), _describe(theirs)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(
+    ("cpu_offload", "ranks_only", "bucket"),
+    [(False, (), 1 << 20), (True, (0,), 64), (False, (1,), 200)],
+)
+def test_gather_matches_pytorch_bit_exact(world_size, cpu_offload, ranks_only, bucket):
+    results = run_on_ranks(
+        world_size, _gather_matches_pytorch, cpu_offload, ranks_only, bucket, timeout=120
+    )
+    for rank, (ours, theirs) in enumerate(results):
+        assert ours == theirs, f"rank {rank}"
+        if ranks_only and rank not in ranks_only:
+            assert ours == {}
+        else:
+            assert ours["uneven_s0"][0] == "T"
+
+
+def _count_calls(fn_names: list[str]):
+    counts = dict.fromkeys(fn_names, 0)
+    originals = {name: getattr(dist, name) for name in fn_names}
+
+    def wrap(name):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return counted
+
+    for name in fn_names:
+        setattr(dist, name, wrap(name))
+    return counts, originals
+
+
+def _gather_thousand(bucket: int):
+    ws = dist.get_world_size()
+    sd = {f"w{i}": _dt((4 * ws, 8), torch.float32, i, (ws,), [Shard(0)]) for i in range(1000)}
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    counts, originals = _count_calls(["broadcast", "all_gather_single", "all_reduce"])
+    try:
+        out = utils.gather_state_dict(sd, bucket_bytes=bucket)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    same = all(torch.equal(out[k], sd[k].full_tensor()) for k in ("w0", "w500", "w999"))
+    return counts, total, same
+
+
+def test_gather_of_1000_dtensors_uses_one_exchange_per_bucket():
+    bucket = 64 << 10
+    results = run_on_ranks(2, _gather_thousand, bucket, timeout=120)
+    for counts, total, same in results:
+        assert same
+        # On gloo each bucket is exchanged as one broadcast per rank into one buffer.
+        assert counts["broadcast"] <= 2 * math.ceil(total / bucket)
+        assert counts["broadcast"] == 2 * math.ceil(total / bucket)
+        assert counts["all_reduce"] == 1  # the agreement before the bulk exchange
+
+
+def _gather_failure(kind: str):
+    rank = dist.get_rank()
+    sd: dict[str, Any] = {"w": _dt((4, 2), torch.float32, 1, (2,), [Shard(0)])}
+    if kind == "bad_leaf" and rank == 1:
+        sd["oops"] = {1, 2}
+    if kind == "shape" and rank == 0:
+        sd["w"] = _dt((6, 2), torch.float32, 1, (2,), [Shard(0)])
+    try:
+        utils.gather_state_dict(sd)
+    except Exception as exc:  # noqa: BLE001 - the spec is about which exception
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def test_gather_failure_on_one_rank_raises_on_every_rank():
+    results = run_on_ranks(2, _gather_failure, "bad_leaf", timeout=60)
+    assert results[1][0] == "ValueError" and "oops" in results[1][1]
+    assert results[0][0] == "RankFailure" and "rank 1" in results[0][1]
+    results = run_on_ranks(2, _gather_failure, "shape", timeout=60)
+    assert [r[0] for r in results] == ["RankFailure", "RankFailure"]
+    assert run_on_ranks(2, _gather_failure, "none", timeout=60) == [None, None]
+
+
+# ---------------------------------------------------------------- broadcast / distribute
+
+
+def _load_inputs(meta_ok: bool = True):
+    ws = dist.get_world_size()
+    full = {
+        "s0": _full((ws + 1, 3), torch.float32, 1),
+        "s1": _full((3, 2 * ws - 1), torch.int64, 2),
+        "rep": _full((2, 2), torch.bfloat16, 3),
+        "plain": _full((3,), torch.float32, 4),
+        "cast": _full((4, 2), torch.float32, 5),
+        "to_none": _full((2,), torch.float32, 6),
+        "meta": _full((ws + 2, 2), torch.float32, 7),
+        "only_full": _full((2, 2), torch.float32, 8),
+        "step": torch.tensor(3.0),
+        "hparam": {"lr": 0.1},
+    }
+    mesh1 = _mesh((ws,))
+    local: dict[str, Any] = {
+        "s0": distribute_tensor(torch.zeros(ws + 1, 3), mesh1, [Shard(0)], src_data_rank=None),
+        "s1": distribute_tensor(
+            torch.zeros(3, 2 * ws - 1, dtype=torch.int64), mesh1, [Shard(1)], src_data_rank=None
+        ),
+        "rep": distribute_tensor(
+            torch.zeros(2, 2, dtype=torch.bfloat16), mesh1, [Replicate()], src_data_rank=None
+        ),
+        "plain": torch.zeros(3),
+        "cast": distribute_tensor(
+            torch.zeros(4, 2, dtype=torch.bfloat16), mesh1, [Shard(0)], src_data_rank=None
+        ),
+        "to_none": None,
+        "step": torch.tensor(0.0),
+        "hparam": None,
+        "local_only": torch.ones(1),
+    }
+    if meta_ok:
+        with torch.device("meta"):
+            meta_full = torch.empty(ws + 2, 2)
+        local["meta"] = distribute_tensor(meta_full, mesh1, [Shard(0)], src_data_rank=None)
+    if ws == 4:
+        full["2d"] = _full((3, 5), torch.float32, 9)
+        local["2d"] = distribute_tensor(
+            torch.zeros(3, 5), _mesh((2, 2)), [Shard(0), Shard(1)], src_data_rank=None
+        )
+    return full, local
+
+
+def _broadcast_matches_pytorch(strict: bool, bucket: int):
+    full, local = _load_inputs()
+    if dist.get_rank() != 0:
+        full = {}
+    ours, theirs = copy.copy(local), copy.copy(local)
+    # Fresh DTensors for each side, since a loaded DTensor is written in place.
+    for key, value in local.items():
+        if isinstance(value, DTensor) and not value.is_meta:
+            theirs[key] = copy.deepcopy(value)
+    utils.broadcast_state_dict(full, ours, torch.device("cpu"), strict=strict,
+                               bucket_bytes=bucket)
+    ref._broadcast_state_dict(full, theirs, torch.device("cpu"), strict=strict)
+    return _describe(ours), _describe(theirs), list(ours), list(theirs)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(("strict", "bucket"), [(False, 1 << 20), (True, 48)])
+def test_broadcast_matches_pytorch_bit_exact(world_size, strict, bucket):
+    results = run_on_ranks(world_size, _broadcast_matches_pytorch, strict, bucket, timeout=120)
+    for rank, (ours, theirs, our_keys, their_keys) in enumerate(results):
+        assert ours == theirs, f"rank {rank}"
+        assert our_keys == their_keys
+        assert ours["s0"][0] == "DTensor" and ours["plain"][0] == "T"
+
+
+def _broadcast_cpu_offload():
+    full, local = _load_inputs(meta_ok=False)
+    if dist.get_rank() != 0:
+        full = {}
+    ours = copy.copy(local)
+    for key, value in local.items():
+        if isinstance(value, DTensor):
+            ours[key] = copy.deepcopy(value)
+    utils.broadcast_state_dict(full, ours, torch.device("cpu"), cpu_offload=True)
+    # PyTorch raises KeyError for a tensor the local state dict lacks ("only_full",
+    # "meta") and AttributeError for a None local value, so compare against it on the
+    # keys it can handle.
+    theirs_full = {k: v for k, v in full.items() if k not in ("only_full", "meta", "to_none")}
+    theirs_local = {k: v for k, v in local.items() if k != "to_none"}
+    ref._broadcast_state_dict(theirs_full, theirs_local, torch.device("cpu"), cpu_offload=True)
+    mine = {k: v for k, v in ours.items() if k != "to_none"}
+    return _describe(mine), _describe(theirs_local), "only_full" in ours, ours["to_none"]
+
+
+def test_broadcast_cpu_offload_skips_keys_only_in_the_full_state_dict():
+    for ours, theirs, has_only_full, to_none in run_on_ranks(2, _broadcast_cpu_offload,
+                                                             timeout=60):
+        assert ours == theirs
+        assert not has_only_full and to_none is None
+
+
+def _broadcast_thousand(bucket: int):
+    ws = dist.get_world_size()
+    mesh = _mesh((ws,))
+    n = 1000
+    full = {f"w{i}": _full((4 * ws, 8), torch.float32, i) for i in range(n)}
+    local = {
+        k: distribute_tensor(torch.zeros(4 * ws, 8), mesh, [Shard(0)], src_data_rank=None)
+        for k in full
+    }
+    total = sum(v.numel() * v.element_size() for v in full.values())
+    counts, originals = _count_calls(["broadcast", "all_reduce"])
+    try:
+        utils.broadcast_state_dict(full if dist.get_rank() == 0 else {}, local,
+                                   torch.device("cpu"), bucket_bytes=bucket)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    same = all(torch.equal(local[k].full_tensor(), full[k]) for k in ("w0", "w999"))
+    return counts, total, same
+
+
+def test_broadcast_of_1000_tensors_uses_one_broadcast_per_bucket():
+    bucket = 64 << 10
+    for counts, total, same in run_on_ranks(2, _broadcast_thousand, bucket, timeout=120):
+        assert same
+        assert counts["broadcast"] == math.ceil(total / bucket)
+        assert counts["all_reduce"] == 1
+
+
+def _broadcast_failure(kind: str):
+    full, local = _load_inputs(meta_ok=False)
+    rank = dist.get_rank()
+    if kind == "source" and rank == 0:
+        full["bad"] = local["s0"]  # a DTensor in the full state dict
+    if kind == "local_shape" and rank == 1:
+        local["s0"] = distribute_tensor(
+            torch.zeros(2 * dist.get_world_size(), 3), _mesh((dist.get_world_size(),)),
+            [Shard(0)], src_data_rank=None,
+        )
+    before = local["plain"]
+    try:
+        utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, local["plain"] is before
+    return None
+
+
+def test_broadcast_failure_on_one_rank_raises_on_every_rank_before_loading():
+    assert run_on_ranks(2, _broadcast_failure, "source", timeout=60) == [
+        ("ValueError", True), ("RankFailure", True)]
+    assert run_on_ranks(2, _broadcast_failure, "local_shape", timeout=60) == [
+        ("RankFailure", True), ("ValueError", True)]
+
+
+def _distribute_matches_pytorch():
+    full, local = _load_inputs()
+    ours, theirs = copy.copy(local), copy.copy(local)
+    utils.distribute_state_dict(full, ours, torch.device("cpu"))
+    ref._distribute_state_dict(full, theirs, torch.device("cpu"))
+    return _describe(ours), _describe(theirs), list(ours), list(theirs)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_distribute_matches_pytorch_bit_exact(world_size):
+    for rank, (ours, theirs, ok, tk) in enumerate(
+        run_on_ranks(world_size, _distribute_matches_pytorch, timeout=120)
+    ):
+        assert ours == theirs, f"rank {rank}"
+        assert ok == tk
+
+
+# ---------------------------------------------------------------- local functions, sharded leaves
+
+
+def _local_functions_on_sharded_leaves():
+    ws = dist.get_world_size()
+
+    def make():
+        return {
+            "dt": _dt((ws + 1, 3), torch.float32, 1, (ws,), [Shard(0)]),
+            "dt0": _dt((), torch.float32, 2, (ws,), [Replicate()]),
+            "st": _sharded_tensor(2 * ws, 2, 3),
+            "plain": _full((2,), torch.int64, 4),
+        }
+
+    sd = make()
+    ours_cpu = utils.create_cpu_state_dict(sd)
+    theirs_cpu = ref._create_cpu_state_dict(sd)
+    created_same = all(
+        (type(ours_cpu[k]), ours_cpu[k].shape, ours_cpu[k].dtype)
+        == (type(theirs_cpu[k]), theirs_cpu[k].shape, theirs_cpu[k].dtype)
+        for k in sd
+    )
+    placements_same = ours_cpu["dt"].placements == sd["dt"].placements
+    ours = utils.copy_state_dict(sd, ours_cpu)
+    ref._copy_state_dict(sd, theirs_cpu)
+    similar = (
+        utils.check_state_dict_similarity(sd, ours_cpu),
+        ref._check_state_dict_similarity(sd, theirs_cpu),
+    )
+    offload_ours = utils.offload_state_dict_to_cpu(sd, ranks_only=(0,))
+    offload_theirs = ref._offload_state_dict_to_cpu(sd, ranks_only=(0,))
+    return (
+        created_same,
+        placements_same,
+        ours["dt"] is ours_cpu["dt"],
+        _describe({k: ours_cpu[k] for k in ("dt", "dt0", "plain")}),
+        _describe({k: theirs_cpu[k] for k in ("dt", "dt0", "plain")}),
+        _describe([s.tensor for s in ours_cpu["st"].local_shards()]),
+        _describe([s.tensor for s in theirs_cpu["st"].local_shards()]),
+        similar,
+        _describe(offload_ours) if not offload_ours else sorted(offload_ours),
+        _describe(offload_theirs) if not offload_theirs else sorted(offload_theirs),
+    )
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_copy_create_similarity_offload_on_sharded_leaves_match_pytorch(world_size):
+    for rank, r in enumerate(run_on_ranks(world_size, _local_functions_on_sharded_leaves,
+                                          timeout=120)):
+        created_same, placements_same, returns_dst, ours, theirs, ost, tst, sim, oo, ot = r
+        assert created_same and placements_same and returns_dst, f"rank {rank}"
+        assert ours == theirs and ost == tst
+        assert sim == (True, True)
+        assert oo == ot
+        assert (oo == {}) == (rank != 0)
