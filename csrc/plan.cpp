@@ -24,6 +24,15 @@ Layout Layout::of(const at::Tensor& t) {
   return l;
 }
 
+Layout Layout::flat(const at::Tensor& t) {
+  Layout l;
+  l.ptr = static_cast<char*>(t.numel() == 0 ? nullptr : t.data_ptr());
+  l.elem_size = static_cast<int64_t>(t.element_size());
+  l.sizes.push_back(t.numel());
+  l.strides.push_back(1);
+  return l;
+}
+
 Layout Layout::dense(char* ptr, int64_t elem_size, c10::IntArrayRef sizes) {
   Layout l;
   l.ptr = ptr;
@@ -263,9 +272,13 @@ std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList src
   std::vector<Region> regions;
   regions.reserve(2 * dsts.size());
   for (size_t i = 0; i < dsts.size(); ++i) {
-    check_copy_pair(dsts[i], srcs[i], static_cast<int64_t>(i), op);
-    regions.push_back(region(dsts[i], true, "destination", static_cast<int64_t>(i)));
-    regions.push_back(region(srcs[i], false, "source", static_cast<int64_t>(i)));
+    const at::Tensor& d = dsts[i];
+    const at::Tensor& s = srcs[i];
+    const auto idx = static_cast<int64_t>(i);
+    check_copy_pair(d, s, idx, op);
+    const bool flat = d.is_contiguous() && s.is_contiguous();
+    regions.push_back(Region{flat ? Layout::flat(d) : Layout::of(d), true, "destination", idx});
+    regions.push_back(Region{flat ? Layout::flat(s) : Layout::of(s), false, "source", idx});
   }
   check_no_overlap(regions, op);
   std::vector<CopyEntry> plan;

@@ -40,6 +40,9 @@ struct Layout {
   c10::SmallVector<int64_t, 6> strides;  // in elements
 
   static Layout of(const at::Tensor& t);
+  // A contiguous tensor as one run of numel elements: the cheapest layout to build
+  // and to plan, for the common case of two contiguous tensors of equal shape.
+  static Layout flat(const at::Tensor& t);
   // A dense row-major block of `sizes` starting at `ptr`.
   static Layout dense(char* ptr, int64_t elem_size, c10::IntArrayRef sizes);
   // The sub-box [starts, starts + sizes) of this layout.
