@@ -261,10 +261,28 @@ def gather_concat_into(
         _ops().gather_concat_into(gathered, world_size, list(offsets), outs, list(shard_dims))
 
 
+def _reject_meta_mixed_with_real(name: str, args) -> None:
+    # The dispatcher sends a call that mixes meta and real tensors to the fake kernel,
+    # which would silently copy nothing into the real ones.
+    devices = {
+        t.device.type
+        for a in args
+        for t in (a if isinstance(a, (list, tuple)) else [a])
+        if isinstance(t, torch.Tensor)
+    }
+    if "meta" in devices and len(devices) > 1:
+        raise ValueError(
+            f"sdict_ext.{name}: meta tensors mixed with real ones ({sorted(devices)}); "
+            "a meta tensor has no data to copy: materialize it (e.g. to_empty) first"
+        )
+
+
 def _register_fakes() -> None:
     # Mutating ops have nothing to compute on fake tensors; gather_concat allocates.
     for name in ("batched_copy_", "pack_into", "unpack", "gather_concat_into"):
-        torch.library.register_fake(f"sdict_ext::{name}")(lambda *args, **kwargs: None)
+        torch.library.register_fake(f"sdict_ext::{name}")(
+            lambda *args, _name=name: _reject_meta_mixed_with_real(_name, args)
+        )
 
     @torch.library.register_fake("sdict_ext::gather_concat")
     def _(gathered, chunk_numel, world_size, size, shard_dim):

@@ -380,6 +380,14 @@ def test_fake_tensor_mode_gives_gather_concat_shape_without_running_kernels():
         ops.batched_copy_([dst], [torch.empty(3)])
 
 
+def test_meta_tensor_mixed_with_real_ones_raises_instead_of_copying_nothing():
+    dst = torch.zeros(3)
+    with pytest.raises(ValueError, match="meta tensors mixed with real ones"):
+        ops.batched_copy_([dst], [torch.empty(3, device="meta")])
+    meta = torch.empty(3, device="meta")
+    ops.batched_copy_([meta], [torch.empty(3, device="meta")])
+
+
 def test_ops_trace_under_torch_compile():
     def rebuild(gathered):
         return ops.gather_concat(gathered, 12, 2, (6, 4), 0) * 2
