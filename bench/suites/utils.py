@@ -1,0 +1,272 @@
+"""Suite ``utils``: ``sdict_ext.utils`` against ``torch.distributed._state_dict_utils``.
+
+One process: ``copy_state_dict`` (issue 3's 20,000 small tensors, and a few large ones,
+which should come within 1.2x of a memcpy), ``create_cpu_state_dict`` and
+``offload_state_dict_to_cpu``. On CUDA the state dict lives on the GPU and is copied into
+pinned host memory, which is what a checkpoint does.
+
+Several ranks (gloo on CPU, NCCL on CUDA): ``gather_state_dict`` of DTensors sharded
+unevenly on dim 0 (some ranks hold nothing for the smallest tensors),
+``broadcast_state_dict`` from rank 0's full state dict into every rank's DTensor shards,
+and ``distribute_state_dict`` from a full state dict present on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._state_dict_utils as tsu
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+
+from bench.harness import ROLE_SDICT, ROLE_TORCH, CaseSpec, Ctx, load_sdict
+from bench.suites._inputs import DTYPE_MIX, fmt_bytes, make_tensors, random_numels, total_bytes
+
+__all__ = ["cases", "run"]
+
+KB, MB = 1024, 1024 * 1024
+
+_SIZES = {
+    "tiny": dict(small=(1_000, 256, 16 * KB), large=(4, 4 * MB), gather=(64, 64), bcast=(64, 64),
+                 distribute=(64, 64)),
+    "small": dict(small=(20_000, 256, 16 * KB), large=(16, 16 * MB), gather=(1_000, 64),
+                  bcast=(2_000, 64), distribute=(1_000, 64)),
+    "medium": dict(small=(20_000, 1 * KB, 64 * KB), large=(64, 64 * MB), gather=(1_000, 1024),
+                   bcast=(2_000, 1024), distribute=(2_000, 1024)),
+    "large": dict(small=(100_000, 1 * KB, 64 * KB), large=(256, 64 * MB), gather=(5_000, 1024),
+                  bcast=(10_000, 1024), distribute=(10_000, 1024)),
+}
+
+
+def cases(size: str, device: str) -> list[CaseSpec]:
+    """The suite's cases at ``size`` for ``device``."""
+    p = _SIZES[size]
+    copy_bound = "memcpy" if device == "cpu" else "d2h"
+    out = []
+    small = dict(count=p["small"][0], lo=p["small"][1], hi=p["small"][2])
+    large = dict(count=p["large"][0], lo=p["large"][1], hi=p["large"][1])
+    label_small = f"{small['count']}x{fmt_bytes(small['lo'])}-{fmt_bytes(small['hi'])}"
+    label_large = f"{large['count']}x{fmt_bytes(large['lo'])}"
+    for label, shape in ((label_small, small), (label_large, large)):
+        out.append(CaseSpec("utils", f"copy_state_dict {label}", bound=copy_bound,
+                            params=dict(kind="copy", **shape)))
+    out.append(CaseSpec("utils", f"create_cpu_state_dict {label_small}",
+                        params=dict(kind="create", **small)))
+    # On CPU, offloading CPU tensors moves nothing: it measures the traversal alone, so
+    # no bandwidth bound applies.
+    for label, shape in ((label_small, small), (label_large, large)):
+        out.append(CaseSpec("utils", f"offload_state_dict_to_cpu {label}",
+                            bound=None if device == "cpu" else "d2h",
+                            params=dict(kind="offload", **shape)))
+    count, cols = p["gather"]
+    out.append(CaseSpec("utils", f"gather_state_dict {count} DTensors Shard(0) uneven",
+                        multi_rank=True, bound="all_gather",
+                        params=dict(kind="gather", count=count, cols=cols)))
+    count, cols = p["bcast"]
+    out.append(CaseSpec("utils", f"broadcast_state_dict {count} tensors into DTensor shards",
+                        multi_rank=True, bound="broadcast",
+                        params=dict(kind="broadcast", count=count, cols=cols)))
+    count, cols = p["distribute"]
+    out.append(CaseSpec("utils", f"distribute_state_dict {count} tensors into DTensor shards",
+                        multi_rank=True, params=dict(kind="distribute", count=count, cols=cols)))
+    return out
+
+
+def run(spec: CaseSpec, ctx: Ctx) -> None:
+    """Builds the case's inputs and measures every implementation."""
+    kind = spec.params["kind"]
+    runner = {
+        "copy": _run_copy, "create": _run_create, "offload": _run_offload,
+        "gather": _run_gather, "broadcast": _run_broadcast, "distribute": _run_distribute,
+    }.get(kind)
+    if runner is None:
+        raise ValueError(f"utils: unknown case kind {kind!r}")
+    runner(spec, ctx)
+
+
+def _state_dict(spec: CaseSpec, device: torch.device) -> dict:
+    """A model-like nested state dict: tensors plus the non-tensor leaves PyTorch allows."""
+    p = spec.params
+    specs = random_numels(p["count"], p["lo"], p["hi"], DTYPE_MIX, seed=11)
+    tensors = make_tensors(specs, device, seed=12)
+    model = {f"layers.{i // 8}.w{i % 8}": t for i, t in enumerate(tensors)}
+    return {"model": model, "meta": {"step": 100, "tag": "bench", "lr": 1e-3}}
+
+
+def _tensors(sd: dict) -> list[torch.Tensor]:
+    return list(sd["model"].values())
+
+
+def _same_values(a: dict, b: dict) -> bool:
+    return a["meta"] == b["meta"] and a["model"].keys() == b["model"].keys() and all(
+        torch.equal(x.cpu(), b["model"][k].cpu()) for k, x in a["model"].items()
+    )
+
+
+def _run_copy(spec: CaseSpec, ctx: Ctx) -> None:
+    src = _state_dict(spec, ctx.device)
+    pin = ctx.device.type == "cuda"
+    dst = tsu._create_cpu_state_dict(src, pin_memory=pin)
+    nbytes, n = total_bytes(_tensors(src)), len(_tensors(src))
+    nb = ctx.device.type == "cuda"
+    ctx.measure(
+        "torch _copy_state_dict", ROLE_TORCH,
+        lambda: tsu._copy_state_dict(src, dst, non_blocking=nb), nbytes=nbytes, tensors=n,
+    )
+    fn, why = load_sdict("utils", "copy_state_dict")
+
+    def verify() -> bool:
+        for t in _tensors(dst):
+            t.zero_()
+        fn(src, dst, non_blocking=nb)
+        ctx.sync()
+        return _same_values(src, dst)
+
+    ctx.measure(
+        "sdict_ext.copy_state_dict", ROLE_SDICT,
+        (lambda: fn(src, dst, non_blocking=nb)) if fn else None,
+        nbytes=nbytes, tensors=n, missing=why, verify=verify if fn else None,
+    )
+
+
+def _run_create(spec: CaseSpec, ctx: Ctx) -> None:
+    src = _state_dict(spec, ctx.device)
+    pin = ctx.device.type == "cuda"
+    nbytes, n = total_bytes(_tensors(src)), len(_tensors(src))
+    ctx.measure(
+        f"torch _create_cpu_state_dict(pin_memory={pin})", ROLE_TORCH,
+        lambda: tsu._create_cpu_state_dict(src, pin_memory=pin), nbytes=nbytes, tensors=n,
+    )
+    fn, why = load_sdict("utils", "create_cpu_state_dict")
+
+    def verify() -> bool:
+        ours, ref = fn(src, pin_memory=pin), tsu._create_cpu_state_dict(src, pin_memory=pin)
+        return ours["meta"] == ref["meta"] and ours["model"].keys() == ref["model"].keys() and all(
+            o.shape == r.shape and o.dtype == r.dtype and o.device == r.device
+            for o, r in zip(ours["model"].values(), ref["model"].values(), strict=True)
+        )
+
+    ctx.measure(
+        f"sdict_ext.create_cpu_state_dict(pin_memory={pin})", ROLE_SDICT,
+        (lambda: fn(src, pin_memory=pin)) if fn else None,
+        nbytes=nbytes, tensors=n, missing=why, verify=verify if fn else None,
+    )
+
+
+def _run_offload(spec: CaseSpec, ctx: Ctx) -> None:
+    src = _state_dict(spec, ctx.device)
+    nbytes, n = total_bytes(_tensors(src)), len(_tensors(src))
+    ctx.measure(
+        "torch _offload_state_dict_to_cpu", ROLE_TORCH,
+        lambda: tsu._offload_state_dict_to_cpu(src), nbytes=nbytes, tensors=n,
+    )
+    fn, why = load_sdict("utils", "offload_state_dict_to_cpu")
+    ctx.measure(
+        "sdict_ext.offload_state_dict_to_cpu", ROLE_SDICT, (lambda: fn(src)) if fn else None,
+        nbytes=nbytes, tensors=n, missing=why,
+        verify=(lambda: _same_values(fn(src), src)) if fn else None,
+    )
+
+
+def _sharded(spec: CaseSpec, ctx: Ctx, fill: bool) -> tuple[dict, dict]:
+    """Full tensors (identical on every rank) and DTensors sharded unevenly on dim 0.
+
+    Row counts run from 1 up, so with several ranks the smallest tensors leave the last
+    ranks with empty shards, the case PyTorch's and our gather must both get right.
+    """
+    p = spec.params
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    gen = torch.Generator().manual_seed(13)
+    full, local = {}, {}
+    for i in range(p["count"]):
+        rows = 1 + (i * 7919) % (2 * p["cols"])
+        t = torch.empty(rows, p["cols"]).uniform_(generator=gen).to(ctx.device)
+        full[f"layers.{i // 4}.w{i % 4}"] = t
+        shard = torch.chunk(t, ctx.world_size, dim=0)
+        mine = shard[ctx.rank] if ctx.rank < len(shard) else t[rows:]
+        mine = mine.clone() if fill else torch.zeros_like(mine)
+        local[f"layers.{i // 4}.w{i % 4}"] = DTensor.from_local(
+            mine, mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride()
+        )
+    return full, local
+
+
+def _run_gather(spec: CaseSpec, ctx: Ctx) -> None:
+    full, local = _sharded(spec, ctx, fill=True)
+    nbytes, n = total_bytes(list(full.values())), len(full)
+    ctx.measure(
+        "torch _gather_state_dict", ROLE_TORCH, lambda: tsu._gather_state_dict(local),
+        nbytes=nbytes, tensors=n,
+    )
+    fn, why = load_sdict("utils", "gather_state_dict")
+
+    def verify() -> bool:
+        ours = fn(local)
+        return ours.keys() == full.keys() and all(torch.equal(ours[k], v) for k, v in full.items())
+
+    ctx.measure(
+        "sdict_ext.gather_state_dict", ROLE_SDICT, (lambda: fn(local)) if fn else None,
+        nbytes=nbytes, tensors=n, missing=why, verify=verify if fn else None,
+    )
+
+
+def _shards_match(result: dict, full: dict, ctx: Ctx) -> bool:
+    for key, t in full.items():
+        shard = torch.chunk(t, ctx.world_size, dim=0)
+        want = shard[ctx.rank] if ctx.rank < len(shard) else t[t.shape[0]:]
+        got = result[key]
+        got = got.to_local() if isinstance(got, DTensor) else got
+        if not torch.equal(got, want):
+            return False
+    return True
+
+
+def _run_broadcast(spec: CaseSpec, ctx: Ctx) -> None:
+    full, local = _sharded(spec, ctx, fill=False)
+    # Only rank 0 holds the full state dict, as with broadcast_from_rank0 loading.
+    mine = full if ctx.rank == 0 else {}
+    nbytes, n = total_bytes(list(full.values())), len(full)
+    ctx.measure(
+        "torch _broadcast_state_dict", ROLE_TORCH,
+        lambda d: tsu._broadcast_state_dict(mine, d, ctx.device),
+        setup=lambda: (dict(local),), nbytes=nbytes, tensors=n,
+    )
+    fn, why = load_sdict("utils", "broadcast_state_dict")
+
+    def verify() -> bool:
+        for v in local.values():
+            v.to_local().zero_()
+        result = dict(local)
+        fn(mine, result, ctx.device)
+        return _shards_match(result, full, ctx)
+
+    ctx.measure(
+        "sdict_ext.broadcast_state_dict", ROLE_SDICT,
+        (lambda d: fn(mine, d, ctx.device)) if fn else None,
+        setup=lambda: (dict(local),), nbytes=nbytes, tensors=n, missing=why,
+        verify=verify if fn else None,
+    )
+
+
+def _run_distribute(spec: CaseSpec, ctx: Ctx) -> None:
+    full, local = _sharded(spec, ctx, fill=False)
+    nbytes, n = total_bytes(list(full.values())), len(full)
+    ctx.measure(
+        "torch _distribute_state_dict", ROLE_TORCH,
+        lambda d: tsu._distribute_state_dict(full, d, ctx.device),
+        setup=lambda: (dict(local),), nbytes=nbytes, tensors=n,
+    )
+    fn, why = load_sdict("utils", "distribute_state_dict")
+
+    def verify() -> bool:
+        for v in local.values():
+            v.to_local().zero_()
+        result = dict(local)
+        fn(full, result, ctx.device)
+        return _shards_match(result, full, ctx)
+
+    ctx.measure(
+        "sdict_ext.distribute_state_dict", ROLE_SDICT,
+        (lambda d: fn(full, d, ctx.device)) if fn else None,
+        setup=lambda: (dict(local),), nbytes=nbytes, tensors=n, missing=why,
+        verify=verify if fn else None,
+    )

@@ -1,0 +1,325 @@
+"""Specs of the benchmark harness (``python -m bench``): its command line, its JSON and
+its measuring parts. No timing is asserted: only that every case runs (or says why not)
+and reports well-formed numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from bench import cli
+from bench.harness import ROLES, CaseSpec, CollectiveCounter, HostMemory, Row, load_sdict, summarize
+from bench.report import finalize
+from bench.runner import Progress, Settings, run_cases
+from bench.suites import SUITES, get_suite
+from tests.mp import run_on_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {f.name for f in fields(Row)}
+STAT_KEYS = {"median", "p10", "p90", "min", "max", "mean"}
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One ``python -m bench --tiny`` run of every suite, as CI does; shared by the checks."""
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "bench", "--size", "small", "--tiny",
+           "--json", str(out / "r.json"), "--plot", str(out / "r.png")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    doc = json.loads((out / "r.json").read_text())
+    return proc, doc, out
+
+
+@pytest.mark.dist
+def test_tiny_run_covers_every_case_of_every_suite(tiny_run):
+    proc, doc, _ = tiny_run
+    ran = {(r["suite"], r["case"]) for r in doc["rows"]}
+    for suite in SUITES:
+        expected = {(suite, spec.name) for spec in get_suite(suite).cases("tiny", "cpu")}
+        assert expected <= ran, f"{suite}: missing {expected - ran}\n{proc.stderr[-3000:]}"
+    for suite in SUITES:
+        assert f"== {suite} ==" in proc.stdout
+
+
+@pytest.mark.dist
+def test_tiny_run_json_header_names_machine_and_software(tiny_run):
+    _, doc, _ = tiny_run
+    assert doc["schema_version"] == 1
+    assert set(doc) == {"schema_version", "meta", "bounds", "rows"}
+    meta = doc["meta"]
+    assert meta["size"] == "tiny" and meta["device"] == "cpu"
+    assert meta["command"].startswith("python -m bench --size small --tiny --json ")
+    assert meta["suites"] == list(SUITES)
+    assert meta["world_size"] == 2 and meta["backend"] == "gloo"
+    assert isinstance(meta["repeat"], int) and meta["repeat"] >= 1
+    assert isinstance(meta["warmup"], int) and meta["warmup"] >= 0
+    assert meta["date"].endswith("Z") and len(meta["date"]) == 20
+    machine, software = meta["machine"], meta["software"]
+    assert isinstance(machine["cpu_model"], str) and machine["cpu_model"]
+    assert machine["cpu_count"] == os.cpu_count()
+    assert isinstance(machine["memory_bytes"], int) and machine["memory_bytes"] > 0
+    assert isinstance(machine["gpus"], list)
+    assert software["torch"] == torch.__version__
+    assert software["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert isinstance(software["sdict_ext_compiled"], bool)
+    assert isinstance(software["torch_threads"], int)
+
+
+@pytest.mark.dist
+def test_tiny_run_rows_are_well_formed(tiny_run):
+    _, doc, _ = tiny_run
+    assert doc["rows"]
+    for row in doc["rows"]:
+        where = f"{row['suite']}/{row['case']}/{row['impl']}"
+        assert set(row) == ROW_KEYS, where
+        assert row["role"] in ROLES, where
+        assert row["status"] in ("ok", "skipped", "error"), where
+        assert isinstance(row["bytes"], int) and isinstance(row["tensors"], int), where
+        if row["status"] != "ok":
+            assert isinstance(row["reason"], str) and row["reason"], where
+            assert row["times_s"] is None, where
+            continue
+        assert row["reason"] is None, where
+        times = row["times_s"]
+        assert set(times) == STAT_KEYS and all(_number(v) and v >= 0 for v in times.values()), where
+        ordered = [times[k] for k in ("min", "p10", "median", "p90", "max")]
+        assert ordered == sorted(ordered), where
+        assert 1 <= row["repeats"] <= doc["meta"]["repeat"], where
+        assert row["warmup"] == doc["meta"]["warmup"], where
+        assert row["gbps"] is None or (_number(row["gbps"]) and row["gbps"] > 0), where
+        if row["gbps"]:
+            assert row["gbps"] == pytest.approx(row["bytes"] / times["median"] / 1e9), where
+        assert isinstance(row["host_peak_bytes"], int) and row["host_peak_bytes"] >= 0, where
+        assert row["device_peak_bytes"] is None, where  # CPU run
+        assert isinstance(row["collectives"], int) and row["collectives"] >= 0, where
+        assert isinstance(row["collective_ops"], dict), where
+        for stats in row["extra"].values():
+            assert set(stats) == STAT_KEYS, where
+        assert row["verified"] in (None, True, False), where
+
+
+@pytest.mark.dist
+def test_tiny_run_baselines_and_bounds_always_run(tiny_run):
+    """PyTorch's functions and the bounds need nothing from sdict_ext: never skipped."""
+    _, doc, _ = tiny_run
+    for row in doc["rows"]:
+        if row["role"] in ("torch", "bound"):
+            assert row["status"] == "ok", (row["case"], row["impl"], row["reason"])
+    assert {"memcpy", "broadcast", "all_gather"} <= set(doc["bounds"])
+    assert all(b["gbps"] > 0 for b in doc["bounds"].values())
+
+
+@pytest.mark.dist
+def test_tiny_run_ops_results_are_verified_against_pytorch(tiny_run):
+    _, doc, _ = tiny_run
+    ours = [r for r in doc["rows"] if r["suite"] == "ops" and r["role"] == "sdict_ext"]
+    assert ours
+    for row in ours:
+        assert row["status"] == "ok" and row["verified"] is True, (row["case"], row["reason"])
+
+
+@pytest.mark.dist
+def test_tiny_run_multi_rank_cases_count_collectives_on_two_ranks(tiny_run):
+    _, doc, _ = tiny_run
+    multi = {s.name for n in SUITES for s in get_suite(n).cases("tiny", "cpu") if s.multi_rank}
+    rows = [r for r in doc["rows"] if r["case"] in multi and r["status"] == "ok"]
+    assert rows
+    for row in rows:
+        assert row["world_size"] == 2
+        if row["role"] in ("torch", "bound"):
+            assert row["collectives"] >= 1
+            assert sum(row["collective_ops"].values()) == row["collectives"]
+
+
+@pytest.mark.dist
+def test_tiny_run_derived_columns_and_exit_status(tiny_run):
+    proc, doc, out = tiny_run
+    for row in doc["rows"]:
+        if row["status"] == "ok" and row["bound"] in doc["bounds"] and row["gbps"]:
+            assert row["bound_gbps"] == doc["bounds"][row["bound"]]["gbps"]
+            assert row["pct_of_bound"] == pytest.approx(100 * row["gbps"] / row["bound_gbps"])
+    cases: dict = {}
+    for row in doc["rows"]:
+        cases.setdefault((row["suite"], row["case"]), []).append(row)
+    for rows in cases.values():
+        ours = [r for r in rows if r["role"] == "sdict_ext" and r["status"] == "ok"]
+        for row in rows:
+            if row["role"] == "torch" and row["status"] == "ok" and ours:
+                want = row["times_s"]["median"] / ours[0]["times_s"]["median"]
+                assert row["ratio_torch_over_sdict"] == pytest.approx(want)
+    broken = [r for r in doc["rows"] if r["status"] == "error" or r["verified"] is False]
+    assert proc.returncode == (1 if broken else 0), proc.stderr[-3000:]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in proc.stderr
+        assert not (out / "r.png").exists()
+    else:
+        assert (out / "r.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["--size", "huge"],
+    ["--repeat", "0"],
+    ["--repeat", "x"],
+    ["--warmup", "-1"],
+    ["--device", "tpu"],
+    ["--suite", "nope"],
+    ["--plot", "figure.pdf"],
+    ["--world-size", "1"],
+    ["--timeout", "0"],
+    ["--json", "/no-such-directory/r.json"],
+    ["--case", "no such case"],
+    ["--bogus"],
+])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m bench" in err and "error:" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's answer")
+def test_cuda_on_a_cpu_machine_skips_every_case_and_says_why(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert cli.main(["--tiny", "--device", "cuda", "--json", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err
+    rows = json.loads(path.read_text())["rows"]
+    assert rows
+    assert all(r["status"] == "skipped" and "CUDA is not available" in r["reason"] for r in rows)
+    listed = {s.name for name in SUITES for s in get_suite(name).cases("tiny", "cuda")}
+    assert {r["case"] for r in rows} == listed
+
+
+def test_list_names_cases_without_running_them(capsys):
+    assert cli.main(["--tiny", "--suite", "ops", "--list"]) == 0
+    out = capsys.readouterr().out
+    for spec in get_suite("ops").cases("tiny", "cpu"):
+        assert spec.name in out
+    assert "memcpy" in out  # the bound the ops cases are compared with
+
+
+def test_summarize_gives_median_spread_and_extremes():
+    stats = summarize([3.0, 1.0, 2.0])
+    assert stats == {"median": 2.0, "p10": pytest.approx(1.2), "p90": pytest.approx(2.8),
+                     "min": 1.0, "max": 3.0, "mean": 2.0}
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_load_sdict_reports_missing_code_as_not_implemented():
+    missing = load_sdict("ops", "no_such_function")
+    assert missing == (None, "sdict_ext.ops.no_such_function not implemented")
+    assert load_sdict("no_such_module", "f") == (None, "sdict_ext.no_such_module.f not implemented")
+    fn, why = load_sdict("ops", "pack")
+    assert why is None and callable(fn)
+
+
+def test_host_memory_sees_a_fresh_allocation():
+    memory = HostMemory()
+    if not memory.available:
+        pytest.skip("no /proc/self/clear_refs here")
+    base = memory.start()
+    block = torch.ones(64 * 2**20, dtype=torch.uint8)
+    assert memory.peak_since(base) >= 60 * 2**20
+    del block
+    base = memory.start()
+    assert memory.peak_since(base) < 16 * 2**20
+
+
+def _row(case: str, impl: str, role: str, median: float, nbytes: int = 10**9) -> Row:
+    return Row(suite="s", case=case, impl=impl, role=role, status="ok", reason=None, device="cpu",
+               world_size=1, bytes=nbytes, tensors=1, bound="memcpy", params={}, plot=None,
+               times_s={k: median for k in STAT_KEYS}, gbps=nbytes / median / 1e9)
+
+
+def test_finalize_takes_the_best_bound_and_ratios_against_sdict():
+    rows = [
+        _row("memcpy", "a", "bound", 0.5),
+        _row("memcpy", "b", "bound", 0.25),            # 4 GB/s: the bound
+        _row("copy", "torch slow", "torch", 2.0),
+        _row("copy", "torch fast", "torch", 1.0),
+        _row("copy", "ours", "sdict_ext", 0.5),         # 2 GB/s
+    ]
+    bounds = finalize(rows)
+    assert bounds == {"memcpy": {"gbps": 4.0, "case": "memcpy", "impl": "b"}}
+    slow, fast, ours = rows[2:]
+    assert ours.pct_of_bound == pytest.approx(50.0)
+    assert slow.ratio_torch_over_sdict == pytest.approx(4.0)
+    assert fast.ratio_torch_over_sdict == pytest.approx(2.0)
+    assert ours.ratio_torch_over_sdict == pytest.approx(2.0)  # against the fastest PyTorch
+    assert rows[0].ratio_torch_over_sdict is None
+
+
+def test_case_specs_are_plain_data():
+    for name in SUITES:
+        for device in ("cpu", "cuda"):
+            for spec in get_suite(name).cases("tiny", device):
+                assert isinstance(spec, CaseSpec) and spec.suite == name
+                json.dumps(spec.params)
+
+
+def _count_collectives():
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sharded = distribute_tensor(torch.arange(8.0), mesh, [Shard(0)])
+    counter = CollectiveCounter()
+    with counter:
+        dist.broadcast(torch.zeros(4), src=0)    # eager c10d
+        full = sharded.full_tensor()             # functional collective (DTensor)
+    return counter.ops, counter.total, full.tolist()
+
+
+@pytest.mark.dist
+def test_collective_counter_counts_eager_and_functional_collectives():
+    for ops, total, full in run_on_ranks(2, _count_collectives, timeout=120):
+        assert ops == {"c10d.broadcast_": 1, "_c10d_functional.all_gather_into_tensor": 1}
+        assert total == 2
+        assert full == list(range(8))
+
+
+def _broadcast_bound_spec() -> CaseSpec:
+    specs = get_suite("limits").cases("tiny", "cpu")
+    return next(s for s in specs if s.params["kind"] == "broadcast")
+
+
+_SETTINGS = Settings(size="tiny", device="cpu", repeat=1, warmup=0, budget_s=1.0,
+                     case_timeout_s=120.0, pg_timeout_s=30.0, world_size=2)
+
+
+@pytest.mark.dist
+def test_a_failing_multi_rank_case_is_an_error_row_and_the_next_case_still_runs():
+    bad = CaseSpec("utils", "bad case", multi_rank=True, params={"kind": "no such kind"})
+    good = _broadcast_bound_spec()
+    rows = run_cases([bad, good], _SETTINGS, Progress(2, enabled=False), None)
+    bad_rows = [r for r in rows if r.case == "bad case"]
+    assert [(r.impl, r.status) for r in bad_rows] == [("(case)", "error")]
+    assert "unknown case kind 'no such kind'" in bad_rows[0].reason
+    good_rows = [r for r in rows if r.case == good.name]
+    assert [(r.status, r.world_size, r.collectives) for r in good_rows] == [("ok", 2, 1)]
+
+
+@pytest.mark.dist
+def test_a_multi_rank_case_past_its_timeout_is_killed_and_reported():
+    rows = run_cases([_broadcast_bound_spec()], replace(_SETTINGS, case_timeout_s=0.05),
+                     Progress(1, enabled=False), None)
+    assert [(r.impl, r.status) for r in rows] == [("(case)", "error")]
+    assert "gave no answer within 0.05s" in rows[0].reason
