@@ -1,0 +1,192 @@
+"""Model half of ``sdict_ext.state_dict``: get a model state dict, check and load one.
+
+Loading is split in two so :mod:`sdict_ext.state_dict` can check the model *and* the
+optimizer input on every rank before anything is written: :func:`prepare_model_load`
+renames keys and validates (no collectives, no writes); :func:`run_model_load` moves the
+data (broadcast / distribute) and calls ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from sdict_ext._sd_common import (
+    Info,
+    full_or_offload,
+    state_dict_fn,
+    storage_ptrs,
+)
+from sdict_ext._sd_fqn import ExtraState, iter_model_state
+from sdict_ext.utils import broadcast_state_dict, distribute_state_dict
+
+__all__: list[str] = []
+
+_FLAT_PARAM = "_flat_param"
+_MAX_LISTED = 20
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
+    more = f" (and {len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return f"[{shown}]{more}"
+
+
+@torch.no_grad()
+def get_model(model: nn.Module, info: Info) -> dict[str, Any]:
+    """The model state dict keyed by canonical FQNs, gathered / offloaded per ``info``."""
+    if not info.handle_model:
+        return {}
+    with info.fsdp_context():
+        state_dict = state_dict_fn(model, "state_dict")()
+
+    # Renamed in place (pop + re-insert, as PyTorch does) so the result keeps the type,
+    # key order and ``_metadata`` of model.state_dict(); load_state_dict reads the latter.
+    for key in list(state_dict):
+        fqn = info.resolver.fqn(key)
+        if fqn != key:
+            state_dict[fqn] = state_dict.pop(key)
+
+    if info.submodule_prefixes:
+        kept: dict[str, Any] = {}
+        for fqn, value in state_dict.items():
+            for prefix in info.submodule_prefixes:
+                if fqn.startswith(prefix):
+                    kept[fqn if info.keep_submodule_prefixes else fqn[len(prefix) :]] = value
+        state_dict = kept
+
+    if info.ignore_frozen_params:
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                for fqn in info.resolver.fqns(name):
+                    state_dict.pop(fqn, None)
+
+    return full_or_offload(state_dict, info, lambda: storage_ptrs(list(info.fqns_of)))
+
+
+@dataclass
+class ModelLoad:
+    """A checked model load, ready for :func:`run_model_load`."""
+
+    state_dict: dict[str, Any]
+    local: dict[str, Any]
+
+
+def tensor_problem(
+    key: str, given: Any, expected: Any, *, check_dtype: bool, owner: str = "model"
+) -> str | None:
+    """Describe a shape (and optionally dtype) mismatch of two tensors; None if they fit.
+
+    Sizes are global (a DTensor's full shape), so sharded and full inputs are both checked.
+    """
+    if not isinstance(given, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        return None
+    given_shape, expected_shape = tuple(given.size()), tuple(expected.size())
+    if given_shape != expected_shape:
+        return f"{key!r}: shape {given_shape} does not match the {owner}'s {expected_shape}"
+    if check_dtype and given.dtype != expected.dtype:
+        return f"{key!r}: dtype {given.dtype} does not match the {owner}'s {expected.dtype}"
+    return None
+
+
+def prepare_model_load(
+    model: nn.Module, state_dict: dict[str, Any], info: Info
+) -> tuple[ModelLoad | None, str | None]:
+    """Rename ``state_dict`` to the model's raw keys and check it; writes nothing.
+
+    Returns:
+        ``(plan, error)``: ``plan`` is None when there is nothing to load; ``error`` names
+        every missing / unexpected key (strict) and every shape or dtype mismatch.
+    """
+    if not info.handle_model or (not state_dict and not info.broadcast_from_rank0):
+        return None, None
+    if not isinstance(state_dict, dict):
+        return None, f"model_state_dict must be a dict, got {type(state_dict).__name__}"
+    is_source = not info.broadcast_from_rank0 or dist.get_rank() == 0
+    # Our own copy: PyTorch renames keys in the caller's dict and replaces its values.
+    state_dict = dict(state_dict) if is_source else {}
+    resolver = info.resolver
+    local: dict[str, Any] = {}
+    clean_of: dict[str, str] = {}
+    for name, value in iter_model_state(model, info.dsd_fqn_modifiers):
+        clean = resolver.fqns(name)
+        raw = resolver.fqns(name, keep_ddp=True, keep_compile=True)
+        for fqn, raw_fqn in zip(clean, raw, strict=True):
+            if is_source and fqn != raw_fqn and fqn in state_dict:
+                state_dict[raw_fqn] = state_dict.pop(fqn)
+            local[raw_fqn] = value
+            clean_of[raw_fqn] = fqn
+    if not is_source:
+        return ModelLoad(state_dict, local), None
+
+    problems: list[str] = []
+    for key in state_dict:
+        if _FLAT_PARAM in key:
+            problems.append(
+                f"{key!r} contains {_FLAT_PARAM}: pass the root module, not an FSDP submodule"
+            )
+    if info.strict:
+        missing = [clean_of[k] for k in local if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in local]
+        if missing:
+            problems.append(f"missing keys {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_listing(unexpected)}")
+    # FSDP1's local tensors are flat-parameter shards whose shapes say nothing about the
+    # original parameters; FSDP checks those itself when it unflattens.
+    if not info.fsdp_modules:
+        for key, given in state_dict.items():
+            expected = local.get(key)
+            if expected is None or isinstance(expected, ExtraState):
+                continue
+            problem = tensor_problem(clean_of.get(key, key), given, expected, check_dtype=True)
+            if problem:
+                problems.append(problem)
+    if problems:
+        return None, "set_model_state_dict: " + "; ".join(problems)
+    return ModelLoad(state_dict, local), None
+
+
+def collective_device() -> torch.device:
+    if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def run_model_load(model: nn.Module, plan: ModelLoad | None, info: Info) -> _IncompatibleKeys:
+    """Move the checked data to the model's tensors and call ``load_state_dict``."""
+    if plan is None:
+        return _IncompatibleKeys([], [])
+    state_dict, local = plan.state_dict, plan.local
+    assign = False
+    if info.broadcast_from_rank0 or info.full_state_dict:
+        devices = {v.device for v in local.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        # A model built on the meta device (e.g. LoRA-style partial materialisation) is
+        # filled by assigning the received tensors instead of copying into them.
+        if torch.device("meta") in devices:
+            devices.discard(torch.device("meta"))
+            assign = True
+        if len(devices) > 1:
+            raise ValueError(
+                f"the model's tensors are on several devices {sorted(map(str, devices))}"
+            )
+        device = devices.pop() if devices else collective_device()
+        if info.broadcast_from_rank0:
+            broadcast_state_dict(
+                state_dict, local, device=device, strict=info.strict, cpu_offload=info.cpu_offload
+            )
+        else:
+            distribute_state_dict(state_dict, local, device=device)
+        # Extra-state keys are in ``local`` only so the broadcast delivers their values;
+        # one that received nothing must not be loaded as our placeholder.
+        state_dict.update((k, v) for k, v in local.items() if not isinstance(v, ExtraState))
+    with info.fsdp_context():
+        return state_dict_fn(model, "load_state_dict")(
+            state_dict=state_dict, strict=info.strict, assign=assign
+        )

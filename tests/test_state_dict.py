@@ -1,0 +1,751 @@
+"""Tests for sdict_ext.state_dict, against torch.distributed.checkpoint.state_dict.
+
+Every model kind (plain, DDP, FSDP1 with and without ``use_orig_params``, FSDP2, tensor
+parallel, ``torch.compile``d, activation-checkpointed) is checked two ways on 2 gloo
+ranks: our get_* returns bit-exactly what PyTorch's returns (keys, values, DTensor /
+ShardedTensor layouts, optimizer state and param groups), and loading a state dict with
+our set_* and then training one step gives the same parameters and optimizer state as
+PyTorch's set_* plus the same step, and as the source model taking that step itself.
+Where PyTorch 2.13 is wrong (see ../shared/API.md) the reference is the right answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint import state_dict as T
+from torch.distributed.tensor import DTensor
+
+from sdict_ext import state_dict as S
+from tests.mp import run_on_ranks
+
+# --------------------------------------------------------------------------- models
+
+KINDS = ("plain", "ddp", "fsdp1_orig", "fsdp1_flat", "fsdp1_root", "fsdp2", "tp", "compile", "ac")
+
+
+class Net(nn.Module):
+    """Embedding, three linears, a persistent and a non-persistent buffer."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.l1 = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8))
+        self.register_buffer("scratch", torch.zeros(2), persistent=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.emb(idx) * self.scale
+        return self.head(self.l2(torch.relu(self.l1(x))))
+
+
+class Model:
+    """A wrapped model, the module to run forward on, and its AdamW (two param groups)."""
+
+    def __init__(self, wrapped: nn.Module, net: nn.Module, optim: torch.optim.Optimizer) -> None:
+        self.wrapped = wrapped
+        self.forward_module = net
+        self.optim = optim
+
+
+def make(
+    kind: str, seed: int, *, tied: bool = False, frozen: bool = False, lazy: bool = False
+) -> Model:
+    """Build ``kind`` around a ``Net`` from ``seed``; step once on fixed data unless ``lazy``."""
+    torch.manual_seed(seed)
+    net = Net(tied=tied)
+    if frozen:
+        net.l1.bias.requires_grad_(False)
+    wrapped: nn.Module = net
+    forward_module: nn.Module = net
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = forward_module = DDP(net)
+    elif kind in ("fsdp1_orig", "fsdp1_flat", "fsdp1_root"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        # fsdp1_root: one flat parameter for the whole model, so each param group's
+        # parameters are empty shards on some rank.
+        wrapped = forward_module = FSDP(
+            net,
+            device_id=torch.device("cpu"),
+            use_orig_params=kind != "fsdp1_flat",
+            auto_wrap_policy=None
+            if kind == "fsdp1_root"
+            else ModuleWrapPolicy({nn.Linear, nn.Embedding}),
+        )
+    elif kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for sub in (net.emb, net.l1, net.l2, net.head):
+            fully_shard(sub, mesh=mesh)
+        fully_shard(net, mesh=mesh)
+    elif kind == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        parallelize_module(net, mesh, {"l1": ColwiseParallel(), "l2": RowwiseParallel()})
+    elif kind == "compile":
+        # Compilation is lazy: forward runs on the eager module, so nothing is compiled.
+        wrapped = torch.compile(net)
+    elif kind == "ac":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing,
+            checkpoint_wrapper,
+        )
+
+        apply_activation_checkpointing(
+            net,
+            checkpoint_wrapper_fn=checkpoint_wrapper,
+            check_fn=lambda m: isinstance(m, nn.Linear),
+        )
+    elif kind != "plain":
+        raise ValueError(kind)
+    trainable = lambda mods: [p for m in mods for p in m.parameters() if p.requires_grad]  # noqa: E731
+    first = trainable([net.emb, net.l1])
+    second = [p for p in trainable([net.l2, net.head]) if all(p is not q for q in first)]
+    optim = torch.optim.AdamW(
+        [{"params": first}, {"params": second, "lr": 1e-3, "weight_decay": 0.1}], lr=1e-2
+    )
+    model = Model(wrapped, forward_module, optim)
+    if not lazy:
+        train_step(model, 0)
+    return model
+
+
+def train_step(model: Model, data_seed: int) -> None:
+    """One forward / backward / step on data fixed by ``data_seed`` (equal on all ranks)."""
+    g = torch.Generator().manual_seed(100 + data_seed)
+    idx = torch.randint(0, 10, (4, 3), generator=g)
+    model.forward_module(idx).pow(2).mean().backward()
+    model.optim.step()
+    model.optim.zero_grad()
+
+
+def _is_dtensor(x: Any) -> bool:
+    return isinstance(x, DTensor)
+
+
+def assert_same(ours: Any, theirs: Any, path: str = "", *, tuple_is_list: bool = False) -> None:
+    """Bit-exact equality of two state dicts: keys, types, dtypes, shapes, placements.
+
+    ``tuple_is_list`` accepts a list where a tuple is expected: PyTorch's full-state-dict
+    optimizer load turns Adam's ``betas`` into a list.
+    """
+    if isinstance(theirs, dict):
+        assert isinstance(ours, dict), f"{path}: {type(ours).__name__} is not a dict"
+        assert set(ours) == set(theirs), (
+            f"{path}: keys differ: {sorted(map(str, set(ours) ^ set(theirs)))}"
+        )
+        for key in theirs:
+            assert_same(ours[key], theirs[key], f"{path}.{key}", tuple_is_list=tuple_is_list)
+    elif isinstance(theirs, (list, tuple)):
+        same_type = type(ours) is type(theirs) or (
+            tuple_is_list and isinstance(ours, (list, tuple))
+        )
+        assert same_type and len(ours) == len(theirs), f"{path}: {ours!r} vs {theirs!r}"
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert_same(a, b, f"{path}[{i}]", tuple_is_list=tuple_is_list)
+    elif isinstance(theirs, ShardedTensor):
+        assert isinstance(ours, ShardedTensor), f"{path}: not a ShardedTensor"
+        assert ours.metadata() == theirs.metadata(), f"{path}: sharding metadata differs"
+        assert len(ours.local_shards()) == len(theirs.local_shards()), (
+            f"{path}: shard counts differ"
+        )
+        for a, b in zip(ours.local_shards(), theirs.local_shards(), strict=True):
+            assert a.metadata == b.metadata, f"{path}: {a.metadata} vs {b.metadata}"
+            assert_same(a.tensor, b.tensor, f"{path}(shard {a.metadata.shard_offsets})")
+    elif _is_dtensor(theirs):
+        assert _is_dtensor(ours), f"{path}: not a DTensor"
+        assert ours.placements == theirs.placements, (
+            f"{path}: {ours.placements} vs {theirs.placements}"
+        )
+        assert ours.device_mesh == theirs.device_mesh, f"{path}: meshes differ"
+        assert ours.shape == theirs.shape, f"{path}: {ours.shape} vs {theirs.shape}"
+        assert_same(ours.to_local(), theirs.to_local(), f"{path}(local)")
+    elif isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor) and not _is_dtensor(ours), (
+            f"{path}: {type(ours).__name__}"
+        )
+        assert ours.dtype == theirs.dtype, f"{path}: {ours.dtype} vs {theirs.dtype}"
+        assert ours.shape == theirs.shape, f"{path}: {ours.shape} vs {theirs.shape}"
+        assert ours.device == theirs.device, f"{path}: {ours.device} vs {theirs.device}"
+        assert torch.equal(ours, theirs), f"{path}: values differ"
+    else:
+        assert type(ours) is type(theirs) and ours == theirs, f"{path}: {ours!r} vs {theirs!r}"
+
+
+def storages(obj: Any) -> set[int]:
+    """Data pointers of every (local) tensor storage in a nested state dict."""
+    out: set[int] = set()
+    if isinstance(obj, dict):
+        for v in obj.values():
+            out |= storages(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            out |= storages(v)
+    elif isinstance(obj, ShardedTensor):
+        out |= storages([shard.tensor for shard in obj.local_shards()])
+    elif isinstance(obj, torch.Tensor):
+        local = obj.to_local() if _is_dtensor(obj) else obj
+        if local.untyped_storage().nbytes():
+            out.add(local.untyped_storage().data_ptr())
+    return out
+
+
+def live_storages(model: Model) -> set[int]:
+    """Storages of the model's parameters / buffers and its optimizer state."""
+    tensors = list(model.wrapped.parameters()) + list(model.wrapped.buffers())
+    return storages(tensors) | storages(list(model.optim.state.values()))
+
+
+def clone(obj: Any) -> Any:
+    """A deep copy of a state dict, so neither side of a comparison sees the other's writes."""
+    return copy.deepcopy(obj)
+
+
+CALL_TIMEOUT_S = 120
+FSDP1 = ("fsdp1_orig", "fsdp1_flat", "fsdp1_root")
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+GET_OPTIONS = (
+    {},
+    {"full_state_dict": True},
+    {"cpu_offload": True},
+    {"full_state_dict": True, "cpu_offload": True},
+    {"flatten_optimizer_state_dict": True},
+    {"full_state_dict": True, "flatten_optimizer_state_dict": True},
+)
+
+
+def _quiet() -> None:
+    warnings.simplefilter("ignore")
+
+
+# --------------------------------------------------------------------------- get
+
+
+def _on_rank_get_matches_pytorch(kind: str) -> list[str]:
+    _quiet()
+    model = make(kind, 0)
+    checked = []
+    for opts in GET_OPTIONS:
+        if kind in FSDP1 and opts.get("cpu_offload"):
+            continue  # PyTorch segfaults here on a CPU device: see the FSDP1 offload test
+        ours = S.get_state_dict(model.wrapped, model.optim, options=S.StateDictOptions(**opts))
+        theirs = T.get_state_dict(model.wrapped, model.optim, options=T.StateDictOptions(**opts))
+        assert_same(ours, theirs, str(opts))
+        assert_same(
+            S.get_model_state_dict(model.wrapped, options=S.StateDictOptions(**opts)), theirs[0]
+        )
+        assert_same(
+            S.get_optimizer_state_dict(
+                model.wrapped, model.optim, options=S.StateDictOptions(**opts)
+            ),
+            theirs[1],
+        )
+        checked.append(str(opts))
+    return checked
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", KINDS)
+def test_get_state_dict_equals_pytorch(kind):
+    results = run_on_ranks(2, _on_rank_get_matches_pytorch, kind, timeout=CALL_TIMEOUT_S)
+    assert results[0] == results[1] and len(results[0]) >= 4
+
+
+def _on_rank_fsdp1_cpu_offload(kind: str) -> tuple[list[str], int]:
+    _quiet()
+    model = make(kind, 0)
+    full = T.get_state_dict(
+        model.wrapped, model.optim, options=T.StateDictOptions(full_state_dict=True)
+    )
+    ours = S.get_state_dict(
+        model.wrapped,
+        model.optim,
+        options=S.StateDictOptions(full_state_dict=True, cpu_offload=True),
+    )
+    if dist.get_rank() == 0:
+        assert_same(ours, full)
+    else:
+        assert ours == ({}, {})
+    sharded = S.get_state_dict(
+        model.wrapped, model.optim, options=S.StateDictOptions(cpu_offload=True)
+    )
+    theirs = T.get_state_dict(model.wrapped, model.optim)
+    assert_same(sharded, theirs)
+    assert not storages(sharded) & live_storages(model), "sharded offload aliases live tensors"
+    return sorted(ours[0]), len(storages(ours) & live_storages(model))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", FSDP1)
+def test_fsdp1_full_state_dict_with_cpu_offload_is_rank0_only_and_does_not_crash(kind):
+    (keys0, shared0), (keys1, shared1) = run_on_ranks(
+        2, _on_rank_fsdp1_cpu_offload, kind, timeout=CALL_TIMEOUT_S
+    )
+    assert keys0 == [
+        "emb.weight",
+        "head.weight",
+        "l1.bias",
+        "l1.weight",
+        "l2.bias",
+        "l2.weight",
+        "scale",
+    ]
+    assert keys1 == [] and shared0 == shared1 == 0
+
+
+def _on_rank_offload_is_a_snapshot(kind: str) -> None:
+    _quiet()
+    model = make(kind, 0)
+    for opts in ({"full_state_dict": True, "cpu_offload": True}, {"cpu_offload": True}):
+        msd, osd = S.get_state_dict(model.wrapped, model.optim, options=S.StateDictOptions(**opts))
+        assert not storages((msd, osd)) & live_storages(model), (
+            f"{opts}: result aliases live tensors"
+        )
+    snapshot = clone((msd, osd))
+    train_step(model, 1)
+    assert_same((msd, osd), snapshot)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["plain", "fsdp2", "tp"])
+def test_cpu_offloaded_state_dict_never_aliases_live_parameters_or_step(kind):
+    run_on_ranks(2, _on_rank_offload_is_a_snapshot, kind, timeout=CALL_TIMEOUT_S)
+
+
+def _on_rank_lazy_and_frozen(kind: str) -> None:
+    _quiet()
+    for opts in ({}, {"full_state_dict": True}, {"ignore_frozen_params": True}):
+        ours_model = make(kind, 0, frozen=True, lazy=True)
+        theirs_model = make(kind, 0, frozen=True, lazy=True)
+        ours = S.get_state_dict(
+            ours_model.wrapped, ours_model.optim, options=S.StateDictOptions(**opts)
+        )
+        theirs = T.get_state_dict(
+            theirs_model.wrapped, theirs_model.optim, options=T.StateDictOptions(**opts)
+        )
+        assert_same(ours, theirs, str(opts))
+        if opts.get("ignore_frozen_params"):
+            assert "l1.bias" not in ours[0] and "l1.weight" in ours[0]
+        # Lazy initialisation must not move parameters (zero grads, zero learning rate).
+        assert_same(
+            T.get_model_state_dict(
+                ours_model.wrapped, options=T.StateDictOptions(full_state_dict=True)
+            ),
+            T.get_model_state_dict(
+                make(kind, 0, frozen=True, lazy=True).wrapped,
+                options=T.StateDictOptions(full_state_dict=True),
+            ),
+        )
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_lazy_optimizer_and_frozen_params_equal_pytorch(kind):
+    run_on_ranks(2, _on_rank_lazy_and_frozen, kind, timeout=CALL_TIMEOUT_S)
+
+
+def test_plain_model_without_process_group_equals_pytorch():
+    for tied in (False, True):
+        model = make("plain", 0, tied=tied, frozen=True)
+        for opts in GET_OPTIONS + ({"ignore_frozen_params": True},):
+            ours = S.get_state_dict(model.wrapped, model.optim, options=S.StateDictOptions(**opts))
+            theirs = T.get_state_dict(
+                model.wrapped, model.optim, options=T.StateDictOptions(**opts)
+            )
+            assert_same(ours, theirs, f"tied={tied} {opts}")
+    assert "head.weight" in ours[0] and "emb.weight" in ours[0]
+
+
+def test_submodules_with_and_without_prefixes_equal_pytorch():
+    model = make("plain", 0)
+    for keep in (True, False):
+        opts = dict(keep_submodule_prefixes=keep)
+        ours = S.get_model_state_dict(
+            model.wrapped, submodules={model.wrapped.l1}, options=S.StateDictOptions(**opts)
+        )
+        theirs = T.get_model_state_dict(
+            model.wrapped, submodules={model.wrapped.l1}, options=T.StateDictOptions(**opts)
+        )
+        assert_same(ours, theirs)
+        assert set(ours) == ({"l1.weight", "l1.bias"} if keep else {"weight", "bias"})
+
+
+def test_several_optimizers_combine_and_split_like_pytorch():
+    torch.manual_seed(0)
+    net = Net()
+    optims = [
+        torch.optim.AdamW(list(net.emb.parameters()) + list(net.l1.parameters()), lr=1e-2),
+        torch.optim.SGD(
+            list(net.l2.parameters()) + list(net.head.parameters()), lr=0.1, momentum=0.9
+        ),
+    ]
+    net(torch.arange(6).view(2, 3)).sum().backward()
+    for optim in optims:
+        optim.step()
+    ours = S.get_optimizer_state_dict(net, optims)
+    assert_same(ours, T.get_optimizer_state_dict(net, optims))
+    assert len(ours["param_groups"]) == 2 and set(ours["state"]["l2.weight"]) == {"momentum_buffer"}
+
+    torch.manual_seed(1)
+    fresh = Net()
+    fresh_optims = [
+        torch.optim.AdamW(list(fresh.emb.parameters()) + list(fresh.l1.parameters()), lr=1e-2),
+        torch.optim.SGD(
+            list(fresh.l2.parameters()) + list(fresh.head.parameters()), lr=0.1, momentum=0.9
+        ),
+    ]
+    S.set_optimizer_state_dict(fresh, fresh_optims, clone(ours))
+    for want, got in zip(optims, fresh_optims, strict=True):
+        assert_same(got.state_dict(), want.state_dict())
+
+
+def test_extra_state_round_trips():
+    class WithExtra(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.note = {"epoch": 0}
+
+        def get_extra_state(self):
+            return dict(self.note)
+
+        def set_extra_state(self, state):
+            self.note = dict(state)
+
+    src, dst = WithExtra(), WithExtra()
+    src.note["epoch"] = 7
+    ours = S.get_model_state_dict(src)
+    assert_same(ours, T.get_model_state_dict(src))
+    S.set_model_state_dict(dst, ours)
+    assert dst.note == {"epoch": 7} and torch.equal(dst.lin.weight, src.lin.weight)
+
+
+def test_fqn_modifiers_drop_the_declared_path_component():
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    class Hidden(nn.Module):
+        """Saves its child's tensors without the ``inner.`` component (via hooks)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+            self._register_state_dict_hook(Hidden._drop)
+            self._register_load_state_dict_pre_hook(Hidden._add, with_module=True)
+
+        def _fqn_modifiers(self):
+            return {"lin": "inner"}
+
+        @staticmethod
+        def _drop(module, state_dict, prefix, local_metadata):
+            for key in [k for k in state_dict if k.startswith(f"{prefix}inner.")]:
+                state_dict[prefix + key[len(prefix) + len("inner.") :]] = state_dict.pop(key)
+
+        def _add(self, state_dict, prefix, *args):
+            for key in [k for k in state_dict if k.startswith(f"{prefix}lin.")]:
+                state_dict[f"{prefix}inner.{key[len(prefix) :]}"] = state_dict.pop(key)
+
+    model = nn.Sequential(Hidden())
+    ours = S.get_model_state_dict(model)
+    assert_same(ours, T.get_model_state_dict(model))
+    assert set(ours) == {"0.lin.weight", "0.lin.bias"}
+    other = nn.Sequential(Hidden())
+    assert S.set_model_state_dict(other, clone(ours)) == ([], [])
+    assert torch.equal(other[0].inner.lin.weight, model[0].inner.lin.weight)
+
+
+# --------------------------------------------------------------------------- set
+
+MODES = ("sharded", "full", "broadcast")
+_MODE_OPTIONS = {
+    "sharded": {},
+    "full": {"full_state_dict": True},
+    "broadcast": {"full_state_dict": True, "broadcast_from_rank0": True},
+}
+
+
+def _full(model) -> tuple[dict, dict]:
+    return T.get_state_dict(
+        model.wrapped, model.optim, options=T.StateDictOptions(full_state_dict=True)
+    )
+
+
+def _on_rank_set_then_step(kind: str, mode: str) -> None:
+    _quiet()
+    source = make(kind, 0)
+    opts = _MODE_OPTIONS[mode]
+    given = S.get_state_dict(source.wrapped, source.optim) if mode == "sharded" else _full(source)
+    if mode == "broadcast" and dist.get_rank() != 0:
+        given = ({}, {})  # PyTorch's set_state_dict mismatches collectives here; ours must not
+    ours_in, theirs_in, untouched = clone(given), clone(given), clone(given)
+
+    ours, theirs = make(kind, 1, lazy=True), make(kind, 1, lazy=True)
+    result = S.set_state_dict(
+        ours.wrapped,
+        ours.optim,
+        model_state_dict=ours_in[0],
+        optim_state_dict=ours_in[1],
+        options=S.StateDictOptions(**opts),
+    )
+    assert tuple(result) == ([], [])
+    if mode == "broadcast":
+        T.set_model_state_dict(theirs.wrapped, theirs_in[0], options=T.StateDictOptions(**opts))
+        T.set_optimizer_state_dict(
+            theirs.wrapped, theirs.optim, theirs_in[1], options=T.StateDictOptions(**opts)
+        )
+    else:
+        T.set_state_dict(
+            theirs.wrapped,
+            theirs.optim,
+            model_state_dict=theirs_in[0],
+            optim_state_dict=theirs_in[1],
+            options=T.StateDictOptions(**opts),
+        )
+    assert_same(ours_in, untouched, "the caller's state dicts")
+
+    for model in (source, ours, theirs):
+        train_step(model, 1)
+    assert_same(ours_in, untouched, "the caller's state dicts after a step")
+    expected = _full(source)
+    assert_same(_full(ours), expected)
+    assert_same(_full(theirs), expected, tuple_is_list=True)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_set_state_dict_then_step_equals_pytorch_and_the_source(kind, mode):
+    run_on_ranks(2, _on_rank_set_then_step, kind, mode, timeout=CALL_TIMEOUT_S)
+
+
+def test_set_state_dict_never_adopts_the_callers_step_tensors():
+    source = make("plain", 0)
+    given = S.get_state_dict(source.wrapped, source.optim)
+    snapshot = clone(given)
+    target = make("plain", 1, lazy=True)
+    S.set_state_dict(
+        target.wrapped, target.optim, model_state_dict=given[0], optim_state_dict=given[1]
+    )
+    assert not storages(list(target.optim.state.values())) & storages(given[1])
+    train_step(target, 1)
+    assert_same(given, snapshot)
+    assert_same(target.optim.state_dict()["state"][0]["step"], torch.tensor(2.0))
+
+
+def _on_rank_bad_input_rejected_everywhere(kind: str) -> str:
+    """Rank 1 passes a bad state dict, rank 0 a good one: rank 0 must fail as well (else
+    it would wait in a collective, or its replica would silently diverge)."""
+    _quiet()
+    model = make(kind, 0)
+    msd, osd = clone(
+        S.get_state_dict(
+            model.wrapped, model.optim, options=S.StateDictOptions(full_state_dict=True)
+        )
+    )
+    if dist.get_rank() == 1:  # only one rank's input is bad
+        msd["l1.weight"] = torch.zeros(3, 3)
+        msd["l2.bias"] = msd["l2.bias"].double()
+        del msd["scale"]
+        msd["extra.weight"] = torch.zeros(1)
+        osd["state"]["l2.weight"]["exp_avg"] = torch.zeros(5)
+    target = make(kind, 1)
+    before = clone(_full(target))
+    try:
+        S.set_state_dict(
+            target.wrapped,
+            target.optim,
+            model_state_dict=msd,
+            optim_state_dict=osd,
+            options=S.StateDictOptions(full_state_dict=True),
+        )
+    except RuntimeError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a bad state dict was accepted")
+    assert_same(_full(target), before)
+    return message
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_mismatched_keys_shapes_dtypes_raise_on_every_rank_and_load_nothing(kind):
+    messages = run_on_ranks(2, _on_rank_bad_input_rejected_everywhere, kind, timeout=CALL_TIMEOUT_S)
+    assert messages[0] == messages[1] and messages[0].startswith("state dict load rejected")
+    for message in messages:
+        for part in (
+            "missing keys ['scale']",
+            "unexpected keys ['extra.weight']",
+            "'l1.weight': shape (3, 3) does not match the model's (16, 8)",
+            "'l2.bias': dtype torch.float64 does not match the model's torch.float32",
+            "'state.l2.weight.exp_avg': shape (5,) does not match the optimizer's (8, 16)",
+        ):
+            assert part in message, message
+
+
+def test_strict_false_reports_incompatible_keys_like_pytorch():
+    source = make("plain", 0)
+    msd = clone(S.get_model_state_dict(source.wrapped))
+    del msd["scale"]
+    msd["extra"] = torch.zeros(1)
+    ours_model, theirs_model = make("plain", 1), make("plain", 1)
+    opts = dict(strict=False)
+    ours = S.set_model_state_dict(
+        ours_model.wrapped, clone(msd), options=S.StateDictOptions(**opts)
+    )
+    theirs = T.set_model_state_dict(
+        theirs_model.wrapped, clone(msd), options=T.StateDictOptions(**opts)
+    )
+    assert ours == theirs == (["scale"], ["extra"])
+    assert_same(ours_model.wrapped.state_dict(), theirs_model.wrapped.state_dict())
+
+
+def test_flattened_optimizer_state_dict_round_trips():
+    source = make("plain", 0, tied=True)
+    opts = S.StateDictOptions(flatten_optimizer_state_dict=True)
+    msd, osd = S.get_state_dict(source.wrapped, source.optim, options=opts)
+    assert "state.l1.weight.exp_avg" in osd and osd["param_groups.l2.weight.lr"] == 1e-3
+    target = make("plain", 1, tied=True, lazy=True)
+    S.set_state_dict(
+        target.wrapped,
+        target.optim,
+        model_state_dict=clone(msd),
+        optim_state_dict=clone(osd),
+        options=opts,
+    )
+    assert_same(
+        S.get_state_dict(target.wrapped, target.optim),
+        S.get_state_dict(source.wrapped, source.optim),
+    )
+
+
+def test_patched_model_and_optimizer_use_fqn_state_dicts():
+    source, target = make("plain", 0), make("plain", 1)
+    for model in (source, target):
+        S.patch_model_state_dict(model.wrapped)
+        S.patch_optimizer_state_dict(model.wrapped, optimizers=model.optim)
+    osd = source.optim.state_dict()
+    assert "l1.weight" in osd["state"]
+    target.wrapped.load_state_dict(clone(source.wrapped.state_dict()))
+    target.optim.load_state_dict(clone(osd))
+    assert_same(target.optim.state_dict(), osd)
+    assert_same(target.wrapped.state_dict(), source.wrapped.state_dict())
+
+
+def _on_rank_dcp_fsdp2_to_plain(path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    _quiet()
+    source = make("fsdp2", 0)
+    msd, osd = S.get_state_dict(source.wrapped, source.optim)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+
+    full = S.StateDictOptions(full_state_dict=True)
+    target = make("plain", 1, lazy=True)
+    tmsd, tosd = S.get_state_dict(target.wrapped, target.optim, options=full)
+    dcp.load({"model": tmsd, "optim": tosd}, checkpoint_id=path)
+    S.set_state_dict(
+        target.wrapped, target.optim, model_state_dict=tmsd, optim_state_dict=tosd, options=full
+    )
+    assert_same(S.get_state_dict(target.wrapped, target.optim, options=full), _full(source))
+    for model in (source, target):
+        train_step(model, 1)
+    assert_same(S.get_state_dict(target.wrapped, target.optim, options=full), _full(source))
+
+
+@pytest.mark.dist
+def test_dcp_checkpoint_of_fsdp2_loads_into_a_plain_model_with_full_state_dict(tmp_path):
+    run_on_ranks(2, _on_rank_dcp_fsdp2_to_plain, str(tmp_path), timeout=CALL_TIMEOUT_S)
+
+
+def test_broadcast_from_rank0_requires_full_state_dict():
+    model = make("plain", 0)
+    with pytest.raises(ValueError, match="full_state_dict must be True"):
+        S.set_model_state_dict(
+            model.wrapped, {}, options=S.StateDictOptions(broadcast_from_rank0=True)
+        )
+
+
+def test_accepts_pytorch_options_and_the_deprecated_submodule_keyed_form():
+    source, target = make("plain", 0), make("plain", 1)
+    opts = T.StateDictOptions(cpu_offload=True)
+    ours = S.get_model_state_dict(source.wrapped, options=opts)
+    assert_same(ours, T.get_model_state_dict(source.wrapped, options=opts))
+    by_module = {target.wrapped.l1: {"weight": ours["l1.weight"], "bias": ours["l1.bias"]}}
+    with pytest.warns(FutureWarning, match="deprecated"):
+        result = S.set_model_state_dict(
+            target.wrapped, by_module, options=S.StateDictOptions(strict=False)
+        )
+    assert torch.equal(target.wrapped.l1.weight, source.wrapped.l1.weight)
+    assert "l2.weight" in result.missing_keys and not result.unexpected_keys
+
+
+def _on_rank_offloaded_round_trip(kind: str) -> str:
+    _quiet()
+    source = make(kind, 0)
+    offloaded = S.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = S.get_state_dict(source.wrapped, source.optim, options=offloaded)
+    assert bool(msd) == bool(osd) == (dist.get_rank() == 0)
+    target = make(kind, 1, lazy=True)
+    before = _full(target)
+    try:
+        S.set_state_dict(
+            target.wrapped,
+            target.optim,
+            model_state_dict=clone(msd),
+            optim_state_dict=clone(osd),
+            options=offloaded,
+        )
+    except RuntimeError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("rank 1's empty dicts were loaded without broadcast_from_rank0")
+    assert_same(_full(target), before)
+    S.set_state_dict(
+        target.wrapped,
+        target.optim,
+        model_state_dict=msd,
+        optim_state_dict=osd,
+        options=S.StateDictOptions(
+            full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True
+        ),
+    )
+    for model in (source, target):
+        train_step(model, 1)
+    assert_same(_full(target), _full(source))
+    return message
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["fsdp1_orig", "fsdp2"])
+def test_rank0_only_offloaded_state_dict_loads_with_broadcast_and_not_without(kind):
+    messages = run_on_ranks(2, _on_rank_offloaded_round_trip, kind, timeout=CALL_TIMEOUT_S)
+    assert messages[0] == messages[1]
+    assert "ranks [1] passed empty state dicts" in messages[0]
+    assert "broadcast_from_rank0=True" in messages[0]
