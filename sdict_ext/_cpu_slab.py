@@ -14,6 +14,8 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Sequence
+from itertools import accumulate, repeat
+from operator import add, and_, floordiv, itemgetter, mul
 
 import torch
 
@@ -41,7 +43,9 @@ def _warn_no_pinning() -> None:
         warnings.warn(
             "create_cpu_state_dict(pin_memory=True): no accelerator is available, so host "
             "memory cannot be pinned; returning pageable tensors",
-            stacklevel=4,
+            # The caller of create_cpu_state_dict (through _allocate, carve,
+            # _host_tensors and create_cpu_state_dict itself).
+            stacklevel=6,
         )
 
 
@@ -87,59 +91,71 @@ def _allocate(nbytes: int, pin_memory: bool, share_memory: bool) -> torch.Tensor
     return slab
 
 
+def _contiguous(shape: Sequence[int]) -> tuple[int, tuple[int, ...]]:
+    """``(numel, strides)`` of a contiguous tensor of ``shape``."""
+    if len(shape) == 1:  # most distinct shapes (biases, norms, flat buffers)
+        return shape[0], (1,)
+    strides = []
+    numel = 1
+    for size in reversed(shape):
+        strides.append(numel)
+        numel *= size
+    return numel, tuple(reversed(strides))
+
+
 def carve(
-    specs: Sequence[tuple[Sequence[int], torch.dtype]],
+    shapes: Sequence[Sequence[int]],
+    dtypes: Sequence[torch.dtype],
     *,
     pin_memory: bool = False,
     share_memory: bool = False,
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor | None], list[int]]:
     """Contiguous, uninitialised host tensors of the given shapes, all views of one slab.
 
+    This is the per-tensor part of :func:`sdict_ext.utils.create_cpu_state_dict`, so
+    every per-tensor step is a C-level ``map`` over the specs (no Python bytecode runs
+    per tensor): the layout from lookups in per-shape and per-dtype tables and an
+    ``accumulate`` of slot sizes, then one ``as_strided`` per tensor, the cheapest
+    view Python can make.
+
     Args:
-        specs: ``(shape, dtype)`` of each tensor to create.
+        shapes: the shape of each tensor to create (hashable: tuples or torch.Size).
+        dtypes: the dtype of each tensor.
         pin_memory: pin the slab (one registration). Without an accelerator this
             warns once and returns pageable memory.
         share_memory: put the slab in one shared-memory segment.
 
     Returns:
-        One tensor per spec. Zero-element tensors are ordinary empty tensors (they
-        need no bytes); every other tensor is a view into the slab, 16-byte aligned.
+        ``(tensors, empty)``: one tensor per spec, a view into the slab, 16-byte aligned,
+        zero for a 0-dim spec (as PyTorch makes them) and uninitialised otherwise; None
+        for the zero-element specs, whose indices ``empty`` lists (they need no bytes,
+        and the caller knows what they should be).
     """
     align = ops.ALIGNMENT
-    # Shapes repeat (every layer has the same ones), so their numel and contiguous
-    # strides are computed once per shape.
-    geometry: dict[tuple[int, ...], tuple[int, tuple[int, ...]]] = {}
-    layout: list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, int]] = []
-    cursor = 0
-    for shape, dtype in specs:
-        shape = tuple(shape)
-        geo = geometry.get(shape)
-        if geo is None:
-            strides = []
-            numel = 1
-            for s in reversed(shape):
-                strides.append(numel)
-                numel *= s
-            geo = geometry[shape] = (numel, tuple(reversed(strides)))
-        numel, stride = geo
-        if numel == 0:
-            layout.append((shape, stride, dtype, -1))
-            continue
-        cursor = (cursor + align - 1) // align * align
-        layout.append((shape, stride, dtype, cursor // dtype.itemsize))
-        cursor += numel * dtype.itemsize
-    total = (cursor + align - 1) // align * align
-    slab = _allocate(total, pin_memory, share_memory) if total else None
-    # One typed view of the slab per dtype, then one as_strided per tensor: the
-    # cheapest way to make many views (slab offsets are aligned for every dtype).
-    typed: dict[torch.dtype, torch.Tensor] = {}
-    out: list[torch.Tensor] = []
-    for shape, stride, dtype, offset in layout:
-        if offset < 0:
-            out.append(torch.empty(shape, dtype=dtype))
-            continue
-        view = typed.get(dtype)
-        if view is None:
-            view = typed[dtype] = slab.view(dtype)
-        out.append(view.as_strided(shape, stride, offset))
-    return out
+    # Shapes repeat (every layer has the same ones): numel and strides once per shape.
+    geometry = {shape: _contiguous(shape) for shape in set(shapes)}
+    itemsize = {dtype: dtype.itemsize for dtype in set(dtypes)}
+    numels = list(map(geometry.__getitem__, shapes))
+    strides = list(map(itemgetter(1), numels))
+    numels = list(map(itemgetter(0), numels))
+    itemsizes = list(map(itemsize.__getitem__, dtypes))
+    # Every slot is rounded up to the alignment, so every offset is aligned (for
+    # every dtype too): (nbytes + align - 1) & -align.
+    slots = map(and_, map(add, map(mul, numels, itemsizes), repeat(align - 1)), repeat(-align))
+    offsets = list(accumulate(slots, initial=0))
+    total = offsets.pop()
+    empty = [i for i, numel in enumerate(numels) if not numel] if 0 in numels else []
+    if not total:
+        return [None] * len(numels), empty
+    slab = _allocate(total, pin_memory, share_memory)
+    typed = {dtype: slab.view(dtype) for dtype in itemsize}
+    out: list[torch.Tensor | None] = list(map(
+        torch.Tensor.as_strided,
+        map(typed.__getitem__, dtypes), shapes, strides, map(floordiv, offsets, itemsizes),
+    ))
+    for i in empty:
+        out[i] = None
+    if () in geometry:
+        for i in [i for i, shape in enumerate(shapes) if not shape]:
+            out[i].zero_()
+    return out, empty

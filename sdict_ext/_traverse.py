@@ -7,10 +7,17 @@ is given, and :meth:`Flat.rebuild` puts new leaves back into the same shape. The
 containers follow ``torch.distributed._state_dict_utils._iterate_state_dict``: any
 ``dict`` (``OrderedDict`` included) is rebuilt as a plain ``dict``, lists as lists,
 tuples (named ones included) as plain tuples.
+
+:func:`pair_tensors` and :func:`plain_tensors` are the hot paths of copy and create:
+they handle state dicts made of containers, plain tensors and values (DTensors too, for
+copies) with bulk, C-level work per dict level instead of Python work per leaf, and
+raise :class:`NotPlain` for anything else, so the caller falls back to :func:`flatten`,
+which names the key path of every problem.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Sequence
 from typing import Any
@@ -28,9 +35,13 @@ __all__ = [
     "LEAF_SHARDED",
     "LEAF_TENSOR",
     "LEAF_VALUE",
+    "NotPlain",
     "flatten",
     "format_path",
     "leaf_kind",
+    "pair_tensors",
+    "plain_tensors",
+    "rebuild_plain",
 ]
 
 #: Leaf kinds, as returned by :func:`leaf_kind`.
@@ -49,6 +60,10 @@ _LEAF = 0
 _DICT = 1
 _LIST = 2
 _TUPLE = 3
+# Only in the recipes of plain_tensors: a dict whose values are all plain tensors, and a
+# value leaf kept in the recipe itself.
+_TENSOR_DICT = 4
+_VALUE = 5
 
 
 class CompanionMismatch(_torch_utils.CompanionMismatch):
@@ -245,3 +260,172 @@ def _child(
     if flat.companions is not None:
         flat.companions.append(comp)
     return _LEAF_RECIPE
+
+
+# ---------------------------------------------------------------- fast walks
+
+#: Node kinds of the fast walks: the LEAF_* kinds, plus the containers.
+_NODE_DICT = 5
+_NODE_LIST = 6
+_NODE_TUPLE = 7
+
+# type -> node kind. Like _KIND_BY_TYPE, it depends only on the type; a dict level is
+# classified in bulk by looking up the set of its value types here.
+_NODE_BY_TYPE: dict[type, int] = {dict: _NODE_DICT, list: _NODE_LIST, tuple: _NODE_TUPLE}
+
+
+class NotPlain(Exception):
+    """A fast walk met something it leaves to :func:`flatten` (which explains problems)."""
+
+
+def _node_kind(value: Any) -> int:
+    kind = _NODE_BY_TYPE.get(type(value))
+    if kind is None:
+        # Same order as _walk: dict, then list / tuple, then the leaf kinds.
+        if isinstance(value, dict):
+            kind = _NODE_DICT
+        elif isinstance(value, tuple):
+            kind = _NODE_TUPLE
+        elif isinstance(value, list):
+            kind = _NODE_LIST
+        else:
+            kind = leaf_kind(value)
+        _NODE_BY_TYPE[type(value)] = kind
+    return kind
+
+
+def _all_plain_tensors(values: list[Any]) -> bool:
+    # One C-level pass builds the set of types (usually one or two); a type not seen
+    # before answers False, and the per-value walk then classifies it for next time.
+    return all(_NODE_BY_TYPE.get(t) == LEAF_TENSOR for t in set(map(type, values)))
+
+
+def pair_tensors(
+    obj: Any, companion: Any, type_check: bool
+) -> tuple[Any, list[torch.Tensor], list[torch.Tensor]]:
+    """The result and the tensor pairs of copying ``obj`` into ``companion``, quickly.
+
+    Dict levels holding only plain tensors (on both sides) cost a few C-level passes;
+    other levels are walked value by value. Only the structure is checked here; the
+    tensors' dtypes, shapes and aliasing are left to the copy op, which checks them
+    before writing.
+
+    Returns:
+        ``(out, dsts, srcs)``: ``out`` is ``obj``'s structure (new containers) with the
+        companion's tensors at tensor leaves and ``obj``'s values elsewhere (deep-copied
+        when unsupported); ``dsts[i]`` receives ``srcs[i]`` (local tensors for DTensors).
+
+    Raises:
+        NotPlain: anything :func:`flatten` must look at: a structural difference, a
+            None or non-matching companion leaf, a ShardedTensor, DTensors of different
+            global shapes, or an unsupported leaf with ``type_check``.
+    """
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    out = _pairs(obj, companion, type_check, dsts, srcs)
+    return out, dsts, srcs
+
+
+def _pairs(obj: Any, comp: Any, type_check: bool, dsts: list, srcs: list) -> Any:
+    kind = _NODE_BY_TYPE.get(type(obj))
+    if kind is None:
+        kind = _node_kind(obj)
+    if kind == _NODE_DICT:
+        if not isinstance(comp, dict) or comp.keys() != obj.keys():
+            raise NotPlain
+        values = list(obj.values())
+        comps = list(map(comp.__getitem__, obj))
+        if _all_plain_tensors(values) and _all_plain_tensors(comps):
+            srcs += values
+            dsts += comps
+            return dict(zip(obj, comps))
+        return {
+            key: _pairs(value, c, type_check, dsts, srcs)
+            for key, value, c in zip(obj, values, comps)
+        }
+    if kind == _NODE_LIST or kind == _NODE_TUPLE:
+        if not isinstance(comp, (list, tuple)) or len(comp) != len(obj):
+            raise NotPlain
+        items = [_pairs(value, c, type_check, dsts, srcs) for value, c in zip(obj, comp)]
+        return tuple(items) if kind == _NODE_TUPLE else items
+    if kind == LEAF_VALUE:
+        return obj
+    comp_kind = _NODE_BY_TYPE.get(type(comp))
+    if comp_kind is None:
+        comp_kind = _node_kind(comp)
+    if kind == LEAF_TENSOR and comp_kind == LEAF_TENSOR:
+        srcs.append(obj)
+        dsts.append(comp)
+        return comp
+    if kind == LEAF_DTENSOR and comp_kind == LEAF_DTENSOR and obj.shape == comp.shape:
+        srcs.append(obj._local_tensor)
+        dsts.append(comp._local_tensor)
+        return comp
+    if kind == LEAF_OTHER and not type_check:
+        return copy.deepcopy(obj)
+    raise NotPlain
+
+
+def plain_tensors(obj: Any, type_check: bool = False) -> tuple[Any, list[torch.Tensor]]:
+    """The plain tensors of ``obj`` and a recipe to rebuild it around new ones, quickly.
+
+    Unsupported leaves are deep-copied into the recipe, as the utilities return them.
+
+    Args:
+        obj: the state dict.
+        type_check: leave unsupported leaves to :func:`flatten`, which rejects them.
+
+    Returns:
+        ``(recipe, tensors)``, for :func:`rebuild_plain`.
+
+    Raises:
+        NotPlain: ``obj`` holds a DTensor or ShardedTensor, or an unsupported leaf
+            with ``type_check``.
+    """
+    tensors: list[torch.Tensor] = []
+    return _plain(obj, tensors, type_check), tensors
+
+
+def _plain(obj: Any, tensors: list[torch.Tensor], type_check: bool) -> Any:
+    kind = _NODE_BY_TYPE.get(type(obj))
+    if kind is None:
+        kind = _node_kind(obj)
+    if kind == _NODE_DICT:
+        values = list(obj.values())
+        if _all_plain_tensors(values):
+            tensors += values
+            return (_TENSOR_DICT, list(obj))
+        return (_DICT, list(obj), [_plain(value, tensors, type_check) for value in values])
+    if kind == _NODE_LIST or kind == _NODE_TUPLE:
+        return (
+            _TUPLE if kind == _NODE_TUPLE else _LIST,
+            [_plain(value, tensors, type_check) for value in obj],
+        )
+    if kind == LEAF_TENSOR:
+        tensors.append(obj)
+        return _LEAF_RECIPE
+    if kind == LEAF_VALUE:
+        return (_VALUE, obj)
+    if kind == LEAF_OTHER and not type_check:
+        return (_VALUE, copy.deepcopy(obj))
+    raise NotPlain
+
+
+def rebuild_plain(recipe: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """:func:`plain_tensors`' structure (new containers) with ``tensors`` in order."""
+    return _rebuild_plain(recipe, iter(tensors))
+
+
+def _rebuild_plain(recipe: Any, it: Any) -> Any:
+    tag = recipe[0]
+    if tag == _LEAF:
+        return next(it)
+    if tag == _TENSOR_DICT:
+        # zip stops on the keys before taking another tensor from the shared iterator.
+        return dict(zip(recipe[1], it))
+    if tag == _VALUE:
+        return recipe[1]
+    if tag == _DICT:
+        return {key: _rebuild_plain(child, it) for key, child in zip(recipe[1], recipe[2])}
+    items = [_rebuild_plain(child, it) for child in recipe[1]]
+    return tuple(items) if tag == _TUPLE else items

@@ -4,8 +4,10 @@ Same signatures and results as PyTorch's underscore functions, built on one trav
 (:mod:`sdict_ext._traverse`) and batched ops instead of Python work and a collective per
 tensor:
 
-* copies and offloads are grouped by device pair into one
-  :func:`sdict_ext.ops.batched_copy_` call each;
+* copies and offloads are one :func:`sdict_ext.ops.batched_copy_` call (one per
+  device pair only when the pairs span several CUDA devices), and state dicts of
+  plain tensors and values take a fast path with bulk work per dict level
+  (:func:`sdict_ext._traverse.pair_tensors`) instead of Python work per tensor;
 * :func:`create_cpu_state_dict` carves every tensor out of one host slab (one
   allocation, one pin registration, one shared-memory segment);
 * :func:`gather_state_dict` and :func:`broadcast_state_dict` move packed buckets, one
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -39,9 +42,13 @@ from sdict_ext._traverse import (
     LEAF_TENSOR,
     CompanionMismatch,
     Flat,
+    NotPlain,
     flatten,
     format_path,
     leaf_kind,
+    pair_tensors,
+    plain_tensors,
+    rebuild_plain,
 )
 
 __all__ = [
@@ -60,6 +67,11 @@ __all__ = [
 ]
 
 _CPU = torch.device("cpu")
+_NO_ELEMENTS = torch.Size((0,))
+_SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
+_IS_META = attrgetter("is_meta")
+_IS_CPU = attrgetter("is_cpu")
 
 PathItem = str | int
 ObjPath = tuple[PathItem, ...]
@@ -237,13 +249,29 @@ def offload_state_dict_to_cpu(
     """Returns the state dict with every tensor moved to the CPU (``_offload_state_dict_to_cpu``).
 
     Tensors already on the CPU are returned as they are, as ``Tensor.to("cpu")`` does;
-    the others are copied with one batched device-to-host copy per device.
+    the others are copied with one batched device-to-host copy (one per device when
+    they live on several). A state dict of plain tensors already on the CPU costs a
+    few C-level passes per dict level.
 
     Args:
         state_dict: the state dict.
         ranks_only: when non-empty, ranks outside it get ``{}``.
         type_check: raise ``ValueError`` for unsupported leaf types.
     """
+    try:
+        recipe, tensors = plain_tensors(state_dict, type_check)
+    except NotPlain:
+        return _offload_general(state_dict, ranks_only, type_check)
+    if _outside_ranks_only(ranks_only, None):
+        return {} if isinstance(state_dict, dict) else None
+    # One C-level pass answers the usual question (everything already on the CPU).
+    if not all(map(_IS_CPU, tensors)):
+        tensors = offload_leaves(tensors, [LEAF_TENSOR] * len(tensors))
+    return rebuild_plain(recipe, tensors)
+
+
+def _offload_general(state_dict: Any, ranks_only: tuple[int, ...], type_check: bool) -> Any:
+    """offload_state_dict_to_cpu for DTensors, ShardedTensors and rejected leaves."""
     flat = flatten(state_dict, type_check=type_check)
     if _outside_ranks_only(ranks_only, None):
         return _empty_result(flat)
@@ -259,10 +287,11 @@ def copy_state_dict(
 ) -> dict[str, Any]:
     """Copies every tensor of ``state_dict`` into ``copy_state_dict`` (``_copy_state_dict``).
 
-    The structures are checked in full first, then one batched copy runs per
-    (destination, source) device pair. DTensor and ShardedTensor leaves copy their
-    local tensors. A destination tensor shared by several keys (tied weights) is
-    written once.
+    The structures are checked first, then one batched copy takes every pair (one
+    per device pair if they span several CUDA devices); the op checks dtypes, shapes
+    and aliasing before it writes, so Python looks at each pair only when it refuses.
+    DTensor and ShardedTensor leaves copy their local tensors. A destination tensor
+    shared by several keys (tied weights) is written once.
 
     Unlike PyTorch, which raises ``AttributeError`` for a dict-vs-list mismatch, casts
     dtypes silently and can leave the destination half-written, every mismatch raises
@@ -278,41 +307,87 @@ def copy_state_dict(
         A new structure like ``state_dict`` whose tensors are the destination's
         tensors (its non-tensor values are the source's).
     """
-    flat = flatten(
-        state_dict, type_check=type_check, companion=copy_state_dict, use_companion=True
+    try:
+        out, dsts, srcs = pair_tensors(state_dict, copy_state_dict, type_check)
+    except NotPlain:
+        return _copy_checked(state_dict, copy_state_dict, non_blocking, type_check)
+    batched_copy_pairs(
+        dsts, srcs, non_blocking=non_blocking,
+        validate=lambda: _check_pairs(flatten(
+            state_dict, type_check=type_check, companion=copy_state_dict, use_companion=True
+        )),
     )
-    out = _leaf_values(flat)
+    return out
+
+
+def _copy_pairs(flat: Flat) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The (destinations, sources) of a copy, checking the pairs the op cannot check."""
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
-    checked = flat.tensor_indices()
-    for i in checked:
+    for i in flat.tensor_indices():
         src, dst = flat.leaves[i], flat.companions[i]
         if flat.kinds[i] == LEAF_TENSOR and leaf_kind(dst) == LEAF_TENSOR:
             # Plain pairs are checked by the op itself (before it writes anything).
             dsts.append(dst)
             srcs.append(src)
-        else:
-            if dst is None:
-                raise CompanionMismatch(
-                    f"at key path {format_path(flat.paths[i])!r}: the destination has None "
-                    "where the source has a tensor"
-                )
-            d, s = _local_pairs(src, dst, flat.paths[i])
-            dsts += d
-            srcs += s
-        out[i] = dst
+            continue
+        if dst is None:
+            raise CompanionMismatch(
+                f"at key path {format_path(flat.paths[i])!r}: the destination has None "
+                "where the source has a tensor"
+            )
+        d, s = _local_pairs(src, dst, flat.paths[i])
+        dsts += d
+        srcs += s
+    return dsts, srcs
 
-    def validate() -> None:
-        for i in checked:
-            _local_pairs(flat.leaves[i], flat.companions[i], flat.paths[i])
 
-    batched_copy_pairs(dsts, srcs, non_blocking=non_blocking, validate=validate)
+def _check_pairs(flat: Flat) -> None:
+    """Raises the first pair's error, naming its key path (every companion is set)."""
+    for i in flat.tensor_indices():
+        _local_pairs(flat.leaves[i], flat.companions[i], flat.paths[i])
+
+
+def _copy_checked(
+    state_dict: Any, copy_state_dict: Any, non_blocking: bool, type_check: bool
+) -> Any:
+    """copy_state_dict for what :func:`pair_tensors` leaves to the general traversal.
+
+    ShardedTensors, and every mistake: the traversal checks the whole structure and
+    raises with the key path of the first problem before anything is written.
+    """
+    flat = flatten(
+        state_dict, type_check=type_check, companion=copy_state_dict, use_companion=True
+    )
+    dsts, srcs = _copy_pairs(flat)
+    out = _leaf_values(flat)
+    for i in flat.tensor_indices():
+        out[i] = flat.companions[i]
+    batched_copy_pairs(
+        dsts, srcs, non_blocking=non_blocking, validate=lambda: _check_pairs(flat)
+    )
     return flat.rebuild(out)
 
 
-def _needs_slab(t: torch.Tensor) -> bool:
-    # PyTorch gives zero-element and meta tensors zero-filled, unpinned tensors.
-    return t.numel() > 0 and not t.is_meta
+def _host_tensors(
+    sources: list[torch.Tensor], pin_memory: bool, share_memory: bool
+) -> list[torch.Tensor]:
+    """New CPU tensors shaped like ``sources``, carved out of one slab where they can be.
+
+    PyTorch gives zero-element and meta tensors zero-filled, unpinned tensors of their
+    own; so does this (shared when ``share_memory``). Everything else is a slab view.
+    """
+    # C-level maps: no Python bytecode per tensor.
+    shapes = list(map(_SHAPE, sources))
+    dtypes = list(map(_DTYPE, sources))
+    if any(map(_IS_META, sources)):
+        for i in [i for i, t in enumerate(sources) if t.is_meta]:
+            shapes[i] = _NO_ELEMENTS  # no bytes in the slab: made below like empty ones
+    out, empty = carve(shapes, dtypes, pin_memory=pin_memory, share_memory=share_memory)
+    for i in empty:
+        new = torch.zeros_like(sources[i], device=_CPU)
+        out[i] = new.share_memory_() if share_memory else new
+    return out
 
 
 def create_cpu_state_dict(
@@ -339,49 +414,44 @@ def create_cpu_state_dict(
         pin_memory: pin the slab.
         share_memory: share the slab between processes.
     """
+    try:
+        recipe, tensors = plain_tensors(state_dict)
+    except NotPlain:
+        return _create_general(state_dict, pin_memory, share_memory)
+    return rebuild_plain(recipe, _host_tensors(tensors, pin_memory, share_memory))
+
+
+def _create_general(state_dict: Any, pin_memory: bool, share_memory: bool) -> Any:
+    """create_cpu_state_dict for state dicts holding DTensors or ShardedTensors."""
     flat = flatten(state_dict, type_check=False)
     out = _leaf_values(flat)
-    specs: list[tuple[tuple[int, ...], torch.dtype]] = []
-    # Where each carved tensor goes: (leaf index, shard index or -1, zero it).
-    slots: list[tuple[int, int, bool]] = []
-    pending_sharded: dict[int, ShardedTensor] = {}
-
-    def place(t: torch.Tensor, leaf: int, shard: int) -> torch.Tensor | None:
-        if _needs_slab(t):
-            specs.append((tuple(t.shape), t.dtype))
-            slots.append((leaf, shard, t.dim() == 0))
-            return None
-        new = torch.zeros_like(t, device=_CPU)
-        return new.share_memory_() if share_memory else new
-
+    sources: list[torch.Tensor] = []
+    # Where each new tensor goes: (leaf index, shard index or -1).
+    slots: list[tuple[int, int]] = []
+    sharded: dict[int, ShardedTensor] = {}
     for i, (value, kind) in enumerate(zip(flat.leaves, flat.kinds)):
         if kind == LEAF_TENSOR:
-            out[i] = place(value, i, -1)
+            sources.append(value)
+            slots.append((i, -1))
         elif kind == LEAF_DTENSOR:
             if value.dim() == 0:
                 continue
-            local = place(value._local_tensor, i, -1)
-            if local is not None:
-                out[i] = DTensor(local, value._spec, requires_grad=value.requires_grad)
+            sources.append(value._local_tensor)
+            slots.append((i, -1))
         elif kind == LEAF_SHARDED:
             if not value.local_shards():
                 continue
             # Rare, legacy type: keep PyTorch's own copy of the wrapper and metadata.
             st = value.to(_CPU) if value.device != _CPU else copy.deepcopy(value)
             for j, shard in enumerate(st.local_shards()):
-                new = place(shard.tensor, i, j)
-                if new is not None:
-                    shard.tensor = new
-            pending_sharded[i] = st
+                sources.append(shard.tensor)
+                slots.append((i, j))
+            sharded[i] = st
             out[i] = st
-
-    carved = carve(specs, pin_memory=pin_memory, share_memory=share_memory)
-    for (leaf, shard, zero), t in zip(slots, carved):
-        if zero:
-            t.zero_()
+    for (leaf, shard), t in zip(slots, _host_tensors(sources, pin_memory, share_memory)):
         value = flat.leaves[leaf]
         if shard >= 0:
-            pending_sharded[leaf].local_shards()[shard].tensor = t
+            sharded[leaf].local_shards()[shard].tensor = t
         elif flat.kinds[leaf] == LEAF_DTENSOR:
             out[leaf] = DTensor(t, value._spec, requires_grad=value.requires_grad)
         else:
