@@ -184,7 +184,9 @@ def broadcast_state_dict(
     the full state dict lacks; ``cpu_offload`` moves the received tensors to the CPU.
 
     Differences: tensors travel in packed buckets (one broadcast per bucket, at most
-    ``ceil(total bytes / bucket_bytes)``) instead of one at a time; ranks other than 0
+    ``ceil(total bytes / bucket_bytes)``, plus one per tensor of a quarter bucket or
+    more, which travels alone from the source tensor itself, and into the destination
+    itself where it receives the whole tensor) instead of one at a time; ranks other than 0
     never build a full copy of a tensor they hold sharded; ``cpu_offload=True`` does not
     raise ``KeyError`` for a tensor only the full state dict has; and a failure on any
     rank (rank 0's metadata, a local shard of the wrong shape) is raised on every rank
@@ -231,16 +233,48 @@ def broadcast_state_dict(
                 _plan_dest(key, info, local_state_dict.get(key), full, device, flat_device)
             )
         specs = [(tuple(info.size), info.dtype) for _, info in tensor_keys]
-        runs = buckets([ops.pack_layout([spec])[1] for spec in specs], bucket_bytes)
+        runs = _runs([ops.pack_layout([spec])[1] for spec in specs], bucket_bytes)
         layouts = [ops.pack_layout([specs[j] for j in run]) for run in runs]
+        # A big tensor travels alone and, where its bytes are contiguous, straight from
+        # the source tensor / into the destination: no bucket buffer, no pack / unpack.
+        in_place: list[torch.Tensor | None] = []
+        for run, (_, total) in zip(runs, layouts):
+            view = None
+            if len(run) == 1:
+                j = run[0]
+                if is_src:
+                    view = _bytes_of(full_state_dict[tensor_keys[j][0]].detach(), flat_device)
+                elif dests[j].unpack_into is not None:
+                    # Only a destination holding the whole tensor can receive it in place.
+                    whole = dests[j].unpack_into.shape == specs[j][0]
+                    view = _bytes_of(dests[j].unpack_into, flat_device) if whole else None
+            in_place.append(view)
         flat = torch.empty(
-            max((total for _, total in layouts), default=0), dtype=torch.uint8, device=flat_device
+            max((total for (_, total), v in zip(layouts, in_place) if v is None), default=0),
+            dtype=torch.uint8,
+            device=flat_device,
         )
     except Exception as exc:  # reported to every rank by agree()
         error = exc
     agree(group, error, 0, "broadcast_state_dict")
 
-    for run, (offsets, total) in zip(runs, layouts):
+    for run, (offsets, total), view in zip(runs, layouts, in_place):
+        if len(run) == 1:
+            # Every rank sends / receives the tensor's exact bytes, with or without a buffer.
+            spec = specs[run[0]]
+            total = _numel(spec[0]) * spec[1].itemsize
+        if view is not None:
+            dist.broadcast(view, group=group, group_src=0)
+            if is_src and dests[run[0]].unpack_into is not None:
+                d = dests[run[0]]
+                ops.unpack(
+                    view,
+                    [d.unpack_into],
+                    offsets=[0],
+                    full_shapes=[d.full_shape],
+                    starts=[d.box_start],
+                )
+            continue
         buf = flat[:total]
         if is_src:
             srcs = [full_state_dict[tensor_keys[j][0]].detach() for j in run]
@@ -276,6 +310,39 @@ def broadcast_state_dict(
     if strict:
         for key in [k for k in local_state_dict if k not in global_keys]:
             del local_state_dict[key]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _runs(costs: list[int], bucket_bytes: int) -> list[range]:
+    """Buckets of consecutive tensors; one of at least a quarter bucket travels alone.
+
+    Below a quarter bucket, a broadcast of its own costs more than the copy it saves.
+    """
+    runs: list[range] = []
+    start = 0
+    for i, cost in enumerate(costs):
+        if cost * 4 >= bucket_bytes and cost:
+            runs += _shifted(buckets(costs[start:i], bucket_bytes), start)
+            runs.append(range(i, i + 1))
+            start = i + 1
+    return runs + _shifted(buckets(costs[start:], bucket_bytes), start)
+
+
+def _shifted(runs: list[range], by: int) -> list[range]:
+    return [range(r.start + by, r.stop + by) for r in runs]
+
+
+def _bytes_of(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """``t``'s bytes as a flat uint8 view, when a broadcast can use them in place."""
+    if t is None or t.device != device or not t.is_contiguous() or t.numel() == 0:
+        return None
+    return t.reshape(-1).view(torch.uint8)
 
 
 def _finish(dests: list[_Dest]) -> None:

@@ -47,6 +47,13 @@ PARAMS = "params"
 # itself when ``group=None`` is passed to its optimizer state-dict APIs.
 _HYBRID = {ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2}
 
+# Bytes per bucket of the gathers and broadcasts that get / set run. One bucket is the
+# extra host memory beyond the result, and PyTorch, moving one tensor at a time, needs
+# about one tensor: the utils' 256 MiB default would hold a whole small model twice
+# (measured on the FSDP2 transformer of bench/suites/state_dict.py, 2 gloo ranks:
+# 256 MiB: +60 MiB over the result and no faster; 8 MiB: +8 MiB; 4 MiB: slower).
+BUCKET_BYTES = 8 << 20
+
 # The bound ``state_dict`` / ``load_state_dict`` replacements installed by the patch_*
 # functions: when we meet one we call the class's original method instead (else we recurse).
 PATCHED: set[Callable[..., Any]] = set()
@@ -282,7 +289,12 @@ def full_or_offload(
     rank0_only = info.full_state_dict and info.cpu_offload and dist.is_initialized()
     ranks_only = (0,) if rank0_only else ()
     if info.full_state_dict and _has_sharded(state_dict):
-        result = gather_state_dict(state_dict, cpu_offload=info.cpu_offload, ranks_only=ranks_only)
+        result = gather_state_dict(
+            state_dict,
+            cpu_offload=info.cpu_offload,
+            ranks_only=ranks_only,
+            bucket_bytes=BUCKET_BYTES,
+        )
     elif info.cpu_offload:
         # Nothing to gather: a purely local offload, with no collective, so a rank may
         # call this alone as it may with PyTorch.

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from sdict_ext._sd_common import (
+    BUCKET_BYTES,
     Info,
     full_or_offload,
     state_dict_fn,
@@ -179,7 +180,12 @@ def run_model_load(model: nn.Module, plan: ModelLoad | None, info: Info) -> _Inc
         device = devices.pop() if devices else collective_device()
         if info.broadcast_from_rank0:
             broadcast_state_dict(
-                state_dict, local, device=device, strict=info.strict, cpu_offload=info.cpu_offload
+                state_dict,
+                local,
+                device=device,
+                strict=info.strict,
+                cpu_offload=info.cpu_offload,
+                bucket_bytes=BUCKET_BYTES,
             )
         else:
             distribute_state_dict(state_dict, local, device=device)

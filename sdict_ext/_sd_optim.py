@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 from sdict_ext._sd_common import (
+    BUCKET_BYTES,
     PARAM_GROUPS,
     PARAMS,
     STATE,
@@ -370,7 +371,7 @@ def _distribute_full(
     flat, mapping = flatten_state_dict(per)
     flat_local, local_mapping = flatten_state_dict(local)
     if info.broadcast_from_rank0:
-        broadcast_state_dict(flat, flat_local, device=device)
+        broadcast_state_dict(flat, flat_local, device=device, bucket_bytes=BUCKET_BYTES)
     else:
         distribute_state_dict(flat, flat_local, device=device)
     # Entries the optimizer does not hold yet (e.g. state of a parameter that never had
