@@ -3,9 +3,14 @@
 #include <Python.h>
 #include <torch/library.h>
 
+namespace sdict_ext {
+PyMethodDef* python_methods();  // csrc/cpu/fast_path.cpp
+}
+
 // `import sdict_ext._C` loads this library, which runs the registrations below.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, sdict_ext::python_methods()};
   return PyModule_Create(&module_def);
 }
 

@@ -265,6 +265,17 @@ int64_t wrap_dim(int64_t dim, int64_t ndim, const char* op, int64_t index) {
 }  // namespace
 
 std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList srcs) {
+  std::vector<const at::Tensor*> d;
+  std::vector<const at::Tensor*> s;
+  d.reserve(dsts.size());
+  s.reserve(srcs.size());
+  for (const auto& t : dsts) d.push_back(&t);
+  for (const auto& t : srcs) s.push_back(&t);
+  return plan_batched_copy(d, s);
+}
+
+std::vector<CopyEntry> plan_batched_copy(
+    const std::vector<const at::Tensor*>& dsts, const std::vector<const at::Tensor*>& srcs) {
   constexpr const char* op = "sdict_ext.batched_copy_";
   TORCH_CHECK(
       dsts.size() == srcs.size(), op, ": got ", dsts.size(), " destinations and ", srcs.size(),
@@ -272,8 +283,8 @@ std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList src
   std::vector<Region> regions;
   regions.reserve(2 * dsts.size());
   for (size_t i = 0; i < dsts.size(); ++i) {
-    const at::Tensor& d = dsts[i];
-    const at::Tensor& s = srcs[i];
+    const at::Tensor& d = *dsts[i];
+    const at::Tensor& s = *srcs[i];
     const auto idx = static_cast<int64_t>(i);
     check_copy_pair(d, s, idx, op);
     const bool flat = d.is_contiguous() && s.is_contiguous();

@@ -134,7 +134,11 @@ def batched_copy_(
         )
     if not dsts:
         return
-    _ops().batched_copy_(dsts, srcs, non_blocking)
+    ops = _ops()
+    # The direct entry point declines anything the dispatcher must see (subclasses,
+    # modes, devices, autograd); tracing always goes through the registered op.
+    if torch.compiler.is_compiling() or not _C.batched_copy_cpu_fast(dsts, srcs):
+        ops.batched_copy_(dsts, srcs, non_blocking)
 
 
 def pack(

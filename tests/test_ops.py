@@ -111,6 +111,33 @@ def test_batched_copy_thousands_of_tiny_tensors_matches_foreach_copy():
     assert all(_same(d, s) for d, s in zip(dsts, srcs))
 
 
+def test_batched_copy_bumps_version_counters_like_copy_():
+    dsts = [torch.zeros(3), torch.nn.Parameter(torch.zeros(2))]
+    refs = [torch.zeros(3), torch.nn.Parameter(torch.zeros(2))]
+    srcs = [torch.ones(3), torch.ones(2)]
+    with torch.no_grad():
+        ops.batched_copy_(dsts, srcs)
+        for r, s in zip(refs, srcs):
+            r.copy_(s)
+    assert [d._version for d in dsts] == [r._version for r in refs]
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+
+
+def test_batched_copy_goes_through_the_dispatcher_for_tensor_subclasses():
+    class Logged(torch.Tensor):
+        seen: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    dst = torch.zeros(4).as_subclass(Logged)
+    ops.batched_copy_([dst], [torch.arange(4.0)])
+    assert torch.equal(dst.as_subclass(torch.Tensor), torch.arange(4.0))
+    assert Logged.seen, "a subclass must reach its __torch_function__ through the registered op"
+
+
 def test_batched_copy_columns_of_one_matrix_are_disjoint_destinations():
     m = torch.zeros(6, 4, dtype=torch.int64)
     ops.batched_copy_([m[:, 0], m[:, 3]], [torch.arange(6), torch.arange(6) + 10])

@@ -86,6 +86,9 @@ namespace sdict_ext {
 // argument before returning, so a backend that executes a plan never writes
 // anything when the input is bad.
 std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList srcs);
+// The same over borrowed tensors, for callers that hold no at::Tensor array.
+std::vector<CopyEntry> plan_batched_copy(
+    const std::vector<const at::Tensor*>& dsts, const std::vector<const at::Tensor*>& srcs);
 std::vector<CopyEntry> plan_pack(at::TensorList tensors, c10::IntArrayRef offsets, const at::Tensor& out);
 std::vector<CopyEntry> plan_unpack(
     const at::Tensor& flat,
