@@ -442,3 +442,345 @@ def test_copy_create_similarity_offload_on_sharded_leaves_match_pytorch(world_si
         assert sim == (True, True)
         assert oo == ot
         assert (oo == {}) == (rank != 0)
+
+
+# ---------------------------------------------------------------- big tensors, in place
+#
+# With a small ``bucket_bytes`` the big-tensor paths trigger at test sizes: on CPU a
+# ``Shard(0)`` tensor split evenly into 16-byte-aligned pieces, costing at least a
+# quarter bucket, is gathered straight into its output (which also serves as the
+# buffer of the other buckets before its turn); and a tensor of at least a quarter
+# bucket is broadcast alone, from rank 0's own tensor, into the destination itself
+# where a rank receives the whole tensor. Every case mixes tensors on both sides of
+# those thresholds and must match PyTorch bit for bit; the broadcasts' storages are
+# recorded to show that the in-place paths really ran.
+
+
+def _record_broadcasts(call):
+    """Runs ``call()`` and returns (its result, the storage address of every tensor
+    ``dist.broadcast`` was given), so a test can tell which tensors were exchanged
+    in place."""
+    seen: list[int] = []
+    original = dist.broadcast
+
+    def recording(tensor, *args, **kwargs):
+        seen.append(tensor.untyped_storage().data_ptr())
+        return original(tensor, *args, **kwargs)
+
+    dist.broadcast = recording
+    try:
+        return call(), seen
+    finally:
+        dist.broadcast = original
+
+
+def _storage(value: Any) -> int:
+    if isinstance(value, DTensor):
+        value = value._local_tensor
+    return value.untyped_storage().data_ptr()
+
+
+# Gather, bucket 1024 (in place from 256 bytes): the biggest in-place output can host
+# every other bucket, so ranks keeping results need no buffer at all. Bucket 4096 (in
+# place from 1024 bytes): the uneven tensor's bucket is bigger than the one in-place
+# output, so a separate buffer is needed beside it.
+_GATHER_BUCKETS = {"lend": 1024, "own_buffer": 4096}
+
+
+def _gather_big_cases(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dict and, by name, the leaves expected to be gathered in place."""
+    ws = dist.get_world_size()
+    mesh = (ws,)
+    if variant == "own_buffer":
+        sd = {
+            "in_place": _dt((8 * ws, 16), torch.float32, 30, mesh, [Shard(0)]),
+            "uneven": _dt((32 * ws + 1, 16), torch.float32, 31, mesh, [Shard(0)]),
+            "small": _dt((ws, 4), torch.bfloat16, 32, mesh, [Shard(0)]),
+            "plain": _full((3,), torch.int64, 33),
+        }
+        if ws == 4:
+            # Several sharded mesh dims: exchanged on a stream of their own, beside.
+            sd["2d_big"] = _dt((8, 8), torch.float32, 34, (2, 2), [Shard(0), Shard(1)])
+        return sd, {"in_place": sd["in_place"]}
+    nested_big = _dt((4 * ws, 16), torch.float16, 40, mesh, [Shard(0)])
+    sd = {
+        # Even Shard(0), aligned pieces, above the threshold: in place.
+        "big_f32": _dt((8 * ws, 16), torch.float32, 41, mesh, [Shard(0)]),
+        "big_bf16": _dt((64 * ws, 16), torch.bfloat16, 42, mesh, [Shard(0)]),
+        "big_i64": _dt((4 * ws, 8), torch.int64, 43, mesh, [Shard(0)]),
+        "big_f64_1d": _dt((16 * ws,), torch.float64, 44, mesh, [Shard(0)]),
+        # Above the threshold but not the bucket's layout: shared buckets.
+        "big_unaligned": _dt((9 * ws, 5), torch.float32, 45, mesh, [Shard(0)]),
+        "big_uneven": _dt((8 * ws + 1, 16), torch.float32, 46, mesh, [Shard(0)]),
+        "big_s1": _dt((16, 8 * ws), torch.float32, 47, mesh, [Shard(1)]),
+        # Below the threshold (even and aligned too): shared buckets.
+        "small_even": _dt((ws, 4), torch.float32, 48, mesh, [Shard(0)]),
+        "small_uneven": _dt((ws + 1, 2), torch.bfloat16, 49, mesh, [Shard(0)]),
+        "small_s1": _dt((2, ws), torch.int64, 50, mesh, [Shard(1)]),
+        "empty": _dt((0, 4), torch.float32, 51, mesh, [Shard(0)]),
+        "rep": _dt((3, 3), torch.float32, 52, mesh, [Replicate()]),
+        "scalar": _dt((), torch.float64, 53, mesh, [Replicate()]),
+        "plain": _full((2, 2), torch.float32, 54),
+        "nested": {"list": [nested_big, 7, "s"], "none": None},
+    }
+    in_place = {k: sd[k] for k in ("big_f32", "big_bf16", "big_i64", "big_f64_1d")}
+    in_place["nested"] = nested_big
+    if ws == 4:
+        # Sub-mesh groups: each sharded mesh dim of a 2x2 mesh is its own stream.
+        sd.update(
+            {
+                "hsdp_big": _dt((16, 16), torch.float32, 60, (2, 2), [Replicate(), Shard(0)]),
+                "hsdp_rows": _dt((16, 8), torch.float32, 61, (2, 2), [Shard(0), Replicate()]),
+                "hsdp_small": _dt((4, 2), torch.float32, 62, (2, 2), [Replicate(), Shard(0)]),
+            }
+        )
+        in_place.update({k: sd[k] for k in ("hsdp_big", "hsdp_rows")})
+    return sd, in_place
+
+
+def _gather_big_matches_pytorch(variant: str, cpu_offload: bool, ranks_only: tuple[int, ...]):
+    sd, in_place = _gather_big_cases(variant)
+    ours, seen = _record_broadcasts(
+        lambda: utils.gather_state_dict(
+            sd,
+            cpu_offload=cpu_offload,
+            ranks_only=ranks_only,
+            bucket_bytes=_GATHER_BUCKETS[variant],
+        )
+    )
+    theirs = ref._gather_state_dict(sd, cpu_offload=cpu_offload, ranks_only=ranks_only)
+    direct: dict[str, int] = {}
+    outside = len(seen)
+    if ours:
+        results = dict(ours)
+        if "nested" in results:
+            results["nested"] = results["nested"]["list"][0]
+        outputs = {_storage(v) for v in results.values() if isinstance(v, torch.Tensor)}
+        direct = {k: seen.count(_storage(results[k])) for k in in_place}
+        outside = sum(ptr not in outputs for ptr in seen)
+    return _describe(ours), _describe(theirs), direct, outside
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(
+    ("variant", "cpu_offload", "ranks_only"),
+    [("lend", False, ()), ("lend", True, (1,)), ("own_buffer", False, (0,))],
+)
+def test_gather_big_shards_in_place_match_pytorch(world_size, variant, cpu_offload, ranks_only):
+    results = run_on_ranks(
+        world_size, _gather_big_matches_pytorch, variant, cpu_offload, ranks_only, timeout=120
+    )
+    for rank, (ours, theirs, direct, outside) in enumerate(results):
+        assert ours == theirs, f"rank {rank}"
+        if ranks_only and rank not in ranks_only:
+            assert ours == {} and direct == {}
+            continue
+        assert ours["plain"][0] == "T"
+        # Every in-place tensor received every rank of its group's broadcast (at
+        # least two) straight into its output.
+        assert direct and all(n >= 2 for n in direct.values()), (rank, direct)
+        if variant == "lend":
+            # The other buckets were received into an in-place output: no buffer.
+            assert outside == 0, rank
+            assert max(direct.values()) > min(direct.values())
+        else:
+            assert outside > 0, rank
+
+
+def _broadcast_big_inputs() -> tuple[dict[str, Any], dict[str, Any]]:
+    ws = dist.get_world_size()
+    mesh1 = _mesh((ws,))
+
+    def dt(shape, dtype, placements, mesh=mesh1):
+        return distribute_tensor(
+            torch.zeros(shape, dtype=dtype), mesh, placements, src_data_rank=None
+        )
+
+    full = {
+        # Alone (a quarter of the 256-byte bucket or more) ...
+        "big_s0": _full((8 * ws, 4), torch.float32, 70),
+        "big_s0_uneven": _full((4 * ws + 1, 4), torch.float32, 71),
+        "big_s1": _full((4, 8 * ws), torch.int64, 72),
+        "big_rep": _full((16, 8), torch.bfloat16, 73),
+        "big_plain": _full((64,), torch.float64, 74),
+        "big_cast_rep": _full((16, 4), torch.float32, 75),
+        "big_cast_s0": _full((4 * ws, 4), torch.float32, 76),
+        "big_none": _full((32,), torch.float32, 77),
+        "big_missing": _full((32,), torch.int32, 78),
+        "big_meta": _full((4 * ws + 2, 4), torch.float32, 79),
+        # ... from a non-contiguous source, which cannot be sent in place.
+        "big_noncontig_plain": _full((16, 2 * ws), torch.float32, 80).t(),
+        "big_noncontig_s0": _full((16, 2 * ws), torch.float16, 81).t(),
+        # Bucketed.
+        "small_s0": _full((ws + 1, 3), torch.float32, 82),
+        "small_rep": _full((2, 2), torch.bfloat16, 83),
+        "small_plain": _full((3,), torch.int64, 84),
+        "small_cast": _full((2, 2), torch.float32, 85),
+        "empty": _full((0, 64), torch.float32, 86),
+        "step": torch.tensor(5.0),
+        "hparam": {"lr": 0.5},
+    }
+    with torch.device("meta"):
+        meta_full = torch.empty(4 * ws + 2, 4)
+    local: dict[str, Any] = {
+        "big_s0": dt((8 * ws, 4), torch.float32, [Shard(0)]),
+        "big_s0_uneven": dt((4 * ws + 1, 4), torch.float32, [Shard(0)]),
+        "big_s1": dt((4, 8 * ws), torch.int64, [Shard(1)]),
+        "big_rep": dt((16, 8), torch.bfloat16, [Replicate()]),
+        "big_plain": torch.zeros(64, dtype=torch.float64),
+        "big_cast_rep": dt((16, 4), torch.bfloat16, [Replicate()]),
+        "big_cast_s0": dt((4 * ws, 4), torch.bfloat16, [Shard(0)]),
+        "big_none": None,
+        "big_meta": distribute_tensor(meta_full, mesh1, [Shard(0)], src_data_rank=None),
+        "big_noncontig_plain": torch.zeros(2 * ws, 16),
+        "big_noncontig_s0": dt((2 * ws, 16), torch.float16, [Shard(0)]),
+        "small_s0": dt((ws + 1, 3), torch.float32, [Shard(0)]),
+        "small_rep": dt((2, 2), torch.bfloat16, [Replicate()]),
+        "small_plain": torch.zeros(3, dtype=torch.int64),
+        "small_cast": dt((2, 2), torch.bfloat16, [Shard(0)]),
+        "empty": torch.zeros(0, 64),
+        "step": torch.tensor(0.0),
+        "hparam": None,
+        "local_only": torch.ones(2),
+    }
+    if ws == 4:
+        mesh2 = _mesh((2, 2))
+        for key, placements in (
+            ("big_2d", [Shard(0), Shard(1)]),
+            ("big_hsdp", [Replicate(), Shard(0)]),
+            ("big_2d_rep", [Replicate(), Replicate()]),
+        ):
+            full[key] = _full((8, 8), torch.float32, 90 + len(key))
+            local[key] = dt((8, 8), torch.float32, placements, mesh2)
+    return full, local
+
+
+def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int):
+    full, local = _broadcast_big_inputs()
+    rank = dist.get_rank()
+    if rank != 0:
+        full = {}
+    ours, theirs = copy.copy(local), copy.copy(local)
+    for key, value in local.items():
+        if isinstance(value, DTensor) and not value.is_meta:
+            theirs[key] = copy.deepcopy(value)
+    # PyTorch's broadcast needs contiguous tensors: give it the same values so.
+    theirs_full = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in full.items()}
+    if cpu_offload:
+        # PyTorch raises KeyError / AttributeError offloading a tensor whose local
+        # value is missing / None; compare on the keys it can handle.
+        for key in ("big_none", "big_missing"):
+            theirs_full.pop(key, None)
+            theirs.pop(key, None)
+    _, seen = _record_broadcasts(
+        lambda: utils.broadcast_state_dict(
+            full, ours, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload,
+            bucket_bytes=bucket,
+        )
+    )
+    ref._broadcast_state_dict(
+        theirs_full, theirs, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload
+    )
+    # Rank 0 sends contiguous big tensors from their own storage; a rank receiving a
+    # whole tensor (a plain or replicated local value) receives into the result.
+    sources = [k for k, v in full.items() if torch.is_tensor(v) and k.startswith("big_")
+               and v.is_contiguous()]
+    whole = ["big_rep", "big_plain", "big_noncontig_plain", "big_2d_rep"]
+    if rank == 0:
+        direct = {k: seen.count(_storage(full[k])) for k in sources}
+    else:
+        direct = {k: seen.count(_storage(ours[k])) for k in whole if k in ours}
+    compared = {k: v for k, v in ours.items() if k in theirs}
+    return (
+        _describe(compared),
+        _describe(theirs),
+        list(ours),
+        list(theirs),
+        ours.get("big_none", "absent"),
+        direct,
+    )
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize(
+    ("strict", "cpu_offload", "bucket"),
+    [(False, False, 256), (True, False, 256), (False, True, 64)],
+)
+def test_broadcast_big_tensors_in_place_match_pytorch(world_size, strict, cpu_offload, bucket):
+    results = run_on_ranks(
+        world_size, _broadcast_big_matches_pytorch, strict, cpu_offload, bucket, timeout=120
+    )
+    for rank, (ours, theirs, our_keys, their_keys, none, direct) in enumerate(results):
+        assert ours == theirs, f"rank {rank}"
+        if cpu_offload:
+            assert [k for k in our_keys if k != "big_none"] == their_keys
+        else:
+            assert our_keys == their_keys
+        assert "big_missing" not in our_keys and none is None
+        assert ours["big_rep"][0] == "DTensor" and ours["big_plain"][0] == "T"
+        assert ours["big_noncontig_plain"][1] == (2 * world_size, 16)
+        # One broadcast each, straight from / into the tensor itself.
+        assert direct and all(n == 1 for n in direct.values()), (rank, direct)
+        assert (len(direct) > 4) == (rank == 0)
+
+
+def _describe_scalar(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return (
+        type(value).__name__,
+        value.requires_grad,
+        value.is_conj(),
+        _describe(value.resolve_conj()),
+    )
+
+
+def _broadcast_scalars():
+    """0-dim tensors of every common dtype, and the kinds that travel pickled."""
+    full = {
+        "f32": torch.tensor(3.5),
+        "f64": torch.tensor(-2.25, dtype=torch.float64),
+        "f16": torch.tensor(0.5, dtype=torch.float16),
+        "bf16": torch.tensor(1.5, dtype=torch.bfloat16),
+        "i64": torch.tensor(7),
+        "i32": torch.tensor(-9, dtype=torch.int32),
+        "u8": torch.tensor(200, dtype=torch.uint8),
+        "bool": torch.tensor(True),
+        "c64": torch.tensor(1 + 2j, dtype=torch.complex64),
+        "second_f32": torch.tensor(-0.0),
+        "nan": torch.tensor(float("nan")),
+        "grad": torch.tensor(2.0, requires_grad=True),
+        "param": torch.nn.Parameter(torch.tensor(4.0)),
+        "conj": torch.tensor(1 - 3j, dtype=torch.complex64).conj(),
+        "view": torch.arange(4.0)[2],
+        "not_local": torch.tensor(1.0),
+        "vector": torch.arange(3.0),
+        "lr": 0.1,
+    }
+    rank = dist.get_rank()
+    local = {k: torch.zeros(()) for k in full if k != "not_local"}
+    ours, theirs = dict(local), dict(local)
+    source = full if rank == 0 else {}
+    utils.broadcast_state_dict(source, ours, torch.device("cpu"))
+    ref._broadcast_state_dict(source, theirs, torch.device("cpu"))
+    same_object = {k: (ours[k] is full[k], theirs[k] is full[k]) for k in ours if k in full}
+    return (
+        {k: _describe_scalar(v) for k, v in ours.items()},
+        {k: _describe_scalar(v) for k, v in theirs.items()},
+        same_object,
+        ours["view"].untyped_storage().nbytes(),
+    )
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_broadcast_zero_dim_tensors_match_pytorch(world_size):
+    for rank, (ours, theirs, same_object, view_bytes) in enumerate(
+        run_on_ranks(world_size, _broadcast_scalars, timeout=60)
+    ):
+        assert ours == theirs, f"rank {rank}"
+        assert "not_local" not in ours
+        assert ours["bf16"][-1][2] == "torch.bfloat16" and ours["param"][0] == "Parameter"
+        assert all(a == b for a, b in same_object.values()), (rank, same_object)
+        # PyTorch pickles a 0-dim view with its whole base storage (16 bytes here, all
+        # of a flat buffer in general); ours sends, and allocates, the one element.
+        assert view_bytes == (16 if rank == 0 else 4)
