@@ -24,6 +24,9 @@ constexpr int64_t kGrainBytes = int64_t{1} << 18;
 constexpr int64_t kStreamingPlanBytes = int64_t{16} << 20;
 // Below this, a run's unaligned head and tail would cost more than streaming saves.
 constexpr int64_t kStreamingRunBytes = int64_t{4} << 10;
+// From about here glibc's memcpy streams by itself, with a faster loop than ours
+// (measured on the 2-core CI machine: 39 vs 44 ms for 256 MB, 46 vs 57 ms for 16 MB runs).
+constexpr int64_t kLibcStreamsBytes = int64_t{32} << 20;
 
 // memcpy with non-temporal stores; the caller issues a fence before others read.
 void stream_copy(char* dst, const char* src, size_t n) {
@@ -120,7 +123,7 @@ void copy_strided(const CopyEntry& e, int64_t begin, int64_t end) {
 void copy_bytes(const CopyEntry& e, int64_t lo, int64_t hi, bool streaming) {
   if (e.dense()) {
     const auto n = static_cast<size_t>(hi - lo);
-    if (streaming && hi - lo >= kStreamingRunBytes) {
+    if (streaming && hi - lo >= kStreamingRunBytes && hi - lo < kLibcStreamsBytes) {
       stream_copy(e.dst + lo, e.src + lo, n);
     } else {
       std::memcpy(e.dst + lo, e.src + lo, n);
