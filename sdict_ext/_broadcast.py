@@ -312,7 +312,7 @@ def broadcast_state_dict(
         # A big tensor travels alone and, where its bytes are contiguous, straight from
         # the source tensor / into the destination: no bucket buffer, no pack / unpack.
         in_place: list[torch.Tensor | None] = []
-        for run, (_, total) in zip(runs, layouts):
+        for run in runs:
             view = None
             if len(run) == 1:
                 j = run[0]

@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sdict_ext._sd_fqn import FqnResolver, param_fqn_maps
+from sdict_ext._traverse import LEAF_DTENSOR, LEAF_TENSOR, flatten
 from sdict_ext.ops import batched_copy_
 from sdict_ext.utils import gather_state_dict, offload_state_dict_to_cpu
 
@@ -308,41 +309,33 @@ def full_or_offload(
 
 def _unshare(obj: Any, live: set[int]) -> Any:
     """``obj`` with every tensor whose storage is in ``live`` replaced by a fresh copy."""
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def rebuild(value: Any) -> Any:
-        if isinstance(value, DTensor):
+    flat = flatten(obj, type_check=False)
+    leaves = list(flat.leaves)
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for i, kind in enumerate(flat.kinds):
+        value = leaves[i]
+        if kind == LEAF_DTENSOR:
             local = value.to_local()
-            if _storage_ptr(local) not in live:
-                return value
-            copy = torch.empty_like(local)
-            pending.append((copy, local))
-            return DTensor.from_local(
-                copy,
-                value.device_mesh,
-                value.placements,
-                run_check=False,
-                shape=value.shape,
-                stride=value.stride(),
-            )
-        if isinstance(value, torch.Tensor) and not isinstance(value, ShardedTensor):
-            if _storage_ptr(value) not in live:
-                return value
-            copy = torch.empty_like(value)
-            pending.append((copy, value.detach()))
-            return copy
-        if isinstance(value, dict):
-            return {k: rebuild(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [rebuild(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(rebuild(v) for v in value)
-        return value
-
-    result = rebuild(obj)
-    if pending:
-        batched_copy_([d for d, _ in pending], [s for _, s in pending])
-    return result
+            if _storage_ptr(local) in live:
+                copy = torch.empty_like(local)
+                dsts.append(copy)
+                srcs.append(local)
+                leaves[i] = DTensor.from_local(
+                    copy,
+                    value.device_mesh,
+                    value.placements,
+                    run_check=False,
+                    shape=value.shape,
+                    stride=value.stride(),
+                )
+        elif kind == LEAF_TENSOR and _storage_ptr(value) in live:
+            leaves[i] = torch.empty_like(value)
+            dsts.append(leaves[i])
+            srcs.append(value.detach())
+    if dsts:
+        batched_copy_(dsts, srcs)
+    return flat.rebuild(leaves)
 
 
 def is_multi_rank() -> bool:
