@@ -229,7 +229,8 @@ void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, co
       dst.sizes() == src.sizes(), op, ": pair ", i, ": shape mismatch, destination is ",
       sizes_str(dst.sizes()), " but source is ", sizes_str(src.sizes()));
   TORCH_CHECK(
-      at::has_internal_overlap(dst) != at::MemOverlap::Yes, op, ": destination ", i,
+      dst.is_contiguous() || at::has_internal_overlap(dst) != at::MemOverlap::Yes, op,
+      ": destination ", i,
       " overlaps itself (an expanded view); pass a tensor with distinct elements");
 }
 
@@ -274,12 +275,96 @@ std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList src
   return plan_batched_copy(d, s);
 }
 
+namespace {
+
+// The common batched copy: every pair is two contiguous tensors (a state dict into its
+// copy). Each side is then one byte range, so planning needs neither layouts nor
+// element walks: 24-byte spans are sorted once, and overlapping ranges are exactly
+// overlapping tensors. Returns false, having checked nothing it would not check
+// again, when some pair is not contiguous on both sides.
+struct DenseSpan {
+  uintptr_t lo;
+  uintptr_t hi;  // exclusive
+  int64_t tag;   // 2 * pair index, + 1 for the source (check_no_overlap's region order)
+};
+
+bool plan_dense_pairs(
+    const std::vector<const at::Tensor*>& dsts,
+    const std::vector<const at::Tensor*>& srcs,
+    const char* op,
+    std::vector<CopyEntry>& plan) {
+  const size_t n = dsts.size();
+  for (size_t i = 0; i < n; ++i) {
+    if (!dsts[i]->is_contiguous() || !srcs[i]->is_contiguous()) return false;
+  }
+  std::vector<DenseSpan> spans;
+  spans.reserve(2 * n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& d = *dsts[i];
+    const at::Tensor& s = *srcs[i];
+    check_copy_pair(d, s, static_cast<int64_t>(i), op);
+    const int64_t numel = d.numel();
+    if (numel == 0) continue;
+    const auto nbytes = static_cast<uintptr_t>(numel * static_cast<int64_t>(d.element_size()));
+    const auto dp = reinterpret_cast<uintptr_t>(d.data_ptr());
+    const auto sp = reinterpret_cast<uintptr_t>(s.data_ptr());
+    spans.push_back({dp, dp + nbytes, 2 * static_cast<int64_t>(i)});
+    spans.push_back({sp, sp + nbytes, 2 * static_cast<int64_t>(i) + 1});
+  }
+  std::sort(spans.begin(), spans.end(), [](const DenseSpan& x, const DenseSpan& y) {
+    return x.lo < y.lo || (x.lo == y.lo && x.tag < y.tag);
+  });
+  // Sweep as check_no_overlap does; sources may overlap sources.
+  std::vector<DenseSpan> active;
+  for (const DenseSpan& s : spans) {
+    active.erase(
+        std::remove_if(active.begin(), active.end(), [&](const DenseSpan& a) { return a.hi <= s.lo; }),
+        active.end());
+    for (const DenseSpan& a : active) {
+      const bool a_written = !(a.tag & 1);
+      const bool s_written = !(s.tag & 1);
+      if (!a_written && !s_written) continue;
+      const DenseSpan& w = a_written ? a : s;
+      const DenseSpan& o = a_written ? s : a;
+      const bool o_written = !(o.tag & 1);
+      TORCH_CHECK(
+          false, op, ": destination ", w.tag / 2, " overlaps ", o_written ? "destination " : "source ",
+          o.tag / 2, " in memory",
+          o_written ? "; the result would depend on copy order. Pass disjoint destinations."
+                    : "; a destination must not alias a source. Clone the source first.");
+    }
+    active.push_back(s);
+  }
+  plan.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& d = *dsts[i];
+    const int64_t numel = d.numel();
+    if (numel == 0) continue;
+    CopyEntry e;
+    e.src = static_cast<const char*>(srcs[i]->data_ptr());
+    e.dst = static_cast<char*>(d.data_ptr());
+    e.elem_size = static_cast<int64_t>(d.element_size());
+    e.numel = numel;
+    e.sizes.push_back(numel);
+    e.src_strides.push_back(e.elem_size);
+    e.dst_strides.push_back(e.elem_size);
+    plan.push_back(std::move(e));
+  }
+  return true;
+}
+
+}  // namespace
+
 std::vector<CopyEntry> plan_batched_copy(
     const std::vector<const at::Tensor*>& dsts, const std::vector<const at::Tensor*>& srcs) {
   constexpr const char* op = "sdict_ext.batched_copy_";
   TORCH_CHECK(
       dsts.size() == srcs.size(), op, ": got ", dsts.size(), " destinations and ", srcs.size(),
       " sources; pass one source per destination");
+  {
+    std::vector<CopyEntry> plan;
+    if (plan_dense_pairs(dsts, srcs, op, plan)) return plan;
+  }
   std::vector<Region> regions;
   regions.reserve(2 * dsts.size());
   for (size_t i = 0; i < dsts.size(); ++i) {

@@ -30,12 +30,13 @@ bool plain_cpu(PyObject* obj) {
 bool borrow(PyObject* list, std::vector<const at::Tensor*>& out, bool written) {
   const Py_ssize_t n = PyList_GET_SIZE(list);
   out.reserve(static_cast<size_t>(n));
+  written = written && at::GradMode::is_enabled();
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* obj = PyList_GET_ITEM(list, i);
     if (!plain_cpu(obj)) return false;
     const at::Tensor& t = THPVariable_Unpack(obj);
     // Autograd refuses in-place writes into leaves that require grad.
-    if (written && t.requires_grad() && at::GradMode::is_enabled()) return false;
+    if (written && t.requires_grad()) return false;
     out.push_back(&t);
   }
   return true;
