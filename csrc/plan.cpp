@@ -275,42 +275,7 @@ std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList src
   return plan_batched_copy(d, s);
 }
 
-namespace {
-
-// The common batched copy: every pair is two contiguous tensors (a state dict into its
-// copy). Each side is then one byte range, so planning needs neither layouts nor
-// element walks: 24-byte spans are sorted once, and overlapping ranges are exactly
-// overlapping tensors. Returns false, having checked nothing it would not check
-// again, when some pair is not contiguous on both sides.
-struct DenseSpan {
-  uintptr_t lo;
-  uintptr_t hi;  // exclusive
-  int64_t tag;   // 2 * pair index, + 1 for the source (check_no_overlap's region order)
-};
-
-bool plan_dense_pairs(
-    const std::vector<const at::Tensor*>& dsts,
-    const std::vector<const at::Tensor*>& srcs,
-    const char* op,
-    std::vector<CopyEntry>& plan) {
-  const size_t n = dsts.size();
-  for (size_t i = 0; i < n; ++i) {
-    if (!dsts[i]->is_contiguous() || !srcs[i]->is_contiguous()) return false;
-  }
-  std::vector<DenseSpan> spans;
-  spans.reserve(2 * n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& d = *dsts[i];
-    const at::Tensor& s = *srcs[i];
-    check_copy_pair(d, s, static_cast<int64_t>(i), op);
-    const int64_t numel = d.numel();
-    if (numel == 0) continue;
-    const auto nbytes = static_cast<uintptr_t>(numel * static_cast<int64_t>(d.element_size()));
-    const auto dp = reinterpret_cast<uintptr_t>(d.data_ptr());
-    const auto sp = reinterpret_cast<uintptr_t>(s.data_ptr());
-    spans.push_back({dp, dp + nbytes, 2 * static_cast<int64_t>(i)});
-    spans.push_back({sp, sp + nbytes, 2 * static_cast<int64_t>(i) + 1});
-  }
+void check_dense_overlap(std::vector<DenseSpan>& spans, const char* op) {
   std::sort(spans.begin(), spans.end(), [](const DenseSpan& x, const DenseSpan& y) {
     return x.lo < y.lo || (x.lo == y.lo && x.tag < y.tag);
   });
@@ -335,21 +300,55 @@ bool plan_dense_pairs(
     }
     active.push_back(s);
   }
+}
+
+void add_dense_pair(
+    std::vector<CopyEntry>& plan,
+    std::vector<DenseSpan>& spans,
+    const at::Tensor& dst,
+    const at::Tensor& src,
+    int64_t index) {
+  const int64_t numel = dst.numel();
+  if (numel == 0) return;
+  CopyEntry e;
+  e.src = static_cast<const char*>(src.data_ptr());
+  e.dst = static_cast<char*>(dst.data_ptr());
+  e.elem_size = static_cast<int64_t>(dst.element_size());
+  e.numel = numel;
+  e.sizes.push_back(numel);
+  e.src_strides.push_back(e.elem_size);
+  e.dst_strides.push_back(e.elem_size);
+  const auto dp = reinterpret_cast<uintptr_t>(e.dst);
+  const auto sp = reinterpret_cast<uintptr_t>(e.src);
+  const auto nbytes = static_cast<uintptr_t>(e.nbytes());
+  spans.push_back({dp, dp + nbytes, 2 * index});
+  spans.push_back({sp, sp + nbytes, 2 * index + 1});
+  plan.push_back(std::move(e));
+}
+
+namespace {
+
+// The common batched copy: every pair is two contiguous tensors (a state dict into its
+// copy). Each side is then one byte range, so planning needs neither layouts nor
+// element walks. Returns false, having written nothing, when some pair is not
+// contiguous on both sides.
+bool plan_dense_pairs(
+    const std::vector<const at::Tensor*>& dsts,
+    const std::vector<const at::Tensor*>& srcs,
+    const char* op,
+    std::vector<CopyEntry>& plan) {
+  const size_t n = dsts.size();
+  std::vector<DenseSpan> spans;
+  spans.reserve(2 * n);
   plan.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& d = *dsts[i];
-    const int64_t numel = d.numel();
-    if (numel == 0) continue;
-    CopyEntry e;
-    e.src = static_cast<const char*>(srcs[i]->data_ptr());
-    e.dst = static_cast<char*>(d.data_ptr());
-    e.elem_size = static_cast<int64_t>(d.element_size());
-    e.numel = numel;
-    e.sizes.push_back(numel);
-    e.src_strides.push_back(e.elem_size);
-    e.dst_strides.push_back(e.elem_size);
-    plan.push_back(std::move(e));
+    const at::Tensor& s = *srcs[i];
+    check_copy_pair(d, s, static_cast<int64_t>(i), op);
+    if (!d.is_contiguous() || !s.is_contiguous()) return false;
+    add_dense_pair(plan, spans, d, s, static_cast<int64_t>(i));
   }
+  check_dense_overlap(spans, op);
   return true;
 }
 

@@ -18,13 +18,17 @@ and one op call rebuilds all of its tensors:
   PyTorch's per-tensor ``redistribute`` after the coalesced part. Fully replicated
   DTensors need no exchange: their local tensor is the result, as in PyTorch.
 
-The exchange: on CPU (gloo) each rank broadcasts its slot into the shared buffer
-(measured 2.5x faster than gloo's all-gather for 16 MiB slots on the dev machine);
-on accelerators one in-place ``all_gather_single`` per bucket. On CPU a big ``Shard(0)``
-tensor split evenly is a bucket of its own whose slots are the output's own rows, so it
-is exchanged straight into the output; ranks that keep results also lend such an output,
-before its turn, as the buffer of the other buckets. The extra memory beyond the results
-is then one bucket only on ranks that keep nothing (they receive every bucket).
+The exchange: one in-place ``all_gather_single`` per bucket on every backend, and
+``ceil(total gathered bytes / bucket_bytes)`` buckets per process group (plus one tiny
+agreement before them). A bucket holding only a ``Shard(0)`` tensor split evenly has
+the output's own layout (rank r's slot is rows ``r * n / world`` on), so ranks that keep
+results gather it straight into the output; until its turn (such buckets go last) that
+output also serves them as the buffer of the other buckets. The extra memory beyond the
+results is then one bucket only on ranks that keep nothing, which receive every bucket.
+
+(Measured on the 2-core dev machine, 2 gloo ranks: one broadcast per rank moves a
+16 MiB slot 3x faster than gloo's all-gather; we still issue one all-gather per bucket,
+as on NCCL, for one collective per bucket and the same code path everywhere.)
 """
 
 from __future__ import annotations
@@ -136,10 +140,6 @@ class _Stream:
 
 def _exchange(stream: _Stream, gathered: torch.Tensor, chunk: int) -> None:
     """Fills every rank's slot of ``gathered`` (this rank's slot is already packed)."""
-    if stream.device.type == "cpu":
-        for r in range(stream.world):
-            dist.broadcast(gathered[r * chunk : (r + 1) * chunk], group=stream.group, group_src=r)
-        return
     mine = gathered[stream.rank * chunk : (stream.rank + 1) * chunk]
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     all_gather(gathered, mine, group=stream.group)
@@ -416,59 +416,40 @@ def _allocate_outputs(streams: dict[Any, _Stream], cpu_offload: bool) -> None:
             it.out = torch.empty(it.shape, dtype=it.dtype, device=device)
 
 
-def _exchanges_in_place(stream: _Stream, item: _Item) -> bool:
-    """Whether ``item`` can be exchanged straight into its output, with no bucket buffer.
+def _exchanges_in_place(stream: _Stream, item: _Item, cpu_offload: bool) -> bool:
+    """Whether a bucket of ``item`` alone can be gathered straight into its output.
 
     A ``Shard(0)`` tensor split evenly (in aligned slots) has exactly the bucket's
     layout: rank r's slot is rows ``[r * n / world, (r + 1) * n / world)`` of the full
-    tensor. The broadcasts can then fill the output itself, and the bucket buffer (one
-    more copy of the tensor, a gather's largest extra memory) is not needed. CPU
-    exchanges only: they are per-rank broadcasts of slot ranges, which any contiguous
-    tensor can host. Decided from metadata alone, so every rank cuts the same buckets.
+    tensor, so the all-gather can fill the output itself, with no bucket buffer (one
+    more copy of the tensor, a gather's largest extra memory). The output must be on
+    the exchange's device (not so for ``cpu_offload`` from an accelerator). Decided
+    from metadata alone, so every rank orders the buckets alike.
     """
     numel = _numel(item.shape)
-    if stream.device.type != "cpu" or not stream.chunked or item.shard_dim != 0 or not numel:
+    if not stream.chunked or item.shard_dim != 0 or not numel:
+        return False
+    if item.out_device != stream.device or (cpu_offload and stream.device.type != "cpu"):
         return False
     piece_bytes, rest = divmod(numel * item.dtype.itemsize, stream.world)
     return rest == 0 and item.shape[0] % stream.world == 0 and piece_bytes % _ALIGN == 0
-
-
-def _runs(stream: _Stream, bucket_bytes: int) -> list[range]:
-    """Buckets of consecutive items; a big item exchanged in place is a bucket of its own.
-
-    "Big" is a quarter bucket: below that, the per-rank broadcasts of a bucket of its
-    own would cost more than the buffer saves.
-    """
-    items = stream.items
-    runs: list[range] = []
-    start = 0
-
-    def flush(stop: int) -> None:
-        for run in buckets([stream.cost(it) for it in items[start:stop]], bucket_bytes):
-            runs.append(range(start + run.start, start + run.stop))
-
-    for i, it in enumerate(items):
-        if stream.cost(it) * 4 >= bucket_bytes and _exchanges_in_place(stream, it):
-            flush(i)
-            runs.append(range(i, i + 1))
-            start = i + 1
-    flush(len(items))
-    return runs
 
 
 def _run_stream(
     stream: _Stream, bucket_bytes: int, keep: bool, cpu_offload: bool, out: list[Any]
 ) -> None:
     items = stream.items
-    runs = _runs(stream, bucket_bytes)
+    runs = buckets([stream.cost(it) for it in items], bucket_bytes)
     # Shared buckets first, then the in-place ones (the same order on every rank): until
     # its own turn, an in-place output is free space that ranks keeping results use as
     # the bucket buffer, so that buffer takes no memory the results do not take anyway.
-    in_place = [len(run) == 1 and _exchanges_in_place(stream, items[run[0]]) for run in runs]
+    in_place = [
+        len(run) == 1 and _exchanges_in_place(stream, items[run[0]], cpu_offload) for run in runs
+    ]
     runs = [r for r, p in zip(runs, in_place) if not p] + [r for r, p in zip(runs, in_place) if p]
     n_shared = in_place.count(False)
     layouts = [stream.layout([items[j] for j in run]) for run in runs]
-    # On CPU, outputs are fresh contiguous tensors on the stream's device.
+    # In-place outputs are fresh contiguous tensors on the stream's device.
     targets = (
         [items[run[0]].out.view(-1).view(torch.uint8) for run in runs[n_shared:]] if keep else []
     )

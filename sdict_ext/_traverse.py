@@ -331,9 +331,19 @@ def _pairs(obj: Any, comp: Any, type_check: bool, dsts: list, srcs: list) -> Any
     if kind is None:
         kind = _node_kind(obj)
     if kind == _NODE_DICT:
-        if not isinstance(comp, dict) or comp.keys() != obj.keys():
+        if not isinstance(comp, dict):
             raise NotPlain
         values = list(obj.values())
+        if type(comp) is dict and list(obj) == list(comp):
+            # The usual companion (made from the source): same keys in the same order,
+            # so the result is a plain copy of it, with no hashing at all.
+            comps = list(comp.values())
+            if _all_plain_tensors(values) and _all_plain_tensors(comps):
+                srcs += values
+                dsts += comps
+                return comp.copy()
+        elif comp.keys() != obj.keys():
+            raise NotPlain
         comps = list(map(comp.__getitem__, obj))
         if _all_plain_tensors(values) and _all_plain_tensors(comps):
             srcs += values

@@ -141,6 +141,21 @@ def batched_copy_(
         ops.batched_copy_(dsts, srcs, non_blocking)
 
 
+def copy_if_plain_cpu(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> bool:
+    """``batched_copy_(dsts, srcs)`` when every item is a plain CPU tensor; else False.
+
+    For callers that hold lists which may contain anything (a state dict's values): the
+    C++ entry point looks at each item once, declines (False, nothing written) on the
+    first that is not a plain CPU tensor the dispatcher would pass through unchanged,
+    and raises ``RuntimeError`` (nothing written) for a bad pair of plain tensors.
+    """
+    if _IMPORT_ERROR is not None or torch.compiler.is_compiling():
+        return False
+    if len(dsts) != len(srcs):
+        return False
+    return bool(_C.batched_copy_cpu_fast(dsts, srcs))
+
+
 def pack(
     tensors: Sequence[torch.Tensor],
     out: torch.Tensor | None = None,

@@ -138,6 +138,30 @@ def test_batched_copy_goes_through_the_dispatcher_for_tensor_subclasses():
     assert Logged.seen, "a subclass must reach its __torch_function__ through the registered op"
 
 
+def test_plain_cpu_entry_declines_anything_else_before_refusing_a_bad_pair():
+    # Pair 0 is bad, but item 1 is a subclass: the call belongs to the dispatcher, so
+    # the C++ entry declines (False) instead of raising, and writes nothing.
+    class Sub(torch.Tensor):
+        pass
+
+    d0, d1 = torch.zeros(2), torch.zeros(2).as_subclass(Sub)
+    assert ops.copy_if_plain_cpu([d0, d1], [torch.ones(2, dtype=torch.float64), torch.ones(2)]) is False
+    assert ops.copy_if_plain_cpu([d0, {"not": "a tensor"}], [torch.ones(2), torch.ones(2)]) is False
+    assert torch.equal(d0, torch.zeros(2))
+    with pytest.raises(RuntimeError, match="pair 0: dtype mismatch"):
+        ops.copy_if_plain_cpu([d0, torch.zeros(2)], [torch.ones(2, dtype=torch.float64), torch.ones(2)])
+    assert torch.equal(d0, torch.zeros(2))
+
+
+def test_plain_cpu_entry_mixes_contiguous_strided_and_empty_pairs():
+    base = torch.arange(24.0).reshape(4, 6)
+    srcs = [torch.arange(5.0), base.t(), torch.empty(0, 3), torch.tensor(7.0), base[:, 1::2]]
+    dsts = [torch.zeros(5), torch.zeros(6, 4), torch.zeros(0, 3), torch.zeros(()), torch.zeros(3, 4).t()]
+    refs = [torch.zeros_like(d).copy_(s) for d, s in zip(dsts, srcs)]
+    assert ops.copy_if_plain_cpu(dsts, srcs) is True
+    assert all(torch.equal(d, r) and d.shape == r.shape for d, r in zip(dsts, refs))
+
+
 def test_batched_copy_columns_of_one_matrix_are_disjoint_destinations():
     m = torch.zeros(6, 4, dtype=torch.int64)
     ops.batched_copy_([m[:, 0], m[:, 3]], [torch.arange(6), torch.arange(6) + 10])

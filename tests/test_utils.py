@@ -200,6 +200,24 @@ def test_copy_checks_every_dtype_and_shape_before_writing_anything():
     assert cast_dst["c"].dtype == torch.float32
 
 
+def test_copy_of_flat_dicts_in_any_key_order_and_with_other_values_matches_pytorch():
+    from collections import OrderedDict
+
+    src = OrderedDict((f"k{i}", torch.arange(i + 1, dtype=torch.float32)) for i in range(5))
+    cases = [
+        ({k: torch.zeros_like(v) for k, v in src.items()}, src),  # same order: one C++ pass
+        ({k: torch.zeros_like(src[k]) for k in reversed(src)}, src),  # other order
+        ({**{k: torch.zeros_like(v) for k, v in src.items()}, "step": 3}, {**src, "step": 3}),
+    ]
+    for dst, source in cases:
+        theirs_dst = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in dst.items()}
+        ours = utils.copy_state_dict(source, dst)
+        theirs = ref._copy_state_dict(source, theirs_dst)
+        assert list(ours) == list(theirs) and type(ours) is dict
+        assert _same(ours, theirs)
+        assert all(ours[k] is dst[k] for k in src)
+
+
 def test_copy_rejects_missing_keys_and_none_destinations():
     with pytest.raises(utils.CompanionMismatch, match="missing in the companion: \\['b'\\]"):
         utils.copy_state_dict({"a": torch.ones(1), "b": torch.ones(1)}, {"a": torch.zeros(1)})

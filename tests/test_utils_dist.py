@@ -189,9 +189,9 @@ def test_gather_of_1000_dtensors_uses_one_exchange_per_bucket():
     results = run_on_ranks(2, _gather_thousand, bucket, timeout=120)
     for counts, total, same in results:
         assert same
-        # On gloo each bucket is exchanged as one broadcast per rank into one buffer.
-        assert counts["broadcast"] <= 2 * math.ceil(total / bucket)
-        assert counts["broadcast"] == 2 * math.ceil(total / bucket)
+        # One all-gather per bucket (PyTorch: one per tensor), nothing else in bulk.
+        assert counts["all_gather_single"] == math.ceil(total / bucket)
+        assert counts["broadcast"] == 0
         assert counts["all_reduce"] == 1  # the agreement before the bulk exchange
 
 
@@ -446,32 +446,32 @@ def test_copy_create_similarity_offload_on_sharded_leaves_match_pytorch(world_si
 
 # ---------------------------------------------------------------- big tensors, in place
 #
-# With a small ``bucket_bytes`` the big-tensor paths trigger at test sizes: on CPU a
-# ``Shard(0)`` tensor split evenly into 16-byte-aligned pieces, costing at least a
-# quarter bucket, is gathered straight into its output (which also serves as the
-# buffer of the other buckets before its turn); and a tensor of at least a quarter
+# With a small ``bucket_bytes`` the big-tensor paths trigger at test sizes: a
+# ``Shard(0)`` tensor split evenly into 16-byte-aligned pieces that has a bucket to
+# itself (a tensor of two buckets or more always has) is all-gathered straight into its
+# output (which also serves as the buffer of the other buckets before its turn); and a tensor of at least a quarter
 # bucket is broadcast alone, from rank 0's own tensor, into the destination itself
 # where a rank receives the whole tensor. Every case mixes tensors on both sides of
 # those thresholds and must match PyTorch bit for bit; the broadcasts' storages are
 # recorded to show that the in-place paths really ran.
 
 
-def _record_broadcasts(call):
+def _record_broadcasts(call, name: str = "broadcast"):
     """Runs ``call()`` and returns (its result, the storage address of every tensor
-    ``dist.broadcast`` was given), so a test can tell which tensors were exchanged
-    in place."""
+    ``dist.<name>`` was given first: the broadcast tensor, the all-gather output), so a
+    test can tell which tensors were exchanged in place."""
     seen: list[int] = []
-    original = dist.broadcast
+    original = getattr(dist, name)
 
     def recording(tensor, *args, **kwargs):
         seen.append(tensor.untyped_storage().data_ptr())
         return original(tensor, *args, **kwargs)
 
-    dist.broadcast = recording
+    setattr(dist, name, recording)
     try:
         return call(), seen
     finally:
-        dist.broadcast = original
+        setattr(dist, name, original)
 
 
 def _storage(value: Any) -> int:
@@ -480,10 +480,10 @@ def _storage(value: Any) -> int:
     return value.untyped_storage().data_ptr()
 
 
-# Gather, bucket 1024 (in place from 256 bytes): the biggest in-place output can host
-# every other bucket, so ranks keeping results need no buffer at all. Bucket 4096 (in
-# place from 1024 bytes): the uneven tensor's bucket is bigger than the one in-place
-# output, so a separate buffer is needed beside it.
+# Gather, bucket 1024: the in-place tensors are of 2 KiB per rank and more, and the
+# biggest in-place output can host every other bucket, so ranks keeping results need no
+# buffer at all. Bucket 4096: the uneven tensor's bucket is bigger than the one
+# in-place output, so a separate buffer is needed beside it.
 _GATHER_BUCKETS = {"lend": 1024, "own_buffer": 4096}
 
 
@@ -493,8 +493,8 @@ def _gather_big_cases(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
     mesh = (ws,)
     if variant == "own_buffer":
         sd = {
-            "in_place": _dt((8 * ws, 16), torch.float32, 30, mesh, [Shard(0)]),
-            "uneven": _dt((32 * ws + 1, 16), torch.float32, 31, mesh, [Shard(0)]),
+            "in_place": _dt((128 * ws, 16), torch.float32, 30, mesh, [Shard(0)]),
+            "uneven": _dt((256 * ws + 1, 16), torch.float32, 31, mesh, [Shard(0)]),
             "small": _dt((ws, 4), torch.bfloat16, 32, mesh, [Shard(0)]),
             "plain": _full((3,), torch.int64, 33),
         }
@@ -502,18 +502,18 @@ def _gather_big_cases(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
             # Several sharded mesh dims: exchanged on a stream of their own, beside.
             sd["2d_big"] = _dt((8, 8), torch.float32, 34, (2, 2), [Shard(0), Shard(1)])
         return sd, {"in_place": sd["in_place"]}
-    nested_big = _dt((4 * ws, 16), torch.float16, 40, mesh, [Shard(0)])
+    nested_big = _dt((64 * ws, 16), torch.float16, 40, mesh, [Shard(0)])
     sd = {
-        # Even Shard(0), aligned pieces, above the threshold: in place.
-        "big_f32": _dt((8 * ws, 16), torch.float32, 41, mesh, [Shard(0)]),
+        # Even Shard(0), aligned pieces, two buckets or more: a bucket each, in place.
+        "big_f32": _dt((32 * ws, 16), torch.float32, 41, mesh, [Shard(0)]),
         "big_bf16": _dt((64 * ws, 16), torch.bfloat16, 42, mesh, [Shard(0)]),
-        "big_i64": _dt((4 * ws, 8), torch.int64, 43, mesh, [Shard(0)]),
-        "big_f64_1d": _dt((16 * ws,), torch.float64, 44, mesh, [Shard(0)]),
-        # Above the threshold but not the bucket's layout: shared buckets.
+        "big_i64": _dt((16 * ws, 16), torch.int64, 43, mesh, [Shard(0)]),
+        "big_f64_1d": _dt((256 * ws,), torch.float64, 44, mesh, [Shard(0)]),
+        # Big but not the bucket's layout: through the buffer.
         "big_unaligned": _dt((9 * ws, 5), torch.float32, 45, mesh, [Shard(0)]),
         "big_uneven": _dt((8 * ws + 1, 16), torch.float32, 46, mesh, [Shard(0)]),
         "big_s1": _dt((16, 8 * ws), torch.float32, 47, mesh, [Shard(1)]),
-        # Below the threshold (even and aligned too): shared buckets.
+        # Small (even and aligned too): shared buckets.
         "small_even": _dt((ws, 4), torch.float32, 48, mesh, [Shard(0)]),
         "small_uneven": _dt((ws + 1, 2), torch.bfloat16, 49, mesh, [Shard(0)]),
         "small_s1": _dt((2, ws), torch.int64, 50, mesh, [Shard(1)]),
@@ -529,8 +529,8 @@ def _gather_big_cases(variant: str) -> tuple[dict[str, Any], dict[str, Any]]:
         # Sub-mesh groups: each sharded mesh dim of a 2x2 mesh is its own stream.
         sd.update(
             {
-                "hsdp_big": _dt((16, 16), torch.float32, 60, (2, 2), [Replicate(), Shard(0)]),
-                "hsdp_rows": _dt((16, 8), torch.float32, 61, (2, 2), [Shard(0), Replicate()]),
+                "hsdp_big": _dt((64, 16), torch.float32, 60, (2, 2), [Replicate(), Shard(0)]),
+                "hsdp_rows": _dt((64, 16), torch.float32, 61, (2, 2), [Shard(0), Replicate()]),
                 "hsdp_small": _dt((4, 2), torch.float32, 62, (2, 2), [Replicate(), Shard(0)]),
             }
         )
@@ -546,7 +546,8 @@ def _gather_big_matches_pytorch(variant: str, cpu_offload: bool, ranks_only: tup
             cpu_offload=cpu_offload,
             ranks_only=ranks_only,
             bucket_bytes=_GATHER_BUCKETS[variant],
-        )
+        ),
+        "all_gather_single",
     )
     theirs = ref._gather_state_dict(sd, cpu_offload=cpu_offload, ranks_only=ranks_only)
     direct: dict[str, int] = {}
@@ -576,9 +577,9 @@ def test_gather_big_shards_in_place_match_pytorch(world_size, variant, cpu_offlo
             assert ours == {} and direct == {}
             continue
         assert ours["plain"][0] == "T"
-        # Every in-place tensor received every rank of its group's broadcast (at
-        # least two) straight into its output.
-        assert direct and all(n >= 2 for n in direct.values()), (rank, direct)
+        # Every in-place tensor was the output of an all-gather: its own, and (the
+        # biggest, lent as the buffer) those of the buckets before it.
+        assert direct and all(n >= 1 for n in direct.values()), (rank, direct)
         if variant == "lend":
             # The other buckets were received into an in-place output: no buffer.
             assert outside == 0, rank

@@ -21,29 +21,52 @@ namespace sdict_ext {
 
 namespace {
 
-bool plain_cpu(PyObject* obj) {
-  if (!THPVariable_CheckExact(obj)) return false;
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_inference();
+// A state dict's tensors are scattered over the heap, and by the time they are copied
+// again their Python objects, TensorImpls and StorageImpls have left the cache: each
+// pair is a chain of cache misses (object -> TensorImpl -> storage). So everything is
+// read in ONE pass over the pairs, and each link is prefetched a few pairs ahead.
+constexpr Py_ssize_t kObjectAhead = 12;
+constexpr Py_ssize_t kImplAhead = 8;
+constexpr Py_ssize_t kStorageAhead = 4;
+
+inline const c10::TensorImpl* impl_if_tensor(PyObject* obj) {
+  return THPVariable_CheckExact(obj) ? THPVariable_Unpack(obj).unsafeGetTensorImpl() : nullptr;
 }
 
-bool borrow(PyObject* list, std::vector<const at::Tensor*>& out, bool written) {
-  const Py_ssize_t n = PyList_GET_SIZE(list);
-  out.reserve(static_cast<size_t>(n));
-  written = written && at::GradMode::is_enabled();
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* obj = PyList_GET_ITEM(list, i);
-    if (!plain_cpu(obj)) return false;
-    const at::Tensor& t = THPVariable_Unpack(obj);
-    // Autograd refuses in-place writes into leaves that require grad.
-    if (written && t.requires_grad()) return false;
-    out.push_back(&t);
+inline void prefetch_ahead(PyObject* list, Py_ssize_t i, Py_ssize_t n) {
+  if (i + kObjectAhead < n) __builtin_prefetch(PyList_GET_ITEM(list, i + kObjectAhead));
+  if (i + kImplAhead < n) {
+    if (const c10::TensorImpl* impl = impl_if_tensor(PyList_GET_ITEM(list, i + kImplAhead))) {
+      const char* p = reinterpret_cast<const char*>(impl);
+      for (size_t off = 0; off < sizeof(c10::TensorImpl); off += 64) __builtin_prefetch(p + off);
+    }
   }
-  return true;
+  if (i + kStorageAhead < n) {
+    if (const c10::TensorImpl* impl = impl_if_tensor(PyList_GET_ITEM(list, i + kStorageAhead))) {
+      if (impl->has_storage()) __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+    }
+  }
+}
+
+// The tensor in `obj` when the dispatcher would run the CPU kernel on it unchanged.
+const at::Tensor* plain_cpu(PyObject* obj, bool written) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.device().is_cpu() || t.layout() != at::kStrided || t.is_inference()) return nullptr;
+  // Autograd refuses in-place writes into leaves that require grad.
+  if (written && t.requires_grad()) return nullptr;
+  return &t;
+}
+
+// What check_copy_pair accepts, without raising (raising waits until every pair is
+// known not to decline, so a call the registered op must take is never refused here).
+bool pair_ok(const at::Tensor& d, const at::Tensor& s) {
+  return d.scalar_type() == s.scalar_type() && d.sizes() == s.sizes();
 }
 
 PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
+  constexpr const char* op = "sdict_ext.batched_copy_";
   PyObject* dst_list = nullptr;
   PyObject* src_list = nullptr;
   if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &dst_list, &PyList_Type, &src_list)) {
@@ -53,14 +76,49 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
       !(c10::impl::tls_local_dispatch_key_set().included_ - c10::default_included_set).empty()) {
     Py_RETURN_FALSE;
   }
-  std::vector<const at::Tensor*> dsts;
-  std::vector<const at::Tensor*> srcs;
-  if (!borrow(dst_list, dsts, true) || !borrow(src_list, srcs, false)) {
-    Py_RETURN_FALSE;
+  const Py_ssize_t n = PyList_GET_SIZE(dst_list);
+  if (PyList_GET_SIZE(src_list) != n) Py_RETURN_FALSE;  // the op names the mismatch
+  const bool grad = at::GradMode::is_enabled();
+  std::vector<const at::Tensor*> dsts(static_cast<size_t>(n));
+  std::vector<const at::Tensor*> srcs(static_cast<size_t>(n));
+  std::vector<CopyEntry> plan;
+  std::vector<DenseSpan> spans;
+  plan.reserve(static_cast<size_t>(n));
+  spans.reserve(2 * static_cast<size_t>(n));
+  bool dense = true;
+  Py_ssize_t first_bad = -1;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    prefetch_ahead(dst_list, i, n);
+    prefetch_ahead(src_list, i, n);
+    const at::Tensor* d = plain_cpu(PyList_GET_ITEM(dst_list, i), grad);
+    const at::Tensor* s = plain_cpu(PyList_GET_ITEM(src_list, i), false);
+    if (d == nullptr || s == nullptr) Py_RETURN_FALSE;
+    dsts[i] = d;
+    srcs[i] = s;
+    if (first_bad >= 0) continue;
+    if (!pair_ok(*d, *s)) {
+      first_bad = i;
+      continue;
+    }
+    if (dense && d->is_contiguous() && s->is_contiguous()) {
+      add_dense_pair(plan, spans, *d, *s, i);
+    } else {
+      dense = false;
+    }
   }
-  execute_plan_cpu(plan_batched_copy(dsts, srcs));
-  // What an in-place op does through the dispatcher: tell autograd the data changed.
+  if (first_bad >= 0) {
+    check_copy_pair(*dsts[first_bad], *srcs[first_bad], first_bad, op);
+    TORCH_CHECK(false, op, ": pair ", first_bad, " was refused");  // not reached
+  }
+  if (dense) {
+    check_dense_overlap(spans, op);
+  } else {
+    plan = plan_batched_copy(dsts, srcs);
+  }
+  // What an in-place op does through the dispatcher: tell autograd the data changes.
+  // Done before the copies, which would push the TensorImpls out of the cache again.
   for (const at::Tensor* d : dsts) d->unsafeGetTensorImpl()->bump_version();
+  execute_plan_cpu(plan);
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
