@@ -1,4 +1,4 @@
-"""``broadcast_state_dict`` and ``distribute_state_dict``: load a full state dict into a sharded one.
+"""``broadcast_state_dict`` and ``distribute_state_dict``: a full state dict into a sharded one.
 
 PyTorch's ``_broadcast_state_dict`` broadcasts one tensor at a time and builds every
 full tensor on every rank before slicing out the local shard. Here rank 0 packs the
@@ -259,7 +259,8 @@ def broadcast_state_dict(
     with a storage of its one element (PyTorch pickles a view with its whole base
     storage); ``cpu_offload=True`` does not raise ``KeyError`` for a tensor only the
     full state dict has; and a failure on any rank (rank 0's metadata, a local shard
-    of the wrong shape) is raised on every rank before any tensor is sent. The source is the group's rank 0.
+    of the wrong shape) is raised on every rank before any tensor is sent. The source is the
+    group's rank 0.
 
     Args:
         full_state_dict: on the group's rank 0, the flat full state dict (plain

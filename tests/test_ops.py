@@ -145,18 +145,21 @@ def test_plain_cpu_entry_declines_anything_else_before_refusing_a_bad_pair():
         pass
 
     d0, d1 = torch.zeros(2), torch.zeros(2).as_subclass(Sub)
-    assert ops.copy_if_plain_cpu([d0, d1], [torch.ones(2, dtype=torch.float64), torch.ones(2)]) is False
+    wrong = torch.ones(2, dtype=torch.float64)
+    assert ops.copy_if_plain_cpu([d0, d1], [wrong, torch.ones(2)]) is False
     assert ops.copy_if_plain_cpu([d0, {"not": "a tensor"}], [torch.ones(2), torch.ones(2)]) is False
     assert torch.equal(d0, torch.zeros(2))
     with pytest.raises(RuntimeError, match="pair 0: dtype mismatch"):
-        ops.copy_if_plain_cpu([d0, torch.zeros(2)], [torch.ones(2, dtype=torch.float64), torch.ones(2)])
+        ops.copy_if_plain_cpu([d0, torch.zeros(2)], [wrong, torch.ones(2)])
     assert torch.equal(d0, torch.zeros(2))
 
 
 def test_plain_cpu_entry_mixes_contiguous_strided_and_empty_pairs():
     base = torch.arange(24.0).reshape(4, 6)
     srcs = [torch.arange(5.0), base.t(), torch.empty(0, 3), torch.tensor(7.0), base[:, 1::2]]
-    dsts = [torch.zeros(5), torch.zeros(6, 4), torch.zeros(0, 3), torch.zeros(()), torch.zeros(3, 4).t()]
+    dsts = [
+        torch.zeros(5), torch.zeros(6, 4), torch.zeros(0, 3), torch.zeros(()), torch.zeros(3, 4).t()
+    ]
     refs = [torch.zeros_like(d).copy_(s) for d, s in zip(dsts, srcs)]
     assert ops.copy_if_plain_cpu(dsts, srcs) is True
     assert all(torch.equal(d, r) and d.shape == r.shape for d, r in zip(dsts, refs))
@@ -411,12 +414,21 @@ def test_opcheck_passes_for_every_op():
     flat = ops.pack(t)
     full = torch.randn(6, 4)
     gathered, chunk_numel = _padded_gather(full, 2, 0)
+    lib = torch.ops.sdict_ext
+    offsets = ops.pack_layout(t)[0]
+
+    def outs():
+        return [torch.empty(3, 4), torch.empty(5, dtype=torch.int64)]
+
     cases = [
-        (torch.ops.sdict_ext.batched_copy_.default, ([torch.empty(3, 4), torch.empty(5, dtype=torch.int64)], t, False)),
-        (torch.ops.sdict_ext.pack_into.default, (t, ops.pack_layout(t)[0], torch.empty_like(flat))),
-        (torch.ops.sdict_ext.unpack.default, (flat, ops.pack_layout(t)[0], [torch.empty(3, 4), torch.empty(5, dtype=torch.int64)], None, None)),
-        (torch.ops.sdict_ext.gather_concat.default, (gathered, chunk_numel, 2, [6, 4], 0)),
-        (torch.ops.sdict_ext.gather_concat_into.default, (ops.pack([full[:3]]).repeat(2), 2, [0], [torch.empty(6, 4)], [0])),
+        (lib.batched_copy_.default, (outs(), t, False)),
+        (lib.pack_into.default, (t, offsets, torch.empty_like(flat))),
+        (lib.unpack.default, (flat, offsets, outs(), None, None)),
+        (lib.gather_concat.default, (gathered, chunk_numel, 2, [6, 4], 0)),
+        (
+            lib.gather_concat_into.default,
+            (ops.pack([full[:3]]).repeat(2), 2, [0], [torch.empty(6, 4)], [0]),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

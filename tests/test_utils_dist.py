@@ -449,11 +449,11 @@ def test_copy_create_similarity_offload_on_sharded_leaves_match_pytorch(world_si
 # With a small ``bucket_bytes`` the big-tensor paths trigger at test sizes: a
 # ``Shard(0)`` tensor split evenly into 16-byte-aligned pieces that has a bucket to
 # itself (a tensor of two buckets or more always has) is all-gathered straight into its
-# output (which also serves as the buffer of the other buckets before its turn); and a tensor of at least a quarter
-# bucket is broadcast alone, from rank 0's own tensor, into the destination itself
-# where a rank receives the whole tensor. Every case mixes tensors on both sides of
-# those thresholds and must match PyTorch bit for bit; the broadcasts' storages are
-# recorded to show that the in-place paths really ran.
+# output (which also serves as the buffer of the other buckets before its turn); and
+# a tensor of at least a quarter bucket is broadcast alone, from rank 0's own tensor,
+# into the destination itself where a rank receives the whole tensor. Every case mixes
+# tensors on both sides of those thresholds and must match PyTorch bit for bit; the
+# exchanges' storages are recorded to show that the in-place paths really ran.
 
 
 def _record_broadcasts(call, name: str = "broadcast"):
