@@ -27,7 +27,7 @@ from sdict_ext._collectives import (
     RankFailure,
     agree,
     box_of,
-    buckets,
+    buckets_with_solos,
     is_plain_placement,
     mesh_coordinates,
 )
@@ -394,23 +394,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _runs(costs: list[int], bucket_bytes: int) -> list[range]:
-    """Buckets of consecutive tensors; one of at least a quarter bucket travels alone.
+def _runs(costs: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Buckets of tensors; one of at least a quarter bucket travels alone where the
+    count allows (always from a bucket's worth on).
 
     Below a quarter bucket, a broadcast of its own costs more than the copy it saves.
     """
-    runs: list[range] = []
-    start = 0
-    for i, cost in enumerate(costs):
-        if cost * 4 >= bucket_bytes and cost:
-            runs += _shifted(buckets(costs[start:i], bucket_bytes), start)
-            runs.append(range(i, i + 1))
-            start = i + 1
-    return runs + _shifted(buckets(costs[start:], bucket_bytes), start)
-
-
-def _shifted(runs: list[range], by: int) -> list[range]:
-    return [range(r.start + by, r.stop + by) for r in runs]
+    return buckets_with_solos(costs, bucket_bytes, [True] * len(costs), bucket_bytes // 4)
 
 
 def _bytes_of(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

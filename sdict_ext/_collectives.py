@@ -30,6 +30,7 @@ __all__ = [
     "agree",
     "box_of",
     "buckets",
+    "buckets_with_solos",
     "digest",
     "is_plain_placement",
     "mesh_coordinates",
@@ -148,6 +149,36 @@ def buckets(costs: Sequence[int], bucket_bytes: int) -> list[range]:
         cursor += cost
     runs.append(range(start, n_items))
     return runs
+
+
+def buckets_with_solos(
+    costs: Sequence[int], bucket_bytes: int, solo: Sequence[bool], min_solo: int
+) -> list[list[int]]:
+    """Buckets where big items may travel alone, still at most ``ceil(total / bucket_bytes)``.
+
+    An item flagged in ``solo`` and costing at least ``min_solo`` gets a bucket of its
+    own (its exchange then needs no buffer), biggest first, as long as the total count
+    stays within the ceiling: an item of a bucket or more always fits. The other items
+    are cut by :func:`buckets`, in order. Returns the shared buckets, then the solo ones
+    (item indices in order in each); every rank computes the same from the same costs.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    total = sum(costs)
+    limit = max(1, math.ceil(total / bucket_bytes)) if costs else 0
+    candidates = sorted(
+        (j for j, c in enumerate(costs) if solo[j] and c and c >= min_solo),
+        key=lambda j: (-costs[j], j),
+    )
+    alone: set[int] = set()
+    rest = total
+    for j in candidates:
+        if len(alone) + 1 + math.ceil((rest - costs[j]) / bucket_bytes) <= limit:
+            alone.add(j)
+            rest -= costs[j]
+    others = [j for j in range(len(costs)) if j not in alone]
+    shared = buckets([costs[j] for j in others], bucket_bytes)
+    return [[others[k] for k in run] for run in shared] + [[j] for j in sorted(alone)]
 
 
 def is_plain_placement(placements: Sequence[Any]) -> bool:

@@ -47,7 +47,7 @@ from sdict_ext._collectives import (
     DEFAULT_BUCKET_BYTES,
     agree,
     box_of,
-    buckets,
+    buckets_with_solos,
     digest,
     is_plain_placement,
     mesh_coordinates,
@@ -439,10 +439,17 @@ def _run_stream(
     stream: _Stream, bucket_bytes: int, keep: bool, cpu_offload: bool, out: list[Any]
 ) -> None:
     items = stream.items
-    runs = buckets([stream.cost(it) for it in items], bucket_bytes)
-    # Shared buckets first, then the in-place ones (the same order on every rank): until
-    # its own turn, an in-place output is free space that ranks keeping results use as
-    # the bucket buffer, so that buffer takes no memory the results do not take anyway.
+    # A big tensor that can be gathered straight into its output gets a bucket of its
+    # own where the count allows (always from one bucket's worth). The shared buckets
+    # come first, then those (the same order on every rank): until its own turn, an
+    # in-place output is free space that ranks keeping results use as the bucket
+    # buffer, so that buffer takes no memory the results do not take anyway.
+    runs = buckets_with_solos(
+        [stream.cost(it) for it in items],
+        bucket_bytes,
+        [_exchanges_in_place(stream, it, cpu_offload) for it in items],
+        bucket_bytes // 4,
+    )
     in_place = [
         len(run) == 1 and _exchanges_in_place(stream, items[run[0]], cpu_offload) for run in runs
     ]

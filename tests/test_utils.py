@@ -17,7 +17,7 @@ import torch
 from torch.distributed import _state_dict_utils as ref
 
 from sdict_ext import _traverse, utils
-from sdict_ext._collectives import box_of, buckets
+from sdict_ext._collectives import box_of, buckets, buckets_with_solos
 
 
 def _nested() -> dict:
@@ -359,6 +359,21 @@ def test_buckets_never_exceed_the_ceiling_of_total_over_bucket():
     assert buckets([], 10) == [] and len(buckets([0, 0], 10)) == 1
     with pytest.raises(ValueError, match="bucket_bytes"):
         buckets([1], 0)
+
+
+def test_buckets_with_solos_isolate_big_items_within_the_same_ceiling():
+    # Ceiling 2: the 1000 (a bucket) goes alone; the 400 (a quarter and more) would need
+    # a third bucket, so it shares.
+    assert buckets_with_solos([300, 1000, 400, 300], 1000, [True] * 4, 250) == [[0, 2, 3], [1]]
+    # Ceiling 6 leaves room: every flagged item from a quarter bucket on travels alone.
+    costs = [100, 3000, 400, 100, 1500, 300, 100]
+    runs = buckets_with_solos(costs, 1000, [True] * len(costs), 250)
+    assert runs == [[0, 3, 6], [1], [2], [4], [5]]
+    # Not flagged: never alone on purpose; the ceiling always holds.
+    plain = buckets_with_solos(costs, 1000, [False] * len(costs), 250)
+    assert [j for r in plain for j in r] == list(range(len(costs)))
+    assert len(plain) <= -(-sum(costs) // 1000)
+    assert buckets_with_solos([], 10, [], 1) == []
 
 
 def test_box_matches_pytorch_local_shape_and_offset_rule():
