@@ -106,20 +106,37 @@ void add_copy(std::vector<CopyEntry>& plan, const Layout& dst, const Layout& src
 
 namespace {
 
-struct Span {
-  uintptr_t lo;
-  uintptr_t hi;  // exclusive
-  size_t region;
-};
-
-Span span_of(const Region& r, size_t idx) {
+ByteSpan span_of(const Region& r, size_t idx) {
   const Layout& l = r.layout;
   uintptr_t lo = reinterpret_cast<uintptr_t>(l.ptr);
   uintptr_t extent = static_cast<uintptr_t>(l.elem_size);
   for (size_t d = 0; d < l.sizes.size(); ++d) {
     extent += static_cast<uintptr_t>((l.sizes[d] - 1) * l.strides[d] * l.elem_size);
   }
-  return {lo, lo + extent, idx};
+  return {lo, lo + extent, static_cast<int64_t>(idx)};
+}
+
+const char* overlap_hint(bool other_written) {
+  return other_written ? "; the result would depend on copy order. Pass disjoint destinations."
+                       : "; a destination must not alias a source. Clone the source first.";
+}
+
+// Sorts `spans` by (lo, tag) and calls conflict(a, b) for every pair whose byte ranges
+// intersect, a sorted before b. Without overlaps the active set stays tiny, so this
+// is O(n log n) for thousands of tensors.
+template <typename Conflict>
+void sweep_intersections(std::vector<ByteSpan>& spans, Conflict conflict) {
+  std::sort(spans.begin(), spans.end(), [](const ByteSpan& x, const ByteSpan& y) {
+    return x.lo < y.lo || (x.lo == y.lo && x.tag < y.tag);
+  });
+  std::vector<ByteSpan> active;
+  for (const ByteSpan& s : spans) {
+    active.erase(
+        std::remove_if(active.begin(), active.end(), [&](const ByteSpan& a) { return a.hi <= s.lo; }),
+        active.end());
+    for (const ByteSpan& a : active) conflict(a, s);
+    active.push_back(s);
+  }
 }
 
 bool is_dense(const Layout& l) {
@@ -181,7 +198,7 @@ std::string region_name(const Region& r) {
 }  // namespace
 
 void check_no_overlap(const std::vector<Region>& regions, const char* op) {
-  std::vector<Span> spans;
+  std::vector<ByteSpan> spans;
   spans.reserve(regions.size());
   bool any_written = false;
   for (size_t i = 0; i < regions.size(); ++i) {
@@ -190,30 +207,17 @@ void check_no_overlap(const std::vector<Region>& regions, const char* op) {
     any_written = any_written || regions[i].written;
   }
   if (!any_written) return;
-  std::sort(spans.begin(), spans.end(), [](const Span& x, const Span& y) {
-    return x.lo < y.lo || (x.lo == y.lo && x.region < y.region);
+  sweep_intersections(spans, [&](const ByteSpan& a, const ByteSpan& s) {
+    const Region& ra = regions[a.tag];
+    const Region& rs = regions[s.tag];
+    if (!ra.written && !rs.written) return;
+    if (!layouts_intersect(ra.layout, rs.layout)) return;
+    const Region& w = ra.written ? ra : rs;
+    const Region& o = ra.written ? rs : ra;
+    TORCH_CHECK(
+        false, op, ": ", region_name(w), " overlaps ", region_name(o), " in memory",
+        overlap_hint(o.written));
   });
-  // Sweep: `active` holds the spans that may still intersect later ones. Without
-  // overlaps it stays tiny, so this is O(n log n) for thousands of tensors.
-  std::vector<Span> active;
-  for (const Span& s : spans) {
-    active.erase(
-        std::remove_if(active.begin(), active.end(), [&](const Span& a) { return a.hi <= s.lo; }),
-        active.end());
-    const Region& rs = regions[s.region];
-    for (const Span& a : active) {
-      const Region& ra = regions[a.region];
-      if (!ra.written && !rs.written) continue;
-      if (!layouts_intersect(ra.layout, rs.layout)) continue;
-      const Region& w = ra.written ? ra : rs;
-      const Region& o = ra.written ? rs : ra;
-      TORCH_CHECK(
-          false, op, ": ", region_name(w), " overlaps ", region_name(o), " in memory",
-          o.written ? "; the result would depend on copy order. Pass disjoint destinations."
-                    : "; a destination must not alias a source. Clone the source first.");
-    }
-    active.push_back(s);
-  }
 }
 
 void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, const char* op) {
@@ -275,36 +279,24 @@ std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList src
   return plan_batched_copy(d, s);
 }
 
-void check_dense_overlap(std::vector<DenseSpan>& spans, const char* op) {
-  std::sort(spans.begin(), spans.end(), [](const DenseSpan& x, const DenseSpan& y) {
-    return x.lo < y.lo || (x.lo == y.lo && x.tag < y.tag);
+void check_dense_overlap(std::vector<ByteSpan>& spans, const char* op) {
+  // Byte ranges of contiguous tensors intersect exactly when the tensors overlap;
+  // sources may overlap sources.
+  sweep_intersections(spans, [&](const ByteSpan& a, const ByteSpan& s) {
+    const bool a_written = !(a.tag & 1);
+    if (!a_written && (s.tag & 1)) return;
+    const ByteSpan& w = a_written ? a : s;
+    const ByteSpan& o = a_written ? s : a;
+    const bool o_written = !(o.tag & 1);
+    TORCH_CHECK(
+        false, op, ": destination ", w.tag / 2, " overlaps ", o_written ? "destination " : "source ",
+        o.tag / 2, " in memory", overlap_hint(o_written));
   });
-  // Sweep as check_no_overlap does; sources may overlap sources.
-  std::vector<DenseSpan> active;
-  for (const DenseSpan& s : spans) {
-    active.erase(
-        std::remove_if(active.begin(), active.end(), [&](const DenseSpan& a) { return a.hi <= s.lo; }),
-        active.end());
-    for (const DenseSpan& a : active) {
-      const bool a_written = !(a.tag & 1);
-      const bool s_written = !(s.tag & 1);
-      if (!a_written && !s_written) continue;
-      const DenseSpan& w = a_written ? a : s;
-      const DenseSpan& o = a_written ? s : a;
-      const bool o_written = !(o.tag & 1);
-      TORCH_CHECK(
-          false, op, ": destination ", w.tag / 2, " overlaps ", o_written ? "destination " : "source ",
-          o.tag / 2, " in memory",
-          o_written ? "; the result would depend on copy order. Pass disjoint destinations."
-                    : "; a destination must not alias a source. Clone the source first.");
-    }
-    active.push_back(s);
-  }
 }
 
 void add_dense_pair(
     std::vector<CopyEntry>& plan,
-    std::vector<DenseSpan>& spans,
+    std::vector<ByteSpan>& spans,
     const at::Tensor& dst,
     const at::Tensor& src,
     int64_t index) {
@@ -338,7 +330,7 @@ bool plan_dense_pairs(
     const char* op,
     std::vector<CopyEntry>& plan) {
   const size_t n = dsts.size();
-  std::vector<DenseSpan> spans;
+  std::vector<ByteSpan> spans;
   spans.reserve(2 * n);
   plan.reserve(n);
   for (size_t i = 0; i < n; ++i) {

@@ -444,15 +444,11 @@ def _run_stream(
     # come first, then those (the same order on every rank): until its own turn, an
     # in-place output is free space that ranks keeping results use as the bucket
     # buffer, so that buffer takes no memory the results do not take anyway.
+    solo = [_exchanges_in_place(stream, it, cpu_offload) for it in items]
     runs = buckets_with_solos(
-        [stream.cost(it) for it in items],
-        bucket_bytes,
-        [_exchanges_in_place(stream, it, cpu_offload) for it in items],
-        bucket_bytes // 4,
+        [stream.cost(it) for it in items], bucket_bytes, solo, bucket_bytes // 4
     )
-    in_place = [
-        len(run) == 1 and _exchanges_in_place(stream, items[run[0]], cpu_offload) for run in runs
-    ]
+    in_place = [len(run) == 1 and solo[run[0]] for run in runs]
     runs = [r for r, p in zip(runs, in_place) if not p] + [r for r, p in zip(runs, in_place) if p]
     n_shared = in_place.count(False)
     layouts = [stream.layout([items[j] for j in run]) for run in runs]

@@ -137,7 +137,7 @@ def batched_copy_(
     ops = _ops()
     # The direct entry point declines anything the dispatcher must see (subclasses,
     # modes, devices, autograd); tracing always goes through the registered op.
-    if torch.compiler.is_compiling() or not _C.batched_copy_cpu_fast(dsts, srcs):
+    if not copy_if_plain_cpu(dsts, srcs):
         ops.batched_copy_(dsts, srcs, non_blocking)
 
 

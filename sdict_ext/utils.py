@@ -335,6 +335,11 @@ def _copy_flat_cpu(state_dict: Any, copy_state_dict: Any) -> dict[str, Any] | No
     """
     if not isinstance(state_dict, dict) or not isinstance(copy_state_dict, dict):
         return None
+    # A first value that is no plain CPU tensor (a nested level, a GPU state dict)
+    # would make the C++ entry decline: spare the general path building the lists twice.
+    first = next(iter(state_dict.values()), None)
+    if type(first) is not torch.Tensor or first.device.type != "cpu":
+        return None
     if list(state_dict) != list(copy_state_dict):
         return None
     comps = list(copy_state_dict.values())

@@ -82,7 +82,7 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
   std::vector<const at::Tensor*> dsts(static_cast<size_t>(n));
   std::vector<const at::Tensor*> srcs(static_cast<size_t>(n));
   std::vector<CopyEntry> plan;
-  std::vector<DenseSpan> spans;
+  std::vector<ByteSpan> spans;
   plan.reserve(static_cast<size_t>(n));
   spans.reserve(2 * static_cast<size_t>(n));
   bool dense = true;

@@ -67,22 +67,24 @@ struct Region {
 // columns of one matrix). Reads may overlap reads.
 void check_no_overlap(const std::vector<Region>& regions, const char* op);
 
-// The byte range of one side of a pair of contiguous tensors, for check_dense_overlap.
-struct DenseSpan {
+// A byte range [lo, hi) of a tensor an op touches, for the overlap sweeps. `tag` orders
+// equal starts and names the tensor: a region index in check_no_overlap; in
+// check_dense_overlap 2 * pair index, + 1 for the source.
+struct ByteSpan {
   uintptr_t lo;
   uintptr_t hi;  // exclusive
-  int64_t tag;   // 2 * pair index, + 1 for the source (check_no_overlap's region order)
+  int64_t tag;
 };
 
 // check_no_overlap for pairs of contiguous tensors (one byte range per side): sorts
 // `spans` and raises, naming the pairs, when a destination overlaps anything.
-void check_dense_overlap(std::vector<DenseSpan>& spans, const char* op);
+void check_dense_overlap(std::vector<ByteSpan>& spans, const char* op);
 
 // Appends the copy of a pair of contiguous, checked tensors to `plan` and its byte
 // ranges to `spans` (nothing for an empty pair). `index` is the user's pair index.
 void add_dense_pair(
     std::vector<CopyEntry>& plan,
-    std::vector<DenseSpan>& spans,
+    std::vector<ByteSpan>& spans,
     const at::Tensor& dst,
     const at::Tensor& src,
     int64_t index);
