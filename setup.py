@@ -9,9 +9,9 @@ from __future__ import annotations
 import glob
 import os
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -37,10 +37,22 @@ def _extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fvisibility=hidden"]
+    link: list[str] = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is a header template whose threads are an `omp parallel`
+        # pragma: compiled without OpenMP it silently runs the whole range on the
+        # calling thread. With it, the kernels share torch's own OpenMP runtime (the
+        # same libgomp.so.1, already loaded) and thread count.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         return CppExtension(
-            "sdict_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+            "sdict_ext._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
     nvcc = ["-O3", "-lineinfo"]
@@ -49,6 +61,7 @@ def _extension():
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
     )
 
 

@@ -121,14 +121,47 @@ const char* overlap_hint(bool other_written) {
                        : "; a destination must not alias a source. Clone the source first.";
 }
 
+bool span_before(const ByteSpan& x, const ByteSpan& y) {
+  return x.lo < y.lo || (x.lo == y.lo && x.tag < y.tag);
+}
+
+// Sorts `spans` by (lo, tag). Tensors allocated one after another mostly sit at rising
+// addresses, so the list is usually a few ascending runs: those are merged (O(n log
+// runs)) rather than sorted from scratch; a list in no particular order is sorted.
+void sort_spans(std::vector<ByteSpan>& spans) {
+  const size_t n = spans.size();
+  std::vector<size_t> bounds{0};
+  for (size_t i = 1; i < n; ++i) {
+    if (span_before(spans[i], spans[i - 1])) bounds.push_back(i);
+  }
+  if (bounds.size() == 1) return;
+  if (bounds.size() > n / 16) {
+    std::sort(spans.begin(), spans.end(), span_before);
+    return;
+  }
+  bounds.push_back(n);
+  std::vector<ByteSpan> merged(n);
+  while (bounds.size() > 2) {
+    std::vector<size_t> next{0};
+    for (size_t r = 0; r + 1 < bounds.size(); r += 2) {
+      const auto lo = spans.begin() + static_cast<std::ptrdiff_t>(bounds[r]);
+      const auto mid = spans.begin() + static_cast<std::ptrdiff_t>(bounds[r + 1]);
+      const size_t end = r + 2 < bounds.size() ? bounds[r + 2] : bounds[r + 1];
+      const auto hi = spans.begin() + static_cast<std::ptrdiff_t>(end);
+      std::merge(lo, mid, mid, hi, merged.begin() + static_cast<std::ptrdiff_t>(bounds[r]), span_before);
+      next.push_back(end);
+    }
+    spans.swap(merged);
+    bounds.swap(next);
+  }
+}
+
 // Sorts `spans` by (lo, tag) and calls conflict(a, b) for every pair whose byte ranges
 // intersect, a sorted before b. Without overlaps the active set stays tiny, so this
 // is O(n log n) for thousands of tensors.
 template <typename Conflict>
 void sweep_intersections(std::vector<ByteSpan>& spans, Conflict conflict) {
-  std::sort(spans.begin(), spans.end(), [](const ByteSpan& x, const ByteSpan& y) {
-    return x.lo < y.lo || (x.lo == y.lo && x.tag < y.tag);
-  });
+  sort_spans(spans);
   std::vector<ByteSpan> active;
   for (const ByteSpan& s : spans) {
     active.erase(
@@ -279,43 +312,56 @@ std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList src
   return plan_batched_copy(d, s);
 }
 
-void check_dense_overlap(std::vector<ByteSpan>& spans, const char* op) {
-  // Byte ranges of contiguous tensors intersect exactly when the tensors overlap;
-  // sources may overlap sources.
-  sweep_intersections(spans, [&](const ByteSpan& a, const ByteSpan& s) {
-    const bool a_written = !(a.tag & 1);
-    if (!a_written && (s.tag & 1)) return;
-    const ByteSpan& w = a_written ? a : s;
-    const ByteSpan& o = a_written ? s : a;
-    const bool o_written = !(o.tag & 1);
+void check_dense_overlap(DenseSpans& spans, const char* op) {
+  // Byte ranges of contiguous tensors intersect exactly when the tensors overlap, and a
+  // range overlaps one that starts no later exactly when it starts before the furthest
+  // end seen so far. So one merged walk over the two sorted sides, remembering the
+  // destination and the source that reach furthest, finds any overlap with a
+  // destination (sources may overlap sources).
+  sort_spans(spans.dst);
+  sort_spans(spans.src);
+  const std::vector<ByteSpan>& dsts = spans.dst;
+  const std::vector<ByteSpan>& srcs = spans.src;
+  const ByteSpan* far_dst = nullptr;
+  const ByteSpan* far_src = nullptr;
+  auto fail = [&](const ByteSpan& w, const ByteSpan& o, bool o_written) {
     TORCH_CHECK(
-        false, op, ": destination ", w.tag / 2, " overlaps ", o_written ? "destination " : "source ",
-        o.tag / 2, " in memory", overlap_hint(o_written));
-  });
+        false, op, ": destination ", w.tag, " overlaps ", o_written ? "destination " : "source ",
+        o.tag, " in memory", overlap_hint(o_written));
+  };
+  size_t i = 0;
+  size_t j = 0;
+  while (i < dsts.size() || j < srcs.size()) {
+    if (j == srcs.size() || (i < dsts.size() && dsts[i].lo <= srcs[j].lo)) {
+      const ByteSpan& d = dsts[i++];
+      if (far_dst != nullptr && d.lo < far_dst->hi) fail(*far_dst, d, true);
+      if (far_src != nullptr && d.lo < far_src->hi) fail(d, *far_src, false);
+      if (far_dst == nullptr || d.hi > far_dst->hi) far_dst = &d;
+    } else {
+      const ByteSpan& s = srcs[j++];
+      if (far_dst != nullptr && s.lo < far_dst->hi) fail(*far_dst, s, false);
+      if (far_src == nullptr || s.hi > far_src->hi) far_src = &s;
+    }
+  }
 }
 
 void add_dense_pair(
-    std::vector<CopyEntry>& plan,
-    std::vector<ByteSpan>& spans,
+    std::vector<DenseCopy>& copies,
+    DenseSpans& spans,
     const at::Tensor& dst,
     const at::Tensor& src,
     int64_t index) {
-  const int64_t numel = dst.numel();
-  if (numel == 0) return;
-  CopyEntry e;
-  e.src = static_cast<const char*>(src.data_ptr());
-  e.dst = static_cast<char*>(dst.data_ptr());
-  e.elem_size = static_cast<int64_t>(dst.element_size());
-  e.numel = numel;
-  e.sizes.push_back(numel);
-  e.src_strides.push_back(e.elem_size);
-  e.dst_strides.push_back(e.elem_size);
-  const auto dp = reinterpret_cast<uintptr_t>(e.dst);
-  const auto sp = reinterpret_cast<uintptr_t>(e.src);
-  const auto nbytes = static_cast<uintptr_t>(e.nbytes());
-  spans.push_back({dp, dp + nbytes, 2 * index});
-  spans.push_back({sp, sp + nbytes, 2 * index + 1});
-  plan.push_back(std::move(e));
+  const int64_t nbytes = static_cast<int64_t>(dst.nbytes());
+  if (nbytes == 0) return;
+  // The source is only read: const_data_ptr leaves a copy-on-write source shared.
+  const auto* sp = static_cast<const char*>(src.const_data_ptr());
+  auto* dp = static_cast<char*>(dst.mutable_data_ptr());
+  const auto d = reinterpret_cast<uintptr_t>(dp);
+  const auto s = reinterpret_cast<uintptr_t>(sp);
+  const auto len = static_cast<uintptr_t>(nbytes);
+  spans.dst.push_back({d, d + len, index});
+  spans.src.push_back({s, s + len, index});
+  copies.push_back({sp, dp, nbytes});
 }
 
 namespace {
@@ -330,17 +376,31 @@ bool plan_dense_pairs(
     const char* op,
     std::vector<CopyEntry>& plan) {
   const size_t n = dsts.size();
-  std::vector<ByteSpan> spans;
-  spans.reserve(2 * n);
-  plan.reserve(n);
+  std::vector<DenseCopy> copies;
+  DenseSpans spans;
+  copies.reserve(n);
+  spans.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& d = *dsts[i];
     const at::Tensor& s = *srcs[i];
     check_copy_pair(d, s, static_cast<int64_t>(i), op);
     if (!d.is_contiguous() || !s.is_contiguous()) return false;
-    add_dense_pair(plan, spans, d, s, static_cast<int64_t>(i));
+    add_dense_pair(copies, spans, d, s, static_cast<int64_t>(i));
   }
   check_dense_overlap(spans, op);
+  // The backends' executors take CopyEntry: each run as numel bytes.
+  plan.reserve(copies.size());
+  for (const DenseCopy& c : copies) {
+    CopyEntry e;
+    e.src = c.src;
+    e.dst = c.dst;
+    e.elem_size = 1;
+    e.numel = c.nbytes;
+    e.sizes.push_back(c.nbytes);
+    e.src_strides.push_back(1);
+    e.dst_strides.push_back(1);
+    plan.push_back(std::move(e));
+  }
   return true;
 }
 

@@ -228,6 +228,60 @@ def test_batched_copy_rejects_bad_pairs_before_writing_anything():
     )
 
 
+def _slices(buf: torch.Tensor, order: list[int], width: int) -> list[torch.Tensor]:
+    return [buf[k * width:(k + 1) * width] for k in order]
+
+
+@pytest.mark.parametrize("order", ["ascending", "few_runs", "shuffled"])
+@pytest.mark.parametrize("entry", ["fast", "registered"])
+def test_batched_copy_overlap_check_in_any_address_order(order, entry):
+    # Destinations and sources in rising address order (a state dict allocated in
+    # order), a few runs of it, and no order at all: every case copies exactly, and a
+    # destination hidden in the middle overlapping another is found in each.
+    n, width = 3000, 5
+    gen = torch.Generator().manual_seed(3)
+    positions = list(range(n))
+    if order == "few_runs":
+        positions = positions[2000:] + positions[:700] + positions[1500:2000] + positions[700:1500]
+    elif order == "shuffled":
+        positions = torch.randperm(n, generator=gen).tolist()
+    assert sorted(positions) == list(range(n))
+    copy = ops.batched_copy_ if entry == "fast" else torch.ops.sdict_ext.batched_copy_.default
+    src_buf = torch.randn(n * width, generator=gen)
+    dst_buf = torch.zeros(n * width)
+    srcs = _slices(src_buf, list(reversed(positions)), width)
+    dsts = _slices(dst_buf, positions, width)
+    copy(dsts, srcs)
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+
+    dst_buf.zero_()
+    # Starts inside the destination in the middle of the buffer and ends two
+    # destinations later: in address order, others sit between it and some it overlaps.
+    start = (n // 2) * width + 2
+    wide = dst_buf[start:start + 3 * width]
+    bad_dsts = dsts + [wide]
+    bad_srcs = srcs + [torch.ones(wide.numel())]
+    _expect_error(
+        f"destination {n} overlaps destination|overlaps destination {n}",
+        lambda: copy(bad_dsts, bad_srcs),
+        dst_buf,
+    )
+    # A source spanning several destinations.
+    _expect_error(
+        "overlaps source 0|must not alias",
+        lambda: copy(dsts, [dst_buf[start:start + width]] + srcs[1:]),
+        dst_buf,
+    )
+
+
+def test_cpu_kernels_run_on_torchs_threads():
+    # at::parallel_for is a header template: compiled without OpenMP, where torch
+    # uses OpenMP, every CPU kernel silently runs on one thread.
+    from sdict_ext import _C
+
+    assert _C.built_with_openmp() == torch.backends.openmp.is_available()
+
+
 # pack / unpack
 
 

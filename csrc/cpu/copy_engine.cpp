@@ -118,16 +118,21 @@ void copy_strided(const CopyEntry& e, int64_t begin, int64_t end) {
   }
 }
 
+// Copies bytes [lo, hi) of a dense run.
+inline void copy_dense(char* dst, const char* src, int64_t lo, int64_t hi, bool streaming) {
+  const auto n = static_cast<size_t>(hi - lo);
+  if (streaming && hi - lo >= kStreamingRunBytes && hi - lo < kLibcStreamsBytes) {
+    stream_copy(dst + lo, src + lo, n);
+  } else {
+    std::memcpy(dst + lo, src + lo, n);
+  }
+}
+
 // Copies bytes [lo, hi) of entry `e`. Strided entries round both ends up to whole
 // elements, so adjacent byte ranges split the elements without gaps or overlap.
 void copy_bytes(const CopyEntry& e, int64_t lo, int64_t hi, bool streaming) {
   if (e.dense()) {
-    const auto n = static_cast<size_t>(hi - lo);
-    if (streaming && hi - lo >= kStreamingRunBytes && hi - lo < kLibcStreamsBytes) {
-      stream_copy(e.dst + lo, e.src + lo, n);
-    } else {
-      std::memcpy(e.dst + lo, e.src + lo, n);
-    }
+    copy_dense(e.dst, e.src, lo, hi, streaming);
     return;
   }
   const int64_t first = (lo + e.elem_size - 1) / e.elem_size;
@@ -135,13 +140,24 @@ void copy_bytes(const CopyEntry& e, int64_t lo, int64_t hi, bool streaming) {
   if (first < last) copy_strided(e, first, last);
 }
 
-}  // namespace
+void copy_bytes(const DenseCopy& c, int64_t lo, int64_t hi, bool streaming) {
+  copy_dense(c.dst, c.src, lo, hi, streaming);
+}
 
-void execute_plan_cpu(const std::vector<CopyEntry>& plan) {
+inline int64_t bytes_of(const CopyEntry& e) {
+  return e.nbytes();
+}
+
+inline int64_t bytes_of(const DenseCopy& c) {
+  return c.nbytes;
+}
+
+template <typename Entry>
+void execute(const std::vector<Entry>& plan) {
   if (plan.empty()) return;
   std::vector<int64_t> starts(plan.size() + 1, 0);
   for (size_t i = 0; i < plan.size(); ++i) {
-    starts[i + 1] = starts[i] + plan[i].nbytes();
+    starts[i + 1] = starts[i] + bytes_of(plan[i]);
   }
   const bool streaming = starts.back() >= kStreamingPlanBytes;
   at::parallel_for(0, starts.back(), kGrainBytes, [&](int64_t begin, int64_t end) {
@@ -154,6 +170,16 @@ void execute_plan_cpu(const std::vector<CopyEntry>& plan) {
     // Non-temporal stores are weakly ordered: make them visible before the join.
     if (streaming) store_fence();
   });
+}
+
+}  // namespace
+
+void execute_plan_cpu(const std::vector<CopyEntry>& plan) {
+  execute(plan);
+}
+
+void execute_plan_cpu(const std::vector<DenseCopy>& plan) {
+  execute(plan);
 }
 
 void check_cpu(at::TensorList tensors, const char* op, const char* what) {

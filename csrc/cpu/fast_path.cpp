@@ -81,10 +81,10 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
   const bool grad = at::GradMode::is_enabled();
   std::vector<const at::Tensor*> dsts(static_cast<size_t>(n));
   std::vector<const at::Tensor*> srcs(static_cast<size_t>(n));
-  std::vector<CopyEntry> plan;
-  std::vector<ByteSpan> spans;
-  plan.reserve(static_cast<size_t>(n));
-  spans.reserve(2 * static_cast<size_t>(n));
+  std::vector<DenseCopy> copies;
+  DenseSpans spans;
+  copies.reserve(static_cast<size_t>(n));
+  spans.reserve(static_cast<size_t>(n));
   bool dense = true;
   Py_ssize_t first_bad = -1;
   for (Py_ssize_t i = 0; i < n; ++i) {
@@ -101,7 +101,7 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
       continue;
     }
     if (dense && d->is_contiguous() && s->is_contiguous()) {
-      add_dense_pair(plan, spans, *d, *s, i);
+      add_dense_pair(copies, spans, *d, *s, i);
     } else {
       dense = false;
     }
@@ -110,6 +110,7 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
     check_copy_pair(*dsts[first_bad], *srcs[first_bad], first_bad, op);
     TORCH_CHECK(false, op, ": pair ", first_bad, " was refused");  // not reached
   }
+  std::vector<CopyEntry> plan;
   if (dense) {
     check_dense_overlap(spans, op);
   } else {
@@ -118,14 +119,28 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
   // What an in-place op does through the dispatcher: tell autograd the data changes.
   // Done before the copies, which would push the TensorImpls out of the cache again.
   for (const at::Tensor* d : dsts) d->unsafeGetTensorImpl()->bump_version();
-  execute_plan_cpu(plan);
+  if (dense) {
+    execute_plan_cpu(copies);
+  } else {
+    execute_plan_cpu(plan);
+  }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
+}
+
+PyObject* built_with_openmp(PyObject* /*self*/, PyObject* /*args*/) {
+#ifdef _OPENMP
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
 }
 
 PyMethodDef methods[] = {
     {"batched_copy_cpu_fast", batched_copy_cpu_fast, METH_VARARGS,
      "batched_copy_ for plain CPU tensor lists; False when the registered op must run."},
+    {"built_with_openmp", built_with_openmp, METH_NOARGS,
+     "Whether at::parallel_for in these kernels runs on torch's OpenMP threads."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

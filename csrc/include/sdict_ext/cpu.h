@@ -9,6 +9,8 @@ namespace sdict_ext {
 // at::parallel_for threads: a big tensor is cut, small ones are grouped. Dense
 // entries are plain memcpy; strided ones walk their coalesced dims.
 void execute_plan_cpu(const std::vector<CopyEntry>& plan);
+// The same for a plan of contiguous runs (add_dense_pair).
+void execute_plan_cpu(const std::vector<DenseCopy>& plan);
 
 // Raises unless every tensor is on the CPU; `op` and `what` name them in messages.
 void check_cpu(at::TensorList tensors, const char* op, const char* what);
