@@ -274,6 +274,38 @@ def test_batched_copy_overlap_check_in_any_address_order(order, entry):
     )
 
 
+def test_big_cpu_copies_let_other_python_threads_run():
+    # With forced GIL switches pushed out of reach, the main thread can only run while
+    # the copying thread releases the GIL: a big copy must (a checkpoint staged on a
+    # worker thread must not stall the trainer's thread), and still copy exactly.
+    import threading
+
+    dsts = [torch.zeros(1 << 20) for _ in range(2)]
+    srcs = [torch.randn(1 << 20) for _ in range(2)]
+    seen = threading.Event()
+    copies_before_seen = []
+
+    def worker():
+        for k in range(200):
+            if seen.is_set():
+                copies_before_seen.append(k)
+                return
+            ops.batched_copy_(dsts, srcs)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        seen.set()
+        thread.join(timeout=60)
+    finally:
+        sys.setswitchinterval(old)
+    assert not thread.is_alive()
+    assert copies_before_seen, "the main thread never ran during 200 big copies"
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+
+
 def test_cpu_kernels_run_on_torchs_threads():
     # at::parallel_for is a header template: compiled without OpenMP, where torch
     # uses OpenMP, every CPU kernel silently runs on one thread.

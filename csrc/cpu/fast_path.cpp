@@ -10,6 +10,8 @@
 // takes the registered op.
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -28,6 +30,10 @@ namespace {
 constexpr Py_ssize_t kObjectAhead = 12;
 constexpr Py_ssize_t kImplAhead = 8;
 constexpr Py_ssize_t kStorageAhead = 4;
+
+// From this many bytes the copy runs without the GIL: above ~100 us of copying,
+// releasing it costs less than what other threads would wait.
+constexpr int64_t kReleaseGilBytes = int64_t{1} << 20;
 
 inline const c10::TensorImpl* impl_if_tensor(PyObject* obj) {
   return THPVariable_CheckExact(obj) ? THPVariable_Unpack(obj).unsafeGetTensorImpl() : nullptr;
@@ -119,10 +125,33 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
   // What an in-place op does through the dispatcher: tell autograd the data changes.
   // Done before the copies, which would push the TensorImpls out of the cache again.
   for (const at::Tensor* d : dsts) d->unsafeGetTensorImpl()->bump_version();
+  int64_t total = 0;
   if (dense) {
-    execute_plan_cpu(copies);
+    for (const DenseCopy& c : copies) total += c.nbytes;
   } else {
-    execute_plan_cpu(plan);
+    for (const CopyEntry& e : plan) total += e.nbytes();
+  }
+  auto execute = [&] {
+    if (dense) {
+      execute_plan_cpu(copies);
+    } else {
+      execute_plan_cpu(plan);
+    }
+  };
+  if (total < kReleaseGilBytes) {
+    execute();
+    Py_RETURN_TRUE;
+  }
+  // A big copy lets other Python threads run (a trainer while its checkpoint is staged
+  // on a worker thread), as torch's ops do. The tensors are borrowed, so the lists are
+  // snapshotted first: nothing another thread does to them frees a storage mid-copy.
+  const THPObjectPtr keep_dsts(PyList_GetSlice(dst_list, 0, n));
+  if (!keep_dsts) return nullptr;
+  const THPObjectPtr keep_srcs(PyList_GetSlice(src_list, 0, n));
+  if (!keep_srcs) return nullptr;
+  {
+    pybind11::gil_scoped_release no_gil;
+    execute();
   }
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
