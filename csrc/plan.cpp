@@ -345,23 +345,22 @@ void check_dense_overlap(DenseSpans& spans, const char* op) {
   }
 }
 
-void add_dense_pair(
-    std::vector<DenseCopy>& copies,
-    DenseSpans& spans,
-    const at::Tensor& dst,
-    const at::Tensor& src,
-    int64_t index) {
-  const int64_t nbytes = static_cast<int64_t>(dst.nbytes());
-  if (nbytes == 0) return;
+DenseCopy dense_copy_of(const at::Tensor& dst, const at::Tensor& src) {
+  const auto nbytes = static_cast<int64_t>(dst.nbytes());
+  if (nbytes == 0) return {nullptr, nullptr, 0};
   // The source is only read: const_data_ptr leaves a copy-on-write source shared.
-  const auto* sp = static_cast<const char*>(src.const_data_ptr());
-  auto* dp = static_cast<char*>(dst.mutable_data_ptr());
-  const auto d = reinterpret_cast<uintptr_t>(dp);
-  const auto s = reinterpret_cast<uintptr_t>(sp);
-  const auto len = static_cast<uintptr_t>(nbytes);
+  return {static_cast<const char*>(src.const_data_ptr()), static_cast<char*>(dst.mutable_data_ptr()), nbytes};
+}
+
+void add_dense_copy(
+    std::vector<DenseCopy>& copies, DenseSpans& spans, const DenseCopy& copy, int64_t index) {
+  if (copy.nbytes == 0) return;
+  const auto d = reinterpret_cast<uintptr_t>(copy.dst);
+  const auto s = reinterpret_cast<uintptr_t>(copy.src);
+  const auto len = static_cast<uintptr_t>(copy.nbytes);
   spans.dst.push_back({d, d + len, index});
   spans.src.push_back({s, s + len, index});
-  copies.push_back({sp, dp, nbytes});
+  copies.push_back(copy);
 }
 
 namespace {
@@ -385,7 +384,7 @@ bool plan_dense_pairs(
     const at::Tensor& s = *srcs[i];
     check_copy_pair(d, s, static_cast<int64_t>(i), op);
     if (!d.is_contiguous() || !s.is_contiguous()) return false;
-    add_dense_pair(copies, spans, d, s, static_cast<int64_t>(i));
+    add_dense_copy(copies, spans, dense_copy_of(d, s), static_cast<int64_t>(i));
   }
   check_dense_overlap(spans, op);
   // The backends' executors take CopyEntry: each run as numel bytes.

@@ -154,6 +154,32 @@ def test_plain_cpu_entry_declines_anything_else_before_refusing_a_bad_pair():
     assert torch.equal(d0, torch.zeros(2))
 
 
+def test_plain_cpu_entry_over_many_pairs_scanned_in_parallel_ranges():
+    # Enough pairs for the C++ entry to scan ranges on several threads: the first bad
+    # pair is named whichever range finds it, a subclass in a late range still makes
+    # the whole call decline, and a strided pair late on takes the general plan.
+    class Sub(torch.Tensor):
+        pass
+
+    n = 9000
+    srcs = [torch.full((3,), float(i)) for i in range(n)]
+    dsts = [torch.zeros(3) for _ in range(n)]
+    bad_srcs = list(srcs)
+    bad_srcs[7000] = srcs[7000].double()
+    bad_srcs[2500] = torch.ones(4)
+    with pytest.raises(RuntimeError, match="pair 2500: shape mismatch"):
+        ops.copy_if_plain_cpu(dsts, bad_srcs)
+    declining = list(dsts)
+    declining[8999] = torch.zeros(3).as_subclass(Sub)
+    assert ops.copy_if_plain_cpu(declining, bad_srcs) is False
+    assert all(not d.any() for d in dsts), "a refused or declined call wrote"
+
+    strided = list(dsts)
+    strided[8000] = torch.zeros(3, 2)[:, 1]
+    assert ops.copy_if_plain_cpu(strided, srcs) is True
+    assert all(torch.equal(d, s) for d, s in zip(strided, srcs))
+
+
 def test_plain_cpu_entry_mixes_contiguous_strided_and_empty_pairs():
     base = torch.arange(24.0).reshape(4, 6)
     srcs = [torch.arange(5.0), base.t(), torch.empty(0, 3), torch.tensor(7.0), base[:, 1::2]]

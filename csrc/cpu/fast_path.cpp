@@ -13,11 +13,14 @@
 #include <torch/csrc/utils/object_ptr.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include "sdict_ext/cpu.h"
+
+#include <atomic>
 
 namespace sdict_ext {
 
@@ -30,6 +33,9 @@ namespace {
 constexpr Py_ssize_t kObjectAhead = 12;
 constexpr Py_ssize_t kImplAhead = 8;
 constexpr Py_ssize_t kStorageAhead = 4;
+
+// Pairs per thread below which scanning them is not worth a thread.
+constexpr int64_t kScanGrainPairs = 2048;
 
 // From this many bytes the copy runs without the GIL: above ~100 us of copying,
 // releasing it costs less than what other threads would wait.
@@ -87,34 +93,54 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
   const bool grad = at::GradMode::is_enabled();
   std::vector<const at::Tensor*> dsts(static_cast<size_t>(n));
   std::vector<const at::Tensor*> srcs(static_cast<size_t>(n));
+  std::vector<DenseCopy> slots(static_cast<size_t>(n));
+  // Each thread scans a contiguous range of pairs (the caller holds the GIL, which
+  // keeps the lists and their tensors alive and unchanged; nothing here touches a
+  // reference count) and reports what it found; ranges combine in index order.
+  std::atomic<bool> declined{false};
+  std::atomic<bool> dense_all{true};
+  std::atomic<Py_ssize_t> first_bad{n};
+  at::parallel_for(0, n, kScanGrainPairs, [&](int64_t begin, int64_t end) {
+    bool dense = true;
+    for (Py_ssize_t i = begin; i < end; ++i) {
+      prefetch_ahead(dst_list, i, end);
+      prefetch_ahead(src_list, i, end);
+      const at::Tensor* d = plain_cpu(PyList_GET_ITEM(dst_list, i), grad);
+      const at::Tensor* s = plain_cpu(PyList_GET_ITEM(src_list, i), false);
+      if (d == nullptr || s == nullptr) {
+        declined = true;
+        return;
+      }
+      dsts[i] = d;
+      srcs[i] = s;
+      if (!pair_ok(*d, *s)) {
+        Py_ssize_t seen = first_bad.load();
+        while (i < seen && !first_bad.compare_exchange_weak(seen, i)) {
+        }
+        dense = false;
+        continue;
+      }
+      if (dense && d->is_contiguous() && s->is_contiguous()) {
+        slots[i] = dense_copy_of(*d, *s);
+      } else {
+        dense = false;
+      }
+    }
+    if (!dense) dense_all = false;
+  });
+  if (declined) Py_RETURN_FALSE;
+  if (first_bad < n) {
+    const Py_ssize_t bad = first_bad;
+    check_copy_pair(*dsts[bad], *srcs[bad], bad, op);
+    TORCH_CHECK(false, op, ": pair ", bad, " was refused");  // not reached
+  }
+  const bool dense = dense_all;
   std::vector<DenseCopy> copies;
   DenseSpans spans;
-  copies.reserve(static_cast<size_t>(n));
-  spans.reserve(static_cast<size_t>(n));
-  bool dense = true;
-  Py_ssize_t first_bad = -1;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    prefetch_ahead(dst_list, i, n);
-    prefetch_ahead(src_list, i, n);
-    const at::Tensor* d = plain_cpu(PyList_GET_ITEM(dst_list, i), grad);
-    const at::Tensor* s = plain_cpu(PyList_GET_ITEM(src_list, i), false);
-    if (d == nullptr || s == nullptr) Py_RETURN_FALSE;
-    dsts[i] = d;
-    srcs[i] = s;
-    if (first_bad >= 0) continue;
-    if (!pair_ok(*d, *s)) {
-      first_bad = i;
-      continue;
-    }
-    if (dense && d->is_contiguous() && s->is_contiguous()) {
-      add_dense_pair(copies, spans, *d, *s, i);
-    } else {
-      dense = false;
-    }
-  }
-  if (first_bad >= 0) {
-    check_copy_pair(*dsts[first_bad], *srcs[first_bad], first_bad, op);
-    TORCH_CHECK(false, op, ": pair ", first_bad, " was refused");  // not reached
+  if (dense) {
+    copies.reserve(static_cast<size_t>(n));
+    spans.reserve(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) add_dense_copy(copies, spans, slots[i], i);
   }
   std::vector<CopyEntry> plan;
   if (dense) {
@@ -124,7 +150,9 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
   }
   // What an in-place op does through the dispatcher: tell autograd the data changes.
   // Done before the copies, which would push the TensorImpls out of the cache again.
-  for (const at::Tensor* d : dsts) d->unsafeGetTensorImpl()->bump_version();
+  at::parallel_for(0, n, kScanGrainPairs, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dsts[i]->unsafeGetTensorImpl()->bump_version();
+  });
   int64_t total = 0;
   if (dense) {
     for (const DenseCopy& c : copies) total += c.nbytes;

@@ -101,14 +101,13 @@ struct DenseSpans {
 // in order (the usual state dict).
 void check_dense_overlap(DenseSpans& spans, const char* op);
 
-// Appends the copy of a pair of contiguous, checked tensors to `copies` and its byte
-// ranges to `spans` (nothing for an empty pair). `index` is the user's pair index.
-void add_dense_pair(
-    std::vector<DenseCopy>& copies,
-    DenseSpans& spans,
-    const at::Tensor& dst,
-    const at::Tensor& src,
-    int64_t index);
+// The copy of a pair of contiguous, checked tensors (nbytes 0 for an empty pair).
+DenseCopy dense_copy_of(const at::Tensor& dst, const at::Tensor& src);
+
+// Appends `copy` to `copies` and its byte ranges to `spans` (nothing when empty).
+// `index` is the user's pair index.
+void add_dense_copy(
+    std::vector<DenseCopy>& copies, DenseSpans& spans, const DenseCopy& copy, int64_t index);
 
 // Per-pair argument checks for batched_copy_: same dtype and shape, no
 // self-overlapping destination. `op` is used in messages.
