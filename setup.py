@@ -33,6 +33,16 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _torch_libgomp() -> str | None:
+    """The OpenMP runtime bundled with torch (by SONAME, what libtorch_cpu loads), if any."""
+    here = os.path.dirname(torch.__file__)
+    for folder in (os.path.join(here, "lib"), os.path.join(os.path.dirname(here), "torch.libs")):
+        found = sorted(glob.glob(os.path.join(folder, "libgomp*.so*")))
+        if found:
+            return found[0]
+    return None
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
@@ -41,10 +51,11 @@ def _extension():
     if torch.backends.openmp.is_available():
         # at::parallel_for is a header template whose threads are an `omp parallel`
         # pragma: compiled without OpenMP it silently runs the whole range on the
-        # calling thread. With it, the kernels share torch's own OpenMP runtime (the
-        # same libgomp.so.1, already loaded) and thread count.
+        # calling thread. With it, the kernels must share torch's own OpenMP runtime
+        # and thread count, so they link the libgomp that torch ships where it ships
+        # one (a second runtime would bring a second thread pool).
         cxx.append("-fopenmp")
-        link.append("-fopenmp")
+        link += [_torch_libgomp() or "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         return CppExtension(

@@ -338,6 +338,11 @@ def test_cpu_kernels_run_on_torchs_threads():
     from sdict_ext import _C
 
     assert _C.built_with_openmp() == torch.backends.openmp.is_available()
+    # ... and on torch's own OpenMP runtime: a second libgomp is a second thread pool.
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/maps") as maps:
+            runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+        assert len(runtimes) <= 1, f"several OpenMP runtimes loaded: {sorted(runtimes)}"
 
 
 # pack / unpack
