@@ -103,9 +103,61 @@ void test_gather_concat_dim1() {
   expect(at::equal(out, full), "gather_concat dim 1");
 }
 
+// check_dense_overlap on hand-made byte ranges: ranges that only touch are disjoint,
+// sources may overlap sources, and a destination is caught overlapping a range that is
+// not its neighbour in address order, whatever the order the pairs come in.
+void test_dense_overlap_sweep() {
+  using sdict_ext::ByteSpan;
+  using sdict_ext::DenseSpans;
+  auto spans_of = [](const std::vector<std::pair<uintptr_t, uintptr_t>>& dst,
+                     const std::vector<std::pair<uintptr_t, uintptr_t>>& src) {
+    DenseSpans s;
+    for (size_t i = 0; i < dst.size(); ++i) s.dst.push_back({dst[i].first, dst[i].second, int64_t(i)});
+    for (size_t i = 0; i < src.size(); ++i) s.src.push_back({src[i].first, src[i].second, int64_t(i)});
+    return s;
+  };
+  auto ok = [&](DenseSpans s) {
+    try {
+      sdict_ext::check_dense_overlap(s, "test");
+      return true;
+    } catch (const c10::Error&) {
+      return false;
+    }
+  };
+  // Touching destinations, sources overlapping each other, all out of order.
+  expect(ok(spans_of({{300, 400}, {100, 200}, {200, 300}}, {{1000, 1100}, {1050, 1150}, {1000, 1100}})),
+         "touching destinations and overlapping sources are allowed");
+  // Destination 0 spans [100, 1000): it overlaps destination 2 at [500, 600) with
+  // destination 1 between them in address order.
+  expect(!ok(spans_of({{100, 1000}, {200, 300}, {500, 600}}, {{2000, 2100}, {3000, 3100}, {4000, 4100}})),
+         "a wide destination overlapping several");
+  // A source starting inside a destination that began much earlier.
+  expect(!ok(spans_of({{100, 1000}, {2000, 2100}}, {{999, 1099}, {5000, 5100}})),
+         "a source inside a destination's last byte");
+  // A destination starting inside a long source.
+  expect(!ok(spans_of({{6000, 6010}, {150, 160}}, {{7000, 7010}, {100, 200}})),
+         "a destination inside a source");
+  // Many runs (the run-merging sort) and no order at all (the full sort), disjoint.
+  std::vector<std::pair<uintptr_t, uintptr_t>> dst;
+  std::vector<std::pair<uintptr_t, uintptr_t>> src;
+  for (uintptr_t block = 0; block < 8; ++block) {
+    for (uintptr_t k = 0; k < 500; ++k) {
+      const uintptr_t lo = 1'000'000 + ((7 - block) * 500 + k) * 64;
+      dst.push_back({lo, lo + 64});
+      const uintptr_t slo = 9'000'000 + ((k * 7919) % 4000) * 64;
+      src.push_back({slo, slo + 64});
+    }
+  }
+  expect(ok(spans_of(dst, src)), "4,000 disjoint pairs in runs and in no order");
+  dst.push_back({1'000'000 + 1234 * 64 + 8, 1'000'000 + 1234 * 64 + 16});
+  src.push_back({100, 108});
+  expect(!ok(spans_of(dst, src)), "one overlap among 4,001 pairs");
+}
+
 }  // namespace
 
 int main() {
+  test_dense_overlap_sweep();
   test_strided_and_dense_copies();
   test_every_element_size();
   test_parallel_split_of_one_big_strided_tensor();
