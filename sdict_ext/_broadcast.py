@@ -28,8 +28,10 @@ from sdict_ext._collectives import (
     agree,
     box_of,
     buckets_with_solos,
+    dtensor_of,
     is_plain_placement,
     mesh_coordinates,
+    mesh_shape,
 )
 from sdict_ext._copies import batched_copy_pairs, offload_leaves
 from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
@@ -154,7 +156,7 @@ class _Dest:
 
 
 def _local_box(
-    shape: tuple[int, ...], local: DTensor
+    shape: tuple[int, ...], local: DTensor, rank: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """This rank's (shape, start) box of a full tensor laid out like ``local``.
 
@@ -169,10 +171,10 @@ def _local_box(
         if not box_start and tuple(box_shape) == (0,):
             return None
         return tuple(box_shape), tuple(box_start)
-    coord = mesh_coordinates(mesh).get(dist.get_rank())
+    coord = mesh_coordinates(mesh).get(rank)
     if coord is None:
         return None
-    return box_of(shape, mesh.shape, coord, placements)
+    return box_of(shape, mesh_shape(mesh), coord, placements)
 
 
 def _plan_dest(
@@ -182,6 +184,7 @@ def _plan_dest(
     full: torch.Tensor | None,
     device: torch.device,
     flat_device: torch.device,
+    rank: int,
 ) -> _Dest:
     shape = tuple(info.size)
     dest = _Dest(key, shape)
@@ -200,7 +203,7 @@ def _plan_dest(
             dest.unpack_into = torch.empty(shape, dtype=info.dtype, device=flat_device)
             dest.finish = new
         return dest
-    box = _local_box(shape, local)
+    box = _local_box(shape, local, rank)
     if box is None:
         return dest  # this rank is not part of the DTensor's mesh
     box_shape, box_start = box
@@ -208,9 +211,7 @@ def _plan_dest(
     dest.box_start = tuple(box_start)
     if local.is_meta:
         new = torch.empty(box_shape, dtype=info.dtype, device=device)
-        dest.result = DTensor.from_local(
-            new, local.device_mesh, local.placements, shape=local.shape, stride=local.stride()
-        )
+        dest.result = dtensor_of(new, local)
     else:
         # The local tensor itself (to_local() would only add an autograd view of it).
         new = local._local_tensor
@@ -302,13 +303,17 @@ def broadcast_state_dict(
         tensor_keys: list[tuple[str, _TensorInfo]] = [
             (k, v) for k, v in meta if isinstance(v, _TensorInfo)
         ]
+        rank = dist.get_rank()
         for key, info in tensor_keys:
             full = full_state_dict[key] if is_src else None
             dests.append(
-                _plan_dest(key, info, local_state_dict.get(key), full, device, flat_device)
+                _plan_dest(key, info, local_state_dict.get(key), full, device, flat_device, rank)
             )
         specs = [(tuple(info.size), info.dtype) for _, info in tensor_keys]
-        runs = _runs([ops.pack_layout([spec])[1] for spec in specs], bucket_bytes)
+        # Slot sizes as pack_layout rounds them (without its per-call checks).
+        align = ops.ALIGNMENT
+        slots = [-(-_numel(shape) * dtype.itemsize // align) * align for shape, dtype in specs]
+        runs = _runs(slots, bucket_bytes)
         layouts = [ops.pack_layout([specs[j] for j in run]) for run in runs]
         # A big tensor travels alone and, where its bytes are contiguous, straight from
         # the source tensor / into the destination: no bucket buffer, no pack / unpack.
@@ -474,7 +479,7 @@ def distribute_state_dict(
         me = dist.get_rank()
         if me not in coords:
             continue
-        shape, start = box_of(tuple(value.shape), mesh.shape, coords[me], placements)
+        shape, start = box_of(tuple(value.shape), mesh_shape(mesh), coords[me], placements)
         new = torch.empty(shape, dtype=value.dtype, device=device)
         src = value.detach()
         for d, (lo, n) in enumerate(zip(start, shape)):
@@ -482,8 +487,6 @@ def distribute_state_dict(
                 src = src.narrow(d, lo, n)
         dsts.append(new)
         srcs.append(src)
-        results[key] = DTensor.from_local(
-            new, mesh, placements, shape=value.shape, stride=value.stride()
-        )
+        results[key] = dtensor_of(new, local, value.shape, value.stride())
     batched_copy_pairs(dsts, srcs)
     local_state_dict.update(results)

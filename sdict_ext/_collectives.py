@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DeviceMesh, Replicate, Shard
+from torch.distributed.tensor import DeviceMesh, DTensor, Replicate, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -34,6 +35,8 @@ __all__ = [
     "digest",
     "is_plain_placement",
     "mesh_coordinates",
+    "mesh_shape",
+    "dtensor_of",
     "status_device",
 ]
 
@@ -190,14 +193,13 @@ def is_plain_placement(placements: Sequence[Any]) -> bool:
     return all(type(p) is Shard or isinstance(p, Replicate) for p in placements)
 
 
-_COORDS: dict[int, tuple[Any, dict[int, tuple[int, ...]]]] = {}
+_MESHES: dict[int, tuple[Any, dict[int, tuple[int, ...]], tuple[int, ...]]] = {}
 
 
-def mesh_coordinates(mesh: DeviceMesh) -> dict[int, tuple[int, ...]]:
-    """Global rank -> coordinate in ``mesh`` (cached per mesh object)."""
-    cached = _COORDS.get(id(mesh))
+def _mesh_facts(mesh: DeviceMesh) -> tuple[Any, dict[int, tuple[int, ...]], tuple[int, ...]]:
+    cached = _MESHES.get(id(mesh))
     if cached is not None and cached[0] is mesh:
-        return cached[1]
+        return cached
     ranks = mesh.mesh.tolist()
     coords: dict[int, tuple[int, ...]] = {}
 
@@ -209,8 +211,53 @@ def mesh_coordinates(mesh: DeviceMesh) -> dict[int, tuple[int, ...]]:
             coords[int(node)] = prefix
 
     walk(ranks, ())
-    _COORDS[id(mesh)] = (mesh, coords)
-    return coords
+    facts = (mesh, coords, tuple(mesh.shape))
+    _MESHES[id(mesh)] = facts
+    return facts
+
+
+def mesh_coordinates(mesh: DeviceMesh) -> dict[int, tuple[int, ...]]:
+    """Global rank -> coordinate in ``mesh`` (cached per mesh object)."""
+    return _mesh_facts(mesh)[1]
+
+
+def mesh_shape(mesh: DeviceMesh) -> tuple[int, ...]:
+    """``mesh.shape``, cached per mesh object (the property recomputes it from the
+    mesh's layout on every access: tens of microseconds, per tensor)."""
+    return _mesh_facts(mesh)[2]
+
+
+def dtensor_of(
+    local: torch.Tensor,
+    like: DTensor,
+    shape: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+) -> DTensor:
+    """A DTensor holding ``local``, on ``like``'s mesh and placements.
+
+    What ``DTensor.from_local(local, like.device_mesh, like.placements,
+    run_check=False, shape=shape, stride=stride)`` gives for a new local tensor that
+    needs no autograd history, at a fraction of the cost: ``from_local`` runs an
+    autograd Function and wraps a view of ``local`` (~450 us per tensor on the 2-core CI
+    machine), and a new ``DTensorSpec`` validates itself (~60 us), which for thousands
+    of DTensors is most of a state-dict call. ``like``'s own spec is reused when it
+    already describes the result (same global shape, stride and dtype): the usual case
+    of loading into a model of the same shapes.
+
+    Args:
+        local: the local tensor, held as it is.
+        like: the DTensor whose mesh and placements the result takes.
+        shape: global shape; default ``like.shape``.
+        stride: global stride; default ``like.stride()``.
+    """
+    spec = like._spec
+    shape = like.shape if shape is None else torch.Size(shape)
+    stride = like.stride() if stride is None else tuple(stride)
+    wanted = (shape, stride, local.dtype)
+    meta = spec.tensor_meta
+    if meta is None or (meta.shape, tuple(meta.stride), meta.dtype) != wanted:
+        spec = DTensorSpec(spec.mesh, spec.placements, tensor_meta=TensorMeta(*wanted))
+    return DTensor(local, spec, requires_grad=local.requires_grad)
 
 
 def box_of(

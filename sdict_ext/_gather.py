@@ -51,6 +51,7 @@ from sdict_ext._collectives import (
     digest,
     is_plain_placement,
     mesh_coordinates,
+    mesh_shape,
 )
 from sdict_ext._copies import offload_leaves
 from sdict_ext._traverse import (
@@ -211,11 +212,23 @@ def _mesh_dim_route(
 
 
 def _plan_dtensor(value: DTensor, leaf: int, streams: dict, order: list, cache: dict) -> bool:
-    """Adds a coalesced item for ``value``; False when it needs PyTorch's path."""
+    """Adds a coalesced item for ``value``; False when it needs PyTorch's path.
+
+    ``cache`` holds what every tensor of one call shares: mesh routes, the
+    classification of each distinct placements tuple, this rank's rank in each group.
+    """
     placements = value.placements
-    if not is_plain_placement(placements):
+    # Placements repeat across a model's tensors: classify each distinct tuple once
+    # (isinstance on placement types goes through a metaclass check).
+    sharded = cache.get(placements)
+    if sharded is None:
+        sharded = cache[placements] = (
+            [md for md, p in enumerate(placements) if not isinstance(p, Replicate)]
+            if is_plain_placement(placements)
+            else False
+        )
+    if sharded is False:
         return False
-    sharded = [md for md, p in enumerate(placements) if not isinstance(p, Replicate)]
     if not sharded:
         return False  # fully replicated: PyTorch's path is a no-op returning the local
     mesh = value.device_mesh
@@ -228,12 +241,12 @@ def _plan_dtensor(value: DTensor, leaf: int, streams: dict, order: list, cache: 
         if chunked:
             # torch.chunk layout: rank 0's piece is the largest, and the only one the
             # slot layout and the rebuild need.
-            box0 = box_of(item.shape, mesh.shape, coords_by_rank[0], placements)
+            box0 = box_of(item.shape, mesh_shape(mesh), coords_by_rank[0], placements)
             item.pieces = [[box0]] * len(coords_by_rank)
             item.shard_dim = placements[md].dim % max(1, len(item.shape))
         else:
             item.pieces = [
-                [box_of(item.shape, mesh.shape, c, placements)] for c in coords_by_rank
+                [box_of(item.shape, mesh_shape(mesh), c, placements)] for c in coords_by_rank
             ]
     else:
         # Several sharded mesh dims: exchange on the default group, whose ranks are
@@ -244,13 +257,18 @@ def _plan_dtensor(value: DTensor, leaf: int, streams: dict, order: list, cache: 
             return False
         chunked = False
         coords = mesh_coordinates(mesh)
+        dims = mesh_shape(mesh)
         replicated = [md for md, p in enumerate(placements) if isinstance(p, Replicate)]
         for g in range(world):
             c = coords[g]
             # Replicas hold the same box; only coordinate 0 of replicated dims sends it.
             sends = all(c[md] == 0 for md in replicated)
-            item.pieces.append([box_of(item.shape, mesh.shape, c, placements)] if sends else [])
-    if item.pieces[dist.get_rank(group)]:
+            item.pieces.append([box_of(item.shape, dims, c, placements)] if sends else [])
+    rank_key = ("rank", id(group))
+    group_rank = cache.get(rank_key)
+    if group_rank is None:
+        group_rank = cache[rank_key] = dist.get_rank(group)
+    if item.pieces[group_rank]:
         item.mine = [local]
     key = (id(group), local.device, chunked)
     stream = streams.get(key)

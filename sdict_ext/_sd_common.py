@@ -33,6 +33,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sdict_ext._collectives import dtensor_of
 from sdict_ext._sd_fqn import FqnResolver, param_fqn_maps
 from sdict_ext._traverse import LEAF_DTENSOR, LEAF_TENSOR, flatten
 from sdict_ext.ops import batched_copy_
@@ -321,14 +322,7 @@ def _unshare(obj: Any, live: set[int]) -> Any:
                 copy = torch.empty_like(local)
                 dsts.append(copy)
                 srcs.append(local)
-                leaves[i] = DTensor.from_local(
-                    copy,
-                    value.device_mesh,
-                    value.placements,
-                    run_check=False,
-                    shape=value.shape,
-                    stride=value.stride(),
-                )
+                leaves[i] = dtensor_of(copy, value)
         elif kind == LEAF_TENSOR and _storage_ptr(value) in live:
             leaves[i] = torch.empty_like(value)
             dsts.append(leaves[i])

@@ -81,7 +81,10 @@ def _describe(value: Any) -> Any:
         return (
             "DTensor",
             tuple(value.shape),
+            tuple(value.stride()),
             str(value.dtype),
+            value.requires_grad,
+            value.device_mesh.mesh.tolist(),
             tuple(value.placements),
             _describe(value.to_local()),
         )
