@@ -34,6 +34,7 @@ from sdict_ext._collectives import (
     mesh_shape,
 )
 from sdict_ext._copies import batched_copy_pairs, offload_leaves
+from sdict_ext._gc import gc_paused
 from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
 
 __all__ = ["broadcast_state_dict", "distribute_state_dict"]
@@ -231,6 +232,7 @@ def _plan_dest(
     return dest
 
 
+@gc_paused()
 def broadcast_state_dict(
     full_state_dict: dict[str, Any],
     local_state_dict: dict[str, Any],
@@ -427,6 +429,7 @@ def _finish(dests: list[_Dest]) -> None:
                 d.finish.copy_(d.unpack_into)
 
 
+@gc_paused()
 def distribute_state_dict(
     full_state_dict: dict[str, Any],
     local_state_dict: dict[str, Any],

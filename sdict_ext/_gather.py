@@ -54,6 +54,7 @@ from sdict_ext._collectives import (
     mesh_shape,
 )
 from sdict_ext._copies import offload_leaves
+from sdict_ext._gc import gc_paused
 from sdict_ext._traverse import (
     LEAF_DTENSOR,
     LEAF_OTHER,
@@ -326,6 +327,7 @@ def _default_device(group: dist.ProcessGroup) -> torch.device:
     return dist.distributed_c10d._get_pg_default_device(group)
 
 
+@gc_paused()
 def gather_state_dict(
     state_dict: dict[str, Any],
     *,

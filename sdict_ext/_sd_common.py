@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -114,18 +113,6 @@ class Info(StateDictOptions):
     fsdp_modules: list[nn.Module] = field(default_factory=list)
     fsdp_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     distributed: bool = False  # loads must agree across ranks (see build_info)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC: building large dicts of tensors otherwise triggers many sweeps."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def as_optimizers(optimizers: Any) -> tuple[torch.optim.Optimizer, ...]:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from sdict_ext._gc import gc_paused
 from sdict_ext._sd_common import (
     PATCHED,
     Info,
@@ -37,7 +38,6 @@ from sdict_ext._sd_common import (
     agree,
     as_optimizers,
     build_info,
-    gc_paused,
     is_multi_rank,
     storage_ptrs,
 )
