@@ -42,6 +42,7 @@ import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -66,6 +67,11 @@ _KINDS: dict[type, int] = {}
 
 # Immutable leaves are staged by reference; anything else is deep-copied at staging time.
 _IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device)
+
+
+_SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
 
 
 def _kind(obj: Any) -> int:
@@ -150,6 +156,12 @@ class _Walk:
             if isinstance(obj, dict):
                 keys = tuple(obj)
                 sig.append(("d", keys))
+                values = list(obj.values())
+                # A level of plain tensors (a model's parameters) in a few C-level
+                # passes instead of a call per leaf; the signature it records depends
+                # only on the layout, so the two paths never mix for one layout.
+                if values and all(_KINDS.get(t) == _TENSOR for t in set(map(type, values))):
+                    return self._tensor_level(keys, values)
                 if not self.build:
                     for k in keys:
                         self.visit(obj[k])
@@ -192,6 +204,23 @@ class _Walk:
             )
             self.locals.extend(s.tensor for s in shards)
         return self.out_leaves[index] if index < len(self.out_leaves) else None
+
+
+    def _tensor_level(self, keys: tuple[Any, ...], values: list[torch.Tensor]) -> Any:
+        self.sig.append((
+            _TENSOR,
+            tuple(map(_SHAPE, values)),
+            tuple(map(_DTYPE, values)),
+            tuple(map(_DEVICE, values)),
+        ))
+        index = len(self.leaves)
+        self.leaves += values
+        self.locals += values
+        if not self.build:
+            return None
+        staged = self.out_leaves[index:index + len(values)]
+        staged += [None] * (len(values) - len(staged))
+        return dict(zip(keys, staged))
 
 
 def _leaf_paths(obj: Any, prefix: str = "") -> list[str]:

@@ -241,7 +241,14 @@ def _remove_key(sd):
     del sd["optim"]["state"]["w"]["exp_avg"]
 
 
-@pytest.mark.parametrize("change", [_add_key, _change_shape, _change_dtype, _remove_key])
+def _value_for_tensor(sd):
+    # "model" is a level of tensors only (staged in bulk); now one leaf is a plain value.
+    sd["model"]["mask"] = 7
+
+
+@pytest.mark.parametrize(
+    "change", [_add_key, _change_shape, _change_dtype, _remove_key, _value_for_tensor]
+)
 def test_layout_change_reallocates_and_releases_the_old_slab(change):
     state_dict = _sample_state_dict()
     with PinnedStager(pin_memory=False) as stager:
