@@ -29,7 +29,8 @@ namespace {
 // A state dict's tensors are scattered over the heap, and by the time they are copied
 // again their Python objects, TensorImpls and StorageImpls have left the cache: each
 // pair is a chain of cache misses (object -> TensorImpl -> storage). So everything is
-// read in ONE pass over the pairs, and each link is prefetched a few pairs ahead.
+// read in ONE pass over the pairs (split into ranges over torch's threads), and each
+// link is prefetched a few pairs ahead.
 constexpr Py_ssize_t kObjectAhead = 12;
 constexpr Py_ssize_t kImplAhead = 8;
 constexpr Py_ssize_t kStorageAhead = 4;
