@@ -156,6 +156,25 @@ def copy_if_plain_cpu(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> boo
     return bool(_C.batched_copy_cpu_fast(dsts, srcs))
 
 
+def carve_views(
+    slab: torch.Tensor,
+    dtypes: list[torch.dtype],
+    shapes: list[tuple[int, ...]],
+    strides: list[tuple[int, ...]],
+    offsets: list[int],
+) -> list[torch.Tensor]:
+    """Tensors sharing ``slab``'s storage: tensor i has ``dtypes[i]``, ``shapes[i]``,
+    ``strides[i]`` and starts ``offsets[i]`` elements (of its dtype) into the storage.
+
+    The same tensors as ``slab.view(dtype).as_strided(shape, stride, offset)``, but
+    independent (no autograd view of the slab) and made in one C++ call. Raises before
+    making any when a spec reaches past the storage.
+    """
+    if _IMPORT_ERROR is not None:
+        raise ImportError(f"{_BUILD_HINT} (import failed: {_IMPORT_ERROR})")
+    return _C.carve_views(slab, dtypes, shapes, strides, offsets)
+
+
 def pack(
     tensors: Sequence[torch.Tensor],
     out: torch.Tensor | None = None,

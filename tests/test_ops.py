@@ -618,3 +618,27 @@ def test_batched_copy_device_to_pinned_host_and_back_cuda():
     pageable = [torch.empty(s.shape, dtype=s.dtype) for s in srcs]
     ops.batched_copy_(pageable, srcs)
     assert all(_same(p, s) for p, s in zip(pageable, srcs))
+
+
+def test_carve_views_match_as_strided_and_share_the_slab_storage():
+    slab = torch.zeros(256, dtype=torch.uint8)
+    specs = [
+        (torch.float32, (3, 4), (4, 1), 0),
+        (torch.bfloat16, (5,), (1,), 24),
+        (torch.int64, (), (), 8),
+        (torch.bool, (0, 3), (3, 1), 200),
+        (torch.complex64, (2, 2), (1, 2), 4),  # transposed strides
+    ]
+    dtypes, shapes, strides, offsets = (list(x) for x in zip(*specs))
+    made = ops.carve_views(slab, dtypes, shapes, strides, offsets)
+    for t, (dtype, shape, stride, offset) in zip(made, specs):
+        ref = slab.view(dtype).as_strided(shape, stride, offset)
+        assert t.dtype == dtype and tuple(t.shape) == shape and t.stride() == stride
+        assert t.storage_offset() == offset and t.data_ptr() == ref.data_ptr()
+        assert t._base is None and t.untyped_storage().data_ptr() == slab.data_ptr()
+    made[0].fill_(1.5)
+    assert torch.equal(slab.view(torch.float32)[:12], torch.full((12,), 1.5))
+    with pytest.raises(RuntimeError, match="tensor 1 reaches past the slab's 256 bytes"):
+        ops.carve_views(slab, [torch.uint8, torch.float64], [(4,), (30,)], [(1,), (1,)], [0, 8])
+    with pytest.raises(RuntimeError, match="dtype of tensor 0 is not a torch.dtype"):
+        ops.carve_views(slab, ["float32"], [(4,)], [(1,)], [0])
