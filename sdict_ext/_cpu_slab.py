@@ -148,11 +148,16 @@ def carve(
     if not total:
         return [None] * len(numels), empty
     slab = _allocate(total, pin_memory, share_memory)
-    # One C++ call makes every tensor (as_strided from Python costs ~5 us each).
     elements = list(map(floordiv, offsets, itemsizes))
-    out: list[torch.Tensor | None] = ops.carve_views(
-        slab, list(dtypes), list(shapes), strides, elements
-    )
+    out: list[torch.Tensor | None]
+    if type(slab) is torch.Tensor:
+        # One C++ call makes every tensor (as_strided from Python costs ~5 us each).
+        out = ops.carve_views(slab, list(dtypes), list(shapes), strides, elements)
+    else:  # a tensor subclass (FakeTensorMode...): views through the dispatcher
+        typed = {dtype: slab.view(dtype) for dtype in itemsize}
+        out = list(map(
+            torch.Tensor.as_strided, map(typed.__getitem__, dtypes), shapes, strides, elements
+        ))
     for i in empty:
         out[i] = None
     if () in geometry:

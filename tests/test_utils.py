@@ -408,3 +408,31 @@ def test_gather_of_a_plain_state_dict_needs_no_process_group_like_pytorch():
     assert _same(ours, theirs)
     assert ours["model"]["w"] is sd["model"]["w"]
     assert _same(utils.gather_state_dict(sd, cpu_offload=True), theirs)
+
+
+def test_create_cpu_state_dict_under_inference_mode_matches_pytorch():
+    # Made under inference mode, PyTorch's copies are inference tensors; so are ours
+    # (and making them must not fail there).
+    with torch.inference_mode():
+        sd = {
+            "w": torch.ones(3, 2),
+            "b": torch.zeros(4, dtype=torch.bfloat16),
+            "s": torch.tensor(2.0),
+        }
+        ours = utils.create_cpu_state_dict(sd)
+        theirs = ref._create_cpu_state_dict(sd)
+    for key in sd:
+        assert ours[key].is_inference() == theirs[key].is_inference() is True
+        assert ours[key].shape == theirs[key].shape and ours[key].dtype == theirs[key].dtype
+    assert torch.equal(ours["s"], theirs["s"])
+
+
+def test_create_cpu_state_dict_under_fake_tensor_mode_gives_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    with FakeTensorMode():
+        sd = {"w": torch.ones(3, 2), "b": torch.zeros(4, dtype=torch.bfloat16)}
+        out = utils.create_cpu_state_dict(sd)
+    for key, value in sd.items():
+        assert isinstance(out[key], FakeTensor)
+        assert out[key].shape == value.shape and out[key].dtype == value.dtype

@@ -208,7 +208,8 @@ c10::SmallVector<int64_t, 6> int_tuple(PyObject* obj, const char* what, Py_ssize
 // an autograd view per tensor (~5 us each from Python, most of create_cpu_state_dict
 // for 20,000 tensors). Each is an independent tensor sharing the slab's storage, as
 // PyTorch's own create_cpu_state_dict makes independent tensors; the storage, and so
-// the slab, lives until the last of them dies.
+// the slab, lives until the last of them dies. Like torch.empty, the tensors are
+// inference tensors when made under inference mode (the TensorImpl follows the mode).
 PyObject* carve_views(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject* slab_obj = nullptr;
@@ -223,7 +224,7 @@ PyObject* carve_views(PyObject* /*self*/, PyObject* args) {
   TORCH_CHECK(THPVariable_CheckExact(slab_obj), "sdict_ext.carve_views: the slab must be a plain tensor");
   const at::Tensor& slab = THPVariable_Unpack(slab_obj);
   TORCH_CHECK(
-      slab.device().is_cpu() && slab.layout() == at::kStrided && slab.has_storage() && !slab.is_inference(),
+      slab.device().is_cpu() && slab.layout() == at::kStrided && slab.has_storage(),
       "sdict_ext.carve_views: the slab must be a strided CPU tensor with storage");
   const Py_ssize_t n = PyList_GET_SIZE(dtypes);
   TORCH_CHECK(
