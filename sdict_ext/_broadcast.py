@@ -458,6 +458,7 @@ def distribute_state_dict(
         pg: unused (the DTensors carry their meshes); kept for the signature.
     """
     del pg
+    rank = dist.get_rank()
     results: dict[str, Any] = {}
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
@@ -478,11 +479,10 @@ def distribute_state_dict(
         if not is_plain_placement(placements):
             results[key] = distribute_tensor(value.detach().to(device), mesh, placements)
             continue
-        coords = mesh_coordinates(mesh)
-        me = dist.get_rank()
-        if me not in coords:
-            continue
-        shape, start = box_of(tuple(value.shape), mesh_shape(mesh), coords[me], placements)
+        box = _local_box(tuple(value.shape), local, rank)
+        if box is None:
+            continue  # this rank is not part of the DTensor's mesh
+        shape, start = box
         new = torch.empty(shape, dtype=value.dtype, device=device)
         src = value.detach()
         for d, (lo, n) in enumerate(zip(start, shape)):
