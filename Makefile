@@ -12,7 +12,7 @@ SIZE ?= small
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup build test bench cpptest clean
+.PHONY: setup build test bench cpptest cudahosttest clean
 
 setup:
 ifneq ($(HAVE_TORCH),yes)
@@ -39,6 +39,16 @@ cpptest: setup
 	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 	cmake --build build/cmake-$(SANITIZE) -j 2
 	cd build/cmake-$(SANITIZE) && ctest --output-on-failure
+
+# The CUDA copy kernel's indexing, emulated on the CPU (no GPU needed, nvcc is): the
+# table built by the real code, every chunk run thread by thread, under ASan+UBSan.
+NVCC ?= nvcc
+CUDA_HOST_FLAGS := -std=c++17 -arch=sm_90 -g -I csrc/include $(foreach f,-fsanitize=address \
+  -fsanitize=undefined -fno-sanitize-recover=all -fno-omit-frame-pointer,-Xcompiler $(f))
+cudahosttest:
+	@mkdir -p build/cuda-host
+	$(NVCC) $(CUDA_HOST_FLAGS) tests/cuda_host/test_copy_kernel.cu -o build/cuda-host/test_copy_kernel
+	build/cuda-host/test_copy_kernel
 
 clean:
 	rm -rf build sdict_ext/_C*.so

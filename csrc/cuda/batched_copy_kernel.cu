@@ -110,8 +110,19 @@ Described describe(const KernelCopy& c) {
   return {d, chunks};
 }
 
+// The device code below is also host code (SDICT_EXT_HD): tests/cuda_host runs the
+// kernel's work chunk by chunk and thread by thread on the CPU, so its indexing is
+// checked (under ASan too) on machines without a GPU. Threads of a chunk never share
+// bytes, so running them one after another is a faithful emulation.
+#define SDICT_EXT_HD __host__ __device__ __forceinline__
+// The host emulation defines this to check what the device would fault on (a word
+// access at an address that is not a multiple of the word size).
+#ifndef SDICT_EXT_KERNEL_CHECK
+#define SDICT_EXT_KERNEL_CHECK(cond)
+#endif
+
 // std::min is not a device function without --expt-relaxed-constexpr.
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+SDICT_EXT_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 template <int W>
 struct Word;
@@ -131,7 +142,7 @@ struct Word<1> { using type = unsigned char; };
 // then the remaining bytes. Loads are batched ahead of stores so each thread keeps
 // several requests in flight, which is what saturates HBM and PCIe.
 template <int W>
-__device__ __forceinline__ void copy_span(char* dst, const char* src, int64_t n, int lane, int lanes) {
+SDICT_EXT_HD void copy_span(char* dst, const char* src, int64_t n, int lane, int lanes) {
   using T = typename Word<W>::type;
   constexpr int kUnroll = 4;
   const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(src) & (W - 1));
@@ -140,6 +151,8 @@ __device__ __forceinline__ void copy_span(char* dst, const char* src, int64_t n,
   const int64_t words = (n - head) / W;
   const T* s = reinterpret_cast<const T*>(src + head);
   T* d = reinterpret_cast<T*>(dst + head);
+  SDICT_EXT_KERNEL_CHECK(
+      words == 0 || ((reinterpret_cast<uintptr_t>(s) | reinterpret_cast<uintptr_t>(d)) & (W - 1)) == 0);
   int64_t i = lane;
   for (; i + int64_t{kUnroll - 1} * lanes < words; i += int64_t{kUnroll} * lanes) {
     T r[kUnroll];
@@ -154,7 +167,7 @@ __device__ __forceinline__ void copy_span(char* dst, const char* src, int64_t n,
 
 // Byte offsets of unit u on both sides; int64 throughout so tensors past 2^31
 // elements index correctly.
-__device__ __forceinline__ void unit_offsets(
+SDICT_EXT_HD void unit_offsets(
     const CopyDesc& d, const int64_t* dims, int64_t u, int64_t& src_off, int64_t& dst_off) {
   src_off = 0;
   dst_off = 0;
@@ -177,7 +190,7 @@ __device__ __forceinline__ void unit_offsets(
 // `lanes` threads per unit. W is a template argument so each width's loop keeps its
 // own registers.
 template <int W>
-__device__ __forceinline__ void copy_units(
+SDICT_EXT_HD void copy_units(
     const CopyDesc& d, const int64_t* dims, int64_t u, int64_t end, int64_t step, int64_t lo, int64_t n,
     int lane, int lanes) {
   for (; u < end; u += step) {
@@ -188,48 +201,59 @@ __device__ __forceinline__ void copy_units(
   }
 }
 
+// The work of thread `thread` (of `threads`, a multiple of every group size) on
+// chunk `c` of the table: either groups of threads take whole units of the chunk, or
+// all threads take one piece of a unit bigger than a chunk. owners[] names the copy
+// of each chunk (one load, where a search over the copies would cost a chain of
+// dependent ones).
+SDICT_EXT_HD void copy_chunk(
+    const CopyDesc* __restrict__ descs,
+    const int32_t* __restrict__ owners,
+    const int64_t* __restrict__ dims,
+    int64_t c,
+    int thread,
+    int threads) {
+  const int64_t e = owners[c];
+  const CopyDesc d = descs[e];
+  const int64_t local = c - d.first_chunk;
+  int64_t u, end, step, lo, n;
+  int lane, lanes;
+  if (d.units_per_chunk > 0) {
+    const int64_t first = local * d.units_per_chunk;
+    lanes = d.group;
+    lane = thread & (lanes - 1);
+    u = first + thread / lanes;
+    end = min64(first + d.units_per_chunk, d.units);
+    step = threads / lanes;
+    lo = 0;
+    n = d.unit_bytes;
+  } else {
+    u = local / d.chunks_per_unit;
+    end = u + 1;
+    step = 1;
+    lanes = threads;
+    lane = thread;
+    lo = (local - u * d.chunks_per_unit) * kCopyChunkBytes;
+    n = min64(kCopyChunkBytes, d.unit_bytes - lo);
+  }
+  switch (d.width) {
+    case 16: copy_units<16>(d, dims, u, end, step, lo, n, lane, lanes); break;
+    case 8: copy_units<8>(d, dims, u, end, step, lo, n, lane, lanes); break;
+    case 4: copy_units<4>(d, dims, u, end, step, lo, n, lane, lanes); break;
+    case 2: copy_units<2>(d, dims, u, end, step, lo, n, lane, lanes); break;
+    default: copy_units<1>(d, dims, u, end, step, lo, n, lane, lanes); break;
+  }
+}
+
 // Each block walks chunks blockIdx.x, blockIdx.x + gridDim.x, ... of the whole
-// table, so big and small copies interleave across the grid; owners[] names the
-// copy of each chunk (one load, where a search over the copies would cost a chain
-// of dependent ones).
+// table, so big and small copies interleave across the grid.
 __global__ void __launch_bounds__(kCopyBlockThreads) batched_copy_kernel(
     const CopyDesc* __restrict__ descs,
     const int32_t* __restrict__ owners,
     const int64_t* __restrict__ dims,
     int64_t chunks) {
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const int64_t e = owners[c];
-    const CopyDesc d = descs[e];
-    const int64_t local = c - d.first_chunk;
-    // Either groups of threads take whole units of this chunk, or the whole block
-    // takes one piece of a unit bigger than a chunk.
-    int64_t u, end, step, lo, n;
-    int lane, lanes;
-    if (d.units_per_chunk > 0) {
-      const int64_t first = local * d.units_per_chunk;
-      lanes = d.group;
-      lane = static_cast<int>(threadIdx.x) & (lanes - 1);
-      u = first + static_cast<int>(threadIdx.x) / lanes;
-      end = min64(first + d.units_per_chunk, d.units);
-      step = static_cast<int>(blockDim.x) / lanes;
-      lo = 0;
-      n = d.unit_bytes;
-    } else {
-      u = local / d.chunks_per_unit;
-      end = u + 1;
-      step = 1;
-      lanes = static_cast<int>(blockDim.x);
-      lane = static_cast<int>(threadIdx.x);
-      lo = (local - u * d.chunks_per_unit) * kCopyChunkBytes;
-      n = min64(kCopyChunkBytes, d.unit_bytes - lo);
-    }
-    switch (d.width) {
-      case 16: copy_units<16>(d, dims, u, end, step, lo, n, lane, lanes); break;
-      case 8: copy_units<8>(d, dims, u, end, step, lo, n, lane, lanes); break;
-      case 4: copy_units<4>(d, dims, u, end, step, lo, n, lane, lanes); break;
-      case 2: copy_units<2>(d, dims, u, end, step, lo, n, lane, lanes); break;
-      default: copy_units<1>(d, dims, u, end, step, lo, n, lane, lanes); break;
-    }
+    copy_chunk(descs, owners, dims, c, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x));
   }
 }
 
