@@ -29,7 +29,12 @@ DTYPES = [
 ]
 
 HAS_CUDA = torch.cuda.is_available() and ops.has_cuda()
-cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and sdict_ext built with CUDA")
+_needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and sdict_ext built with CUDA")
+
+
+def cuda(test):
+    """Skipped without a CUDA device, and marked `cuda` so `pytest -m cuda` selects it."""
+    return pytest.mark.cuda(_needs_cuda(test))
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
