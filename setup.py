@@ -8,10 +8,55 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import shutil
+import subprocess
 
 import torch
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _toolkit_of_nvcc() -> str | None:
+    """The CUDA toolkit of the nvcc on PATH, when torch would not find it by itself.
+
+    Without CUDA_HOME, torch takes the folder above nvcc's; where nvcc is a wrapper
+    script (e.g. /usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc) that folder
+    has no CUDA headers and the build fails on cuda_runtime.h. nvcc's dry run names
+    its own toolkit (TOP).
+    """
+    if torch.version.cuda is None or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    beside = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(beside, "include", "cuda_runtime.h")):
+        return None
+    try:
+        dry = subprocess.run(
+            [nvcc, "--dryrun", "-c", "sdict_ext_probe.cu", "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
+    if found is None:
+        return None
+    top = os.path.normpath(found.group(1).strip())
+    return top if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")) else None
+
+
+# Before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import.
+_toolkit = _toolkit_of_nvcc()
+if _toolkit is not None:
+    os.environ["CUDA_HOME"] = _toolkit
+
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
