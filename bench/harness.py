@@ -40,6 +40,7 @@ __all__ = [
     "ROLE_CASE",
     "ROLE_SDICT",
     "ROLE_TORCH",
+    "ROLE_VARIANT",
     "CaseSpec",
     "CollectiveCounter",
     "Ctx",
@@ -59,7 +60,10 @@ ROLE_TORCH = "torch"
 ROLE_BOUND = "bound"
 #: A row standing for a whole case that did not run (no device, setup failed).
 ROLE_CASE = "case"
-ROLES = (ROLE_SDICT, ROLE_TORCH, ROLE_BOUND, ROLE_CASE)
+#: sdict_ext with a tuning knob forced (e.g. every copy on one CUDA route), measured to
+#: choose the default: shown and plotted, never in the PyTorch / sdict_ext ratio.
+ROLE_VARIANT = "variant"
+ROLES = (ROLE_SDICT, ROLE_TORCH, ROLE_BOUND, ROLE_CASE, ROLE_VARIANT)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "ALIGNMENT",
     "batched_copy_",
+    "copy_thresholds",
     "gather_concat",
     "gather_concat_into",
     "has_cuda",
@@ -63,6 +64,24 @@ def _ops():
     if _IMPORT_ERROR is not None:
         raise ImportError(f"{_BUILD_HINT} (import failed: {_IMPORT_ERROR})")
     return torch.ops.sdict_ext
+
+
+def copy_thresholds(
+    mapped_d2h_max_bytes: int | None = None, mapped_h2d_max_bytes: int | None = None
+) -> tuple[int, int]:
+    """The CUDA copy routing thresholds, optionally setting new ones (process-wide).
+
+    Dense device->pinned-host copies under ``mapped_d2h_max_bytes`` (and
+    pinned-host->device ones under ``mapped_h2d_max_bytes``) run in the copy kernel
+    through mapped pinned memory, one launch for all of them; larger ones go to the
+    copy engines. Returns the values in force before the call. For measuring (the
+    benchmark's sweep times both routes at each size); results never depend on them.
+    """
+    if _IMPORT_ERROR is not None:
+        raise ImportError(f"{_BUILD_HINT} (import failed: {_IMPORT_ERROR})")
+    from sdict_ext import _C
+
+    return tuple(_C.copy_thresholds(mapped_d2h_max_bytes, mapped_h2d_max_bytes))
 
 
 def _round_up(n: int, alignment: int) -> int:

@@ -29,7 +29,9 @@ DTYPES = [
 ]
 
 HAS_CUDA = torch.cuda.is_available() and ops.has_cuda()
-_needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and sdict_ext built with CUDA")
+_needs_cuda = pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA device and sdict_ext built with CUDA"
+)
 
 
 def cuda(test):
@@ -529,6 +531,39 @@ def test_gather_concat_rejects_inconsistent_sizes():
 
 
 # registration, tracing, build state
+
+
+def test_copy_thresholds_set_and_restore():
+    default = ops.copy_thresholds()
+    assert default == (1 << 20, 64 << 10)  # sdict_ext/tuning.h
+    try:
+        assert ops.copy_thresholds(5) == default
+        assert ops.copy_thresholds(None, 7) == (5, default[1])
+        assert ops.copy_thresholds() == (5, 7)
+        with pytest.raises(ValueError, match="byte count"):
+            ops.copy_thresholds(-1)
+        assert ops.copy_thresholds() == (5, 7)  # a refused call changes nothing
+    finally:
+        ops.copy_thresholds(*default)
+    assert ops.copy_thresholds() == default
+
+
+@cuda
+@pytest.mark.parametrize("limit", [0, 1 << 62])
+def test_batched_copy_every_route_is_exact_cuda(limit):
+    """Every dense host<->device copy on the copy engines (0), or in the mapped kernel."""
+    before = ops.copy_thresholds(limit, limit)
+    try:
+        sizes = [1, 7, 4096, 65537, 3 << 20]
+        srcs = [torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda") for n in sizes]
+        hosts = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
+        ops.batched_copy_(hosts, srcs)
+        assert all(torch.equal(h, s.cpu()) for h, s in zip(hosts, srcs))
+        back = [torch.zeros_like(s) for s in srcs]
+        ops.batched_copy_(back, hosts)
+        assert all(torch.equal(b, s) for b, s in zip(back, srcs))
+    finally:
+        ops.copy_thresholds(*before)
 
 
 def test_opcheck_passes_for_every_op():

@@ -3,7 +3,9 @@
 * ``batched_copy_`` against per-tensor ``copy_`` and ``torch._foreach_copy_``, for many
   small tensors, a few large ones, and a sweep of tensor sizes at a fixed total (the
   --plot figure). On CPU the copies are host to host; on CUDA, device to pinned host and
-  pinned host to device (issue 2's 20,000 x 1-64 KB and 64 x 64 MB cases).
+  pinned host to device (issue 2's 20,000 x 1-64 KB and 64 x 64 MB cases), each also
+  with every dense copy forced through the mapped-memory kernel and through the copy
+  engines ("variant" rows), to place the routing thresholds.
 * ``pack`` / ``unpack`` against ``torch.cat`` of byte views / ``_foreach_copy_`` from views.
 * ``gather_concat`` and ``gather_concat_into`` against ``torch.cat`` of the shards of an
   all-gathered buffer (simulated here for 4 ranks: no collective, just the rebuild).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.harness import ROLE_SDICT, ROLE_TORCH, CaseSpec, Ctx, load_sdict
+from bench.harness import ROLE_SDICT, ROLE_TORCH, ROLE_VARIANT, CaseSpec, Ctx, load_sdict
 from bench.suites._inputs import DTYPE_MIX, fmt_bytes, make_tensors, random_numels, total_bytes
 
 __all__ = ["cases", "run"]
@@ -172,6 +174,25 @@ def _run_copy(spec: CaseSpec, ctx: Ctx) -> None:
         (lambda: fn(dsts, srcs, non_blocking=nb)) if fn else None,
         nbytes=nbytes, tensors=n, missing=why, verify=verify if fn else None,
     )
+    if fn is not None and ctx.device.type == "cuda":
+        _measure_routes(ctx, lambda: fn(dsts, srcs, non_blocking=nb), verify, nbytes, n)
+
+
+def _measure_routes(ctx: Ctx, call, verify, nbytes: int, n: int) -> None:
+    """The same copy with every dense host<->device pair forced onto one CUDA route.
+
+    Where the two rows cross along the sweep is where the mapped-memory thresholds
+    (sdict_ext/tuning.h, ``ops.copy_thresholds``) belong.
+    """
+    from sdict_ext.ops import copy_thresholds
+
+    for label, limit in (("mapped kernel only", 1 << 62), ("copy engines only", 0)):
+        before = copy_thresholds(limit, limit)
+        try:
+            ctx.measure(f"sdict_ext.batched_copy_ ({label})", ROLE_VARIANT, call,
+                        nbytes=nbytes, tensors=n, verify=verify)
+        finally:
+            copy_thresholds(*before)
 
 
 def _packed_inputs(spec: CaseSpec, ctx: Ctx) -> list[torch.Tensor]:

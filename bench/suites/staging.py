@@ -10,10 +10,10 @@ recorded for every stager:
 Stagers are reused across checkpoints, as a trainer does, so the timed runs measure the
 steady state (the warm-up run pays for allocating and pinning the host copy).
 Compared: ``DefaultStager`` (async, its storage cache; on a torch whose DefaultStager
-cannot stage twice, such as 2.11, a new one per checkpoint: "one per stage"), a plain ``_copy_state_dict``
-into a host copy made once with ``_create_cpu_state_dict`` (what ``BlockingAsyncStager``
-with ``cache_staged_state_dict=True`` does), and ``PinnedStager``. Two workloads from
-issue 6: ~300 large tensors (a model) and 20,000 small ones.
+cannot stage twice, such as 2.11, a new one per checkpoint: "one per stage"), a plain
+``_copy_state_dict`` into a host copy made once with ``_create_cpu_state_dict`` (what
+``BlockingAsyncStager`` with ``cache_staged_state_dict=True`` does), and ``PinnedStager``.
+Two workloads from issue 6: ~300 large tensors (a model) and 20,000 small ones.
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include "sdict_ext/cpu.h"
+#include "sdict_ext/tuning.h"
 
 #include <atomic>
+#include <utility>
 
 namespace sdict_ext {
 
@@ -281,11 +283,35 @@ PyObject* built_with_openmp(PyObject* /*self*/, PyObject* /*args*/) {
 #endif
 }
 
+// copy_thresholds(d2h=None, h2d=None) -> (d2h, h2d): the CUDA routing thresholds in
+// force before the call (sdict_ext/tuning.h); a value given (bytes, >= 0) replaces one.
+PyObject* copy_thresholds_py(PyObject* /*self*/, PyObject* args) {
+  PyObject* d2h = Py_None;
+  PyObject* h2d = Py_None;
+  if (!PyArg_ParseTuple(args, "|OO", &d2h, &h2d)) return nullptr;
+  CopyThresholds next = copy_thresholds();
+  for (auto [arg, field] : {std::pair{d2h, &next.mapped_d2h_max_bytes}, std::pair{h2d, &next.mapped_h2d_max_bytes}}) {
+    if (arg == Py_None) continue;
+    const long long v = PyLong_AsLongLong(arg);
+    if (v == -1 && PyErr_Occurred()) return nullptr;
+    if (v < 0) {
+      PyErr_SetString(PyExc_ValueError, "copy_thresholds: a threshold is a byte count >= 0");
+      return nullptr;
+    }
+    *field = static_cast<int64_t>(v);
+  }
+  const CopyThresholds old = set_copy_thresholds(next);
+  return Py_BuildValue("(LL)", static_cast<long long>(old.mapped_d2h_max_bytes),
+                       static_cast<long long>(old.mapped_h2d_max_bytes));
+}
+
 PyMethodDef methods[] = {
     {"batched_copy_cpu_fast", batched_copy_cpu_fast, METH_VARARGS,
      "batched_copy_ for plain CPU tensor lists; False when the registered op must run."},
     {"carve_views", carve_views, METH_VARARGS,
      "Tensors viewing a slab's storage: (slab, dtypes, shapes, strides, element offsets)."},
+    {"copy_thresholds", copy_thresholds_py, METH_VARARGS,
+     "CUDA copy routing thresholds: (d2h=None, h2d=None) -> the previous (d2h, h2d) bytes."},
     {"built_with_openmp", built_with_openmp, METH_NOARGS,
      "Whether at::parallel_for in these kernels runs on torch's OpenMP threads."},
     {nullptr, nullptr, 0, nullptr}};

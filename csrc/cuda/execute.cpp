@@ -12,6 +12,7 @@
 
 #include "sdict_ext/cpu.h"
 #include "sdict_ext/cuda_copy.h"
+#include "sdict_ext/tuning.h"
 
 namespace sdict_ext {
 
@@ -147,6 +148,7 @@ CudaCall::HostStorage& CudaCall::describe(HostStorage& h) {
 
 CudaCall::Routes CudaCall::route(const std::vector<CopyEntry>& plan) {
   Routes r;
+  const CopyThresholds thresholds = copy_thresholds();
   for (size_t i = 0; i < plan.size(); ++i) {
     const CopyEntry& e = plan[i];
     HostStorage* src_host = find_host(e.src);
@@ -162,7 +164,8 @@ CudaCall::Routes CudaCall::route(const std::vector<CopyEntry>& plan) {
     r.crosses = true;
     HostStorage& h = describe(dst_host != nullptr ? *dst_host : *src_host);
     h.used = h.used || h.pinned;
-    const int64_t mapped_max = dst_host != nullptr ? kMappedD2HMaxBytes : kMappedH2DMaxBytes;
+    const int64_t mapped_max =
+        dst_host != nullptr ? thresholds.mapped_d2h_max_bytes : thresholds.mapped_h2d_max_bytes;
     if (h.mapped != nullptr && (!e.dense() || e.nbytes() < mapped_max)) {
       const auto alias = [&](const char* p) {
         return h.mapped + (reinterpret_cast<uintptr_t>(p) - h.lo);

@@ -11,19 +11,9 @@
 namespace sdict_ext {
 
 // Tuning knobs. Every value is a first guess, to be measured on the GPU machine
-// (python -m bench) and recorded in BENCHMARKS.md.
-
-// Device->pinned-host entries below this many bytes are written by the copy kernel
-// straight into mapped pinned memory: one launch for thousands of small tensors
-// instead of one copy-engine command each. Larger dense ones go to the copy engines,
-// which reach PCIe speed without occupying SMs. To be measured on the GPU machine.
-constexpr int64_t kMappedD2HMaxBytes = int64_t{1} << 20;
-
-// Pinned-host->device entries below this many bytes are read by the copy kernel from
-// mapped pinned memory. Kernel reads over PCIe are slower than the copy engines
-// (~35 vs ~52 GB/s), so this stays small: it only saves the per-command cost of
-// tiny tensors. To be measured on the GPU machine.
-constexpr int64_t kMappedH2DMaxBytes = int64_t{64} << 10;
+// (python -m bench) and recorded in BENCHMARKS.md. The mapped-memory thresholds are
+// in sdict_ext/tuning.h: they can be moved at run time, so the benchmark measures both
+// routes at every size.
 
 // Bytes one thread block copies per unit of work; big tensors are cut into chunks
 // of this size, small ones take one chunk each. A multiple of 16.
