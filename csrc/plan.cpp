@@ -552,17 +552,95 @@ void add_shard_copies(
     RankBase rank_base) {
   c10::SmallVector<int64_t, 6> starts(out.sizes.size(), 0);
   c10::SmallVector<int64_t, 6> shard(out.sizes.begin(), out.sizes.end());
+  const int64_t full = chunk_range(out.sizes[dim], world_size, 0).second;
+  int64_t merged = 0;  // leading ranks copied by one entry (see below)
   for (int64_t r = 0; r < world_size; ++r) {
     const auto [start, len] = chunk_range(out.sizes[dim], world_size, r);
-    starts[dim] = start;
-    shard[dim] = len;
-    int64_t bytes = out.elem_size;
-    for (auto s : shard) bytes *= s;
+    int64_t bytes = out.elem_size * len;
+    for (size_t d = 0; d < shard.size(); ++d) bytes *= static_cast<int64_t>(d) == dim ? 1 : shard[d];
     TORCH_CHECK(
         bytes <= max_shard_bytes, op, ": tensor ", index, ": the shard of rank ", r, " has ", bytes,
         " bytes but each rank's chunk holds only ", max_shard_bytes,
         "; chunk_numel / offsets do not match the full size");
+    if (len == full && merged == r) ++merged;
+  }
+  // On an inner dim, every rank owns a few columns of every row. The full-width
+  // leading ranks (equally spaced in the buffer) become ONE copy with a rank dim just
+  // outside the shard dim, so the copy walks the output row by row, each row's pieces
+  // from every rank in turn (torch.cat's order): the output is written sequentially
+  // instead of one column block of all rows per rank.
+  int64_t first = 0;
+  char* const base0 = rank_base(0);
+  const int64_t spacing = merged >= 2 && base0 != nullptr ? rank_base(1) - base0 : 0;
+  if (dim > 0 && merged >= 2 && spacing > 0 && spacing % out.elem_size == 0) {
+    bool even = true;
+    for (int64_t r = 2; r < merged && even; ++r) even = rank_base(r) - base0 == r * spacing;
+    if (even) {
+      shard[dim] = full;
+      Layout src = Layout::dense(base0, out.elem_size, shard);
+      Layout dst = out;  // starts at 0 on every dim
+      dst.sizes[dim] = full;
+      src.sizes.insert(src.sizes.begin() + dim, merged);
+      src.strides.insert(src.strides.begin() + dim, spacing / out.elem_size);
+      dst.sizes.insert(dst.sizes.begin() + dim, merged);
+      dst.strides.insert(dst.strides.begin() + dim, full * out.strides[dim]);
+      add_copy(plan, dst, src);
+      first = merged;
+    }
+  }
+  for (int64_t r = first; r < world_size; ++r) {
+    const auto [start, len] = chunk_range(out.sizes[dim], world_size, r);
+    starts[dim] = start;
+    shard[dim] = len;
     add_copy(plan, out.box(starts, shard), Layout::dense(rank_base(r), out.elem_size, shard));
+  }
+}
+
+// Below this many bytes a tensor's shard copies stay as they are: one thread copies
+// them anyway (the CPU executor's grain is 256 KiB).
+constexpr int64_t kBandTensorBytes = int64_t{1} << 20;
+// Bytes of output per band, and the most bands per tensor.
+constexpr int64_t kBandBytes = int64_t{64} << 10;
+constexpr int64_t kMaxBands = 1024;
+
+// Re-cuts the shard copies plan[first..] of ONE tensor sharded on an inner dim, where
+// every rank's copy covers all the tensor's rows with a few columns each: into bands of
+// rows, ordered band by band (every rank's piece of band 0, then of band 1, ...). A
+// stretch of the plan then fills one contiguous band of the output, so when the CPU
+// executor splits the plan's bytes over threads each thread writes its own bands and
+// pages, instead of every thread writing some columns of every row (sharing cache lines
+// at the column boundaries and faulting in the same pages); a band also stays in cache
+// while all ranks' pieces land in it, as with torch.cat. Left as is unless every copy
+// has the same outer extent (a shard on dim 0 is one dense run: nothing to do).
+void band_by_rows(std::vector<CopyEntry>& plan, size_t first) {
+  const size_t count = plan.size() - first;
+  if (count < 2) return;
+  const int64_t rows = plan[first].sizes.size() >= 2 ? plan[first].sizes[0] : 0;
+  if (rows < 2) return;
+  int64_t total = 0;
+  for (size_t i = first; i < plan.size(); ++i) {
+    const CopyEntry& e = plan[i];
+    if (e.sizes.size() < 2 || e.sizes[0] != rows) return;
+    total += e.nbytes();
+  }
+  if (total < kBandTensorBytes) return;
+  const int64_t row_bytes = total / rows;
+  const int64_t band_bytes = std::max(kBandBytes, total / kMaxBands);
+  const int64_t band_rows = std::max<int64_t>(1, band_bytes / std::max<int64_t>(row_bytes, 1));
+  if (band_rows >= rows) return;
+  std::vector<CopyEntry> whole(plan.begin() + static_cast<std::ptrdiff_t>(first), plan.end());
+  plan.resize(first);
+  plan.reserve(first + count * static_cast<size_t>((rows + band_rows - 1) / band_rows));
+  for (int64_t a = 0; a < rows; a += band_rows) {
+    const int64_t n = std::min(band_rows, rows - a);
+    for (const CopyEntry& e : whole) {
+      CopyEntry band = e;
+      band.src = e.src + a * e.src_strides[0];
+      band.dst = e.dst + a * e.dst_strides[0];
+      band.sizes[0] = n;
+      band.numel = e.numel / rows * n;
+      plan.push_back(std::move(band));
+    }
   }
 }
 
@@ -596,6 +674,7 @@ std::vector<CopyEntry> plan_gather_concat(
   add_shard_copies(
       plan, Layout::of(out), dim, world_size, chunk_numel * esz, op, 0,
       [&](int64_t r) { return base == nullptr ? nullptr : base + r * chunk_numel * esz; });
+  band_by_rows(plan, 0);
   return plan;
 }
 
@@ -637,9 +716,11 @@ std::vector<CopyEntry> plan_gather_concat_into(
   for (size_t j = 0; j < outs.size(); ++j) {
     const int64_t dim = wrap_dim(shard_dims[j], outs[j].dim(), op, static_cast<int64_t>(j));
     const int64_t off = offsets[j];
+    const size_t first = plan.size();
     add_shard_copies(
         plan, regions[j + 1].layout, dim, world_size, stride - off, op, static_cast<int64_t>(j),
         [&](int64_t r) { return base == nullptr ? nullptr : base + r * stride + off; });
+    band_by_rows(plan, first);
   }
   return plan;
 }

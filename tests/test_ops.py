@@ -475,6 +475,56 @@ def test_gather_concat_matches_cat_of_chunks_even_uneven_and_empty_cpu():
     _check_gather_concat_matches_cat_of_chunks("cpu")
 
 
+# Over 1 MiB, sharded on an inner dim: the plan merges the full-width ranks into one
+# row-major copy and cuts the tensor into bands of rows (csrc/plan.cpp).
+_BIG_INNER = [
+    ((1027, 513), 1, 4, torch.float32),  # uneven: 129, 129, 129, 126 columns
+    ((640, 800), 1, 4, torch.float32),  # even
+    ((64, 33, 130), 1, 3, torch.float64),  # shard dim in the middle
+    ((300, 5000), 1, 5, torch.uint8),
+    ((200, 900), 1, 2, torch.complex128),
+    ((3, 1000, 200), 2, 7, torch.bfloat16),  # six ranks of 29 columns, one of 26
+    ((70000, 6), 1, 4, torch.int32),  # 2, 2, 2, 0: an empty trailing shard
+    ((5, 70000), 0, 4, torch.float32),  # dim 0: one dense run per rank
+]
+
+
+@pytest.mark.parametrize("shape,dim,world,dtype", _BIG_INNER)
+def test_gather_concat_big_inner_dims_match_cat_cpu(shape, dim, world, dtype):
+    full = _random(shape, dtype, "cpu", torch.Generator().manual_seed(world))
+    gathered, chunk_numel = _padded_gather(full, world, dim)
+    out = ops.gather_concat(gathered, chunk_numel, world, shape, dim)
+    assert _same(out, full)
+
+
+def test_gather_concat_into_big_inner_dims_odd_spacing_and_strided_outputs():
+    """Ranks' chunks 8 * n + 3 bytes apart (not a multiple of any element size: the
+    per-rank path), outputs transposed or stepped views, and a band-sized tensor."""
+    g = torch.Generator().manual_seed(5)
+    world = 3
+    fulls = [
+        _random((700, 600), torch.float32, "cpu", g),
+        _random((300, 400), torch.int64, "cpu", g),
+        _random((512, 300), torch.float16, "cpu", g),
+    ]
+    dims = [1, 0, 1]
+    shards = [
+        [f.narrow(d, *_chunk(f.shape[d], world, r)).contiguous() for f, d in zip(fulls, dims)]
+        for r in range(world)
+    ]
+    offsets, total = ops.pack_layout(shards[0])
+    stride = total + 3
+    gathered = torch.zeros(world * stride, dtype=torch.uint8)
+    for r in range(world):
+        ops.pack(shards[r], gathered[r * stride : r * stride + total], offsets=offsets)
+    base = [torch.empty(600, 700), torch.full((300, 800), -7, dtype=torch.int64),
+            torch.empty(512, 300, dtype=torch.float16)]
+    outs = [base[0].t(), base[1][:, ::2], base[2]]
+    ops.gather_concat_into(gathered, world, offsets, outs, dims)
+    assert all(_same(o, f) for o, f in zip(outs, fulls))
+    assert bool((base[1][:, 1::2] == -7).all())  # the columns between stay untouched
+
+
 @cuda
 def test_gather_concat_matches_cat_of_chunks_even_uneven_and_empty_cuda():
     _check_gather_concat_matches_cat_of_chunks("cuda")
