@@ -59,8 +59,10 @@ def _unregister(ptr: int) -> None:
 def _register(slab: torch.Tensor) -> None:
     storage = slab.untyped_storage()
     ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    # cudaHostRegisterPortable (1): pinned for every CUDA context, as PyTorch registers it.
-    err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1))
+    # cudaHostRegisterPortable | cudaHostRegisterMapped (1 | 2): pinned for every CUDA
+    # context, as PyTorch registers it, and mapped, so batched_copy_'s kernel can write
+    # small tensors straight into it (unmapped, each would be a copy-engine command).
+    err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 3))
     if err != 0:
         raise RuntimeError(f"create_cpu_state_dict: cudaHostRegister of {nbytes} bytes failed "
                            f"with cudaError {err}")

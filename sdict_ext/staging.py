@@ -92,6 +92,25 @@ def _kind(obj: Any) -> int:
     return kind
 
 
+def _devices_in(tree: Any) -> set[torch.device]:
+    """The devices of a state dict's tensors (of the local shards for DTensor /
+    ShardedTensor), for a layout's first staging, before its walk has run."""
+    found: set[torch.device] = set()
+    stack = [tree]
+    while stack:
+        obj = stack.pop()
+        kind = _kind(obj)
+        if kind == _CONTAINER:
+            stack.extend(obj.values() if isinstance(obj, dict) else obj)
+        elif kind == _DTENSOR:
+            found.add(obj.to_local().device)
+        elif kind == _SHARDED:
+            found.update(shard.tensor.device for shard in obj.local_shards())
+        elif kind == _TENSOR:
+            found.add(obj.device)
+    return found
+
+
 def _snapshot(value: Any) -> Any:
     if isinstance(value, _IMMUTABLE):
         return value
@@ -377,7 +396,7 @@ class PinnedStager(AsyncStager):
             raise TypeError(
                 f"PinnedStager.stage: state_dict must be a dict, got {type(state_dict).__name__}"
             )
-        events = self._record_events()
+        events = self._record_events(state_dict)
         if self._executor is None:
             staged = self._stage(state_dict, events, start)
             self._set_blocking(start)
@@ -475,7 +494,7 @@ class PinnedStager(AsyncStager):
         with self._lock:
             self._stats.last_blocking_s = time.perf_counter() - start
 
-    def _record_events(self) -> dict[torch.device, torch.cuda.Event]:
+    def _record_events(self, state_dict: Any) -> dict[torch.device, torch.cuda.Event]:
         """Marks "now" on the caller's current stream of every CUDA device in play."""
         if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
             return {}
@@ -483,6 +502,11 @@ class PinnedStager(AsyncStager):
         layout = self._layout
         if layout is not None:
             devices |= layout.cuda_devices
+        elif torch.cuda.device_count() > 1:
+            # A first staging has no layout yet: find the devices now, so tensors off
+            # the current device are also copied as of this call (a later
+            # synchronize of their device would let post-stage writes in).
+            devices |= {d for d in _devices_in(state_dict) if d.type == "cuda"}
         events = {}
         for device in devices:
             if device not in self._streams:
@@ -642,8 +666,8 @@ class PinnedStager(AsyncStager):
             stream = self._streams[device] = torch.cuda.Stream(device)
         event = events.get(device)
         if event is None:
-            # No event was recorded for this device (a layout's first staging with
-            # tensors off the current device): wait for everything queued on it instead.
+            # No event was recorded for this device (a changed layout that brought
+            # tensors onto another device): wait for everything queued on it instead.
             torch.cuda.synchronize(device)
         else:
             stream.wait_event(event)

@@ -599,18 +599,25 @@ def test_copy_thresholds_set_and_restore():
 
 
 @cuda
+@pytest.mark.parametrize("side_stream", [False, True])
 @pytest.mark.parametrize("limit", [0, 1 << 62])
-def test_batched_copy_every_route_is_exact_cuda(limit):
-    """Every dense host<->device copy on the copy engines (0), or in the mapped kernel."""
+def test_batched_copy_every_route_is_exact_cuda(limit, side_stream):
+    """Every dense host<->device copy on the copy engines (0), or in the mapped kernel.
+    On a side stream the copy engines take the batch API (cudaMemcpyBatchAsync, CUDA
+    >= 12.8), which the legacy default stream does not allow."""
     before = ops.copy_thresholds(limit, limit)
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
     try:
-        sizes = [1, 7, 4096, 65537, 3 << 20]
+        sizes = [1, 7, 4096, 65537, 3 << 20, 5 << 20]
         srcs = [torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda") for n in sizes]
         hosts = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
-        ops.batched_copy_(hosts, srcs)
-        assert all(torch.equal(h, s.cpu()) for h, s in zip(hosts, srcs))
         back = [torch.zeros_like(s) for s in srcs]
-        ops.batched_copy_(back, hosts)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            ops.batched_copy_(hosts, srcs, non_blocking=True)
+            ops.batched_copy_(back, hosts, non_blocking=True)
+        stream.synchronize()
+        assert all(torch.equal(h, s.cpu()) for h, s in zip(hosts, srcs))
         assert all(torch.equal(b, s) for b, s in zip(back, srcs))
     finally:
         ops.copy_thresholds(*before)

@@ -526,13 +526,25 @@ def test_async_save_writes_sharded_checkpoint_from_two_ranks(tmp_path):
         assert result["step"] == 5
 
 
+def test_first_staging_finds_the_devices_of_nested_and_sharded_leaves():
+    meta = torch.empty(2, device="meta")
+    tree = {"a": [torch.zeros(1), {"b": (meta, 3)}], "c": "text"}
+    assert staging._devices_in(tree) == {torch.device("cpu"), torch.device("meta")}
+    assert staging._devices_in({"x": [1, 2.0], "y": {}}) == set()
+
+
 @pytest.mark.cuda
 @needs_cuda
 def test_cuda_snapshot_orders_after_work_queued_on_the_current_stream():
     source = torch.zeros(1 << 22, device="cuda")
     update = torch.full_like(source, 3.0)
     with PinnedStager(pin_memory=True) as stager:
-        torch.cuda._sleep(10_000_000)  # keeps the next write queued when stage() is called
+        # A first stage sets up the slab, so the timed one below only enqueues copies.
+        stager.stage({"w": source}).result()
+        stager.synchronize_staging()
+        # About a second of GPU time before the write: still queued when stage() returns
+        # (a copy not ordered after it would read the zeros).
+        torch.cuda._sleep(2_000_000_000)
         source.copy_(update)
         future = stager.stage({"w": source})
         stager.synchronize_staging()

@@ -304,15 +304,26 @@ def test_create_cpu_pin_memory_without_accelerator_warns_and_returns_pageable_te
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_create_cpu_pin_and_share_registers_once_and_unregisters_on_free():
+def test_create_cpu_pin_and_share_registers_once_and_unregisters_on_free(monkeypatch):
+    from sdict_ext import _cpu_slab
+
+    unregistered: list[tuple[int, int]] = []
+
+    def recording(ptr: int) -> None:  # the finalizer takes it when the slab registers
+        unregistered.append((ptr, int(torch.cuda.cudart().cudaHostUnregister(ptr))))
+
+    monkeypatch.setattr(_cpu_slab, "_unregister", recording)
     sd = {f"t{i}": torch.randn(8, device="cuda") for i in range(10)}
-    for _ in range(2):  # registering the range again works only if it was unregistered
+    for round_ in range(2):
         ours = utils.create_cpu_state_dict(sd, pin_memory=True, share_memory=True)
         assert all(t.is_pinned() and t.is_shared() for t in ours.values())
         utils.copy_state_dict(sd, ours)
         assert all(torch.equal(ours[k], sd[k].cpu()) for k in sd)
+        slab = ours["t0"].untyped_storage().data_ptr()
+        assert len(unregistered) == round_  # one slab, registered once, still alive
         del ours
         gc.collect()
+        assert unregistered[-1] == (slab, 0)  # unregistered as the last view died
 
 
 # ---------------------------------------------------------------- similarity / offload

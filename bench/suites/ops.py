@@ -186,10 +186,25 @@ def _measure_routes(ctx: Ctx, call, verify, nbytes: int, n: int) -> None:
     """
     from sdict_ext.ops import copy_thresholds
 
-    for label, limit in (("mapped kernel only", 1 << 62), ("copy engines only", 0)):
+    side = torch.cuda.Stream(ctx.device)
+
+    def on_side_stream():
+        # The legacy default stream rules out cudaMemcpyBatchAsync; a side stream (as
+        # PinnedStager uses) gets one batched command for all engine copies.
+        side.wait_stream(torch.cuda.current_stream(ctx.device))
+        with torch.cuda.stream(side):
+            call()
+        side.synchronize()
+
+    variants = (
+        ("mapped kernel only", 1 << 62, call),
+        ("copy engines only", 0, call),
+        ("copy engines only, side stream", 0, on_side_stream),
+    )
+    for label, limit, fn in variants:
         before = copy_thresholds(limit, limit)
         try:
-            ctx.measure(f"sdict_ext.batched_copy_ ({label})", ROLE_VARIANT, call,
+            ctx.measure(f"sdict_ext.batched_copy_ ({label})", ROLE_VARIANT, fn,
                         nbytes=nbytes, tensors=n, verify=verify)
         finally:
             copy_thresholds(*before)

@@ -71,6 +71,12 @@ void launch_kernel(
   // again before the stream has read it; the device table is freed into this
   // stream's pool, so it too is reused only after the kernel.
   const at::Tensor table = staged.to(device, at::kByte, /*non_blocking=*/true);
+  // A runtime call that failed earlier on this thread (e.g. a cudaHostRegister through
+  // torch.cuda.cudart(), whose caller got the code and went on) leaves its error as the
+  // thread's last error, which the launch check below would report as ours. Such an
+  // error was already returned to its caller; a sticky one (a broken context) still
+  // fails the launch itself.
+  (void)cudaGetLastError();
   C10_CUDA_CHECK(launch_batched_copy_kernel(layout, table.const_data_ptr(), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
