@@ -25,11 +25,16 @@ The staged state dict shares the stager's slab with every later staging of the s
 layout: wait for a checkpoint's upload (``AsyncSaveResponse.upload_completion``) before
 staging the next one, as with PyTorch's ``DefaultStager`` and its storage cache.
 
-Staging is local to a rank. When it fails on one rank, DCP's upload fails there before
-its first collective, and the other ranks' uploads wait in the checkpoint's collectives
-until that process group's timeout; give the group passed to ``async_save`` a timeout
-you can live with, and let the failure raised from ``optimizer.step()`` (with
-:meth:`PinnedStager.guard_optimizer`) end the job.
+Failures reach every rank. Under ``torch.distributed`` (more than one rank), each
+staging ends with a tiny all-gather of "did it fail here" on the stager's own gloo group
+(made when the stager is constructed, so every rank must construct its stager, as with
+``async_save`` itself). A staging that failed on any rank then fails on every rank,
+naming the ranks, so no rank's upload starts a checkpoint the others will not write
+(with a purely local failure, the other ranks' uploads would wait in the checkpoint's
+collectives until their timeout). The exchange runs behind the trainer, in the staging
+thread; ``all_ranks=False`` turns it off. Argument errors raised by ``stage`` itself
+(a closed stager, a state dict that is not a dict) are the caller's and are not
+exchanged.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from operator import attrgetter
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
@@ -326,6 +332,10 @@ class PinnedStager(AsyncStager):
             ``stage`` returns the staged state dict once the copy is complete.
         bucket_bytes: most bytes one ``batched_copy_`` call moves (a larger tensor goes
             alone); sweep it to measure the granularity's effect.
+        all_ranks: make a staging that fails on any rank fail on every rank (see the
+            module docstring). ``None`` (the default): on when ``torch.distributed`` is
+            initialized with more than one rank, which makes the constructor a
+            collective over the default group.
     """
 
     _synchronize_after_execute: bool = False
@@ -336,11 +346,22 @@ class PinnedStager(AsyncStager):
         share_memory: bool = False,
         async_staging: bool = True,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        all_ranks: bool | None = None,
     ) -> None:
         if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
             raise ValueError(
                 f"PinnedStager: bucket_bytes must be a positive int, got {bucket_bytes!r}"
             )
+        distributed = dist.is_available() and dist.is_initialized()
+        if all_ranks is None:
+            all_ranks = distributed and dist.get_world_size() > 1
+        elif all_ranks and not distributed:
+            raise ValueError(
+                "PinnedStager: all_ranks=True needs torch.distributed to be initialized"
+            )
+        # Its own gloo group: the exchange runs in the staging thread, and must neither
+        # interleave with the trainer's collectives nor need a device.
+        self._failure_group = dist.new_group(backend="gloo") if all_ranks else None
         if pin_memory and not torch.cuda.is_available():
             warnings.warn(
                 "PinnedStager: ignoring pin_memory=True because CUDA is not available",
@@ -398,10 +419,10 @@ class PinnedStager(AsyncStager):
             )
         events = self._record_events(state_dict)
         if self._executor is None:
-            staged = self._stage(state_dict, events, start)
+            staged = self._stage_everywhere(state_dict, events, start)
             self._set_blocking(start)
             return staged
-        future = self._executor.submit(self._stage, state_dict, events, start)
+        future = self._executor.submit(self._stage_everywhere, state_dict, events, start)
         self._pending.append(future)
         self._set_blocking(start)
         return future
@@ -479,6 +500,10 @@ class PinnedStager(AsyncStager):
         self._hooks = []
         self._layout = None
         self._streams = {}
+        # The gloo group stays registered with c10d until the default group is
+        # destroyed (destroying a subgroup alone is not something every backend and
+        # torch version allows); only this stager's reference goes.
+        self._failure_group = None
 
     def __enter__(self) -> PinnedStager:
         return self
@@ -519,6 +544,36 @@ class PinnedStager(AsyncStager):
         return events
 
     @torch.no_grad()
+    def _stage_everywhere(
+        self,
+        state_dict: dict[str, Any],
+        events: dict[torch.device, torch.cuda.Event],
+        start: float,
+    ) -> dict[str, Any]:
+        """Stages here, then (under ``all_ranks``) learns whether every rank succeeded."""
+        group = self._failure_group
+        if group is None:
+            return self._stage(state_dict, events, start)
+        try:
+            staged, error = self._stage(state_dict, events, start), None
+        except Exception as exc:
+            staged, error = None, exc
+        flags = [torch.zeros(1, dtype=torch.int32) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(flags, torch.tensor([int(error is not None)], dtype=torch.int32),
+                        group=group)
+        failed = [dist.get_global_rank(group, r) for r, f in enumerate(flags) if f.item()]
+        if error is not None:
+            if len(failed) > 1 and hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note(f"PinnedStager: staging failed on ranks {failed}")
+            raise error
+        if failed:
+            raise RuntimeError(
+                f"PinnedStager.stage: staging failed on rank(s) {failed} (this rank's copy "
+                "succeeded); failing here too, so that no rank writes a checkpoint the "
+                "others will not"
+            )
+        return staged
+
     def _stage(
         self,
         state_dict: dict[str, Any],

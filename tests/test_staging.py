@@ -568,3 +568,69 @@ def test_cuda_three_stages_reuse_the_pinned_slab():
             _mutate(state_dict)
         assert pointers[0] == pointers[1] == pointers[2]
         assert stager.stats.allocations == 1
+
+
+def _on_rank_failing_staging(failing: tuple[int, ...], async_staging: bool) -> list[str]:
+    """Stages twice on every rank; the ranks in `failing` fail the first time.
+    Returns, per staging, "ok" or the exception's type and message."""
+    rank = dist.get_rank()
+    outcomes = []
+    with PinnedStager(pin_memory=False, async_staging=async_staging) as stager:
+        for attempt in range(2):
+            state_dict = {"w": torch.full((4,), float(rank)), "step": attempt}
+            if attempt == 0 and rank in failing:
+                state_dict["bad"] = _Boom()
+            try:
+                out = stager.stage(state_dict)
+                staged = out.result(timeout=60) if async_staging else out
+                assert torch.equal(staged["w"], state_dict["w"])
+                outcomes.append("ok")
+            except Exception as exc:  # noqa: BLE001 - the test reports what was raised
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+        try:
+            stager.synchronize_staging()
+        except Exception:  # noqa: BLE001 - the failure was already seen through the future
+            pass
+    return outcomes
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("async_staging", [True, False])
+def test_staging_failure_on_one_rank_fails_it_on_every_rank(async_staging):
+    results = run_on_ranks(3, _on_rank_failing_staging, (1,), async_staging,
+                           timeout=CALL_TIMEOUT_S)
+    assert results[1][0] == "ValueError: boom while staging"
+    for rank in (0, 2):
+        assert results[rank][0].startswith("RuntimeError: PinnedStager.stage: staging failed "
+                                           "on rank(s) [1]"), results[rank]
+    assert all(r[1] == "ok" for r in results)  # the stagers stay usable
+
+
+@pytest.mark.dist
+def test_staging_failure_on_two_ranks_names_both():
+    results = run_on_ranks(3, _on_rank_failing_staging, (0, 2), True, timeout=CALL_TIMEOUT_S)
+    assert results[0][0] == results[2][0] == "ValueError: boom while staging"
+    assert "staging failed on rank(s) [0, 2]" in results[1][0]
+
+
+def _on_rank_local_only_staging() -> list[str]:
+    rank = dist.get_rank()
+    with PinnedStager(pin_memory=False, all_ranks=False) as stager:
+        state_dict = {"w": torch.ones(2)}
+        if rank == 1:
+            state_dict["bad"] = _Boom()
+        exc = stager.stage(state_dict).exception(timeout=60)
+        return ["ok" if exc is None else type(exc).__name__]
+
+
+@pytest.mark.dist
+def test_all_ranks_false_keeps_failures_local():
+    assert run_on_ranks(2, _on_rank_local_only_staging, timeout=CALL_TIMEOUT_S) == [
+        ["ok"], ["ValueError"]
+    ]
+
+
+def test_all_ranks_true_needs_torch_distributed():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="all_ranks=True needs torch.distributed"):
+        PinnedStager(pin_memory=False, all_ranks=True)
