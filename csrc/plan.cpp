@@ -555,9 +555,10 @@ void add_shard_copies(
   const int64_t full = chunk_range(out.sizes[dim], world_size, 0).second;
   int64_t merged = 0;  // leading ranks copied by one entry (see below)
   for (int64_t r = 0; r < world_size; ++r) {
-    const auto [start, len] = chunk_range(out.sizes[dim], world_size, r);
-    int64_t bytes = out.elem_size * len;
-    for (size_t d = 0; d < shard.size(); ++d) bytes *= static_cast<int64_t>(d) == dim ? 1 : shard[d];
+    const int64_t len = chunk_range(out.sizes[dim], world_size, r).second;
+    shard[dim] = len;
+    int64_t bytes = out.elem_size;
+    for (auto s : shard) bytes *= s;
     TORCH_CHECK(
         bytes <= max_shard_bytes, op, ": tensor ", index, ": the shard of rank ", r, " has ", bytes,
         " bytes but each rank's chunk holds only ", max_shard_bytes,

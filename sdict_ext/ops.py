@@ -60,9 +60,15 @@ def has_cuda() -> bool:
     )
 
 
-def _ops():
+def _extension():
+    """The compiled ``sdict_ext._C`` module; an ImportError naming the build when absent."""
     if _IMPORT_ERROR is not None:
         raise ImportError(f"{_BUILD_HINT} (import failed: {_IMPORT_ERROR})")
+    return _C
+
+
+def _ops():
+    _extension()
     return torch.ops.sdict_ext
 
 
@@ -77,11 +83,7 @@ def copy_thresholds(
     copy engines. Returns the values in force before the call. For measuring (the
     benchmark's sweep times both routes at each size); results never depend on them.
     """
-    if _IMPORT_ERROR is not None:
-        raise ImportError(f"{_BUILD_HINT} (import failed: {_IMPORT_ERROR})")
-    from sdict_ext import _C
-
-    return tuple(_C.copy_thresholds(mapped_d2h_max_bytes, mapped_h2d_max_bytes))
+    return tuple(_extension().copy_thresholds(mapped_d2h_max_bytes, mapped_h2d_max_bytes))
 
 
 def _round_up(n: int, alignment: int) -> int:
@@ -189,9 +191,7 @@ def carve_views(
     independent (no autograd view of the slab) and made in one C++ call. Raises before
     making any when a spec reaches past the storage.
     """
-    if _IMPORT_ERROR is not None:
-        raise ImportError(f"{_BUILD_HINT} (import failed: {_IMPORT_ERROR})")
-    return _C.carve_views(slab, dtypes, shapes, strides, offsets)
+    return _extension().carve_views(slab, dtypes, shapes, strides, offsets)
 
 
 def pack(

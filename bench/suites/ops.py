@@ -181,8 +181,8 @@ def _run_copy(spec: CaseSpec, ctx: Ctx) -> None:
 def _measure_routes(ctx: Ctx, call, verify, nbytes: int, n: int) -> None:
     """The same copy with every dense host<->device pair forced onto one CUDA route.
 
-    Where the two rows cross along the sweep is where the mapped-memory thresholds
-    (sdict_ext/tuning.h, ``ops.copy_thresholds``) belong.
+    Where the kernel's and the copy engines' rows cross along the sweep is where the
+    mapped-memory thresholds (sdict_ext/tuning.h, ``ops.copy_thresholds``) belong.
     """
     from sdict_ext.ops import copy_thresholds
 

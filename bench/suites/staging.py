@@ -18,6 +18,7 @@ Two workloads from issue 6: ~300 large tensors (a model) and 20,000 small ones.
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future
 
@@ -65,6 +66,7 @@ def _timed_stage(stage, state_dict, synchronize) -> dict[str, float]:
     return {"blocking_s": blocking}
 
 
+@functools.cache
 def _default_stager_stages_twice() -> bool:
     """Whether one DefaultStager can stage again (torch 2.13 can).
 
@@ -85,33 +87,27 @@ def _default_stager_stages_twice() -> bool:
 
 
 def _measure_default_stager(ctx: Ctx, sd: dict, nbytes: int, n: int, options) -> None:
-    """DefaultStager reused across checkpoints; one per checkpoint where it must be."""
-    if _default_stager_stages_twice():
-        default = DefaultStager(options)
-        try:
-            ctx.measure(
-                "torch DefaultStager (async)", ROLE_TORCH,
-                lambda: _timed_stage(default.stage, sd, default.synchronize_staging),
-                nbytes=nbytes, tensors=n, reports_times=True,
-            )
-        finally:
-            default.close()
-        return
-    # Made (and the previous one closed) untimed, before each run. Such a torch keeps
-    # no storage cache across stages either, so this is its steady state.
+    """DefaultStager reused across checkpoints; one per checkpoint where it must be.
+
+    A new one is made (and the previous one closed) untimed, before each run. Such a
+    torch keeps no storage cache across stages either, so that is its steady state.
+    """
+    reusable = _default_stager_stages_twice()
     live: list = []
 
-    def fresh() -> tuple:
-        while live:
-            live.pop().close()
-        live.append(DefaultStager(options))
+    def stager_for_run() -> tuple:
+        if not (reusable and live):
+            while live:
+                live.pop().close()
+            live.append(DefaultStager(options))
         return (live[-1],)
 
     try:
         ctx.measure(
-            "torch DefaultStager (async, one per stage)", ROLE_TORCH,
+            "torch DefaultStager (async)" if reusable
+            else "torch DefaultStager (async, one per stage)", ROLE_TORCH,
             lambda stager: _timed_stage(stager.stage, sd, stager.synchronize_staging),
-            nbytes=nbytes, tensors=n, setup=fresh, reports_times=True,
+            nbytes=nbytes, tensors=n, setup=stager_for_run, reports_times=True,
         )
     finally:
         while live:

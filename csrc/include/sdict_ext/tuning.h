@@ -1,7 +1,7 @@
 // Thresholds of the CUDA copy routing that the benchmark must be able to move at run
 // time, to measure both sides of each (python -m bench --device cuda, the sweep's
 // "mapped kernel" and "copy engines" rows). No CUDA dependency: the setter is reached
-// from Python (sdict_ext.ops._copy_thresholds) in every build.
+// from Python (sdict_ext.ops.copy_thresholds) in every build.
 #pragma once
 
 #include <cstdint>
