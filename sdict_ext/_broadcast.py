@@ -33,7 +33,7 @@ from sdict_ext._collectives import (
     mesh_coordinates,
     mesh_shape,
 )
-from sdict_ext._copies import batched_copy_pairs, offload_leaves
+from sdict_ext._copies import batched_copy_pairs, offload_leaves, view_key
 from sdict_ext._gc import gc_paused
 from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
 
@@ -41,10 +41,15 @@ __all__ = ["broadcast_state_dict", "distribute_state_dict"]
 
 
 class _TensorInfo(NamedTuple):
-    """What rank 0 announces for a tensor it is about to broadcast."""
+    """What rank 0 announces for a tensor it is about to broadcast.
+
+    ``same_as`` names an earlier key whose tensor is this very one (tied weights, or a
+    loaded checkpoint's shared storage): it travels once, and fills both keys.
+    """
 
     size: torch.Size
     dtype: torch.dtype
+    same_as: str | None = None
 
 
 def _pg_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
@@ -58,6 +63,7 @@ def _pg_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
 def _announce(full_state_dict: dict[str, Any]) -> list[tuple[str, Any]]:
     """Rank 0's metadata: plain values and 0-dim tensors travel as objects."""
     meta: list[tuple[str, Any]] = []
+    first_key: dict[tuple[Any, ...], str] = {}
     for key, value in full_state_dict.items():
         if not torch.is_tensor(value):
             meta.append((key, value))
@@ -67,8 +73,13 @@ def _announce(full_state_dict: dict[str, Any]) -> list[tuple[str, Any]]:
                 f"broadcast_state_dict: full_state_dict[{key!r}] is a "
                 f"{type(value).__name__}; the full state dict must hold plain tensors"
             )
-        info = value.cpu() if value.dim() == 0 else _TensorInfo(value.size(), value.dtype)
-        meta.append((key, info))
+        if value.dim() == 0:
+            meta.append((key, value.cpu()))
+            continue
+        same_as = None
+        if value.numel():
+            same_as = first_key.setdefault(view_key(value), key)
+        meta.append((key, _TensorInfo(value.size(), value.dtype, same_as if same_as != key else None)))
     return meta
 
 
@@ -143,7 +154,7 @@ def _from_wire(wire: list[tuple[str, Any]], blobs: dict[Any, bytes]) -> list[tup
 class _Dest:
     """Where one broadcast tensor lands on this rank."""
 
-    __slots__ = ("key", "full_shape", "unpack_into", "box_start", "finish", "result")
+    __slots__ = ("key", "full_shape", "unpack_into", "box_start", "finish", "result", "slot")
 
     def __init__(self, key: str, full_shape: tuple[int, ...]) -> None:
         self.key = key
@@ -154,6 +165,8 @@ class _Dest:
         # A tensor to cast / move the unpacked data into afterwards, if any.
         self.finish: torch.Tensor | None = None
         self.result: Any = None
+        # Index of the transfer (one per distinct source tensor) this key is filled from.
+        self.slot = 0
 
 
 def _local_box(
@@ -306,12 +319,23 @@ def broadcast_state_dict(
             (k, v) for k, v in meta if isinstance(v, _TensorInfo)
         ]
         rank = dist.get_rank()
+        src_keys: list[str] = []
+        slot_of: dict[str, int] = {}
         for key, info in tensor_keys:
             full = full_state_dict[key] if is_src else None
-            dests.append(
-                _plan_dest(key, info, local_state_dict.get(key), full, device, flat_device, rank)
-            )
-        specs = [(tuple(info.size), info.dtype) for _, info in tensor_keys]
+            dest = _plan_dest(key, info, local_state_dict.get(key), full, device, flat_device, rank)
+            if info.same_as is None:
+                slot_of[key] = len(src_keys)
+                src_keys.append(key)
+            dest.slot = slot_of[info.same_as or key]
+            dests.append(dest)
+        _one_writer_per_target(dests)
+        slot_dests: list[list[_Dest]] = [[] for _ in src_keys]
+        for dest in dests:
+            if dest.unpack_into is not None:
+                slot_dests[dest.slot].append(dest)
+        infos = dict(tensor_keys)
+        specs = [(tuple(infos[k].size), infos[k].dtype) for k in src_keys]
         # Slot sizes as pack_layout rounds them (without its per-call checks).
         align = ops.ALIGNMENT
         slots = [-(-_numel(shape) * dtype.itemsize // align) * align for shape, dtype in specs]
@@ -319,20 +343,24 @@ def broadcast_state_dict(
         layouts = [ops.pack_layout([specs[j] for j in run]) for run in runs]
         # A big tensor travels alone and, where its bytes are contiguous, straight from
         # the source tensor / into the destination: no bucket buffer, no pack / unpack.
-        in_place: list[torch.Tensor | None] = []
+        in_place: list[tuple[torch.Tensor | None, _Dest | None]] = []
         for run in runs:
-            view = None
+            view, receiver = None, None
             if len(run) == 1:
                 j = run[0]
                 if is_src:
-                    view = _bytes_of(full_state_dict[tensor_keys[j][0]].detach(), flat_device)
-                elif dests[j].unpack_into is not None:
+                    view = _bytes_of(full_state_dict[src_keys[j]].detach(), flat_device)
+                else:
                     # Only a destination holding the whole tensor can receive it in place.
-                    whole = dests[j].unpack_into.shape == specs[j][0]
-                    view = _bytes_of(dests[j].unpack_into, flat_device) if whole else None
-            in_place.append(view)
+                    for d in slot_dests[j]:
+                        if d.unpack_into.shape == specs[j][0]:
+                            view = _bytes_of(d.unpack_into, flat_device)
+                            if view is not None:
+                                receiver = d
+                                break
+            in_place.append((view, receiver))
         flat = torch.empty(
-            max((total for (_, total), v in zip(layouts, in_place) if v is None), default=0),
+            max((total for (_, total), (v, _) in zip(layouts, in_place) if v is None), default=0),
             dtype=torch.uint8,
             device=flat_device,
         )
@@ -340,31 +368,26 @@ def broadcast_state_dict(
         error = exc
     agree(group, error, 0, "broadcast_state_dict")
 
-    for run, (offsets, total), view in zip(runs, layouts, in_place):
+    for run, (offsets, total), (view, receiver) in zip(runs, layouts, in_place):
         if len(run) == 1:
             # Every rank sends / receives the tensor's exact bytes, with or without a buffer.
             spec = specs[run[0]]
             total = _numel(spec[0]) * spec[1].itemsize
         if view is not None:
             dist.broadcast(view, group=group, group_src=0)
-            if is_src and dests[run[0]].unpack_into is not None:
-                d = dests[run[0]]
-                ops.unpack(
-                    view,
-                    [d.unpack_into],
-                    offsets=[0],
-                    full_shapes=[d.full_shape],
-                    starts=[d.box_start],
-                )
-            continue
-        buf = flat[:total]
-        if is_src:
-            srcs = [full_state_dict[tensor_keys[j][0]].detach() for j in run]
-            srcs = [t if t.device == flat_device else t.to(flat_device) for t in srcs]
-            ops.pack(srcs, out=buf, offsets=offsets)
-        dist.broadcast(buf, group=group, group_src=0)
+            buf, offsets = view, [0]
+        else:
+            buf = flat[:total]
+            if is_src:
+                srcs = [full_state_dict[src_keys[j]].detach() for j in run]
+                srcs = [t if t.device == flat_device else t.to(flat_device) for t in srcs]
+                ops.pack(srcs, out=buf, offsets=offsets)
+            dist.broadcast(buf, group=group, group_src=0)
         picked = [
-            (offsets[n], dests[j]) for n, j in enumerate(run) if dests[j].unpack_into is not None
+            (offsets[n], d)
+            for n, j in enumerate(run)
+            for d in slot_dests[j]
+            if d is not receiver
         ]
         if picked:
             ops.unpack(
@@ -392,6 +415,25 @@ def broadcast_state_dict(
     if strict:
         for key in [k for k in local_state_dict if k not in global_keys]:
             del local_state_dict[key]
+
+
+def _one_writer_per_target(dests: list[_Dest]) -> None:
+    """Let one key write each local tensor that several keys share (tied weights).
+
+    Two keys holding the same local shard would make ``unpack`` refuse the overlapping
+    destinations; the last key writes, as PyTorch's key-by-key copies leave it, and
+    every key still gets the tensor as its result. Only DTensor shards can be shared:
+    other keys receive new tensors.
+    """
+    writer: dict[tuple[Any, ...], _Dest] = {}
+    for d in dests:
+        target = d.finish if d.finish is not None else d.unpack_into
+        if target is None or not isinstance(d.result, DTensor) or not target.numel():
+            continue
+        earlier = writer.get(key := view_key(target))
+        if earlier is not None:
+            earlier.unpack_into = earlier.finish = None
+        writer[key] = d
 
 
 def _numel(shape: tuple[int, ...]) -> int:

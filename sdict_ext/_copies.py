@@ -16,12 +16,13 @@ from torch.distributed.tensor import DTensor
 from sdict_ext import ops
 from sdict_ext._traverse import LEAF_DTENSOR, LEAF_SHARDED, LEAF_TENSOR
 
-__all__ = ["batched_copy_pairs", "offload_leaves"]
+__all__ = ["batched_copy_pairs", "offload_leaves", "view_key"]
 
 _CPU = torch.device("cpu")
 
 
-def _view_key(t: torch.Tensor) -> tuple[Any, ...]:
+def view_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the very same memory view (equal keys: identical tensors)."""
     return (
         t.device,
         t.untyped_storage().data_ptr(),
@@ -44,8 +45,8 @@ def _dedupe(
     """
     by_dst: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     for dst, src in zip(dsts, srcs):
-        key = _view_key(dst)
-        if src is dst or (src.device == dst.device and _view_key(src) == key):
+        key = view_key(dst)
+        if src is dst or (src.device == dst.device and view_key(src) == key):
             continue
         by_dst.pop(key, None)
         by_dst[key] = (dst, src)

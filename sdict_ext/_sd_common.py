@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+import torch.distributed.checkpoint.state_dict as _torch_sd
 from torch.distributed.checkpoint.state_dict import StateDictOptions as TorchStateDictOptions
 from torch.distributed.fsdp import (
     FullOptimStateDictConfig,
@@ -55,9 +56,11 @@ _HYBRID = {ShardingStrategy.HYBRID_SHARD, ShardingStrategy._HYBRID_SHARD_ZERO2}
 # 256 MiB: +60 MiB over the result and no faster; 8 MiB: +8 MiB; 4 MiB: slower).
 BUCKET_BYTES = 8 << 20
 
-# The bound ``state_dict`` / ``load_state_dict`` replacements installed by the patch_*
-# functions: when we meet one we call the class's original method instead (else we recurse).
-PATCHED: set[Callable[..., Any]] = set()
+# The ``state_dict`` / ``load_state_dict`` replacements installed by the patch_* functions:
+# when we meet one we call the class's original method instead (else we recurse). It is
+# PyTorch's own registry, so PyTorch's get/set see through our patches and we see through
+# its ``_patch_*_state_dict`` ones (a torch without it gets a set of ours).
+PATCHED: set[Callable[..., Any]] = getattr(_torch_sd, "_patched_state_dict", set())
 
 
 @dataclass

@@ -125,10 +125,17 @@ class FqnResolver:
             if owner is not None:
                 # FlatParameter._fqns is FSDP1's only record of which original parameters
                 # a flat parameter holds (no public API exposes it); PyTorch reads it too.
+                # A tied parameter is flattened once, under its first name; its other
+                # names are in _shared_param_infos, and FSDP's state dict has them all.
                 fsdp, parts = owner
+                flat = getattr(fsdp, _FLAT_PARAM)
+                shared = (
+                    f"{info.module_name}.{info.param_name}" if info.module_name else info.param_name
+                    for info in getattr(flat, "_shared_param_infos", ())
+                )
                 result = tuple(
                     parts + tuple((p, _PLAIN) for p in fqn.split("."))
-                    for fqn in getattr(fsdp, _FLAT_PARAM)._fqns
+                    for fqn in (*flat._fqns, *shared)
                 )
             else:
                 result = (self._walk(head)[1] + ((leaf, _PLAIN),),)
@@ -155,7 +162,9 @@ class FqnResolver:
 def iter_model_state(model: nn.Module, fqn_modifiers: str) -> Iterator[tuple[str, Any]]:
     """Yield ``(raw name, tensor or ExtraState)`` for everything ``model.state_dict()`` saves.
 
-    Parameters, persistent buffers and extra state, each module visited once (a shared
+    In ``state_dict()``'s order (a module's parameters, persistent buffers and extra
+    state, then its children), so missing keys are listed as PyTorch lists them. Each
+    module is visited once (a shared
     submodule is not repeated; a parameter tied between two modules is yielded under both
     names). Names keep the wrapper components, like ``named_parameters()``; a child that
     the module's ``fqn_modifiers`` method names is skipped in the path, as its state-dict
@@ -168,18 +177,18 @@ def iter_model_state(model: nn.Module, fqn_modifiers: str) -> Iterator[tuple[str
         dotted = f"{prefix}." if prefix else ""
         modifiers = getattr(module, fqn_modifiers, None)
         skipped = set(modifiers().values()) if modifiers is not None else set()
-        for name, child in module.named_children():
-            if id(child) in visited:
-                continue
-            yield from recurse(child, prefix if name in skipped else f"{dotted}{name}")
+        for name, param in module.named_parameters(recurse=False):
+            yield f"{dotted}{name}", param
         non_persistent = module._non_persistent_buffers_set
         for name, buf in module.named_buffers(recurse=False):
             if name not in non_persistent:
                 yield f"{dotted}{name}", buf
-        for name, param in module.named_parameters(recurse=False):
-            yield f"{dotted}{name}", param
         if type(module).get_extra_state is not nn.Module.get_extra_state:
             yield f"{dotted}{_EXTRA_STATE_KEY}", ExtraState()
+        for name, child in module.named_children():
+            if id(child) in visited:
+                continue
+            yield from recurse(child, prefix if name in skipped else f"{dotted}{name}")
 
     yield from recurse(model, "")
 

@@ -29,13 +29,24 @@ from sdict_ext.utils import broadcast_state_dict, distribute_state_dict
 __all__: list[str] = []
 
 _FLAT_PARAM = "_flat_param"
-_MAX_LISTED = 20
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
-    more = f" (and {len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-    return f"[{shown}]{more}"
+def _quoted(keys: list[str]) -> str:
+    return ", ".join(f'"{k}"' for k in keys)
+
+
+def _key_errors(model: nn.Module, missing: list[str], unexpected: list[str]) -> str:
+    """The strict-load complaint in ``nn.Module.load_state_dict``'s words.
+
+    Code that matches on PyTorch's message (``Missing key(s) in state_dict``) keeps
+    working; the keys are the canonical FQNs the caller passed.
+    """
+    lines = []
+    if missing:
+        lines.append(f"Missing key(s) in state_dict: {_quoted(missing)}. ")
+    if unexpected:
+        lines.append(f"Unexpected key(s) in state_dict: {_quoted(unexpected)}. ")
+    return f"Error(s) in loading state_dict for {type(model).__name__}:\n\t" + "\n\t".join(lines)
 
 
 @torch.no_grad()
@@ -134,10 +145,8 @@ def prepare_model_load(
     if info.strict:
         missing = [clean_of[k] for k in local if k not in state_dict]
         unexpected = [k for k in state_dict if k not in local]
-        if missing:
-            problems.append(f"missing keys {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys {_listing(unexpected)}")
+        if missing or unexpected:
+            problems.append(_key_errors(model, missing, unexpected))
     # FSDP1's local tensors are flat-parameter shards whose shapes say nothing about the
     # original parameters; FSDP checks those itself when it unflattens.
     if not info.fsdp_modules:

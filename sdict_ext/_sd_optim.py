@@ -381,12 +381,10 @@ def _distribute_full(
             flat_local[key] = value
             local_mapping[key] = mapping[key]
     out = unflatten_state_dict(flat_local, local_mapping)
-    # Flattening turns tuples (Adam's ``betas``) into lists; give back the optimizer's type.
-    for group, current in zip(out[PARAM_GROUPS], optim.param_groups, strict=False):
+    # Flattening turns tuples (Adam's ``betas``) into lists. PyTorch loads them as lists
+    # too, and code compares ``optimizer.state_dict()`` across the two: keep its types.
+    for group in out[PARAM_GROUPS]:
         group.setdefault(PARAMS, [])
-        for key, value in group.items():
-            if isinstance(value, list) and isinstance(current.get(key), tuple):
-                group[key] = tuple(value)
     return out
 
 
