@@ -504,6 +504,8 @@ def distribute_state_dict(
     results: dict[str, Any] = {}
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
+    # A tied weight (one full tensor, one local DTensor, at several keys) is sliced once.
+    done: dict[tuple[int, int], str] = {}
     for key, value in full_state_dict.items():
         if not torch.is_tensor(value):
             results[key] = value
@@ -513,6 +515,11 @@ def distribute_state_dict(
             continue
         local = local_state_dict.get(key)
         if local is None:
+            continue
+        earlier = done.setdefault((id(value), id(local)), key)
+        if earlier != key:
+            if earlier in results:
+                results[key] = results[earlier]
             continue
         if not isinstance(local, DTensor):
             results[key] = value.detach().to(device)

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from sdict_ext import ops
-from sdict_ext._traverse import LEAF_DTENSOR, LEAF_SHARDED, LEAF_TENSOR
+from sdict_ext._traverse import LEAF_DTENSOR, LEAF_OTHER, LEAF_SHARDED, LEAF_TENSOR
 
 __all__ = ["batched_copy_pairs", "offload_leaves", "view_key"]
 
@@ -112,13 +112,20 @@ def offload_leaves(values: Sequence[Any], kinds: Sequence[int]) -> list[Any]:
     Like ``Tensor.to``, a value already on the CPU is returned as is (no copy); other
     plain tensors get new pageable CPU tensors with the same strides. DTensors keep
     their spec around a CPU local tensor; ShardedTensors (rare off the CPU) use their
-    own ``to``. Non-tensor values pass through.
+    own ``to``. Non-tensor values pass through. A value that stands at several places
+    (a tied weight) is copied once and its copy stands at all of them.
     """
     out = list(values)
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
+    first: dict[int, int] = {}
     for i, (value, kind) in enumerate(zip(values, kinds)):
-        if kind == LEAF_TENSOR:
+        if kind == LEAF_OTHER:
+            continue
+        seen = first.setdefault(id(value), i)
+        if seen != i:
+            out[i] = out[seen]
+        elif kind == LEAF_TENSOR:
             if not value.is_cpu:
                 new = torch.empty_like(value, device=_CPU)
                 dsts.append(new)

@@ -390,10 +390,20 @@ def gather_state_dict(
     order: list[Any] = []
     fallback: list[int] = []
     plan: list[Any] = []
+    same: list[tuple[int, int]] = []  # (leaf, the earlier leaf holding the same shards)
     try:
         routes: dict[Any, Any] = {}
+        first: dict[int, int] = {}
         for i in sharded:
             value, path = flat.leaves[i], flat.paths[i]
+            earlier = first.setdefault(id(value), i)
+            if earlier != i:
+                # One object at several places (a tied weight from get_model_state_dict):
+                # gathered once, its full tensor stands at all of them. Identity, not
+                # memory, decides, so every rank decides alike (an empty shard has none).
+                same.append((i, earlier))
+                plan.append((path, earlier))
+                continue
             if flat.kinds[i] == LEAF_DTENSOR:
                 if not _plan_dtensor(value, i, streams, order, routes):
                     fallback.append(i)
@@ -415,6 +425,8 @@ def gather_state_dict(
         _run_stream(streams[key], bucket_bytes, keep, cpu_offload, out)
     for i in fallback:
         out[i] = _pytorch_dtensor_gather(flat.leaves[i])
+    for i, earlier in same:
+        out[i] = out[earlier]
     return _finish(flat, out, keep, cpu_offload)
 
 

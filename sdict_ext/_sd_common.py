@@ -299,14 +299,21 @@ def full_or_offload(
 
 
 def _unshare(obj: Any, live: set[int]) -> Any:
-    """``obj`` with every tensor whose storage is in ``live`` replaced by a fresh copy."""
+    """``obj`` with every tensor whose storage is in ``live`` replaced by a fresh copy.
+
+    A tensor at several places (a tied weight) gets one copy, standing at all of them.
+    """
     flat = flatten(obj, type_check=False)
     leaves = list(flat.leaves)
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
+    first: dict[int, int] = {}
     for i, kind in enumerate(flat.kinds):
         value = leaves[i]
-        if kind == LEAF_DTENSOR:
+        seen = first.setdefault(id(value), i) if kind in (LEAF_DTENSOR, LEAF_TENSOR) else i
+        if seen != i:
+            leaves[i] = leaves[seen]
+        elif kind == LEAF_DTENSOR:
             local = value.to_local()
             if _storage_ptr(local) in live:
                 copy = torch.empty_like(local)

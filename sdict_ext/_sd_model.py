@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import _IncompatibleKeys
 
 from sdict_ext._sd_common import (
@@ -78,7 +79,35 @@ def get_model(model: nn.Module, info: Info) -> dict[str, Any]:
                 for fqn in info.resolver.fqns(name):
                     state_dict.pop(fqn, None)
 
+    _one_value_per_tied_tensor(state_dict, info)
     return full_or_offload(state_dict, info, lambda: storage_ptrs(list(info.fqns_of)))
+
+
+def _one_value_per_tied_tensor(state_dict: dict[str, Any], info: Info) -> None:
+    """Give every FQN of a tied tensor the same value object, in place.
+
+    ``state_dict()`` returns a separate detached view per name; as one object, the
+    gather, offload and copies that follow move the tensor once and fill every key.
+    The model's structure decides, never memory addresses, so all ranks decide alike
+    (a rank's shard of the tensor may be empty).
+    """
+    for fqns in info.fqns_of.values():
+        if len(fqns) < 2:
+            continue
+        present = [f for f in fqns if f in state_dict]
+        for fqn in present[1:]:
+            if _alike(state_dict[fqn], state_dict[present[0]]):
+                state_dict[fqn] = state_dict[present[0]]
+
+
+def _alike(a: Any, b: Any) -> bool:
+    return (
+        isinstance(a, torch.Tensor)
+        and type(a) is type(b)
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and (not isinstance(a, DTensor) or a.placements == b.placements)
+    )
 
 
 @dataclass

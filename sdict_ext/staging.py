@@ -288,6 +288,13 @@ class _Layout:
     groups: list[_CopyGroup]
     cuda_devices: frozenset[torch.device]
     nbytes: int
+    # (leaf, earlier leaf) pairs that are one tensor object (tied weights): staged once,
+    # both places get the staged tensor. The layout holds only while they still are.
+    aliases: tuple[tuple[int, int], ...] = ()
+
+    def fits(self, walk: _Walk) -> bool:
+        leaves = walk.leaves
+        return walk.sig == self.sig and all(leaves[i] is leaves[j] for i, j in self.aliases)
 
 
 class PinnedStager(AsyncStager):
@@ -587,7 +594,7 @@ class PinnedStager(AsyncStager):
         else:
             walk = _Walk(layout.out_leaves)
             staged = walk.visit(state_dict)
-        if layout is None or walk.sig != layout.sig:
+        if layout is None or not layout.fits(walk):
             layout = self._build_layout(state_dict, walk)
             walk = _Walk(layout.out_leaves, values=walk.values if walk.build else None)
             staged = walk.visit(state_dict)
@@ -612,24 +619,31 @@ class PinnedStager(AsyncStager):
         # Drop the old slab before allocating the new one, so peak host memory stays at
         # one slab (earlier staged state dicts still referenced elsewhere keep theirs).
         self._layout = None
-        # Only the tensor leaves go to the allocator, flat and in visiting order: plain
-        # values need no slab (and would be deep-copied). DTensors go as their local
-        # tensors, re-wrapped below with the source's spec, so a 0-dim DTensor gets slab
-        # memory too instead of coming back as the source itself.
+        first: dict[int, int] = {}
+        aliases = tuple(
+            (i, j) for i, leaf in enumerate(walk.leaves) if (j := first.setdefault(id(leaf), i)) != i
+        )
+        # Only the tensor leaves go to the allocator, flat and in visiting order, each
+        # object once: plain values need no slab (and would be deep-copied). DTensors go
+        # as their local tensors, re-wrapped below with the source's spec, so a 0-dim
+        # DTensor gets slab memory too instead of coming back as the source itself.
         template = create_cpu_state_dict(
             {
                 str(i): leaf._local_tensor if _kind(leaf) == _DTENSOR else leaf
                 for i, leaf in enumerate(walk.leaves)
+                if first[id(leaf)] == i
             },
             pin_memory=self._pin_memory,
             share_memory=self._share_memory,
         )
-        out_leaves = [
-            DTensor(staged, leaf._spec, requires_grad=False)
-            if _kind(leaf) == _DTENSOR
-            else staged
-            for leaf, staged in zip(walk.leaves, template.values())
-        ]
+        out_leaves = [None] * len(walk.leaves)
+        for key, staged in template.items():
+            i = int(key)
+            leaf = walk.leaves[i]
+            dtensor = _kind(leaf) == _DTENSOR
+            out_leaves[i] = DTensor(staged, leaf._spec, requires_grad=False) if dtensor else staged
+        for i, j in aliases:
+            out_leaves[i] = out_leaves[j]
         out = _Walk([], build=False)
         out.visit(out_leaves)
         dsts = out.locals
@@ -640,6 +654,7 @@ class PinnedStager(AsyncStager):
             )
         groups: dict[tuple[torch.device, bool], list[int]] = {}
         nbytes = 0
+        copied: set[int] = set()
         for i, (dst, src) in enumerate(zip(dsts, srcs)):
             if dst.shape != src.shape or dst.dtype != src.dtype or dst.device.type != "cpu":
                 paths = paths or _leaf_paths(state_dict)
@@ -648,8 +663,9 @@ class PinnedStager(AsyncStager):
                     f"{tuple(dst.shape)} tensor on {dst.device} for {paths[i]!r}, a "
                     f"{src.dtype} {tuple(src.shape)} tensor"
                 )
-            if src.numel() == 0:
+            if src.numel() == 0 or id(dst) in copied:
                 continue
+            copied.add(id(dst))
             # Pageable destinations make a "non-blocking" device copy synchronous anyway;
             # they are copied in blocking mode, still off the trainer's thread.
             non_blocking = src.device.type == "cuda" and dst.is_pinned()
@@ -665,6 +681,7 @@ class PinnedStager(AsyncStager):
             groups=plan,
             cuda_devices=frozenset(d for d, _ in groups if d.type == "cuda"),
             nbytes=nbytes,
+            aliases=aliases,
         )
         self._layout = layout
         with self._lock:

@@ -99,11 +99,16 @@ def make(
                 lambda_auto_wrap_policy, lambda_fn=lambda m: any(m is u for u in own_units)
             ),
         )
-    elif kind == "fsdp2":
+    elif kind in ("fsdp2", "hsdp"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        # hsdp: FSDP2 on a 2-D (replicate, shard) mesh, for an even number of ranks.
+        ws = dist.get_world_size()
+        if kind == "fsdp2":
+            mesh = init_device_mesh("cpu", (ws,))
+        else:
+            mesh = init_device_mesh("cpu", (ws // 2, 2), mesh_dim_names=("replicate", "shard"))
         units = [[net.emb, net.head]] if tied else [net.emb, net.head]
         for unit in [*units, net.l1, net.l2]:
             fully_shard(unit, mesh=mesh)

@@ -1,0 +1,260 @@
+"""Tied (shared) tensors on every path: one transfer per tensor, every key filled.
+
+A language model whose head weight is its token embedding (GPT-2, Llama-3.2-1B, Gemma)
+has one tensor under two keys. Each spec compares with PyTorch's function on the same
+inputs (bit-exact values, types, placements) and counts the bytes that travel, so a
+tied tensor that is sent, gathered or staged twice fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed import _state_dict_utils as ref
+from torch.distributed.checkpoint import state_dict as T
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from sdict_ext import state_dict as S
+from sdict_ext import utils
+from sdict_ext.staging import PinnedStager
+from tests.mp import run_on_ranks
+from tests.test_state_dict import _full, assert_same, clone, make, train_step
+from tests.test_utils_dist import ALL_GATHER, _mesh
+
+TIMEOUT_S = 120
+
+
+def _counting_bytes(names: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
+    """Wrap ``dist.<name>`` to sum the bytes of the tensor each call moves."""
+    sent = dict.fromkeys(names, 0)
+    originals = {name: getattr(dist, name) for name in names}
+
+    def wrap(name: str):
+        def counted(tensor, *args, **kwargs):
+            sent[name] += tensor.numel() * tensor.element_size()
+            return originals[name](tensor, *args, **kwargs)
+
+        return counted
+
+    for name in names:
+        setattr(dist, name, wrap(name))
+    return sent, originals
+
+
+def _restore(originals: dict[str, Any]) -> None:
+    for name, fn in originals.items():
+        setattr(dist, name, fn)
+
+
+def _weights(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 8, generator=g), torch.randn(8, generator=g)
+
+
+# --------------------------------------------------------------------------- broadcast
+
+
+def _on_rank_broadcast(source_tied: bool, local_tied: bool) -> int:
+    """Rank 0's full dict and every rank's local dict, each tied or not."""
+    mesh = _mesh((dist.get_world_size(),))
+    emb, bias = _weights(0)
+    head = emb if source_tied else emb + 1
+    full = {"emb": emb, "head": head, "bias": bias} if dist.get_rank() == 0 else {}
+    zeros = torch.zeros(16, 8)
+
+    def local() -> dict[str, Any]:
+        shard = distribute_tensor(zeros, mesh, [Shard(0)])
+        other = shard if local_tied else distribute_tensor(zeros, mesh, [Shard(0)])
+        rep = distribute_tensor(torch.zeros(8), mesh, [Replicate()])
+        return {"emb": shard, "head": other, "bias": rep}
+
+    ours, theirs = local(), local()
+    sent, originals = _counting_bytes(["broadcast"])
+    try:
+        utils.broadcast_state_dict(clone(full), ours, device=torch.device("cpu"))
+    finally:
+        _restore(originals)
+    ref._broadcast_state_dict(clone(full), theirs, device=torch.device("cpu"))
+    assert_same(ours, theirs)
+    if local_tied:
+        assert ours["emb"] is ours["head"]
+    return sent["broadcast"]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("local_tied", [False, True])
+@pytest.mark.parametrize("source_tied", [False, True])
+def test_broadcast_sends_a_tied_tensor_once_and_fills_every_key(source_tied, local_tied):
+    sent = run_on_ranks(2, _on_rank_broadcast, source_tied, local_tied, timeout=TIMEOUT_S)
+    tensor_bytes = (16 * 8 * (1 if source_tied else 2) + 8) * 4
+    # Tensors travel in one aligned bucket: at most one alignment gap per tensor.
+    assert sent[0] == sent[1]
+    assert tensor_bytes <= sent[0] < tensor_bytes + 3 * 64
+
+
+def _on_rank_broadcast_local_views_of_one_tensor() -> None:
+    """``model.state_dict()`` gives a tied DTensor as a separate view per key."""
+    mesh = _mesh((dist.get_world_size(),))
+    emb, _ = _weights(1)
+    full = {"emb": emb, "head": emb + 2} if dist.get_rank() == 0 else {}
+    param = distribute_tensor(torch.zeros(16, 8), mesh, [Shard(0)])
+    ours = {"emb": param.detach(), "head": param.detach()}
+    utils.broadcast_state_dict(full, ours, device=torch.device("cpu"))
+    theirs = {"emb": param.detach(), "head": param.detach()}
+    ref._broadcast_state_dict(full, theirs, device=torch.device("cpu"))
+    # Key by key, the last key's data is what stays (PyTorch's result).
+    assert_same(ours, theirs)
+    assert torch.equal(param.full_tensor(), emb + 2)
+
+
+@pytest.mark.dist
+def test_broadcast_into_views_of_one_local_tensor_keeps_the_last_key_like_pytorch():
+    run_on_ranks(2, _on_rank_broadcast_local_views_of_one_tensor, timeout=TIMEOUT_S)
+
+
+# --------------------------------------------------------------------------- distribute
+
+
+def _on_rank_distribute() -> None:
+    mesh = _mesh((dist.get_world_size(),))
+    emb, bias = _weights(2)
+    full = {"emb": emb, "head": emb, "bias": bias}
+    shard = distribute_tensor(torch.zeros(16, 8), mesh, [Shard(0)])
+    ours = {"emb": shard, "head": shard, "bias": torch.zeros(8)}
+    theirs = dict(ours)
+    utils.distribute_state_dict(full, ours, device=torch.device("cpu"))
+    ref._distribute_state_dict(full, theirs, device=torch.device("cpu"))
+    assert_same(ours, theirs)
+    assert ours["emb"] is ours["head"], "a tied weight was sliced twice"
+
+
+@pytest.mark.dist
+def test_distribute_slices_a_tied_tensor_once():
+    run_on_ranks(2, _on_rank_distribute, timeout=TIMEOUT_S)
+
+
+# --------------------------------------------------------------------------- gather
+
+
+def _on_rank_gather(cpu_offload: bool) -> int:
+    mesh = _mesh((dist.get_world_size(),))
+    emb, bias = _weights(3)
+    shard = distribute_tensor(emb, mesh, [Shard(0)])
+    sd = {"emb": shard, "head": shard, "nested": {"again": shard}, "bias": bias}
+    sent, originals = _counting_bytes([ALL_GATHER])
+    try:
+        ours = utils.gather_state_dict(sd, cpu_offload=cpu_offload)
+    finally:
+        _restore(originals)
+    assert_same(ours, ref._gather_state_dict(sd, cpu_offload=cpu_offload))
+    assert ours["emb"] is ours["head"] is ours["nested"]["again"]
+    return sent[ALL_GATHER]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_gather_moves_a_tied_dtensor_once(cpu_offload):
+    sent = run_on_ranks(2, _on_rank_gather, cpu_offload, timeout=TIMEOUT_S)
+    assert sent[0] == sent[1] == 16 * 8 * 4
+
+
+# --------------------------------------------------------------------------- get / set
+
+
+def _on_rank_get_tied(kind: str) -> None:
+    warnings.simplefilter("ignore")
+    model = make(kind, 0)
+    for opts in ({}, {"full_state_dict": True}, {"cpu_offload": True}):
+        ours = S.get_model_state_dict(model.wrapped, options=S.StateDictOptions(**opts))
+        theirs = T.get_model_state_dict(model.wrapped, options=T.StateDictOptions(**opts))
+        assert_same(ours, theirs, str(opts))
+        # One tensor, one value: later gathers, offloads and copies move it once.
+        assert ours["emb.weight"] is ours["head.weight"], opts
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "fsdp1_orig"])
+def test_get_model_state_dict_gives_a_tied_weight_one_value(kind):
+    run_on_ranks(2, _on_rank_get_tied, kind, timeout=TIMEOUT_S)
+
+
+def _on_rank_hsdp_broadcast_load() -> None:
+    """FSDP2 on a 2-D (replicate, shard) mesh, loaded from rank 0 with the tie."""
+    warnings.simplefilter("ignore")
+    source = make("plain", 0)
+    full = T.get_state_dict(
+        source.wrapped, source.optim, options=T.StateDictOptions(full_state_dict=True)
+    )
+    given = full if dist.get_rank() == 0 else ({}, {})
+    opts = {"full_state_dict": True, "broadcast_from_rank0": True}
+    ours, theirs = make("hsdp", 1, lazy=True), make("hsdp", 1, lazy=True)
+    S.set_state_dict(
+        ours.wrapped,
+        ours.optim,
+        model_state_dict=clone(given[0]),
+        optim_state_dict=clone(given[1]),
+        options=S.StateDictOptions(**opts),
+    )
+    T.set_model_state_dict(theirs.wrapped, clone(given[0]), options=T.StateDictOptions(**opts))
+    T.set_optimizer_state_dict(
+        theirs.wrapped, theirs.optim, clone(given[1]), options=T.StateDictOptions(**opts)
+    )
+    assert_same(ours.optim.state_dict(), theirs.optim.state_dict(), "optimizer.state_dict()")
+    assert_same(_full(ours), _full(theirs))
+    assert_same(_full(ours)[0], full[0])
+    assert ours.wrapped.emb.weight is ours.wrapped.head.weight
+    train_step(ours, 1)
+    train_step(theirs, 1)
+    assert_same(_full(ours), _full(theirs))
+
+
+@pytest.mark.dist
+def test_hsdp_tied_model_loads_from_rank0_like_pytorch():
+    run_on_ranks(4, _on_rank_hsdp_broadcast_load, timeout=240)
+
+
+# --------------------------------------------------------------------------- local paths
+
+
+def test_cpu_offloaded_state_dict_holds_one_copy_of_a_tied_weight():
+    model = make("plain", 0)
+    opts = {"full_state_dict": True, "cpu_offload": True}
+    ours = S.get_model_state_dict(model.wrapped, options=S.StateDictOptions(**opts))
+    assert_same(ours, T.get_model_state_dict(model.wrapped, options=T.StateDictOptions(**opts)))
+    assert ours["emb.weight"] is ours["head.weight"]
+    assert ours["emb.weight"].data_ptr() != model.wrapped.emb.weight.data_ptr()
+
+
+def test_copy_state_dict_between_tied_dicts_matches_pytorch():
+    emb, bias = _weights(4)
+    src = {"emb": emb, "head": emb, "bias": bias}
+    for dst_tied in (False, True):
+        target = torch.zeros(16, 8)
+        ours = {"emb": target, "head": target if dst_tied else torch.zeros(16, 8)}
+        ours["bias"] = torch.zeros(8)
+        theirs = copy.deepcopy(ours)
+        got = utils.copy_state_dict(src, ours)
+        want = ref._copy_state_dict(src, theirs)
+        assert_same(got, want)
+        assert (got["emb"] is got["head"]) == dst_tied
+
+
+def test_stager_copies_a_tied_tensor_once_and_restages_when_the_tie_goes():
+    emb, bias = _weights(5)
+    sd = {"emb": emb, "head": emb, "nested": [emb, bias]}
+    with PinnedStager(all_ranks=False) as stager:
+        staged = stager.stage(sd)
+        staged = staged.result() if hasattr(staged, "result") else staged
+        assert_same(staged, sd)
+        assert staged["emb"] is staged["head"] is staged["nested"][0]
+        assert stager.stats.staged_bytes == (16 * 8 + 8) * 4
+        untied = {"emb": emb, "head": emb + 1, "nested": [emb, bias]}
+        staged = stager.stage(untied)
+        staged = staged.result() if hasattr(staged, "result") else staged
+        assert_same(staged, untied)
+        assert stager.stats.allocations == 2
