@@ -258,3 +258,13 @@ def test_stager_copies_a_tied_tensor_once_and_restages_when_the_tie_goes():
         staged = staged.result() if hasattr(staged, "result") else staged
         assert_same(staged, untied)
         assert stager.stats.allocations == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_offload_copies_a_tied_cuda_tensor_once():
+    emb, bias = (t.cuda() for t in _weights(6))
+    sd = {"emb": emb, "head": emb, "bias": bias}
+    ours = utils.offload_state_dict_to_cpu(sd)
+    assert_same(ours, ref._offload_state_dict_to_cpu(sd))
+    assert ours["emb"] is ours["head"] and ours["emb"].is_cpu
