@@ -104,6 +104,24 @@ void add_copy(std::vector<CopyEntry>& plan, const Layout& dst, const Layout& src
   plan.push_back(std::move(e));
 }
 
+void add_zero_fill(std::vector<CopyEntry>& plan, char* dst, int64_t nbytes) {
+  if (nbytes <= 0) return;
+  CopyEntry e;
+  e.dst = dst;  // src stays nullptr: the executors write zeros
+  e.elem_size = 1;
+  e.numel = nbytes;
+  e.sizes.push_back(nbytes);
+  e.src_strides.push_back(1);
+  e.dst_strides.push_back(1);
+  plan.push_back(std::move(e));
+}
+
+bool same_elements(const at::Tensor& dst, const at::Tensor& src) {
+  // const_data_ptr on both: asking leaves a copy-on-write tensor shared.
+  return dst.const_data_ptr() == src.const_data_ptr() && dst.sizes() == src.sizes() &&
+      dst.strides() == src.strides();
+}
+
 namespace {
 
 ByteSpan span_of(const Region& r, size_t idx) {
@@ -265,9 +283,11 @@ void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, co
   TORCH_CHECK(
       dst.sizes() == src.sizes(), op, ": pair ", i, ": shape mismatch, destination is ",
       sizes_str(dst.sizes()), " but source is ", sizes_str(src.sizes()));
+  // An expanded tensor copied onto itself is a no-op, as for at::Tensor::copy_.
   TORCH_CHECK(
-      dst.is_contiguous() || at::has_internal_overlap(dst) != at::MemOverlap::Yes, op,
-      ": destination ", i,
+      dst.is_contiguous() || at::has_internal_overlap(dst) != at::MemOverlap::Yes ||
+          same_elements(dst, src),
+      op, ": destination ", i,
       " overlaps itself (an expanded view); pass a tensor with distinct elements");
 }
 
@@ -359,6 +379,9 @@ void add_dense_copy(
   const auto s = reinterpret_cast<uintptr_t>(copy.src);
   const auto len = static_cast<uintptr_t>(copy.nbytes);
   spans.dst.push_back({d, d + len, index});
+  // Two contiguous tensors of one shape and dtype starting at the same byte are the
+  // same elements: copying is a no-op (at::Tensor::copy_ returns at once too).
+  if (d == s) return;
   spans.src.push_back({s, s + len, index});
   copies.push_back(copy);
 }
@@ -417,6 +440,8 @@ std::vector<CopyEntry> plan_batched_copy(
   }
   std::vector<Region> regions;
   regions.reserve(2 * dsts.size());
+  std::vector<std::pair<size_t, size_t>> copies;  // (destination, source) in regions
+  copies.reserve(dsts.size());
   for (size_t i = 0; i < dsts.size(); ++i) {
     const at::Tensor& d = *dsts[i];
     const at::Tensor& s = *srcs[i];
@@ -424,14 +449,16 @@ std::vector<CopyEntry> plan_batched_copy(
     check_copy_pair(d, s, idx, op);
     const bool flat = d.is_contiguous() && s.is_contiguous();
     regions.push_back(Region{flat ? Layout::flat(d) : Layout::of(d), true, "destination", idx});
+    // A tensor copied onto itself is skipped (a no-op, as in at::Tensor::copy_); its
+    // destination still counts against the other pairs.
+    if (same_elements(d, s)) continue;
     regions.push_back(Region{flat ? Layout::flat(s) : Layout::of(s), false, "source", idx});
+    copies.emplace_back(regions.size() - 2, regions.size() - 1);
   }
   check_no_overlap(regions, op);
   std::vector<CopyEntry> plan;
-  plan.reserve(dsts.size());
-  for (size_t i = 0; i < dsts.size(); ++i) {
-    add_copy(plan, regions[2 * i].layout, regions[2 * i + 1].layout);
-  }
+  plan.reserve(copies.size());
+  for (const auto& [d, s] : copies) add_copy(plan, regions[d].layout, regions[s].layout);
   return plan;
 }
 
@@ -441,29 +468,54 @@ std::vector<CopyEntry> plan_pack(at::TensorList tensors, c10::IntArrayRef offset
   TORCH_CHECK(
       offsets.size() == tensors.size(), op, ": got ", tensors.size(), " tensors but ",
       offsets.size(), " offsets; compute them with sdict_ext.ops.pack_layout");
+  const size_t n = tensors.size();
   char* base = static_cast<char*>(out.numel() == 0 ? nullptr : out.data_ptr());
+  // Every byte of out is written (a slot's, or a zero between and after them), so a
+  // source must not overlap any of out.
   std::vector<Region> regions;
-  regions.reserve(2 * tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
+  regions.reserve(n + 1);
+  regions.push_back(region(out, true, "out", -1));
+  std::vector<int64_t> nbytes(n);
+  std::vector<size_t> slots;  // tensors with bytes, in the order they lie in out
+  slots.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(
         t.layout() == at::kStrided, op, ": tensor ", i, ": only strided tensors can be packed, found ",
         t.layout());
-    const int64_t nbytes = t.numel() * static_cast<int64_t>(t.element_size());
+    nbytes[i] = t.numel() * static_cast<int64_t>(t.element_size());
     TORCH_CHECK(
-        offsets[i] >= 0 && offsets[i] + nbytes <= out.numel(), op, ": tensor ", i, " (", nbytes,
+        offsets[i] >= 0 && offsets[i] + nbytes[i] <= out.numel(), op, ": tensor ", i, " (", nbytes[i],
         " bytes at offset ", offsets[i], ") does not fit in out of ", out.numel(), " bytes");
-    Layout slot = Layout::dense(
-        base == nullptr ? nullptr : base + offsets[i], t.element_size(), t.sizes());
-    regions.push_back(Region{slot, true, "slot of tensor", static_cast<int64_t>(i)});
     regions.push_back(region(t, false, "tensor", static_cast<int64_t>(i)));
+    if (nbytes[i] > 0) slots.push_back(i);
+  }
+  const auto by_offset = [&](size_t a, size_t b) { return offsets[a] < offsets[b]; };
+  if (!std::is_sorted(slots.begin(), slots.end(), by_offset)) {
+    std::stable_sort(slots.begin(), slots.end(), by_offset);
+  }
+  for (size_t k = 1; k < slots.size(); ++k) {
+    const size_t a = slots[k - 1];
+    const size_t b = slots[k];
+    TORCH_CHECK(
+        offsets[b] >= offsets[a] + nbytes[a], op, ": the slot of tensor ", b, " (offset ", offsets[b],
+        ") overlaps the slot of tensor ", a, " (", nbytes[a], " bytes at offset ", offsets[a],
+        "); compute the offsets with sdict_ext.ops.pack_layout");
   }
   check_no_overlap(regions, op);
+  // Slots in address order, each preceded by the gap before it: the gap's bytes are
+  // written next to the slot's last ones, and only they are (under ALIGNMENT per slot
+  // with pack_layout's offsets), not a memset of the whole buffer.
   std::vector<CopyEntry> plan;
-  plan.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    add_copy(plan, regions[2 * i].layout, regions[2 * i + 1].layout);
+  plan.reserve(2 * slots.size() + 1);
+  int64_t cursor = 0;
+  for (size_t i : slots) {
+    add_zero_fill(plan, base + cursor, offsets[i] - cursor);
+    add_copy(plan, Layout::dense(base + offsets[i], tensors[i].element_size(), tensors[i].sizes()),
+             regions[i + 1].layout);
+    cursor = offsets[i] + nbytes[i];
   }
+  add_zero_fill(plan, base + cursor, out.numel() - cursor);
   return plan;
 }
 

@@ -14,8 +14,9 @@ signatures and results, minus the traps:
 * ``find_tensor_shard`` checks a DTensor's offset (PyTorch returns the local shard
   whatever offset is asked for) and its errors list what is there.
 * ``create_file_view`` keeps its own position and never reads outside its byte range
-  (PyTorch's view inverts ``SEEK_END``, returns the underlying stream's position from
-  ``seek`` and, once positioned past the end of the range, reads the rest of the file).
+  (PyTorch's view inverts ``SEEK_END``, allows seeking before its start and, once
+  positioned past the end of the range, reads the rest of the file). Its ``seek``
+  returns what PyTorch's does: the position in the underlying stream.
 """
 
 from __future__ import annotations
@@ -650,7 +651,9 @@ class _FileView(io.RawIOBase):
             raise ValueError(f"negative seek position {pos}")
         # Past the end is allowed, as for files; reads there return nothing.
         self._pos = pos
-        return pos
+        # PyTorch's view returns the underlying stream's seek result, and callers of
+        # _create_file_view may rely on it; tell() stays relative to the view.
+        return self._start + pos
 
     def _available(self, size: int | None) -> int:
         remaining = max(0, self._length - self._pos)
@@ -693,31 +696,36 @@ class _FileView(io.RawIOBase):
         return got
 
 
-def create_file_view(stream: io.IOBase, offset: int, length: int) -> io.IOBase:
-    """Return a read-only, seekable view of bytes ``[offset, offset + length)`` of ``stream``.
+def create_file_view(file: io.IOBase, offset: int, length: int) -> io.IOBase:
+    """Return a read-only, seekable view of bytes ``[offset, offset + length)`` of ``file``.
 
     Counterpart of ``torch.distributed.checkpoint.utils._create_file_view``, usable by
-    ``torch.load``. Positions are relative to the view: ``seek``/``tell`` report them,
-    ``SEEK_END`` counts from the end of the range (a negative offset goes back), and
-    reads stop at the end of the range. Seeking before the start raises ``ValueError``.
+    ``torch.load``. Positions are relative to the view: ``seek(pos, whence)`` takes
+    them and ``tell()`` reports them; ``SEEK_END`` counts from the end of the range (a
+    negative offset goes back), and reads stop at the end of the range. Seeking before
+    the start raises ``ValueError``.
+
+    As in PyTorch, ``seek`` returns the new position in the underlying stream,
+    ``offset`` + the view's new position (``seek(50)`` returns ``offset + 50`` while
+    ``tell()`` then returns 50), in every ``whence`` mode.
 
     Args:
-        stream: a readable, seekable binary stream; it stays open when the view closes.
-        offset: where the range starts in ``stream``.
+        file: a readable, seekable binary stream; it stays open when the view closes.
+        offset: where the range starts in ``file``.
         length: how many bytes the range holds.
 
     Raises:
         TypeError: ``offset`` or ``length`` is not an integer.
-        ValueError: ``offset`` or ``length`` is negative, or ``stream`` is closed or not
+        ValueError: ``offset`` or ``length`` is negative, or ``file`` is closed or not
             seekable.
     """
     offset = operator.index(offset)
     length = operator.index(length)
     if offset < 0 or length < 0:
         raise ValueError(f"offset and length must be >= 0, got offset={offset}, length={length}")
-    if getattr(stream, "closed", False):
+    if getattr(file, "closed", False):
         raise ValueError("cannot create a view of a closed stream")
-    seekable = getattr(stream, "seekable", None)
+    seekable = getattr(file, "seekable", None)
     if seekable is None or not seekable():
         raise ValueError("create_file_view needs a seekable stream")
-    return _FileView(stream, offset, length)
+    return _FileView(file, offset, length)

@@ -137,8 +137,11 @@ def batched_copy_(
     Same result as ``d.copy_(s)`` per pair, but planned once and executed as one
     parallel CPU pass or one batched CUDA launch. Pairs must match in dtype and shape
     (no casting, no broadcasting); destinations must be disjoint and must not alias a
-    source. Everything is checked before anything is written. Non-contiguous and
-    misaligned tensors are copied correctly.
+    source. A tensor copied onto itself (same memory, sizes and strides) is a no-op,
+    as ``t.copy_(t)`` is, but its destination still must not overlap another pair's
+    destination or source; a partial overlap of a pair's own two sides is an error.
+    Everything is checked before anything is written. Non-contiguous and misaligned
+    tensors are copied correctly.
 
     Args:
         dsts: destination tensors, written in place.
@@ -205,12 +208,16 @@ def pack(
 
     Equivalent to ``torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])``
     except that each slot starts at an aligned offset (:func:`pack_layout`), any dtype
-    mix is allowed and non-contiguous tensors are read in place.
+    mix is allowed and non-contiguous tensors are read in place. Every byte of the
+    buffer outside the slots (alignment gaps, the tail, all of a larger ``out``) is set
+    to zero, so the result depends only on the tensors, never on what the memory held
+    before: a broadcast of it ships no stale bytes. Only those bytes are written, not
+    the whole buffer twice.
 
     Args:
         tensors: tensors to pack, in order.
         out: optional 1-D uint8 buffer of at least the layout's size; allocated on the
-            first tensor's device when omitted.
+            first tensor's device when omitted. No tensor may overlap it.
         offsets: slot offsets; default :func:`pack_layout` of ``tensors``.
         alignment: slot alignment used when ``offsets`` is omitted.
 

@@ -815,24 +815,49 @@ def test_view_read_past_the_end_is_truncated(stream):
 
 
 def test_view_seek_positions_are_relative_to_the_range(stream):
+    # seek takes and tell reports positions in the view; seek returns the position in
+    # the underlying stream, as PyTorch's view does.
     view = create_file_view(stream, _START, _LENGTH)
-    assert view.seek(20) == 20
+    assert view.seek(20) == _START + 20
+    assert view.tell() == 20
     assert view.read(3) == _WINDOW[20:23]
-    assert view.seek(5, os.SEEK_CUR) == 28
+    assert view.seek(5, os.SEEK_CUR) == _START + 28
     assert view.read(2) == _WINDOW[28:30]
-    assert view.seek(-10, os.SEEK_CUR) == 20
-    assert view.seek(-6, os.SEEK_END) == _LENGTH - 6
+    assert view.seek(-10, os.SEEK_CUR) == _START + 20
+    assert view.tell() == 20
+    assert view.seek(-6, os.SEEK_END) == _START + _LENGTH - 6
+    assert view.tell() == _LENGTH - 6
     assert view.read() == _WINDOW[-6:]
-    assert view.seek(0, os.SEEK_END) == _LENGTH
+    assert view.seek(0, os.SEEK_END) == _START + _LENGTH
     assert view.read() == b""
+
+
+def test_view_seek_returns_what_pytorchs_view_returns():
+    # Every seek lands both views at the same place: SEEK_SET and SEEK_CUR as is,
+    # SEEK_END with the sign flipped (PyTorch's counts backwards from the end).
+    ours = create_file_view(io.BytesIO(_DATA), _START, _LENGTH)
+    theirs = torch_create_file_view(io.BytesIO(_DATA), _START, _LENGTH)
+    moves = [(50, os.SEEK_SET), (0, os.SEEK_SET), (7, os.SEEK_CUR), (_LENGTH, os.SEEK_SET),
+             (-30, os.SEEK_CUR), (0, os.SEEK_CUR), (_LENGTH - 1, os.SEEK_SET)]
+    for offset, whence in moves:
+        assert ours.seek(offset, whence) == theirs.seek(offset, whence), (offset, whence)
+        assert ours.tell() == theirs.tell()
+        assert ours.read(1) == theirs.read(1)
+    for back in (0, 1, 40, _LENGTH):
+        assert ours.seek(-back, os.SEEK_END) == theirs.seek(back, os.SEEK_END), back
+        assert ours.tell() == theirs.tell() == _LENGTH - back
+    # The return value is the underlying stream's position after the same seek.
+    stream = io.BytesIO(_DATA)
+    assert create_file_view(stream, _START, _LENGTH).seek(50) == stream.seek(_START + 50)
 
 
 def test_view_seek_past_the_end_reads_nothing_unlike_pytorch(stream):
     view = create_file_view(stream, _START, _LENGTH)
-    assert view.seek(_LENGTH + 50) == _LENGTH + 50
+    assert view.seek(_LENGTH + 50) == _START + _LENGTH + 50
     assert view.read() == b""
     assert view.readinto(bytearray(8)) == 0
-    assert view.seek(10, os.SEEK_END) == _LENGTH + 10
+    assert view.seek(10, os.SEEK_END) == _START + _LENGTH + 10
+    assert view.tell() == _LENGTH + 10
     assert view.read(4) == b""
 
 
@@ -882,8 +907,7 @@ def test_view_matches_pytorch_within_the_range():
     ]
     for op, arg in ops:
         if op == "seek":
-            ours.seek(arg)
-            theirs.seek(arg)
+            assert ours.seek(arg) == theirs.seek(arg)
         elif op == "read":
             assert ours.read(arg) == theirs.read(arg)
         else:

@@ -261,6 +261,87 @@ def test_batched_copy_rejects_bad_pairs_before_writing_anything():
     )
 
 
+def _self_copies(device):
+    """Tensors of every layout copied onto themselves, expanded views included."""
+    return _layouts(torch.float32, device) + [
+        torch.arange(3.0, device=device).expand(4, 3),
+        torch.arange(12, dtype=torch.int16, device=device).view(3, 4)[:, 1:3],
+    ]
+
+
+def _check_batched_copy_of_a_tensor_onto_itself_is_a_no_op(device, entry):
+    # t.copy_(t) returns at once; so must batched_copy_, alone or among other pairs.
+    copy = ops.batched_copy_ if entry == "fast" else torch.ops.sdict_ext.batched_copy_.default
+    for t in _self_copies(device):
+        ref = t.clone()
+        before = t._version
+        ref_version = ref._version
+        ref.copy_(ref)
+        copy([t], [t])
+        assert _same(t, ref)
+        if entry == "fast":  # (the registered op leaves version counters alone)
+            assert t._version - before == ref._version - ref_version
+    # Among other pairs: self-copies of tensors that share no memory with each other.
+    g = torch.Generator().manual_seed(6)
+    ts = [
+        _random((4, 5), torch.float32, device, g).t(),
+        _random((6,), torch.float32, device, g).expand(2, 6),
+        _random((), torch.float32, device, g),
+        _random((9,), torch.float32, device, g)[1::2],
+        _random((3, 3), torch.float32, device, g),
+    ]
+    expected = [t.clone() for t in ts]
+    others = [torch.zeros(5, device=device), torch.zeros(2, 3, device=device).t()]
+    srcs = [torch.arange(5.0, device=device), torch.arange(6.0, device=device).view(3, 2)]
+    copy(others[:1] + ts + others[1:], srcs[:1] + ts + srcs[1:])
+    assert all(_same(t, e) for t, e in zip(ts, expected))
+    assert all(_same(o, s) for o, s in zip(others, srcs))
+
+
+@pytest.mark.parametrize("entry", ["fast", "registered"])
+def test_batched_copy_of_a_tensor_onto_itself_is_a_no_op_cpu(entry):
+    _check_batched_copy_of_a_tensor_onto_itself_is_a_no_op("cpu", entry)
+
+
+@cuda
+@pytest.mark.parametrize("entry", ["fast", "registered"])
+def test_batched_copy_of_a_tensor_onto_itself_is_a_no_op_cuda(entry):
+    _check_batched_copy_of_a_tensor_onto_itself_is_a_no_op("cuda", entry)
+
+
+@pytest.mark.parametrize("entry", ["fast", "registered"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_batched_copy_self_copy_still_overlaps_other_pairs(entry, strided):
+    # Only a pair whose two sides are the same elements is exempt: a partial overlap
+    # (which copy_ rejects too), the same destination in another pair, or another
+    # pair reading what a self-copy "writes" stay errors, raised before any write.
+    copy = ops.batched_copy_ if entry == "fast" else torch.ops.sdict_ext.batched_copy_.default
+    buf = torch.zeros(4, 6)
+    t = buf[:, 1:4] if strided else buf[1]
+    other = torch.zeros(t.shape)
+    src = torch.ones(t.shape)
+    flat = torch.zeros(6)
+    with pytest.raises(RuntimeError, match="clone"):
+        flat[1:].copy_(flat[:-1])
+    _expect_error("must not alias", lambda: copy([flat[1:]], [flat[:-1]]), flat)
+    _expect_error("must not alias", lambda: copy([buf[1:, 1:]], [buf[:-1, :-1]]), buf)
+    _expect_error(
+        "destination 0 overlaps destination 1|destination 1 overlaps destination 0",
+        lambda: copy([t, t], [t, src]),
+        buf,
+    )
+    _expect_error(
+        "destination 1 overlaps destination 2|destination 2 overlaps destination 1",
+        lambda: copy([other, t, t], [src, src, t]),
+        buf, other,
+    )
+    _expect_error(
+        "destination 0 overlaps source 1|must not alias",
+        lambda: copy([t, other], [t, t]),
+        buf, other,
+    )
+
+
 def _slices(buf: torch.Tensor, order: list[int], width: int) -> list[torch.Tensor]:
     return [buf[k * width:(k + 1) * width] for k in order]
 
@@ -386,13 +467,85 @@ def test_pack_layout_from_shapes_and_dtypes_matches_layout_from_tensors():
     assert ops.pack_layout(specs) == ops.pack_layout(tensors)
 
 
-def test_pack_into_preallocated_out_leaves_padding_alone():
-    tensors = [torch.arange(3, dtype=torch.int8), torch.arange(5, dtype=torch.int16)]
+def _gappy_tensors(device):
+    """Mixed dtypes and sizes that leave alignment gaps of every width between slots."""
+    g = torch.Generator().manual_seed(5)
+    base = _random((6, 7), torch.float64, device, g)
+    return [
+        _random((3,), torch.int8, device, g),
+        _random((5,), torch.int16, device, g),
+        base.t(),
+        _random((), torch.complex128, device, g),
+        _random((7,), torch.bool, device, g),
+        _random((0, 4), torch.float32, device, g),
+        _random((33,), torch.bfloat16, device, g)[1::2],
+        _random((2, 3), torch.float8_e4m3fn, device, g),
+        _random((1,), torch.int64, device, g),
+        _random((17,), torch.uint8, device, g),
+    ]
+
+
+def _zero_padded_reference(tensors, offsets, size) -> torch.Tensor:
+    """What pack must produce, built with torch: each tensor's bytes at its offset."""
+    ref = torch.zeros(size, dtype=torch.uint8)
+    for t, o in zip(tensors, offsets):
+        ref[o : o + t.numel() * t.element_size()] = _bytes(t)
+    return ref
+
+
+def _check_pack_zeroes_everything_outside_the_slots(device):
+    # The same tensors packed into buffers that held different garbage give the same
+    # bytes: the slots' bytes and zeros everywhere else (gaps, tail, a larger out).
+    tensors = _gappy_tensors(device)
     offsets, total = ops.pack_layout(tensors)
-    out = torch.full((total,), 0xEE, dtype=torch.uint8)
-    assert ops.pack(tensors, out) is out
-    assert torch.equal(out[3:16], torch.full((13,), 0xEE, dtype=torch.uint8))
-    assert torch.equal(out[16:26].view(torch.int16), tensors[1])
+    ref = _zero_padded_reference(tensors, offsets, total)
+    for fill in (0xEE, 0x11, None):
+        out = torch.randint(0, 256, (total,), dtype=torch.uint8) if fill is None else (
+            torch.full((total,), fill, dtype=torch.uint8))
+        out = out.to(device)
+        assert ops.pack(tensors, out) is out
+        assert torch.equal(out.cpu(), ref), fill
+    # A larger out than the layout needs: all of the rest is zeroed too.
+    big = torch.full((total + 100,), 0xAB, dtype=torch.uint8, device=device)
+    ops.pack(tensors, out=big)
+    assert torch.equal(big.cpu(), torch.cat([ref, torch.zeros(100, dtype=torch.uint8)]))
+    # Offsets of the caller's: unaligned, in reverse order, gaps of 5 to 14 bytes, on
+    # an out that starts at an odd address (a view into a bigger buffer).
+    custom = [0] * len(tensors)
+    pos = 7
+    for i in reversed(range(len(tensors))):
+        custom[i] = pos
+        pos += tensors[i].numel() * tensors[i].element_size() + 5 + i
+    host = torch.full((3 + pos + 50,), 0x5A, dtype=torch.uint8, device=device)
+    odd = host[3:]
+    ops.pack(tensors, out=odd, offsets=custom)
+    assert torch.equal(host[:3].cpu(), torch.full((3,), 0x5A, dtype=torch.uint8))
+    assert torch.equal(odd.cpu(), _zero_padded_reference(tensors, custom, odd.numel()))
+    # Without out: the new buffer is fully written whatever the allocator hands out.
+    for _ in range(3):
+        garbage = torch.full((total,), 0xCD, dtype=torch.uint8, device=device)
+        del garbage
+        assert torch.equal(ops.pack(tensors).cpu(), ref)
+
+
+def test_pack_zeroes_everything_outside_the_slots_cpu():
+    _check_pack_zeroes_everything_outside_the_slots("cpu")
+
+
+@cuda
+def test_pack_zeroes_everything_outside_the_slots_cuda():
+    _check_pack_zeroes_everything_outside_the_slots("cuda")
+
+
+def test_pack_rejects_a_tensor_inside_out_before_writing():
+    # Every byte of out is written, so a source anywhere in it (even outside the
+    # slots, where pack used to leave memory alone) would be clobbered.
+    out = torch.arange(64, dtype=torch.uint8)
+    _expect_error(
+        "out overlaps tensor 0 in memory",
+        lambda: ops.pack([out[40:48]], out=out, offsets=[0]),
+        out,
+    )
 
 
 def _check_unpack_writes_only_the_owned_box(device):

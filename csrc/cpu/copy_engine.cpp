@@ -129,9 +129,14 @@ inline void copy_dense(char* dst, const char* src, int64_t lo, int64_t hi, bool 
   }
 }
 
-// Copies bytes [lo, hi) of entry `e`. Strided entries round both ends up to whole
-// elements, so adjacent byte ranges split the elements without gaps or overlap.
+// Copies bytes [lo, hi) of entry `e` (zero fills: writes zeros). Strided entries
+// round both ends up to whole elements, so adjacent byte ranges split the elements
+// without gaps or overlap.
 void copy_bytes(const CopyEntry& e, int64_t lo, int64_t hi, bool streaming) {
+  if (e.src == nullptr) {
+    std::memset(e.dst + lo, 0, static_cast<size_t>(hi - lo));
+    return;
+  }
   if (e.dense()) {
     copy_dense(e.dst, e.src, lo, hi, streaming);
     return;

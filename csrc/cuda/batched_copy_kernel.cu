@@ -77,7 +77,11 @@ Described describe(const KernelCopy& c) {
 
   const auto src_addr = reinterpret_cast<uintptr_t>(c.src);
   const auto dst_addr = reinterpret_cast<uintptr_t>(c.dst);
-  if (d.units == 1) {
+  if (c.src == nullptr) {
+    // A zero fill (one dense run): zero_span writes bytes up to an aligned address
+    // itself, so it always stores full words.
+    d.width = 16;
+  } else if (d.units == 1) {
     // One run: only the two sides' relative alignment matters, the kernel copies
     // a byte head and tail around the aligned body.
     d.width = widest_aligned(src_addr - dst_addr);
@@ -165,6 +169,23 @@ SDICT_EXT_HD void copy_span(char* dst, const char* src, int64_t n, int lane, int
   for (int64_t j = head + words * W + lane; j < n; j += lanes) dst[j] = src[j];
 }
 
+// Writes n zero bytes with `lanes` cooperating threads: bytes up to the first
+// W-aligned address, W-byte words, then the remaining bytes (for a table entry
+// with src == nullptr: a zero fill).
+template <int W>
+SDICT_EXT_HD void zero_span(char* dst, int64_t n, int lane, int lanes) {
+  using T = typename Word<W>::type;
+  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) & (W - 1));
+  const int64_t head = misalign == 0 ? 0 : min64(n, W - misalign);
+  for (int64_t i = lane; i < head; i += lanes) dst[i] = 0;
+  const int64_t words = (n - head) / W;
+  T* d = reinterpret_cast<T*>(dst + head);
+  SDICT_EXT_KERNEL_CHECK(words == 0 || (reinterpret_cast<uintptr_t>(d) & (W - 1)) == 0);
+  const T zero{};
+  for (int64_t i = lane; i < words; i += lanes) d[i] = zero;
+  for (int64_t j = head + words * W + lane; j < n; j += lanes) dst[j] = 0;
+}
+
 // Byte offsets of unit u on both sides; int64 throughout so tensors past 2^31
 // elements index correctly.
 SDICT_EXT_HD void unit_offsets(
@@ -197,7 +218,11 @@ SDICT_EXT_HD void copy_units(
     int64_t src_off = 0;
     int64_t dst_off = 0;
     unit_offsets(d, dims, u, src_off, dst_off);
-    copy_span<W>(d.dst + dst_off + lo, d.src + src_off + lo, n, lane, lanes);
+    if (d.src == nullptr) {
+      zero_span<W>(d.dst + dst_off + lo, n, lane, lanes);
+    } else {
+      copy_span<W>(d.dst + dst_off + lo, d.src + src_off + lo, n, lane, lanes);
+    }
   }
 }
 

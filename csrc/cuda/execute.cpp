@@ -157,8 +157,18 @@ CudaCall::Routes CudaCall::route(const std::vector<CopyEntry>& plan) {
   const CopyThresholds thresholds = copy_thresholds();
   for (size_t i = 0; i < plan.size(); ++i) {
     const CopyEntry& e = plan[i];
-    HostStorage* src_host = find_host(e.src);
     HostStorage* dst_host = find_host(e.dst);
+    if (e.src == nullptr) {
+      // A zero fill (pack's gaps): the CPU writes host bytes, the copy kernel device
+      // bytes, in the one launch with the copies.
+      if (dst_host != nullptr) {
+        r.host.push_back(e);
+      } else {
+        r.kernel.push_back(kernel_copy(e, nullptr, e.dst));
+      }
+      continue;
+    }
+    HostStorage* src_host = find_host(e.src);
     if (src_host != nullptr && dst_host != nullptr) {
       r.host.push_back(e);
       continue;

@@ -78,7 +78,42 @@ void test_plan_rejects_before_writing() {
   expect_throws([&] { batched_copy({d, d}, {at::ones({4}), at::ones({4})}); }, "overlaps", "overlap");
   expect(at::equal(d, at::zeros({4})), "nothing written after overlap error");
   expect_throws([&] { batched_copy({d}, {at::ones({4}, at::kDouble)}); }, "pair 0: dtype mismatch", "dtype");
-  expect_throws([&] { batched_copy({d}, {d}); }, "must not alias", "alias");
+  auto row = at::zeros({5});
+  expect_throws([&] { batched_copy({row.slice(0, 1)}, {row.slice(0, 0, 4)}); }, "must not alias", "alias");
+  expect(at::equal(row, at::zeros({5})), "nothing written after alias error");
+}
+
+// A tensor copied onto itself is a no-op (at::Tensor::copy_ returns at once), through
+// the dense and the strided planners; its destination still conflicts with others'.
+void test_self_copy_is_a_no_op() {
+  auto m = at::arange(12, at::kFloat).view({3, 4});
+  auto col = m.slice(1, 1, 3);
+  auto want = m.clone();
+  batched_copy({m}, {m});
+  batched_copy({col}, {col});
+  auto other = at::zeros({2});
+  batched_copy({other, m}, {at::ones({2}), m});
+  expect(at::equal(m, want) && at::equal(other, at::ones({2})), "self copy is a no-op");
+  expect_throws([&] { batched_copy({m, m}, {m, at::zeros({3, 4})}); }, "overlaps destination", "self copy, same dst");
+  expect_throws([&] { batched_copy({col, col}, {col, at::zeros({3, 2})}); }, "overlaps destination",
+                "strided self copy, same dst");
+  expect(at::equal(m, want), "nothing written after a self copy's conflict");
+}
+
+// pack writes every byte of out: the slots, zeros between and after them.
+void test_pack_zeroes_gaps() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("sdict_ext::pack_into", "")
+                       .typed<void(at::TensorList, at::IntArrayRef, const at::Tensor&)>();
+  std::vector<at::Tensor> ts = {at::ones({3}, at::kChar), at::ones({5}, at::kShort), at::ones({2, 3}).t()};
+  const std::vector<int64_t> offsets = {48, 0, 16};  // gaps 10..16, 40..48, 51..64
+  auto out = at::full({64}, 0x7F, at::kByte);
+  op.call(ts, offsets, out);
+  auto want = at::zeros({64}, at::kByte);
+  want.slice(0, 48, 51).copy_(ts[0].view(at::kByte));
+  want.slice(0, 0, 10).copy_(ts[1].view(at::kByte));
+  want.slice(0, 16, 40).copy_(ts[2].contiguous().view(-1).view(at::kByte));
+  expect(at::equal(out, want), "pack zeroes the gaps and the tail");
 }
 
 void test_chunk_range_follows_torch_chunk() {
@@ -162,6 +197,8 @@ int main() {
   test_every_element_size();
   test_parallel_split_of_one_big_strided_tensor();
   test_plan_rejects_before_writing();
+  test_self_copy_is_a_no_op();
+  test_pack_zeroes_gaps();
   test_chunk_range_follows_torch_chunk();
   test_gather_concat_dim1();
   if (failures == 0) std::printf("all CPU kernel tests passed\n");

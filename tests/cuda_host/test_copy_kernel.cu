@@ -44,6 +44,7 @@ struct Case {
   int64_t elem_size = 1;
   std::vector<int64_t> sizes, src_strides, dst_strides;
   int64_t src_pad = 0, dst_pad = 0;  // bytes before the first element
+  bool zero = false;                  // a zero fill (src == nullptr): no source
   std::vector<unsigned char> src, dst;
   std::string name;
 
@@ -56,14 +57,14 @@ struct Case {
     return last + elem;
   }
   void allocate(std::mt19937_64& rng) {
-    src.resize(src_pad + extent(sizes, src_strides, elem_size));
+    src.resize(zero ? 0 : src_pad + extent(sizes, src_strides, elem_size));
     dst.resize(dst_pad + extent(sizes, dst_strides, elem_size));
     for (auto& b : src) b = static_cast<unsigned char>(rng());
     for (auto& b : dst) b = static_cast<unsigned char>(rng());
   }
   KernelCopy kernel_copy() {
     KernelCopy k;
-    k.src = reinterpret_cast<const char*>(src.data()) + src_pad;
+    k.src = zero ? nullptr : reinterpret_cast<const char*>(src.data()) + src_pad;
     k.dst = reinterpret_cast<char*>(dst.data()) + dst_pad;
     k.elem_size = elem_size;
     k.ndim = static_cast<int64_t>(sizes.size());
@@ -84,7 +85,7 @@ struct Case {
         so += idx[k] * src_strides[k];
         dof += idx[k] * dst_strides[k];
       }
-      for (int64_t b = 0; b < elem_size; ++b) out[dof + b] = src[so + b];
+      for (int64_t b = 0; b < elem_size; ++b) out[dof + b] = zero ? 0 : src[so + b];
       for (size_t k = sizes.size(); k-- > 0;) {
         if (++idx[k] < sizes[k]) break;
         idx[k] = 0;
@@ -226,6 +227,23 @@ void test_long_rows(std::mt19937_64& rng) {
   run_cases(cases, rng, "long rows");
 }
 
+// Zero fills (pack's alignment gaps and tail): every length around the word and
+// chunk sizes at every alignment, in one table with copies, as pack plans them.
+void test_zero_fills(std::mt19937_64& rng) {
+  const int64_t lengths[] = {1, 2, 3, 7, 15, 16, 17, 33, 4097, 65536, 65537, 200003};
+  std::vector<Case> cases;
+  for (int64_t n : lengths) {
+    for (int64_t dp = 0; dp < 16; dp += (n > 4096 ? 5 : 1)) {
+      Case z = dense(n, 0, dp);
+      z.zero = true;
+      z.name = "zero fill of " + std::to_string(n) + "B +" + std::to_string(dp);
+      cases.push_back(std::move(z));
+      cases.push_back(dense(1 + static_cast<int64_t>(rng() % 300), static_cast<int64_t>(rng() % 16), dp));
+    }
+  }
+  run_cases(cases, rng, "zero fills among copies");
+}
+
 // The checkpoint case: thousands of small tensors in one launch.
 void test_many_small(std::mt19937_64& rng) {
   std::vector<Case> cases;
@@ -275,6 +293,7 @@ int main() {
   test_dense_runs(rng);
   test_random_strided(rng);
   test_long_rows(rng);
+  test_zero_fills(rng);
   test_many_small(rng);
   test_int64_offsets(rng);
   if (g_failures != 0) {

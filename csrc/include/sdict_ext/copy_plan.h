@@ -15,6 +15,8 @@ namespace sdict_ext {
 
 // One copy of `numel` elements of `elem_size` bytes. Strides are in bytes and
 // already coalesced: a dense copy has ndim <= 1 with both strides == elem_size.
+// An entry with src == nullptr writes zeros instead (a dense run of bytes: pack's
+// alignment gaps, see add_zero_fill); every backend executes both kinds.
 struct CopyEntry {
   const char* src = nullptr;
   char* dst = nullptr;
@@ -53,6 +55,14 @@ struct Layout {
 // Coalesces dims and appends the copy src -> dst (same sizes) to `plan`. Empty
 // copies are dropped.
 void add_copy(std::vector<CopyEntry>& plan, const Layout& dst, const Layout& src);
+
+// Appends an entry that sets bytes [dst, dst + nbytes) to zero (nothing when empty).
+void add_zero_fill(std::vector<CopyEntry>& plan, char* dst, int64_t nbytes);
+
+// Whether copying `src` into `dst` rewrites every element with itself: same data
+// pointer, sizes and strides (dtypes are checked apart). at::Tensor::copy_ returns
+// at once for such a pair, and so does batched_copy_, which skips it.
+bool same_elements(const at::Tensor& dst, const at::Tensor& src);
 
 // A user tensor (or a slot of one) that an op reads or writes, for overlap checks.
 struct Region {
@@ -105,12 +115,15 @@ void check_dense_overlap(DenseSpans& spans, const char* op);
 DenseCopy dense_copy_of(const at::Tensor& dst, const at::Tensor& src);
 
 // Appends `copy` to `copies` and its byte ranges to `spans` (nothing when empty).
-// `index` is the user's pair index.
+// `index` is the user's pair index. A copy of a tensor onto itself (src == dst) is
+// a no-op: only its destination range is recorded, so another pair writing or
+// reading the same bytes is still an overlap.
 void add_dense_copy(
     std::vector<DenseCopy>& copies, DenseSpans& spans, const DenseCopy& copy, int64_t index);
 
 // Per-pair argument checks for batched_copy_: same dtype and shape, no
-// self-overlapping destination. `op` is used in messages.
+// self-overlapping destination (unless the pair is same_elements: a no-op, as in
+// at::Tensor::copy_). `op` is used in messages.
 void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, const char* op);
 
 // Layout of the k-th of `world_size` chunks along `dim` of a tensor of size
@@ -131,6 +144,8 @@ std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList src
 // The same over borrowed tensors, for callers that hold no at::Tensor array.
 std::vector<CopyEntry> plan_batched_copy(
     const std::vector<const at::Tensor*>& dsts, const std::vector<const at::Tensor*>& srcs);
+// Every byte of `out` outside the slots is zeroed by the plan, so the packed bytes
+// depend only on the tensors (a broadcast never ships stale memory).
 std::vector<CopyEntry> plan_pack(at::TensorList tensors, c10::IntArrayRef offsets, const at::Tensor& out);
 std::vector<CopyEntry> plan_unpack(
     const at::Tensor& flat,

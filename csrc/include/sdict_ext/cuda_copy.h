@@ -25,8 +25,8 @@ constexpr int kCopyBlockThreads = 256;
 // One copy for the copy kernel: `elem_size`-byte elements laid out by `sizes` with
 // byte strides on either side (coalesced, innermost dim last, at least one dim).
 // Both pointers must be dereferenceable on the current device (device memory, or
-// the device alias of mapped pinned memory). The arrays are read only while the
-// table is built.
+// the device alias of mapped pinned memory); src == nullptr writes zeros instead of
+// copying. The arrays are read only while the table is built.
 struct KernelCopy {
   const char* src = nullptr;
   char* dst = nullptr;
