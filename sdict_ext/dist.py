@@ -693,8 +693,8 @@ class _FileView(io.RawIOBase):
         return got
 
 
-def create_file_view(stream: io.IOBase, offset: int, length: int) -> io.IOBase:
-    """Return a read-only, seekable view of bytes ``[offset, offset + length)`` of ``stream``.
+def create_file_view(file: io.IOBase, offset: int, length: int) -> io.IOBase:
+    """Return a read-only, seekable view of bytes ``[offset, offset + length)`` of ``file``.
 
     Counterpart of ``torch.distributed.checkpoint.utils._create_file_view``, usable by
     ``torch.load``. Positions are relative to the view: ``seek``/``tell`` report them,
@@ -702,22 +702,22 @@ def create_file_view(stream: io.IOBase, offset: int, length: int) -> io.IOBase:
     reads stop at the end of the range. Seeking before the start raises ``ValueError``.
 
     Args:
-        stream: a readable, seekable binary stream; it stays open when the view closes.
-        offset: where the range starts in ``stream``.
+        file: a readable, seekable binary stream; it stays open when the view closes.
+        offset: where the range starts in ``file``.
         length: how many bytes the range holds.
 
     Raises:
         TypeError: ``offset`` or ``length`` is not an integer.
-        ValueError: ``offset`` or ``length`` is negative, or ``stream`` is closed or not
+        ValueError: ``offset`` or ``length`` is negative, or ``file`` is closed or not
             seekable.
     """
     offset = operator.index(offset)
     length = operator.index(length)
     if offset < 0 or length < 0:
         raise ValueError(f"offset and length must be >= 0, got offset={offset}, length={length}")
-    if getattr(stream, "closed", False):
+    if getattr(file, "closed", False):
         raise ValueError("cannot create a view of a closed stream")
-    seekable = getattr(stream, "seekable", None)
+    seekable = getattr(file, "seekable", None)
     if seekable is None or not seekable():
         raise ValueError("create_file_view needs a seekable stream")
-    return _FileView(stream, offset, length)
+    return _FileView(file, offset, length)

@@ -154,7 +154,7 @@ def _local_pairs(
 
 
 def iterate_state_dict(
-    obj: Any,
+    iter_object: Any,
     sharded_tensor_func: Callable,
     dtensor_func: Callable,
     tensor_func: Callable,
@@ -182,7 +182,7 @@ def iterate_state_dict(
     or ``AttributeError``, or casts silently).
 
     Args:
-        obj: the state dict.
+        iter_object: the state dict (PyTorch's parameter name).
         sharded_tensor_func: applied to ShardedTensor leaves.
         dtensor_func: applied to DTensor leaves.
         tensor_func: applied to plain tensor leaves.
@@ -199,7 +199,7 @@ def iterate_state_dict(
     """
     use_companion = companion_obj is not None
     flat = flatten(
-        obj, type_check=type_check, companion=companion_obj, use_companion=use_companion
+        iter_object, type_check=type_check, companion=companion_obj, use_companion=use_companion
     )
     companions = flat.companions if use_companion else [None] * len(flat.leaves)
     funcs = {
