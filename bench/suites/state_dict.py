@@ -98,7 +98,7 @@ def cases(size: str, device: str) -> list[CaseSpec]:
                  multi_rank=True, params=dict(kind="get", wrap="fsdp1", **model)),
         CaseSpec("state_dict", f"FSDP1 set_state_dict(broadcast_from_rank0) {label}",
                  multi_rank=True, params=dict(kind="set", wrap="fsdp1", **model)),
-        CaseSpec("state_dict", f"FSDP2 library get -> set_state_dict(full), patch_torch {label}",
+        CaseSpec("state_dict", f"FSDP2 patch_torch: library get -> set_state_dict {label}",
                  multi_rank=True, params=dict(kind="library", wrap="fsdp2", **model)),
     ]
 
