@@ -10,10 +10,14 @@ PY := $(CURDIR)/.venv/bin/python
 endif
 SIZE ?= small
 BENCH_ARGS ?=
+# The results of `make bench`, and its plot beside them (same name, .png).
+BENCH_JSON ?= bench_out/bench-$(SIZE).json
 PYTEST_ARGS ?=
 
 .PHONY: setup build test bench cpptest cudahosttest clean
 
+# matplotlib (the [bench] extra: `make bench`'s plot) and accelerate (a patch_torch
+# test) are optional: where no package index answers, they are skipped, not fatal.
 setup:
 ifneq ($(HAVE_TORCH),yes)
 	@test -x .venv/bin/python || python3 -m venv .venv
@@ -21,6 +25,10 @@ ifneq ($(HAVE_TORCH),yes)
 	@.venv/bin/pip install -q pybind11 ninja pytest setuptools wheel packaging numpy
 endif
 	@$(PY) -c "import torch, pytest, ninja" 2>/dev/null || $(PY) -m pip install -q pytest ninja packaging
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q --retries 1 --timeout 10 matplotlib \
+	  || echo "matplotlib not installed: make bench writes no plot"
+	@$(PY) -c "import accelerate" 2>/dev/null || $(PY) -m pip install -q --retries 1 --timeout 10 accelerate \
+	  || echo "accelerate not installed: its patch_torch test is skipped"
 
 build: setup
 	$(PY) setup.py -q build_ext --inplace -j 2
@@ -29,8 +37,8 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: build
-	@if [ -f bench/__main__.py ]; then $(PY) -m bench --size $(SIZE) $(BENCH_ARGS); \
-	else echo "no benchmark yet"; fi
+	@mkdir -p $(dir $(BENCH_JSON))
+	$(PY) -m bench --size $(SIZE) --json $(BENCH_JSON) $(BENCH_ARGS)
 
 # C++ unit tests of the CPU kernels through CMake/ctest; SANITIZE=ON for ASan+UBSan.
 SANITIZE ?= OFF

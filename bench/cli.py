@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--case", metavar="TEXT", help="only cases whose name contains TEXT")
     parser.add_argument("--json", metavar="FILE", help="write every row and the header as JSON")
     parser.add_argument("--plot", metavar="FILE.png", type=_png,
-                        help="write a PNG of GB/s vs tensor size / per case (needs matplotlib)")
+                        help="write a PNG of GB/s vs tensor size / per case (needs matplotlib; "
+                             "default with --json: beside it, FILE.json -> FILE.png)")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     return parser
 
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.json, args.plot):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"cannot write {path!r}: its directory does not exist")
+    if args.no_plot:
+        args.plot = None
+    elif args.plot is None and args.json:
+        args.plot = os.path.splitext(args.json)[0] + ".png"
     size = "tiny" if args.tiny else args.size
     specs = _select(args, size)
     if not specs:

@@ -14,7 +14,14 @@ Streams: CUDA work is enqueued on the current stream of the device involved. Wit
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import warnings
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
@@ -40,12 +47,59 @@ _BUILD_HINT = (
     "`pip install --no-build-isolation .` (or `make test`) in the sdict_ext checkout"
 )
 
-try:
-    from sdict_ext import _C  # noqa: F401  (importing runs the op registrations)
 
-    _IMPORT_ERROR: ImportError | None = None
-except ImportError as exc:  # pragma: no cover - exercised only on unbuilt trees
-    _IMPORT_ERROR = exc
+def _installed_extension() -> str | None:
+    """The compiled ``_C`` of another ``sdict_ext`` on ``sys.path`` (an installed build)."""
+    here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    for entry in sys.path:
+        package = os.path.join(os.path.abspath(entry or os.getcwd()), "sdict_ext")
+        if os.path.realpath(package) == here:
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            candidate = os.path.join(package, "_C" + suffix)
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def _load_extension() -> tuple[ModuleType | None, ImportError | None]:
+    """Import ``sdict_ext._C`` (which registers the ops); ``(module, None)`` or ``(None, why)``.
+
+    A checkout imported from its own directory (``python -m bench`` run there after
+    ``pip install --no-build-isolation .``) has no in-place build, but the installed
+    copy's extension holds the same ops: use it, and say so, rather than fail every op.
+    An in-place build that exists but does not load is never replaced: that error shows.
+    """
+    try:
+        return importlib.import_module("sdict_ext._C"), None
+    except ModuleNotFoundError as exc:
+        if exc.name != "sdict_ext._C":
+            return None, exc
+        error = exc
+    except ImportError as exc:
+        return None, exc
+    path = _installed_extension()
+    if path is None:
+        return None, error
+    spec = importlib.util.spec_from_file_location("sdict_ext._C", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        return None, ImportError(f"{error}; the installed build at {path} does not load: {exc}")
+    sys.modules["sdict_ext._C"] = module
+    warnings.warn(
+        f"sdict_ext is imported from {os.path.dirname(os.path.abspath(__file__))}, which has no "
+        f"compiled extension; using the installed build's kernels ({path}). To run this "
+        "checkout's own C++ (after changing csrc/), build it in place: `make build`, or "
+        "`python setup.py build_ext --inplace`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return module, None
+
+
+_C, _IMPORT_ERROR = _load_extension()
 
 
 def is_compiled() -> bool:

@@ -207,6 +207,24 @@ def test_cuda_on_a_cpu_machine_skips_every_case_and_says_why(tmp_path, capsys):
     assert {r["case"] for r in rows} == listed
 
 
+@pytest.mark.parametrize("extra", [[], ["--no-plot"]])
+def test_plot_goes_beside_the_json_unless_told_not_to(tmp_path, extra, capsys):
+    path = tmp_path / "r.json"
+    assert cli.main(["--tiny", "--suite", "ops", "--case", "pack", "--json", str(path),
+                     *extra]) == 0
+    err = capsys.readouterr().err
+    png = tmp_path / "r.png"
+    if extra:
+        assert not png.exists() and "--plot" not in err and ".png" not in err
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in err and not png.exists()
+    else:
+        assert png.stat().st_size > 0 and f"wrote {png}" in err
+
+
 def test_list_names_cases_without_running_them(capsys):
     assert cli.main(["--tiny", "--suite", "ops", "--list"]) == 0
     out = capsys.readouterr().out

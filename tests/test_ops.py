@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -892,3 +895,29 @@ def test_carve_views_match_as_strided_and_share_the_slab_storage():
         ops.carve_views(slab, [torch.uint8, torch.float64], [(4,), (30,)], [(1,), (1,)], [0, 8])
     with pytest.raises(RuntimeError, match="dtype of tensor 0 is not a torch.dtype"):
         ops.carve_views(slab, ["float32"], [(4,)], [(1,)], [0])
+
+
+def test_unbuilt_checkout_uses_the_installed_builds_extension(tmp_path):
+    # `pip install .` then `python -m bench` in the checkout: the checkout's sdict_ext/
+    # (no _C) is imported, and the installed copy's compiled _C provides the ops.
+    package = Path(ops.__file__).parent
+    tree, site = tmp_path / "checkout" / "sdict_ext", tmp_path / "site" / "sdict_ext"
+    shutil.copytree(package, tree, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    site.mkdir(parents=True)
+    shutil.copy(Path(ops._C.__file__), site)
+    code = (
+        "import torch, sdict_ext\n"
+        "print(sdict_ext.__file__, sdict_ext.ops.is_compiled(), sdict_ext.ops._C.__file__)\n"
+        "dst = torch.zeros(3)\n"
+        "sdict_ext.ops.batched_copy_([dst], [torch.arange(3.0)])\n"
+        "print(dst.tolist())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=tree.parent, env=env)
+    assert out.returncode == 0, out.stderr
+    where, compiled, extension = out.stdout.splitlines()[0].split()
+    assert Path(where).parent == tree and compiled == "True"
+    assert Path(extension).parent == site
+    assert out.stdout.splitlines()[1] == "[0.0, 1.0, 2.0]"
+    assert "which has no compiled extension; using the installed build's kernels" in out.stderr

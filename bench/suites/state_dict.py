@@ -7,6 +7,10 @@ block, ``use_orig_params=True``). Cases, from issue 4:
 
 * ``get_state_dict(full_state_dict=True, cpu_offload=True)``: the checkpoint-saving path.
   On FSDP1 without ``cpu_offload``, because PyTorch 2.13 crashes the process with it.
+* A trainer library's checkpoint round trip, written against PyTorch's names (imported
+  at call time, as accelerate and Lightning do): ``get_state_dict(full_state_dict=True)``
+  then ``set_state_dict`` of that on every rank; once on PyTorch, once with
+  ``sdict_ext.patch_torch()`` on, the library code unchanged.
 * ``set_state_dict(full_state_dict=True, broadcast_from_rank0=True)``: only rank 0 holds
   the full state dict; every rank receives its shards. PyTorch's ``set_state_dict`` with
   ``{}`` on the other ranks skips the model broadcast there and leaves rank 0 waiting
@@ -94,6 +98,8 @@ def cases(size: str, device: str) -> list[CaseSpec]:
                  multi_rank=True, params=dict(kind="get", wrap="fsdp1", **model)),
         CaseSpec("state_dict", f"FSDP1 set_state_dict(broadcast_from_rank0) {label}",
                  multi_rank=True, params=dict(kind="set", wrap="fsdp1", **model)),
+        CaseSpec("state_dict", f"FSDP2 patch_torch: library get -> set_state_dict {label}",
+                 multi_rank=True, params=dict(kind="library", wrap="fsdp2", **model)),
     ]
 
 
@@ -166,10 +172,7 @@ def _sdict_module(names: tuple[str, ...]):
 
 def run(spec: CaseSpec, ctx: Ctx) -> None:
     """Builds the sharded model(s) and measures both implementations."""
-    if spec.params["kind"] == "get":
-        _run_get(spec, ctx)
-    else:
-        _run_set(spec, ctx)
+    {"get": _run_get, "set": _run_set, "library": _run_library}[spec.params["kind"]](spec, ctx)
 
 
 def _run_get(spec: CaseSpec, ctx: Ctx) -> None:
@@ -239,3 +242,44 @@ def _run_set(spec: CaseSpec, ctx: Ctx) -> None:
         setup=lambda: (shallow_copy(msd), shallow_copy(osd)), nbytes=nbytes, tensors=n,
         verify=verify,
     )
+
+
+def _library_round_trip(model: nn.Module, optim: torch.optim.Optimizer) -> None:
+    """What a trainer library's save-then-load does, through PyTorch's module names."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True)
+    msd, osd = get_state_dict(model, optim, options=opts)
+    set_state_dict(model, optim, model_state_dict=msd, optim_state_dict=osd, options=opts)
+
+
+def _run_library(spec: CaseSpec, ctx: Ctx) -> None:
+    model, optim, nbytes = _build(spec, ctx, seed=0)
+    n = 3 * len(list(model.parameters()))
+    full = tsd.StateDictOptions(full_state_dict=True)
+    ctx.measure(
+        "torch (library code on PyTorch)", ROLE_TORCH, lambda: _library_round_trip(model, optim),
+        nbytes=nbytes, tensors=n,
+    )
+    patch_torch, why = load_sdict("_patch_torch", "patch_torch")
+    if patch_torch is None:
+        ctx.skip("sdict_ext.patch_torch (same library code)", ROLE_SDICT, why, nbytes, n)
+        return
+    get_state_dict = tsd.get_state_dict  # PyTorch's, taken before the patch
+    before = get_state_dict(model, optim, options=full)
+
+    def verify() -> bool:
+        # The library really ran sdict_ext, and the round trip left every value as it was.
+        ran_ours = tsd.get_state_dict is not get_state_dict
+        _library_round_trip(model, optim)
+        return ran_ours and _tree_equal(get_state_dict(model, optim, options=full), before)
+
+    with patch_torch():
+        ctx.measure(
+            "sdict_ext.patch_torch (same library code)", ROLE_SDICT,
+            lambda: _library_round_trip(model, optim), nbytes=nbytes, tensors=n, verify=verify,
+        )
