@@ -17,18 +17,19 @@ PYTEST_ARGS ?=
 .PHONY: setup build test bench cpptest cudahosttest clean
 
 # matplotlib (the [bench] extra: `make bench`'s plot) and accelerate (a patch_torch
-# test) are optional: where no package index answers, they are skipped, not fatal.
+# test) are optional: where no package index answers, they are skipped, not fatal; a
+# python3 that has torch already (the GPU machine) downloads nothing for them.
 setup:
 ifneq ($(HAVE_TORCH),yes)
 	@test -x .venv/bin/python || python3 -m venv .venv
 	@.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 	@.venv/bin/pip install -q pybind11 ninja pytest setuptools wheel packaging numpy
-endif
-	@$(PY) -c "import torch, pytest, ninja" 2>/dev/null || $(PY) -m pip install -q pytest ninja packaging
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q --retries 1 --timeout 10 matplotlib \
 	  || echo "matplotlib not installed: make bench writes no plot"
 	@$(PY) -c "import accelerate" 2>/dev/null || $(PY) -m pip install -q --retries 1 --timeout 10 accelerate \
 	  || echo "accelerate not installed: its patch_torch test is skipped"
+endif
+	@$(PY) -c "import torch, pytest, ninja" 2>/dev/null || $(PY) -m pip install -q pytest ninja packaging
 
 build: setup
 	$(PY) setup.py -q build_ext --inplace -j 2
