@@ -117,9 +117,10 @@ void add_zero_fill(std::vector<CopyEntry>& plan, char* dst, int64_t nbytes) {
 }
 
 bool same_elements(const at::Tensor& dst, const at::Tensor& src) {
-  // const_data_ptr on both: asking leaves a copy-on-write tensor shared.
+  // const_data_ptr on both: asking leaves a copy-on-write tensor shared. A conjugate
+  // or negative view of the same memory is not the same values (copy_ computes them).
   return dst.const_data_ptr() == src.const_data_ptr() && dst.sizes() == src.sizes() &&
-      dst.strides() == src.strides();
+      dst.strides() == src.strides() && dst.is_conj() == src.is_conj() && dst.is_neg() == src.is_neg();
 }
 
 namespace {
@@ -373,15 +374,19 @@ DenseCopy dense_copy_of(const at::Tensor& dst, const at::Tensor& src) {
 }
 
 void add_dense_copy(
-    std::vector<DenseCopy>& copies, DenseSpans& spans, const DenseCopy& copy, int64_t index) {
+    std::vector<DenseCopy>& copies,
+    DenseSpans& spans,
+    const DenseCopy& copy,
+    int64_t index,
+    const at::Tensor& dst,
+    const at::Tensor& src) {
   if (copy.nbytes == 0) return;
   const auto d = reinterpret_cast<uintptr_t>(copy.dst);
   const auto s = reinterpret_cast<uintptr_t>(copy.src);
   const auto len = static_cast<uintptr_t>(copy.nbytes);
   spans.dst.push_back({d, d + len, index});
-  // Two contiguous tensors of one shape and dtype starting at the same byte are the
-  // same elements: copying is a no-op (at::Tensor::copy_ returns at once too).
-  if (d == s) return;
+  // The full test only for pairs starting at one byte, so the common pair pays nothing.
+  if (d == s && same_elements(dst, src)) return;
   spans.src.push_back({s, s + len, index});
   copies.push_back(copy);
 }
@@ -407,7 +412,7 @@ bool plan_dense_pairs(
     const at::Tensor& s = *srcs[i];
     check_copy_pair(d, s, static_cast<int64_t>(i), op);
     if (!d.is_contiguous() || !s.is_contiguous()) return false;
-    add_dense_copy(copies, spans, dense_copy_of(d, s), static_cast<int64_t>(i));
+    add_dense_copy(copies, spans, dense_copy_of(d, s), static_cast<int64_t>(i), d, s);
   }
   check_dense_overlap(spans, op);
   // The backends' executors take CopyEntry: each run as numel bytes.

@@ -343,6 +343,26 @@ def test_batched_copy_self_copy_still_overlaps_other_pairs(entry, strided):
         lambda: copy([t, other], [t, t]),
         buf, other,
     )
+    # The same memory seen conjugated holds other values: not a self-copy, so not a
+    # silent no-op; copied as copy_ does (the dispatcher resolves the view first).
+    z = torch.randn(4, dtype=torch.complex64)
+    ref = z.clone()
+    ref.copy_(ref.conj())
+    copy([z], [z.conj()])
+    assert torch.equal(z, ref)
+
+
+@pytest.mark.parametrize("entry", ["fast", "registered"])
+def test_batched_copy_of_conjugate_and_negative_views_matches_copy_(entry):
+    copy = ops.batched_copy_ if entry == "fast" else torch.ops.sdict_ext.batched_copy_.default
+    x = torch.randn(5, dtype=torch.complex128)
+    srcs = [x.conj(), torch._neg_view(x), x.conj()[1:]]
+    dsts = [torch.zeros(s.shape, dtype=s.dtype) for s in srcs]
+    refs = [torch.zeros(s.shape, dtype=s.dtype) for s in srcs]
+    copy(dsts, srcs)
+    for r, s in zip(refs, srcs):
+        r.copy_(s)
+    assert all(torch.equal(d, r) for d, r in zip(dsts, refs))
 
 
 def _slices(buf: torch.Tensor, order: list[int], width: int) -> list[torch.Tensor]:

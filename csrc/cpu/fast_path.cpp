@@ -5,9 +5,9 @@
 // handshake) per tensor. Here the tensors are borrowed from their Python objects, so
 // only the plan and the copies remain. It declines (returns False) whenever the
 // dispatcher could do something else with the call: a tensor subclass (DTensor,
-// FakeTensor), a non-CPU tensor, an active dispatch or torch-function mode, a
-// destination that autograd would refuse to write in place. The Python wrapper then
-// takes the registered op.
+// FakeTensor), a conjugate or negative view, a non-CPU tensor, an active dispatch or
+// torch-function mode, a destination that autograd would refuse to write in place.
+// The Python wrapper then takes the registered op.
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -69,6 +69,9 @@ const at::Tensor* plain_cpu(PyObject* obj, bool written) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
   if (!t.device().is_cpu() || t.layout() != at::kStrided || t.is_inference()) return nullptr;
+  // A conjugate / negative view's bytes are not its values: the dispatcher's fallbacks
+  // resolve it before the kernel runs (here its raw bytes would be copied).
+  if (t.is_conj() || t.is_neg()) return nullptr;
   // Autograd refuses in-place writes into leaves that require grad.
   if (written && t.requires_grad()) return nullptr;
   return &t;
@@ -144,7 +147,7 @@ PyObject* batched_copy_cpu_fast(PyObject* /*self*/, PyObject* args) {
   if (dense) {
     copies.reserve(static_cast<size_t>(n));
     spans.reserve(static_cast<size_t>(n));
-    for (Py_ssize_t i = 0; i < n; ++i) add_dense_copy(copies, spans, slots[i], i);
+    for (Py_ssize_t i = 0; i < n; ++i) add_dense_copy(copies, spans, slots[i], i, *dsts[i], *srcs[i]);
   }
   std::vector<CopyEntry> plan;
   if (dense) {

@@ -60,7 +60,7 @@ void add_copy(std::vector<CopyEntry>& plan, const Layout& dst, const Layout& src
 void add_zero_fill(std::vector<CopyEntry>& plan, char* dst, int64_t nbytes);
 
 // Whether copying `src` into `dst` rewrites every element with itself: same data
-// pointer, sizes and strides (dtypes are checked apart). at::Tensor::copy_ returns
+// pointer, sizes, strides and conjugate / negative bits (dtypes are checked apart). at::Tensor::copy_ returns
 // at once for such a pair, and so does batched_copy_, which skips it.
 bool same_elements(const at::Tensor& dst, const at::Tensor& src);
 
@@ -115,11 +115,17 @@ void check_dense_overlap(DenseSpans& spans, const char* op);
 DenseCopy dense_copy_of(const at::Tensor& dst, const at::Tensor& src);
 
 // Appends `copy` to `copies` and its byte ranges to `spans` (nothing when empty).
-// `index` is the user's pair index. A copy of a tensor onto itself (src == dst) is
-// a no-op: only its destination range is recorded, so another pair writing or
-// reading the same bytes is still an overlap.
+// `index` is the user's pair index; `dst` and `src` are the pair `copy` was made of.
+// A copy of a tensor onto itself (same_elements) is a no-op: only its destination
+// range is recorded, so another pair writing or reading the same bytes is still an
+// overlap.
 void add_dense_copy(
-    std::vector<DenseCopy>& copies, DenseSpans& spans, const DenseCopy& copy, int64_t index);
+    std::vector<DenseCopy>& copies,
+    DenseSpans& spans,
+    const DenseCopy& copy,
+    int64_t index,
+    const at::Tensor& dst,
+    const at::Tensor& src);
 
 // Per-pair argument checks for batched_copy_: same dtype and shape, no
 // self-overlapping destination (unless the pair is same_elements: a no-op, as in
