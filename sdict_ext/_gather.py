@@ -287,7 +287,10 @@ def _plan_sharded(
     device: torch.device,
     streams: dict,
     order: list,
-) -> None:
+) -> _Item:
+    # Only the metadata and the local shards are read: any tensor method of the
+    # ShardedTensor itself (size(), dtype) goes through its __torch_function__
+    # dispatch, ~0.3 ms each, most of a gather of many small ShardedTensors.
     meta = value.metadata()
     world = dist.get_world_size(group)
     item = _Item(leaf, tuple(meta.size), meta.tensor_properties.dtype)
@@ -312,6 +315,7 @@ def _plan_sharded(
         stream = streams[key] = _Stream(group, device, False)
         order.append(key)
     stream.items.append(item)
+    return item
 
 
 def _pytorch_dtensor_gather(value: DTensor) -> torch.Tensor:
@@ -401,9 +405,13 @@ def gather_state_dict(
             else:
                 # The shard metadata numbers ranks within the tensor's own group.
                 st_group = pg if pg is not None else (value._process_group or group)
-                buf_device = device if device is not None else _default_device(st_group)
-                _plan_sharded(value, i, st_group, buf_device, streams, order)
-                plan.append((path, tuple(value.size()), value.dtype))
+                buf_device = device
+                if buf_device is None:
+                    buf_device = routes.get(("device", id(st_group)))
+                    if buf_device is None:
+                        buf_device = routes[("device", id(st_group))] = _default_device(st_group)
+                item = _plan_sharded(value, i, st_group, buf_device, streams, order)
+                plan.append((path, item.shape, item.dtype))
         if keep:
             _allocate_outputs(streams, cpu_offload)
     except Exception as exc:  # reported to every rank by agree()

@@ -367,11 +367,13 @@ def _broadcast_thousand(bucket: int, mixed: bool = False):
 @pytest.mark.parametrize("mixed", [False, True])
 def test_broadcast_of_1000_tensors_uses_one_broadcast_per_bucket(mixed):
     bucket = 64 << 10
+    # Broadcasts are pipelined in slices of half a bucket (two slice buffers in flight).
+    slice_bytes = bucket // 2
     for counts, total, same in run_on_ranks(2, _broadcast_thousand, bucket, mixed, timeout=120):
         assert same
-        assert counts["broadcast"] <= math.ceil(total / bucket)
+        assert counts["broadcast"] <= math.ceil(total / slice_bytes)
         if not mixed:
-            assert counts["broadcast"] == math.ceil(total / bucket)
+            assert counts["broadcast"] == math.ceil(total / slice_bytes)
         assert counts["all_reduce"] == 1
 
 
