@@ -14,6 +14,7 @@ dict, so each slices its own box out locally, with one batched copy per device p
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ from sdict_ext._collectives import (
     agree,
     box_of,
     buckets_with_solos,
+    slice_bytes,
     dtensor_of,
     is_plain_placement,
     mesh_coordinates,
@@ -173,7 +175,9 @@ def _local_box(
     spec = local._spec
     if cache is None:
         return _compute_box(shape, spec.mesh, spec.placements, rank)
-    key = (id(spec.mesh), spec.placements, shape)
+    # Placements compared by kind and dim: hashing Placement objects runs Python code.
+    key = (id(spec.mesh), tuple([(type(p), getattr(p, "dim", None)) for p in spec.placements]),
+           shape)
     box = cache.get(key, cache)
     if box is cache:
         box = cache[key] = _compute_box(shape, spec.mesh, spec.placements, rank)
@@ -337,8 +341,13 @@ def broadcast_state_dict(
         # Slot sizes as pack_layout rounds them (without its per-call checks).
         align = ops.ALIGNMENT
         slots = [-(-_numel(shape) * dtype.itemsize // align) * align for shape, dtype in specs]
-        runs = _runs(slots, _slice_bytes(bucket_bytes))
-        layouts = [ops.pack_layout([specs[j] for j in run]) for run in runs]
+        runs = _runs(slots, slice_bytes(bucket_bytes))
+        # pack_layout's offsets, from the slot sizes already at hand (it re-checks
+        # every spec, ~10 us per tensor).
+        layouts = []
+        for run in runs:
+            offsets = list(accumulate((slots[j] for j in run), initial=0))
+            layouts.append((offsets[:-1], offsets[-1]))
         # A big tensor travels alone and, where its bytes are contiguous, straight from
         # the source tensor / into the destination: no bucket buffer, no pack / unpack.
         in_place: list[torch.Tensor | None] = []
@@ -383,20 +392,6 @@ def broadcast_state_dict(
     if strict:
         for key in [k for k in local_state_dict if k not in global_keys]:
             del local_state_dict[key]
-
-
-#: Bytes per broadcast slice. Slices travel one after another, asynchronously, while the
-#: next one is packed and the previous one unpacked (two buffers of a slice, at most half
-#: a bucket each). Small enough for the buffers to come from the allocator's reused
-#: memory call after call: on the dev VM, first-touching a fresh 200 MB buffer took
-#: longer than broadcasting it.
-_PIPELINE_SLICE_BYTES = 8 << 20
-
-
-def _slice_bytes(bucket_bytes: int) -> int:
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    return max(1, min(bucket_bytes // 2, _PIPELINE_SLICE_BYTES))
 
 
 def _pipelined_broadcasts(

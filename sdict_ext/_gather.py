@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sdict_ext import ops
 from sdict_ext._collectives import (
@@ -48,6 +48,7 @@ from sdict_ext._collectives import (
     agree,
     box_of,
     buckets_with_solos,
+    slice_bytes,
     digest,
     is_plain_placement,
     mesh_coordinates,
@@ -140,11 +141,12 @@ class _Stream:
         return per_rank, chunk
 
 
-def _exchange(stream: _Stream, gathered: torch.Tensor, chunk: int) -> None:
-    """Fills every rank's slot of ``gathered`` (this rank's slot is already packed)."""
+def _exchange(stream: _Stream, gathered: torch.Tensor, chunk: int) -> Any:
+    """Starts filling every rank's slot of ``gathered`` (this rank's slot is already
+    packed); returns the collective's work, to wait for."""
     mine = gathered[stream.rank * chunk : (stream.rank + 1) * chunk]
     all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    all_gather(gathered, mine, group=stream.group)
+    return all_gather(gathered, mine, group=stream.group, async_op=True)
 
 
 def _rebuild(
@@ -309,13 +311,45 @@ def _plan_sharded(
                 "the ShardedTensor's metadata places on it"
             )
         item.mine.append(by_offset[start])
-    key = (id(group), device, False)
+    # Decided from the metadata alone, so that every rank picks the same stream.
+    on_device = all(m.placement.device().type == device.type for m in meta.shards_metadata)
+    dim = _chunk_dim(item.shape, item.pieces) if on_device else None
+    if dim is not None:
+        # ChunkShardingSpec's layout is the torch.chunk split of a Shard(dim) DTensor:
+        # the same slots, and the same one-call rebuild, as for the DTensor.
+        item.out_device = device
+        box0 = item.pieces[0][0]
+        if not item.mine:  # a rank past the last chunk sends an empty piece
+            shape = list(item.shape)
+            shape[dim] = 0
+            item.mine = [torch.empty(shape, dtype=item.dtype, device=device)]
+        item.pieces = [[box0]] * world
+        item.shard_dim = dim
+    key = (id(group), device, dim is not None)
     stream = streams.get(key)
     if stream is None:
-        stream = streams[key] = _Stream(group, device, False)
+        stream = streams[key] = _Stream(group, device, dim is not None)
         order.append(key)
     stream.items.append(item)
     return item
+
+
+def _chunk_dim(
+    shape: tuple[int, ...], pieces: list[list[tuple[tuple[int, ...], tuple[int, ...]]]]
+) -> int | None:
+    """The dim whose ``torch.chunk`` split across the ranks (in rank order) the pieces
+    are, ranks past the last chunk holding none; None for any other layout."""
+    world = len(pieces)
+    if not shape or not pieces[0] or any(len(p) > 1 for p in pieces):
+        return None
+    for dim in range(len(shape)):
+        chunks = [box_of(shape, (world,), (r,), [Shard(dim)]) for r in range(world)]
+        if all(
+            p == [box] if box[0][dim] else not p or p == [box]
+            for p, box in zip(pieces, chunks)
+        ):
+            return dim
+    return None
 
 
 def _pytorch_dtensor_gather(value: DTensor) -> torch.Tensor:
@@ -467,15 +501,14 @@ def _run_stream(
     stream: _Stream, bucket_bytes: int, keep: bool, cpu_offload: bool, out: list[Any]
 ) -> None:
     items = stream.items
-    # A big tensor that can be gathered straight into its output gets a bucket of its
-    # own where the count allows (always from one bucket's worth). The shared buckets
+    # A big tensor that can be gathered straight into its output gets a slice of its
+    # own where the count allows (always from one slice's worth). The shared slices
     # come first, then those (the same order on every rank): until its own turn, an
-    # in-place output is free space that ranks keeping results use as the bucket
+    # in-place output is free space that ranks keeping results use as the slice
     # buffer, so that buffer takes no memory the results do not take anyway.
+    piece = slice_bytes(bucket_bytes)
     solo = [_exchanges_in_place(stream, it, cpu_offload) for it in items]
-    runs = buckets_with_solos(
-        [stream.cost(it) for it in items], bucket_bytes, solo, bucket_bytes // 4
-    )
+    runs = buckets_with_solos([stream.cost(it) for it in items], piece, solo, piece // 4)
     in_place = [len(run) == 1 and solo[run[0]] for run in runs]
     runs = [r for r, p in zip(runs, in_place) if not p] + [r for r, p in zip(runs, in_place) if p]
     n_shared = in_place.count(False)
@@ -484,37 +517,71 @@ def _run_stream(
     targets = (
         [items[run[0]].out.view(-1).view(torch.uint8) for run in runs[n_shared:]] if keep else []
     )
-    if not keep:  # ranks that keep nothing receive every bucket into the buffer
+    if not keep:  # ranks that keep nothing receive every slice into the buffer
         targets, n_shared = [], len(runs)
     biggest = max((chunk for _, chunk in layouts[:n_shared]), default=0)
     roomy = [t for t in targets if t.numel() >= stream.world * biggest]
     if roomy:
-        gathered = max(roomy, key=lambda t: t.numel())
+        # One lent buffer: slices then take turns in it (no second buffer to fill).
+        buffers = [max(roomy, key=lambda t: t.numel())]
     else:
-        gathered = torch.empty(stream.world * biggest, dtype=torch.uint8, device=stream.device)
+        buffers = [
+            torch.empty(stream.world * biggest, dtype=torch.uint8, device=stream.device)
+            for _ in range(min(2, n_shared))
+        ]
     directs = [None] * n_shared + targets
-    for run, (offsets, chunk), direct in zip(runs, layouts, directs):
+    pending: tuple | None = None
+    for n, (run, (offsets, chunk), direct) in enumerate(zip(runs, layouts, directs)):
         bucket = [items[j] for j in run]
-        target = direct if direct is not None else gathered[: stream.world * chunk]
+        target = direct if direct is not None else buffers[n % len(buffers)]
+        if pending is not None and _same_storage(pending[4], target):
+            _finish_slice(stream, keep, cpu_offload, out, *pending)  # its last user
+            pending = None
+        target = target if direct is not None else target[: stream.world * chunk]
         mine_slot = target[stream.rank * chunk : (stream.rank + 1) * chunk]
         mine = [t for it in bucket for t in it.mine]
         if mine:
             ops.pack(mine, out=mine_slot, offsets=offsets[stream.rank])
-        _exchange(stream, target, chunk)
-        if not keep:
-            continue
-        if direct is not None:
-            out[bucket[0].leaf] = bucket[0].out
-            continue
-        finals = [it.out for it in bucket]
-        staged = cpu_offload and stream.device.type != "cpu"
-        outs = (
-            [torch.empty(it.shape, dtype=it.dtype, device=stream.device) for it in bucket]
-            if staged
-            else finals
-        )
-        _rebuild(stream, bucket, gathered, offsets, chunk, outs)
-        if staged:
-            ops.batched_copy_(finals, outs)
-        for it in bucket:
-            out[it.leaf] = it.out
+        work = _exchange(stream, target, chunk)
+        if pending is not None:
+            _finish_slice(stream, keep, cpu_offload, out, *pending)
+        pending = (work, bucket, offsets, chunk, target, direct is not None)
+    if pending is not None:
+        _finish_slice(stream, keep, cpu_offload, out, *pending)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _finish_slice(
+    stream: _Stream,
+    keep: bool,
+    cpu_offload: bool,
+    out: list[Any],
+    work: Any,
+    bucket: list[_Item],
+    offsets: list[list[int]],
+    chunk: int,
+    gathered: torch.Tensor,
+    direct: bool,
+) -> None:
+    """Waits for one slice's all-gather and rebuilds its tensors."""
+    work.wait()
+    if not keep:
+        return
+    if direct:
+        out[bucket[0].leaf] = bucket[0].out
+        return
+    finals = [it.out for it in bucket]
+    staged = cpu_offload and stream.device.type != "cpu"
+    outs = (
+        [torch.empty(it.shape, dtype=it.dtype, device=stream.device) for it in bucket]
+        if staged
+        else finals
+    )
+    _rebuild(stream, bucket, gathered, offsets, chunk, outs)
+    if staged:
+        ops.batched_copy_(finals, outs)
+    for it in bucket:
+        out[it.leaf] = it.out
