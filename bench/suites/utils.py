@@ -55,11 +55,11 @@ def cases(size: str, device: str) -> list[CaseSpec]:
     out.append(CaseSpec("utils", f"create_cpu_state_dict {label_small}",
                         params=dict(kind="create", **small)))
     # A process-based async checkpoint's staging copy: big float32 tensors in shared
-    # memory. Creating it is page allocation (the tensors are uninitialised), so the
-    # memcpy bound (of memory already mapped) is the ceiling, not a target.
+    # memory. Creating it is page allocation (the tensors are uninitialised), so its
+    # bound is populating a fresh shared segment of the same size.
     count, nbytes = p["shared"]
     out.append(CaseSpec("utils", f"create_cpu_state_dict(share_memory) {count}x"
-                        f"{fmt_bytes(nbytes)} float32", bound="memcpy",
+                        f"{fmt_bytes(nbytes)} float32", bound="shm_populate",
                         params=dict(kind="create", count=count, lo=nbytes, hi=nbytes,
                                     share=True, dtypes="float32")))
     # On CPU, offloading CPU tensors moves nothing: it measures the traversal alone, so
