@@ -2,7 +2,7 @@
 
 PyTorch gathers tensor by tensor: one ``redistribute`` (one or more all-gathers) per
 DTensor, one padded all-gather per ShardedTensor. Here the local shards of many
-tensors are packed into one buffer per bucket, one bulk exchange moves the bucket,
+tensors are packed into one buffer per slice, one bulk exchange moves the slice,
 and one op call rebuilds all of its tensors:
 
 * DTensors sharded along one mesh dim (FSDP ``[Shard(0)]``, TP ``[Shard(1)]``, HSDP
@@ -10,7 +10,7 @@ and one op call rebuilds all of its tensors:
   ``torch.chunk`` split), and :func:`sdict_ext.ops.gather_concat_into` rebuilds, on
   that mesh dim's process group.
 * Everything else that is a dense box per rank (several sharded mesh dims, uneven
-  splits where some ranks hold nothing, ShardedTensors with any shard layout): each
+  splits where some ranks hold nothing, ShardedTensors with other shard layouts): each
   rank packs its own pieces, and one :func:`sdict_ext.ops.batched_copy_` places every
   piece into its box of the output.
 * ``Partial`` and ``_StridedShard`` placements (a reduction or an interleaving, not a
@@ -18,17 +18,25 @@ and one op call rebuilds all of its tensors:
   PyTorch's per-tensor ``redistribute`` after the coalesced part. Fully replicated
   DTensors need no exchange: their local tensor is the result, as in PyTorch.
 
-The exchange: one in-place ``all_gather_single`` per bucket on every backend, and
-``ceil(total gathered bytes / bucket_bytes)`` buckets per process group (plus one tiny
-agreement before them). A bucket holding only a ``Shard(0)`` tensor split evenly has
-the output's own layout (rank r's slot is rows ``r * n / world`` on), so ranks that keep
-results gather it straight into the output; until its turn (such buckets go last) that
-output also serves them as the buffer of the other buckets. The extra memory beyond the
-results is then one bucket only on ranks that keep nothing, which receive every bucket.
+The exchange: one in-place, asynchronous ``all_gather_single`` per slice of
+``min(bucket_bytes / 2, 8 MiB)`` on every backend (``ceil(total gathered bytes /
+slice)`` slices per process group, plus one tiny agreement before them), pipelined:
+the next slice is packed and the previous one rebuilt while one travels, in two slice
+buffers. A slice holding only a ``Shard(0)`` tensor split evenly has the output's own
+layout (rank r's slot is rows ``r * n / world`` on), so ranks that keep results gather
+it straight into the output; until its turn (such slices go last) that output also
+serves them as the buffer of the other slices (then one buffer, no overlap). The extra
+memory beyond the results is then at most one bucket (two slices).
 
-(Measured on the 2-core dev machine, 2 gloo ranks: one broadcast per rank moves a
-16 MiB slot 3x faster than gloo's all-gather; we still issue one all-gather per bucket,
-as on NCCL, for one collective per bucket and the same code path everywhere.)
+ShardedTensors are read through their metadata and local shards only (a tensor method
+of the ShardedTensor itself goes through its ``__torch_function__``, ~0.3 ms a call);
+one laid out as ``ChunkShardingSpec`` makes it (``torch.chunk`` on one dim) is gathered
+exactly like the ``Shard(dim)`` DTensor it matches.
+
+(Measured on the 2-core dev machine, 2 gloo ranks: 105 MB gathered in 8 MiB slices
+takes about as long as one all-gather of the same bytes from a buffer that already
+exists, while fresh buffers of a bucket's size cost about as much in page faults as
+the exchange itself.)
 """
 
 from __future__ import annotations
@@ -382,9 +390,9 @@ def gather_state_dict(
     """Replaces every DTensor / ShardedTensor with its full tensor (``_gather_state_dict``).
 
     Every rank of ``pg`` (and of the DTensors' meshes) must call this with a state
-    dict of the same structure. Shards move in coalesced buckets: at most
-    ``ceil(total gathered bytes / bucket_bytes)`` bulk exchanges per group, and the
-    extra memory beyond the results is one bucket. A failure while planning on any
+    dict of the same structure. Shards move in coalesced slices of half a bucket (8
+    MiB at most), pipelined: at most ``ceil(total gathered bytes / slice)`` bulk
+    exchanges per group, and the extra memory beyond the results is one bucket. A failure while planning on any
     rank (bad leaf type, a shard that is missing) raises on every rank before any
     bulk collective starts.
 

@@ -347,6 +347,22 @@ def test_create_cpu_share_memory_populates_the_segment_once():
     assert len({t.untyped_storage().data_ptr() for t in ours.values()}) == 1
 
 
+def test_create_cpu_share_memory_without_populate_or_out_of_memory(monkeypatch):
+    import errno
+
+    from sdict_ext import _hostmem
+
+    sd = {"a": torch.randn(3, 4)}
+    # An old kernel (no MADV_POPULATE_WRITE): the pages are touched instead.
+    monkeypatch.setattr(_hostmem, "_madvise", lambda ptr, n, advice: errno.EINVAL)
+    ours = utils.create_cpu_state_dict(sd, share_memory=True)
+    assert ours["a"].is_shared() and ours["a"].shape == (3, 4)
+    # No memory for the pages: a clear error now, not SIGBUS at the first write.
+    monkeypatch.setattr(_hostmem, "_madvise", lambda ptr, n, advice: errno.ENOMEM)
+    with pytest.raises(RuntimeError, match="cannot allocate .* shared memory"):
+        utils.create_cpu_state_dict(sd, share_memory=True)
+
+
 def test_create_cpu_slab_is_freed_when_the_last_tensor_dies():
     sd = {"a": torch.randn(4), "b": torch.randn(2, 2)}
     ours = utils.create_cpu_state_dict(sd, share_memory=True)
