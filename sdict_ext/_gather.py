@@ -392,9 +392,9 @@ def gather_state_dict(
     Every rank of ``pg`` (and of the DTensors' meshes) must call this with a state
     dict of the same structure. Shards move in coalesced slices of half a bucket (8
     MiB at most), pipelined: at most ``ceil(total gathered bytes / slice)`` bulk
-    exchanges per group, and the extra memory beyond the results is one bucket. A failure while planning on any
-    rank (bad leaf type, a shard that is missing) raises on every rank before any
-    bulk collective starts.
+    exchanges per group, and the extra memory beyond the results is one bucket. A
+    failure while planning on any rank (bad leaf type, a shard that is missing)
+    raises on every rank before any bulk collective starts.
 
     Args:
         state_dict: the sharded state dict.
