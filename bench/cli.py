@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=_positive, default=2,
                         help="spawned ranks for multi-rank cases (default: 2; torchrun: its own)")
     parser.add_argument("--timeout", type=_seconds, help="seconds allowed per multi-rank case")
-    parser.add_argument("--case", metavar="TEXT", help="only cases whose name contains TEXT")
+    parser.add_argument("--case", action="append", metavar="TEXT",
+                        help="only cases whose name contains TEXT (repeatable: any of them)")
     parser.add_argument("--json", metavar="FILE", help="write every row and the header as JSON")
     parser.add_argument("--plot", metavar="FILE.png", type=_png,
                         help="write a PNG of GB/s vs tensor size / per case (needs matplotlib; "
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     return parser
+
+
+def _picked(args: argparse.Namespace, name: str) -> bool:
+    return args.case is None or any(text in name for text in args.case)
 
 
 def _select(args: argparse.Namespace, size: str):
@@ -105,11 +110,11 @@ def _select(args: argparse.Namespace, size: str):
         if name == "limits":
             continue
         for spec in get_suite(name).cases(size, args.device):
-            if args.case is None or args.case in spec.name:
+            if _picked(args, spec.name):
                 specs.append(spec)
     wanted = {s.bound for s in specs if s.bound}
     for spec in limits.cases(size, args.device):
-        listed = "limits" in suites and (args.case is None or args.case in spec.name)
+        listed = "limits" in suites and _picked(args, spec.name)
         if listed or spec.bound in wanted:
             specs.append(spec)
     return specs
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     size = "tiny" if args.tiny else args.size
     specs = _select(args, size)
     if not specs:
-        parser.error(f"no case matches --case {args.case!r}")
+        parser.error(f"no case matches --case {' or '.join(map(repr, args.case))}")
     if args.list:
         for spec in specs:
             where = "all ranks" if spec.multi_rank else "1 process"

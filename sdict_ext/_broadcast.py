@@ -14,6 +14,7 @@ dict, so each slices its own box out locally, with one batched copy per device p
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any, NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ from sdict_ext._collectives import (
     agree,
     box_of,
     buckets_with_solos,
+    slice_bytes,
     dtensor_of,
     is_plain_placement,
     mesh_coordinates,
@@ -169,17 +171,35 @@ class _Dest:
         self.slot = 0
 
 
+_BoxCache = dict[Any, Any]
+
+
 def _local_box(
-    shape: tuple[int, ...], local: DTensor, rank: int
+    shape: tuple[int, ...], local: DTensor, rank: int, cache: _BoxCache | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """This rank's (shape, start) box of a full tensor laid out like ``local``.
 
     The same box as PyTorch's ``compute_local_shape_and_global_offset``, which this
     falls back to for placements other than Shard / Replicate; for those, the
     arithmetic on cached mesh coordinates costs a fraction of it (it builds index
-    tensors per call).
+    tensors per call). ``cache`` (one per call of a state-dict function) remembers each
+    distinct (mesh, placements, shape): a model repeats a few shapes many times.
     """
-    mesh, placements = local.device_mesh, local.placements
+    spec = local._spec
+    if cache is None:
+        return _compute_box(shape, spec.mesh, spec.placements, rank)
+    # Placements compared by kind and dim: hashing Placement objects runs Python code.
+    key = (id(spec.mesh), tuple([(type(p), getattr(p, "dim", None)) for p in spec.placements]),
+           shape)
+    box = cache.get(key, cache)
+    if box is cache:
+        box = cache[key] = _compute_box(shape, spec.mesh, spec.placements, rank)
+    return box
+
+
+def _compute_box(
+    shape: tuple[int, ...], mesh: Any, placements: Any, rank: int
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     if not is_plain_placement(placements):
         box_shape, box_start = compute_local_shape_and_global_offset(shape, mesh, placements)
         if not box_start and tuple(box_shape) == (0,):
@@ -199,6 +219,7 @@ def _plan_dest(
     device: torch.device,
     flat_device: torch.device,
     rank: int,
+    boxes: _BoxCache,
 ) -> _Dest:
     shape = tuple(info.size)
     dest = _Dest(key, shape)
@@ -217,7 +238,7 @@ def _plan_dest(
             dest.unpack_into = torch.empty(shape, dtype=info.dtype, device=flat_device)
             dest.finish = new
         return dest
-    box = _local_box(shape, local, rank)
+    box = _local_box(shape, local, rank, boxes)
     if box is None:
         return dest  # this rank is not part of the DTensor's mesh
     box_shape, box_start = box
@@ -267,10 +288,13 @@ def broadcast_state_dict(
     tensors are assigned to keys the local state dict has. ``strict`` drops local keys
     the full state dict lacks; ``cpu_offload`` moves the received tensors to the CPU.
 
-    Differences: tensors travel in packed buckets (one broadcast per bucket, at most
-    ``ceil(total bytes / bucket_bytes)``, plus one per tensor of a quarter bucket or
-    more, which travels alone from the source tensor itself, and into the destination
-    itself where it receives the whole tensor) instead of one at a time; ranks other
+    Differences: tensors travel in packed slices of ``min(bucket_bytes / 2, 8 MiB)``
+    (one asynchronous broadcast per slice, at most ``ceil(total bytes / slice)``,
+    pipelined: the next slice is packed and the previous one unpacked while one
+    travels; the two slice buffers are the extra memory, at most one bucket), plus one
+    per tensor of a quarter slice or more, which travels alone from the source tensor
+    itself, and into the destination itself where it receives the whole tensor)
+    instead of one at a time; ranks other
     than 0 never build a full copy of a tensor they hold sharded; a 0-dim tensor arrives
     with a storage of its one element (PyTorch pickles a view with its whole base
     storage); ``cpu_offload=True`` does not raise ``KeyError`` for a tensor only the
@@ -286,7 +310,7 @@ def broadcast_state_dict(
         pg: the process group; default: the default group.
         strict: remove local keys the full state dict does not have.
         cpu_offload: move the received tensors to the CPU.
-        bucket_bytes: bytes per broadcast bucket.
+        bucket_bytes: the most extra memory for slice buffers (two slices).
     """
     group = pg if pg is not None else dist.distributed_c10d._get_default_group()
     is_src = dist.get_rank(group) == 0
@@ -319,11 +343,13 @@ def broadcast_state_dict(
             (k, v) for k, v in meta if isinstance(v, _TensorInfo)
         ]
         rank = dist.get_rank()
+        boxes: _BoxCache = {}
         src_keys: list[str] = []
         slot_of: dict[str, int] = {}
         for key, info in tensor_keys:
             full = full_state_dict[key] if is_src else None
-            dest = _plan_dest(key, info, local_state_dict.get(key), full, device, flat_device, rank)
+            local = local_state_dict.get(key)
+            dest = _plan_dest(key, info, local, full, device, flat_device, rank, boxes)
             if info.same_as is None:
                 slot_of[key] = len(src_keys)
                 src_keys.append(key)
@@ -339,8 +365,13 @@ def broadcast_state_dict(
         # Slot sizes as pack_layout rounds them (without its per-call checks).
         align = ops.ALIGNMENT
         slots = [-(-_numel(shape) * dtype.itemsize // align) * align for shape, dtype in specs]
-        runs = _runs(slots, bucket_bytes)
-        layouts = [ops.pack_layout([specs[j] for j in run]) for run in runs]
+        runs = _runs(slots, slice_bytes(bucket_bytes))
+        # pack_layout's offsets, from the slot sizes already at hand (it re-checks
+        # every spec, ~10 us per tensor).
+        layouts = []
+        for run in runs:
+            offsets = list(accumulate((slots[j] for j in run), initial=0))
+            layouts.append((offsets[:-1], offsets[-1]))
         # A big tensor travels alone and, where its bytes are contiguous, straight from
         # the source tensor / into the destination: no bucket buffer, no pack / unpack.
         in_place: list[tuple[torch.Tensor | None, _Dest | None]] = []
@@ -359,44 +390,18 @@ def broadcast_state_dict(
                                 receiver = d
                                 break
             in_place.append((view, receiver))
-        flat = torch.empty(
-            max((total for (_, total), (v, _) in zip(layouts, in_place) if v is None), default=0),
-            dtype=torch.uint8,
-            device=flat_device,
-        )
+        buffered = [total for (_, total), (v, _) in zip(layouts, in_place) if v is None]
+        # Two buffers when two slices need one, so one fills while the other travels.
+        flats = [
+            torch.empty(max(buffered), dtype=torch.uint8, device=flat_device)
+            for _ in range(min(2, len(buffered)))
+        ]
     except Exception as exc:  # reported to every rank by agree()
         error = exc
     agree(group, error, 0, "broadcast_state_dict")
 
-    for run, (offsets, total), (view, receiver) in zip(runs, layouts, in_place):
-        if len(run) == 1:
-            # Every rank sends / receives the tensor's exact bytes, with or without a buffer.
-            spec = specs[run[0]]
-            total = _numel(spec[0]) * spec[1].itemsize
-        if view is not None:
-            dist.broadcast(view, group=group, group_src=0)
-            buf, offsets = view, [0]
-        else:
-            buf = flat[:total]
-            if is_src:
-                srcs = [full_state_dict[src_keys[j]].detach() for j in run]
-                srcs = [t if t.device == flat_device else t.to(flat_device) for t in srcs]
-                ops.pack(srcs, out=buf, offsets=offsets)
-            dist.broadcast(buf, group=group, group_src=0)
-        picked = [
-            (offsets[n], d)
-            for n, j in enumerate(run)
-            for d in slot_dests[j]
-            if d is not receiver
-        ]
-        if picked:
-            ops.unpack(
-                buf,
-                [d.unpack_into for _, d in picked],
-                offsets=[o for o, _ in picked],
-                full_shapes=[d.full_shape for _, d in picked],
-                starts=[d.box_start for _, d in picked],
-            )
+    srcs = [full_state_dict[k].detach() for k in src_keys] if is_src else []
+    _pipelined_broadcasts(group, is_src, srcs, specs, slot_dests, runs, layouts, in_place, flats)
     _finish(dests)
 
     global_keys = {k for k, _ in meta}
@@ -434,6 +439,78 @@ def _one_writer_per_target(dests: list[_Dest]) -> None:
         if earlier is not None:
             earlier.unpack_into = earlier.finish = None
         writer[key] = d
+
+
+def _pipelined_broadcasts(
+    group: dist.ProcessGroup,
+    is_src: bool,
+    srcs: list[torch.Tensor],
+    specs: list[tuple[tuple[int, ...], torch.dtype]],
+    slot_dests: list[list[_Dest]],
+    runs: list[list[int]],
+    layouts: list[tuple[list[int], int]],
+    in_place: list[tuple[torch.Tensor | None, _Dest | None]],
+    flats: list[torch.Tensor],
+) -> None:
+    """One asynchronous broadcast per run, overlapped with packing and unpacking.
+
+    Run k is packed (on the source) and its broadcast started before run k - 1 is
+    waited for and unpacked, so the process group's thread moves one slice while this
+    thread copies the neighbouring ones: at most two runs are in flight. Buffered runs
+    alternate between the buffers of ``flats``, so a buffer is refilled only after the
+    run before the previous one, its last user, was unpacked. ``slot_dests[j]`` are the
+    keys that transfer ``j`` fills (several for a tied tensor).
+    """
+    pending: list[tuple[Any, list[int], list[int], torch.Tensor, _Dest | None]] = []
+    n_buffered = 0
+    for run, (offsets, total), (view, receiver) in zip(runs, layouts, in_place):
+        if view is not None:
+            # Received straight into ``receiver``; the source, and every other key of
+            # the tensor, unpack their boxes from that tensor itself.
+            work = dist.broadcast(view, group=group, group_src=0, async_op=True)
+            pending.append((work, run, [0], view, receiver))
+        else:
+            if len(run) == 1:
+                # Every rank sends / receives the tensor's exact bytes.
+                spec = specs[run[0]]
+                total = _numel(spec[0]) * spec[1].itemsize
+            flat = flats[n_buffered % len(flats)]
+            n_buffered += 1
+            if pending and pending[0][3].data_ptr() == flat.data_ptr():
+                _unpack_run(*pending.pop(0), slot_dests)  # one buffer only: wait for its user
+            buf = flat[:total]
+            if is_src:
+                mine = [srcs[j] for j in run]
+                mine = [t if t.device == flat.device else t.to(flat.device) for t in mine]
+                ops.pack(mine, out=buf, offsets=offsets)
+            work = dist.broadcast(buf, group=group, group_src=0, async_op=True)
+            pending.append((work, run, offsets, buf, None))
+        if len(pending) > 1:
+            _unpack_run(*pending.pop(0), slot_dests)
+    for entry in pending:
+        _unpack_run(*entry, slot_dests)
+
+
+def _unpack_run(
+    work: Any,
+    run: list[int],
+    offsets: list[int],
+    buf: torch.Tensor,
+    received: _Dest | None,
+    slot_dests: list[list[_Dest]],
+) -> None:
+    work.wait()
+    picked = [
+        (offsets[n], d) for n, j in enumerate(run) for d in slot_dests[j] if d is not received
+    ]
+    if picked:
+        ops.unpack(
+            buf,
+            [d.unpack_into for _, d in picked],
+            offsets=[o for o, _ in picked],
+            full_shapes=[d.full_shape for _, d in picked],
+            starts=[d.box_start for _, d in picked],
+        )
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -501,6 +578,7 @@ def distribute_state_dict(
     """
     del pg
     rank = dist.get_rank()
+    boxes: _BoxCache = {}
     results: dict[str, Any] = {}
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
@@ -528,7 +606,7 @@ def distribute_state_dict(
         if not is_plain_placement(placements):
             results[key] = distribute_tensor(value.detach().to(device), mesh, placements)
             continue
-        box = _local_box(tuple(value.shape), local, rank)
+        box = _local_box(tuple(value.shape), local, rank, boxes)
         if box is None:
             continue  # this rank is not part of the DTensor's mesh
         shape, start = box

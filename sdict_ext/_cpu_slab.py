@@ -20,6 +20,7 @@ from operator import add, and_, floordiv, itemgetter, mul
 import torch
 
 from sdict_ext import ops
+from sdict_ext._hostmem import shared_storage
 
 __all__ = ["carve", "pinning_available"]
 
@@ -82,9 +83,12 @@ def _allocate(nbytes: int, pin_memory: bool, share_memory: bool) -> torch.Tensor
                 "(it registers a shared segment with cudaHostRegister)"
             )
         return torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    slab = torch.empty(nbytes, dtype=torch.uint8)
     if share_memory:
-        slab.share_memory_()
+        # One segment, allocated and mapped once (share_memory_() would allocate a
+        # segment, then copy the fresh tensor into it, faulting every page twice).
+        slab = torch.empty(0, dtype=torch.uint8).set_(shared_storage(nbytes))
+    else:
+        slab = torch.empty(nbytes, dtype=torch.uint8)
     if pin_memory:
         # Registering our own allocation, rather than taking a block from the pinned
         # caching allocator, avoids its power-of-two round-up and lets the memory go

@@ -10,8 +10,9 @@ tensor:
   (:func:`sdict_ext._traverse.pair_tensors`) instead of Python work per tensor;
 * :func:`create_cpu_state_dict` carves every tensor out of one host slab (one
   allocation, one pin registration, one shared-memory segment);
-* :func:`gather_state_dict` and :func:`broadcast_state_dict` move packed buckets, one
-  bulk collective per bucket (see :mod:`sdict_ext._collectives`).
+* :func:`gather_state_dict` and :func:`broadcast_state_dict` move packed slices (half
+  a bucket, 8 MiB at most), one asynchronous bulk collective per slice, pipelined with
+  the packing and unpacking (see :mod:`sdict_ext._collectives`).
 
 Where PyTorch's behaviour is a trap we differ, and the docstring says so: structure,
 dtype and shape mismatches raise :class:`CompanionMismatch` naming the key path before

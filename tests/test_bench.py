@@ -233,6 +233,21 @@ def test_list_names_cases_without_running_them(capsys):
     assert "memcpy" in out  # the bound the ops cases are compared with
 
 
+def test_repeated_case_selects_any_of_the_texts_with_their_bounds(capsys):
+    argv = ["--size", "medium", "--suite", "utils", "--case", "share_memory",
+            "--case", "ShardedTensors", "--list"]
+    assert cli.main(argv) == 0
+    # "<suite>  <case>  [<how it runs>, bound <family>]"
+    lines = [line.split("[")[0].split(None, 1)[1].strip() for line in
+             capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines == [
+        "create_cpu_state_dict(share_memory) 64x16MB float32",
+        "gather_state_dict 1000 ShardedTensors dim 0 uneven",
+        "all_gather 256MB",
+        "shm_populate 1GB",
+    ]
+
+
 def test_summarize_gives_median_spread_and_extremes():
     stats = summarize([3.0, 1.0, 2.0])
     assert stats == {"median": 2.0, "p10": pytest.approx(1.2), "p90": pytest.approx(2.8),

@@ -278,6 +278,91 @@ def test_create_cpu_share_memory_uses_one_shared_segment():
     assert len({t.untyped_storage()._share_filename_cpu_()[1] for t in ours.values()}) == 1
 
 
+def _fill_in_child(queue, done) -> None:
+    # Runs in a spawned process: writes into the tensors it received.
+    tensors = queue.get(timeout=60)
+    for i, t in enumerate(tensors):
+        t.fill_(i + 1)
+    done.put(True)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return kb * 1024
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "memfd_create"), reason="Linux only")
+@pytest.mark.parametrize("strategy", ["file_descriptor", "file_system"])
+def test_create_cpu_share_memory_shares_with_another_process_like_pytorch(strategy):
+    import torch.multiprocessing as tmp
+
+    before = tmp.get_sharing_strategy()
+    tmp.set_sharing_strategy(strategy)
+    try:
+        sd = {"a": torch.randn(1000, 3), "b": torch.zeros(7, dtype=torch.bfloat16),
+              "c": torch.arange(5)}
+        ours = utils.create_cpu_state_dict(sd, share_memory=True)
+        theirs = ref._create_cpu_state_dict(sd, share_memory=True)
+        for result in (ours, theirs):
+            assert all(t.is_shared() for t in result.values())
+            assert {k: (t.shape, t.dtype) for k, t in result.items()} == {
+                k: (t.shape, t.dtype) for k, t in sd.items()
+            }
+        # Sharing copies nothing: the storage already is the segment that travels.
+        storage = ours["a"].untyped_storage()
+        ptr = storage.data_ptr()
+        if strategy == "file_descriptor":
+            fd, size = storage._share_fd_cpu_()
+            assert fd >= 0 and size == storage.nbytes()
+        else:
+            assert storage._share_filename_cpu_()[2] == storage.nbytes()
+        assert storage.data_ptr() == ptr
+        ctx = tmp.get_context("spawn")
+        for result in (ours, theirs):
+            queue, done = ctx.Queue(), ctx.Queue()
+            child = ctx.Process(target=_fill_in_child, args=(queue, done))
+            child.start()
+            try:
+                queue.put(list(result.values()))
+                assert done.get(timeout=120)
+            finally:
+                child.join(timeout=60)
+                if child.is_alive():
+                    child.kill()
+            # The child's writes are visible here: the memory really is shared.
+            for i, t in enumerate(result.values()):
+                assert torch.equal(t, torch.full_like(t, i + 1)), (strategy, i)
+    finally:
+        tmp.set_sharing_strategy(before)
+
+
+def test_create_cpu_share_memory_populates_the_segment_once():
+    # Every page is allocated and mapped when the call returns (as after PyTorch's
+    # copy into the segment), so the first copy into it does not fault page by page.
+    sd = {f"t{i}": torch.empty(1 << 20) for i in range(16)}  # 64 MiB
+    start = _rss_bytes()
+    ours = utils.create_cpu_state_dict(sd, share_memory=True)
+    assert _rss_bytes() - start >= 60 << 20
+    assert len({t.untyped_storage().data_ptr() for t in ours.values()}) == 1
+
+
+def test_create_cpu_share_memory_without_populate_or_out_of_memory(monkeypatch):
+    import errno
+
+    from sdict_ext import _hostmem
+
+    sd = {"a": torch.randn(3, 4)}
+    # An old kernel (no MADV_POPULATE_WRITE): the pages are touched instead.
+    monkeypatch.setattr(_hostmem, "_madvise", lambda ptr, n, advice: errno.EINVAL)
+    ours = utils.create_cpu_state_dict(sd, share_memory=True)
+    assert ours["a"].is_shared() and ours["a"].shape == (3, 4)
+    # No memory for the pages: a clear error now, not SIGBUS at the first write.
+    monkeypatch.setattr(_hostmem, "_madvise", lambda ptr, n, advice: errno.ENOMEM)
+    with pytest.raises(RuntimeError, match="cannot allocate .* shared memory"):
+        utils.create_cpu_state_dict(sd, share_memory=True)
+
+
 def test_create_cpu_slab_is_freed_when_the_last_tensor_dies():
     sd = {"a": torch.randn(4), "b": torch.randn(2, 2)}
     ours = utils.create_cpu_state_dict(sd, share_memory=True)

@@ -210,13 +210,15 @@ def _gather_thousand(bucket: int, mixed: bool = False):
 def test_gather_of_1000_dtensors_uses_one_exchange_per_bucket(mixed):
     bucket = 64 << 10
     results = run_on_ranks(2, _gather_thousand, bucket, mixed, timeout=120)
+    # Exchanges are pipelined in slices of half a bucket (two slice buffers in flight).
+    slice_bytes = bucket // 2
     for counts, total, same in results:
         assert same
-        # One all-gather per bucket (PyTorch: one per tensor), nothing else in bulk;
+        # One all-gather per slice (PyTorch: one per tensor), nothing else in bulk;
         # big tensors travelling alone stay within the same ceiling.
-        assert counts[ALL_GATHER] <= math.ceil(total / bucket)
+        assert counts[ALL_GATHER] <= math.ceil(total / slice_bytes)
         if not mixed:
-            assert counts[ALL_GATHER] == math.ceil(total / bucket)
+            assert counts[ALL_GATHER] == math.ceil(total / slice_bytes)
         assert counts["broadcast"] == 0
         assert counts["all_reduce"] == 1  # the agreement before the bulk exchange
 
@@ -242,6 +244,90 @@ def test_gather_failure_on_one_rank_raises_on_every_rank():
     results = run_on_ranks(2, _gather_failure, "shape", timeout=60)
     assert [r[0] for r in results] == ["RankFailure", "RankFailure"]
     assert run_on_ranks(2, _gather_failure, "none", timeout=60) == [None, None]
+
+
+def _st_from_boxes(full: torch.Tensor, boxes: list[list[tuple]]):
+    """A ShardedTensor of ``full`` whose rank r holds the (sizes, offsets) ``boxes[r]``,
+    built from metadata (any layout, not only what a ShardingSpec makes)."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard as STShard
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import (
+        ShardedTensorMetadata,
+        TensorProperties,
+    )
+
+    metas, mine = [], []
+    for r, pieces in enumerate(boxes):
+        for sizes, offsets in pieces:
+            m = ShardMetadata(list(offsets), list(sizes), f"rank:{r}/cpu")
+            metas.append(m)
+            if r == dist.get_rank():
+                box = full
+                for d, (lo, n) in enumerate(zip(offsets, sizes)):
+                    box = box.narrow(d, lo, n)
+                mine.append(STShard(box.clone(), m))
+    meta = ShardedTensorMetadata(metas, full.shape, TensorProperties(dtype=full.dtype))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(mine, meta)
+
+
+def _chunked_boxes(shape: tuple[int, ...], dim: int, ws: int) -> list[list[tuple]]:
+    """ChunkShardingSpec's split: torch.chunk on ``dim``, ranks past the last chunk empty."""
+    step = -(-shape[dim] // ws)
+    boxes: list[list[tuple]] = [[] for _ in range(ws)]
+    for r, lo in enumerate(range(0, shape[dim], step)):
+        sizes, offsets = list(shape), [0] * len(shape)
+        sizes[dim], offsets[dim] = min(step, shape[dim] - lo), lo
+        boxes[r].append((tuple(sizes), tuple(offsets)))
+    return boxes
+
+
+def _gather_sharded_tensors(bucket: int):
+    ws = dist.get_world_size()
+    # Layouts PyTorch's gather handles (dim-0 chunks, one shard per rank at most): odd,
+    # fewer rows than ranks, one row, many small tensors of mixed dtypes.
+    dim0 = {
+        "odd": _full((2 * ws + 1, 3), torch.float32, 1),
+        "fewer_rows": _full((ws - 1, 5), torch.bfloat16, 2),
+        "one_row": _full((1, 7), torch.int64, 3),
+        "3d": _full((ws + 3, 2, 3), torch.float16, 4),
+    }
+    for i in range(40):
+        dim0[f"many.{i}"] = _full((1 + i % (2 * ws + 1), 3), [torch.float32, torch.int32][i % 2], i)
+    # Layouts it does not (it assumes dim-0 chunks): chunked on dim 1, uneven boxes, a
+    # rank with two shards, compared with the full tensor itself.
+    other = {
+        "dim1": (_full((3, 2 * ws + 1), torch.float32, 50), _chunked_boxes((3, 2 * ws + 1), 1, ws)),
+        # One row each, then the last rank five.
+        "uneven": (_full((ws + 4, 2), torch.float64, 51),
+                   [[((1, 2), (r, 0))] for r in range(ws - 1)] + [[((5, 2), (ws - 1, 0))]]),
+        "two_shards": (_full((4, 3), torch.float32, 52),
+                       [[((1, 3), (0, 0)), ((1, 3), (3, 0))], [((2, 3), (1, 0))]]
+                       + [[] for _ in range(ws - 2)]),
+    }
+    sd = {k: _st_from_boxes(v, _chunked_boxes(tuple(v.shape), 0, ws)) for k, v in dim0.items()}
+    sd.update({k: _st_from_boxes(t, boxes) for k, (t, boxes) in other.items()})
+    ours = utils.gather_state_dict(sd, bucket_bytes=bucket)
+    theirs = ref._gather_state_dict({k: sd[k] for k in dim0})
+    want = {k: t for k, (t, _) in other.items()}
+    return (
+        _describe({k: ours[k] for k in dim0}),
+        _describe(theirs),
+        _describe({k: ours[k] for k in other}),
+        _describe(want),
+        _describe(dim0),
+    )
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("bucket", [1 << 20, 96])
+def test_gather_sharded_tensors_uneven_layouts_match_pytorch(world_size, bucket):
+    for rank, (ours, theirs, ours_other, want_other, full) in enumerate(
+        run_on_ranks(world_size, _gather_sharded_tensors, bucket, timeout=120)
+    ):
+        assert ours == theirs, f"rank {rank}"
+        assert ours == full, f"rank {rank}"  # and PyTorch's are the full tensors
+        assert ours_other == want_other, f"rank {rank}"
 
 
 # ---------------------------------------------------------------- broadcast / distribute
@@ -367,11 +453,13 @@ def _broadcast_thousand(bucket: int, mixed: bool = False):
 @pytest.mark.parametrize("mixed", [False, True])
 def test_broadcast_of_1000_tensors_uses_one_broadcast_per_bucket(mixed):
     bucket = 64 << 10
+    # Broadcasts are pipelined in slices of half a bucket (two slice buffers in flight).
+    slice_bytes = bucket // 2
     for counts, total, same in run_on_ranks(2, _broadcast_thousand, bucket, mixed, timeout=120):
         assert same
-        assert counts["broadcast"] <= math.ceil(total / bucket)
+        assert counts["broadcast"] <= math.ceil(total / slice_bytes)
         if not mixed:
-            assert counts["broadcast"] == math.ceil(total / bucket)
+            assert counts["broadcast"] == math.ceil(total / slice_bytes)
         assert counts["all_reduce"] == 1
 
 

@@ -6,6 +6,10 @@
   ``cudaMemcpyAsync``: the PCIe bound) and one device-to-device copy.
 * On several ranks: one ``broadcast`` and one all-gather of a single big buffer, the most
   a collective-based state-dict function can reach on this process group.
+* ``shm_populate``: allocating and mapping a fresh shared-memory segment, every page
+  (``memfd_create`` + ``mmap(MAP_POPULATE)``, Linux), the floor of creating tensors in
+  shared memory: they must get pages, and the kernel's page allocation, not copying,
+  is the cost.
 
 The bound of a family is the best GB/s of its ``bound`` rows; a case's "% of bound" is
 its GB/s over that. sdict_ext's ``batched_copy_`` of the same single buffer counts as a
@@ -15,6 +19,8 @@ bound row too: the bound is the fastest single-buffer copy measured, whoever doe
 from __future__ import annotations
 
 import ctypes
+import mmap
+import os
 
 import torch
 import torch.distributed as dist
@@ -35,6 +41,7 @@ BOUNDS = {
     "d2d": ("cuda", False),
     "broadcast": ("any", True),
     "all_gather": ("any", True),
+    "shm_populate": ("any", False),
 }
 
 # Host/device copy bytes, collective bytes.
@@ -66,6 +73,9 @@ def run(spec: CaseSpec, ctx: Ctx) -> None:
     kind, nbytes = spec.params["kind"], spec.params["bytes"]
     if kind in ("broadcast", "all_gather"):
         _run_collective(kind, nbytes, ctx)
+        return
+    if kind == "shm_populate":
+        _run_shm_populate(nbytes, ctx)
         return
     cpu, dev = torch.device("cpu"), ctx.device
     pinned = torch.cuda.is_available()
@@ -118,4 +128,28 @@ def _run_collective(kind: str, nbytes: int, ctx: Ctx) -> None:
     ctx.measure(
         f"dist.{gather.__name__} (one buffer)", ROLE_BOUND, lambda: gather(out, inp),
         nbytes=per_rank * world, tensors=1,
+    )
+
+
+def _run_shm_populate(nbytes: int, ctx: Ctx) -> None:
+    impl = "memfd + mmap(MAP_POPULATE) (one thread)"
+    if not hasattr(os, "memfd_create") or not hasattr(mmap, "MAP_POPULATE"):
+        ctx.skip(impl, ROLE_BOUND, "needs Linux (memfd_create, MAP_POPULATE)", nbytes, 1)
+        return
+
+    def populate() -> None:
+        fd = os.memfd_create("bench", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes)
+            mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE).close()
+        finally:
+            os.close(fd)
+
+    ctx.measure(impl, ROLE_BOUND, populate, nbytes=nbytes, tensors=1)
+    # A bound row too (as batched_copy_ is for memcpy): the same pages populated with
+    # MADV_POPULATE_WRITE on all of torch's threads, the fastest way found here.
+    fn, why = load_sdict("_hostmem", "shared_storage")
+    ctx.measure(
+        "sdict_ext shared_storage (MADV_POPULATE_WRITE, all threads)", ROLE_BOUND,
+        (lambda: fn(nbytes)) if fn else None, nbytes=nbytes, tensors=1, missing=why,
     )

@@ -25,15 +25,23 @@ __all__ = ["cases", "run"]
 
 KB, MB = 1024, 1024 * 1024
 
+# gather / bcast / distribute: (tensors, columns); rows run from 1 to 2 * columns, so the
+# total is about 4 * tensors * columns**2 bytes (medium: 105 MB gathered, 211 MB broadcast).
+# shared: (count, bytes) of the create_cpu_state_dict(share_memory=True) case.
+# sharded: whether the gather case also runs on ShardedTensors (not at small, whose
+# run time stays what it was; tiny keeps it for CI's check of the results).
 _SIZES = {
     "tiny": dict(small=(1_000, 256, 16 * KB), large=(4, 4 * MB), gather=(64, 64), bcast=(64, 64),
-                 distribute=(64, 64)),
+                 distribute=(64, 64), shared=(4, 4 * MB), sharded=True),
     "small": dict(small=(20_000, 256, 16 * KB), large=(16, 16 * MB), gather=(1_000, 64),
-                  bcast=(2_000, 64), distribute=(1_000, 64)),
-    "medium": dict(small=(20_000, 1 * KB, 64 * KB), large=(64, 64 * MB), gather=(1_000, 1024),
-                   bcast=(2_000, 1024), distribute=(2_000, 1024)),
+                  bcast=(2_000, 64), distribute=(1_000, 64), shared=(4, 16 * MB),
+                  sharded=False),
+    "medium": dict(small=(20_000, 1 * KB, 64 * KB), large=(64, 64 * MB), gather=(1_000, 162),
+                   bcast=(2_000, 162), distribute=(2_000, 162), shared=(64, 16 * MB),
+                   sharded=True),
     "large": dict(small=(100_000, 1 * KB, 64 * KB), large=(256, 64 * MB), gather=(5_000, 1024),
-                  bcast=(10_000, 1024), distribute=(10_000, 1024)),
+                  bcast=(10_000, 1024), distribute=(10_000, 1024), shared=(256, 16 * MB),
+                  sharded=True),
 }
 
 
@@ -51,6 +59,14 @@ def cases(size: str, device: str) -> list[CaseSpec]:
                             params=dict(kind="copy", **shape)))
     out.append(CaseSpec("utils", f"create_cpu_state_dict {label_small}",
                         params=dict(kind="create", **small)))
+    # A process-based async checkpoint's staging copy: big float32 tensors in shared
+    # memory. Creating it is page allocation (the tensors are uninitialised), so its
+    # bound is populating a fresh shared segment of the same size.
+    count, nbytes = p["shared"]
+    out.append(CaseSpec("utils", f"create_cpu_state_dict(share_memory) {count}x"
+                        f"{fmt_bytes(nbytes)} float32", bound="shm_populate",
+                        params=dict(kind="create", count=count, lo=nbytes, hi=nbytes,
+                                    share=True, dtypes="float32")))
     # On CPU, offloading CPU tensors moves nothing: it measures the traversal alone, so
     # no bandwidth bound applies.
     for label, shape in ((label_small, small), (label_large, large)):
@@ -61,6 +77,12 @@ def cases(size: str, device: str) -> list[CaseSpec]:
     out.append(CaseSpec("utils", f"gather_state_dict {count} DTensors Shard(0) uneven",
                         multi_rank=True, bound="all_gather",
                         params=dict(kind="gather", count=count, cols=cols)))
+    # The same tensors as ShardedTensors (ChunkShardingSpec on dim 0, the layout
+    # PyTorch's gather assumes), to compare with the DTensor row above.
+    if p["sharded"]:
+            out.append(CaseSpec("utils", f"gather_state_dict {count} ShardedTensors dim 0 uneven",
+                            multi_rank=True, bound="all_gather",
+                            params=dict(kind="gather", count=count, cols=cols, sharded=True)))
     count, cols = p["bcast"]
     out.append(CaseSpec("utils", f"broadcast_state_dict {count} tensors into DTensor shards",
                         multi_rank=True, bound="broadcast",
@@ -86,7 +108,8 @@ def run(spec: CaseSpec, ctx: Ctx) -> None:
 def _state_dict(spec: CaseSpec, device: torch.device) -> dict:
     """A model-like nested state dict: tensors plus the non-tensor leaves PyTorch allows."""
     p = spec.params
-    specs = random_numels(p["count"], p["lo"], p["hi"], DTYPE_MIX, seed=11)
+    dtypes = (getattr(torch, p["dtypes"]),) if "dtypes" in p else DTYPE_MIX
+    specs = random_numels(p["count"], p["lo"], p["hi"], dtypes, seed=11)
     tensors = make_tensors(specs, device, seed=12)
     model = {f"layers.{i // 8}.w{i % 8}": t for i, t in enumerate(tensors)}
     return {"model": model, "meta": {"step": 100, "tag": "bench", "lr": 1e-3}}
@@ -131,23 +154,28 @@ def _run_copy(spec: CaseSpec, ctx: Ctx) -> None:
 def _run_create(spec: CaseSpec, ctx: Ctx) -> None:
     src = _state_dict(spec, ctx.device)
     pin = ctx.device.type == "cuda"
+    share = spec.params.get("share", False)
+    args = f"pin_memory={pin}" + (", share_memory=True" if share else "")
     nbytes, n = total_bytes(_tensors(src)), len(_tensors(src))
     ctx.measure(
-        f"torch _create_cpu_state_dict(pin_memory={pin})", ROLE_TORCH,
-        lambda: tsu._create_cpu_state_dict(src, pin_memory=pin), nbytes=nbytes, tensors=n,
+        f"torch _create_cpu_state_dict({args})", ROLE_TORCH,
+        lambda: tsu._create_cpu_state_dict(src, pin_memory=pin, share_memory=share),
+        nbytes=nbytes, tensors=n,
     )
     fn, why = load_sdict("utils", "create_cpu_state_dict")
 
     def verify() -> bool:
-        ours, ref = fn(src, pin_memory=pin), tsu._create_cpu_state_dict(src, pin_memory=pin)
+        ours = fn(src, pin_memory=pin, share_memory=share)
+        ref = tsu._create_cpu_state_dict(src, pin_memory=pin, share_memory=share)
         return ours["meta"] == ref["meta"] and ours["model"].keys() == ref["model"].keys() and all(
             o.shape == r.shape and o.dtype == r.dtype and o.device == r.device
+            and o.is_shared() == r.is_shared() and o.is_pinned() == r.is_pinned()
             for o, r in zip(ours["model"].values(), ref["model"].values(), strict=True)
         )
 
     ctx.measure(
-        f"sdict_ext.create_cpu_state_dict(pin_memory={pin})", ROLE_SDICT,
-        (lambda: fn(src, pin_memory=pin)) if fn else None,
+        f"sdict_ext.create_cpu_state_dict({args})", ROLE_SDICT,
+        (lambda: fn(src, pin_memory=pin, share_memory=share)) if fn else None,
         nbytes=nbytes, tensors=n, missing=why, verify=verify if fn else None,
     )
 
@@ -190,8 +218,41 @@ def _sharded(spec: CaseSpec, ctx: Ctx, fill: bool) -> tuple[dict, dict]:
     return full, local
 
 
+def _as_sharded_tensors(full: dict, local: dict, ctx: Ctx) -> dict:
+    """The DTensors of :func:`_sharded` as ShardedTensors with the same shards.
+
+    Built from metadata directly (``init_from_local_shards`` would run one object
+    all-gather per tensor): the ``torch.chunk`` split on dim 0 that
+    ``ChunkShardingSpec`` makes, ranks past the last chunk holding no shard.
+    """
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard as STShard
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import (
+        ShardedTensorMetadata,
+        TensorProperties,
+    )
+
+    out = {}
+    for key, t in full.items():
+        rows = t.shape[0]
+        step = -(-rows // ctx.world_size)
+        shards = [
+            ShardMetadata([lo, 0], [min(step, rows - lo), t.shape[1]], f"rank:{r}/{ctx.device}")
+            for r, lo in enumerate(range(0, rows, step))
+        ]
+        meta = ShardedTensorMetadata(shards, t.shape, TensorProperties(dtype=t.dtype))
+        mine = [
+            STShard(local[key].to_local(), m) for m in shards if m.placement.rank() == ctx.rank
+        ]
+        out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(mine, meta)
+    return out
+
+
 def _run_gather(spec: CaseSpec, ctx: Ctx) -> None:
     full, local = _sharded(spec, ctx, fill=True)
+    if spec.params.get("sharded"):
+        local = _as_sharded_tensors(full, local, ctx)
     nbytes, n = total_bytes(list(full.values())), len(full)
     ctx.measure(
         "torch _gather_state_dict", ROLE_TORCH, lambda: tsu._gather_state_dict(local),
