@@ -29,11 +29,11 @@ from sdict_ext._collectives import (
     agree,
     box_of,
     buckets_with_solos,
-    slice_bytes,
     dtensor_of,
     is_plain_placement,
     mesh_coordinates,
     mesh_shape,
+    slice_bytes,
 )
 from sdict_ext._copies import batched_copy_pairs, offload_leaves, view_key
 from sdict_ext._gc import gc_paused
@@ -78,10 +78,8 @@ def _announce(full_state_dict: dict[str, Any]) -> list[tuple[str, Any]]:
         if value.dim() == 0:
             meta.append((key, value.cpu()))
             continue
-        same_as = None
-        if value.numel():
-            same_as = first_key.setdefault(view_key(value), key)
-        meta.append((key, _TensorInfo(value.size(), value.dtype, same_as if same_as != key else None)))
+        first = first_key.setdefault(view_key(value), key) if value.numel() else key
+        meta.append((key, _TensorInfo(value.size(), value.dtype, None if first == key else first)))
     return meta
 
 
@@ -294,8 +292,9 @@ def broadcast_state_dict(
     travels; the two slice buffers are the extra memory, at most one bucket), plus one
     per tensor of a quarter slice or more, which travels alone from the source tensor
     itself, and into the destination itself where it receives the whole tensor)
-    instead of one at a time; ranks other
-    than 0 never build a full copy of a tensor they hold sharded; a 0-dim tensor arrives
+    instead of one at a time; a tensor that several keys share travels once and fills
+    each of them; ranks other than 0 never build a full copy of a tensor they hold
+    sharded; a 0-dim tensor arrives
     with a storage of its one element (PyTorch pickles a view with its whole base
     storage); ``cpu_offload=True`` does not raise ``KeyError`` for a tensor only the
     full state dict has; and a failure on any rank (rank 0's metadata, a local shard

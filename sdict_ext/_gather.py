@@ -56,11 +56,11 @@ from sdict_ext._collectives import (
     agree,
     box_of,
     buckets_with_solos,
-    slice_bytes,
     digest,
     is_plain_placement,
     mesh_coordinates,
     mesh_shape,
+    slice_bytes,
 )
 from sdict_ext._copies import offload_leaves
 from sdict_ext._gc import gc_paused

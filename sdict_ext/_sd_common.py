@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as _torch_sd
 import torch.nn as nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-import torch.distributed.checkpoint.state_dict as _torch_sd
 from torch.distributed.checkpoint.state_dict import StateDictOptions as TorchStateDictOptions
 from torch.distributed.fsdp import (
     FullOptimStateDictConfig,

@@ -91,6 +91,8 @@ def _one_value_per_tied_tensor(state_dict: dict[str, Any], info: Info) -> None:
     The model's structure decides, never memory addresses, so all ranks decide alike
     (a rank's shard of the tensor may be empty).
     """
+    if not info.shared_fqns:
+        return  # no tied tensor: nothing to walk
     for fqns in info.fqns_of.values():
         if len(fqns) < 2:
             continue

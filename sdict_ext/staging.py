@@ -621,7 +621,9 @@ class PinnedStager(AsyncStager):
         self._layout = None
         first: dict[int, int] = {}
         aliases = tuple(
-            (i, j) for i, leaf in enumerate(walk.leaves) if (j := first.setdefault(id(leaf), i)) != i
+            (i, j)
+            for i, leaf in enumerate(walk.leaves)
+            if (j := first.setdefault(id(leaf), i)) != i
         )
         # Only the tensor leaves go to the allocator, flat and in visiting order, each
         # object once: plain values need no slab (and would be deep-copied). DTensors go

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _state_dict_utils as ref
 from torch.distributed.checkpoint import state_dict as T
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from sdict_ext import state_dict as S
 from sdict_ext import utils
