@@ -14,7 +14,8 @@ dict, so each slices its own box out locally, with one batched copy per device p
 
 from __future__ import annotations
 
-from itertools import accumulate
+from array import array
+from itertools import accumulate, zip_longest
 from typing import Any, NamedTuple
 
 import torch
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from sdict_ext import ops
+from sdict_ext import _box_route, ops
 from sdict_ext._collectives import (
     DEFAULT_BUCKET_BYTES,
     RankFailure,
@@ -41,17 +42,18 @@ from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
 
 __all__ = ["broadcast_state_dict", "distribute_state_dict"]
 
+#: Whether CPU groups may take the point-to-point route (tests turn it off to run the
+#: broadcast route, the one device groups take, on gloo).
+_BOX_ROUTE = True
 
-class _TensorInfo(NamedTuple):
-    """What rank 0 announces for a tensor it is about to broadcast.
 
-    ``same_as`` names an earlier key whose tensor is this very one (tied weights, or a
-    loaded checkpoint's shared storage): it travels once, and fills both keys.
-    """
-
-    size: torch.Size
-    dtype: torch.dtype
-    same_as: str | None = None
+# A tensor rank 0 is about to send, as it travels: (position of its key, shape, index
+# of its dtype in the dtype list, same), where ``same`` is the index (among the
+# announced tensors) of an earlier key whose tensor is this very one (tied weights, or
+# a loaded checkpoint's shared storage), or -1: a tensor travels once and fills all
+# its keys. Plain tuples of ints pickle and unpickle in C, a few hundred ns each.
+_Tensor = tuple[int, tuple[int, ...], int, int]
+_Announced = tuple[list[str], dict[int, Any], list[_Tensor], list[torch.dtype]]
 
 
 def _pg_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
@@ -62,25 +64,51 @@ def _pg_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
     return types[0]
 
 
-def _announce(full_state_dict: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Rank 0's metadata: plain values and 0-dim tensors travel as objects."""
-    meta: list[tuple[str, Any]] = []
-    first_key: dict[tuple[Any, ...], str] = {}
-    for key, value in full_state_dict.items():
-        if not torch.is_tensor(value):
-            meta.append((key, value))
+def _announce(full_state_dict: dict[str, Any]) -> _Announced:
+    """Rank 0's metadata: the keys, the plain values and 0-dim tensors (by key
+    position; they travel as objects), the tensors, and their dtypes."""
+    keys = list(full_state_dict)
+    objects: dict[int, Any] = {}
+    tensors: list[_Tensor] = []
+    dtypes: list[torch.dtype] = []
+    code_of: dict[torch.dtype, int] = {}
+    # Ties: tensors starting at the same address are compared by their whole view.
+    by_ptr: dict[int, tuple[int, torch.Tensor] | None] = {}
+    by_view: dict[tuple[Any, ...], int] = {}
+    for pos, value in enumerate(full_state_dict.values()):
+        if type(value) is not torch.Tensor:
+            if not torch.is_tensor(value):
+                objects[pos] = value
+                continue
+            if leaf_kind(value) != LEAF_TENSOR:
+                raise ValueError(
+                    f"broadcast_state_dict: full_state_dict[{keys[pos]!r}] is a "
+                    f"{type(value).__name__}; the full state dict must hold plain tensors"
+                )
+        shape = tuple(value.shape)
+        if not shape:
+            objects[pos] = value.cpu()
             continue
-        if leaf_kind(value) != LEAF_TENSOR:
-            raise ValueError(
-                f"broadcast_state_dict: full_state_dict[{key!r}] is a "
-                f"{type(value).__name__}; the full state dict must hold plain tensors"
-            )
-        if value.dim() == 0:
-            meta.append((key, value.cpu()))
-            continue
-        first = first_key.setdefault(view_key(value), key) if value.numel() else key
-        meta.append((key, _TensorInfo(value.size(), value.dtype, None if first == key else first)))
-    return meta
+        dtype = value.dtype
+        code = code_of.get(dtype)
+        if code is None:
+            code = code_of[dtype] = len(dtypes)
+            dtypes.append(dtype)
+        same = -1
+        if 0 not in shape:
+            index = len(tensors)
+            ptr = value.data_ptr()
+            first = by_ptr.setdefault(ptr, (index, value))
+            if first is not None and first[0] != index:
+                by_view[view_key(first[1])] = first[0]
+                by_ptr[ptr] = None  # from now on, by_view has this address's views
+                first = None
+            if first is None:
+                same = by_view.setdefault(view_key(value), index)
+                if same == index:
+                    same = -1
+        tensors.append((pos, shape, code, same))
+    return keys, objects, tensors, dtypes
 
 
 class _Scalar(NamedTuple):
@@ -116,55 +144,72 @@ def _is_raw_scalar(value: Any) -> bool:
     )
 
 
-def _to_wire(meta: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], dict[Any, bytes]]:
-    """The metadata with its plain 0-dim tensors as raw bytes, one byte string per dtype.
-
-    Pickling a tensor (``broadcast_object_list`` does for every optimizer ``step``)
-    goes through torch's storage serialisation, about 0.2 ms per tensor on each side;
-    raw bytes cost a few microseconds.
-    """
+def _to_wire(
+    keys: list[str], objects: dict[int, Any], tensors: list[_Tensor], dtypes: list[torch.dtype]
+) -> tuple[Any, ...]:
+    """The metadata as cheaply pickled objects: plain 0-dim tensors become raw bytes,
+    one byte string per dtype (pickling a tensor, as ``broadcast_object_list`` does for
+    every optimizer ``step``, goes through torch's storage serialisation, ~0.2 ms per
+    tensor on each side)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    wire: list[tuple[str, Any]] = []
-    for key, value in meta:
+    wire_objects: dict[int, Any] = {}
+    for pos, value in objects.items():
         if _is_raw_scalar(value):
             same = by_dtype.setdefault(value.dtype, [])
-            wire.append((key, _Scalar(value.dtype, len(same))))
+            wire_objects[pos] = _Scalar(value.dtype, len(same))
             same.append(value)
         else:
-            wire.append((key, value))
+            wire_objects[pos] = value
     blobs = {
         dtype: torch.stack(values).view(torch.uint8).numpy().tobytes()
         for dtype, values in by_dtype.items()
     }
-    return wire, blobs
+    # Last: the needs row's length, which every rank must know even if decoding fails.
+    row_len = 1 + sum(1 + 2 * len(t[1]) for t in tensors if t[3] < 0)
+    return keys, wire_objects, blobs, tensors, dtypes, row_len
 
 
-def _from_wire(wire: list[tuple[str, Any]], blobs: dict[Any, bytes]) -> list[tuple[str, Any]]:
+def _from_wire(wire: tuple[Any, ...]) -> _Announced:
+    keys, wire_objects, blobs, tensors, dtypes, _ = wire
     arrays = {
         dtype: torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(dtype)
         for dtype, blob in blobs.items()
     }
     # clone(): each tensor owns its storage, as an unpickled one does.
-    return [
-        (key, arrays[v.dtype][v.index].clone() if isinstance(v, _Scalar) else v)
-        for key, v in wire
-    ]
+    objects = {
+        pos: arrays[v.dtype][v.index].clone() if isinstance(v, _Scalar) else v
+        for pos, v in wire_objects.items()
+    }
+    return keys, objects, tensors, dtypes
 
 
 class _Dest:
     """Where one broadcast tensor lands on this rank."""
 
-    __slots__ = ("key", "full_shape", "unpack_into", "box_start", "finish", "result", "slot")
+    __slots__ = (
+        "key", "full_shape", "unpack_into", "box_shape", "box_start", "finish", "result", "slot"
+    )
 
-    def __init__(self, key: str, full_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        key: str,
+        full_shape: tuple[int, ...],
+        unpack_into: torch.Tensor | None = None,
+        box_shape: tuple[int, ...] = (),
+        box_start: tuple[int, ...] = (),
+        finish: torch.Tensor | None = None,
+        result: Any = None,
+    ) -> None:
         self.key = key
         self.full_shape = full_shape
         # The tensor unpack() writes this slot into (None: this rank keeps nothing).
-        self.unpack_into: torch.Tensor | None = None
-        self.box_start: tuple[int, ...] = ()
+        self.unpack_into = unpack_into
+        # This rank's box of the full tensor (the shape of ``unpack_into``).
+        self.box_shape = box_shape
+        self.box_start = box_start
         # A tensor to cast / move the unpacked data into afterwards, if any.
-        self.finish: torch.Tensor | None = None
-        self.result: Any = None
+        self.finish = finish
+        self.result = result
         # Index of the transfer (one per distinct source tensor) this key is filled from.
         self.slot = 0
 
@@ -186,9 +231,8 @@ def _local_box(
     spec = local._spec
     if cache is None:
         return _compute_box(shape, spec.mesh, spec.placements, rank)
-    # Placements compared by kind and dim: hashing Placement objects runs Python code.
-    key = (id(spec.mesh), tuple([(type(p), getattr(p, "dim", None)) for p in spec.placements]),
-           shape)
+    # Placements are C++ objects: hashing / comparing them costs ~0.3 us.
+    key = (id(spec.mesh), spec.placements, shape)
     box = cache.get(key, cache)
     if box is cache:
         box = cache[key] = _compute_box(shape, spec.mesh, spec.placements, rank)
@@ -209,9 +253,12 @@ def _compute_box(
     return box_of(shape, mesh_shape(mesh), coord, placements)
 
 
+
+
 def _plan_dest(
     key: str,
-    info: _TensorInfo,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
     local: Any,
     full: torch.Tensor | None,
     device: torch.device,
@@ -219,49 +266,52 @@ def _plan_dest(
     rank: int,
     boxes: _BoxCache,
 ) -> _Dest:
-    shape = tuple(info.size)
-    dest = _Dest(key, shape)
     if local is None:
-        return dest
+        return _Dest(key, shape)
     if not isinstance(local, DTensor):
         if full is not None:  # rank 0 keeps its own tensor, as PyTorch does
-            dest.result = full.detach().to(device)
-            return dest
-        new = torch.empty(shape, dtype=info.dtype, device=device)
-        dest.result = new
-        dest.box_start = (0,) * len(shape)
+            return _Dest(key, shape, result=full.detach().to(device))
+        new = torch.empty(shape, dtype=dtype, device=device)
+        zeros = (0,) * len(shape)
         if device == flat_device:
-            dest.unpack_into = new
-        else:
-            dest.unpack_into = torch.empty(shape, dtype=info.dtype, device=flat_device)
-            dest.finish = new
-        return dest
+            return _Dest(key, shape, new, shape, zeros, None, new)
+        staged = torch.empty(shape, dtype=dtype, device=flat_device)
+        return _Dest(key, shape, staged, shape, zeros, new, new)
     box = _local_box(shape, local, rank, boxes)
     if box is None:
-        return dest  # this rank is not part of the DTensor's mesh
+        return _Dest(key, shape)  # this rank is not part of the DTensor's mesh
     box_shape, box_start = box
-    box_shape = tuple(box_shape)
-    dest.box_start = tuple(box_start)
     if local.is_meta:
-        new = torch.empty(box_shape, dtype=info.dtype, device=device)
-        dest.result = dtensor_of(new, local)
+        new = torch.empty(box_shape, dtype=dtype, device=device)
+        result: Any = dtensor_of(new, local)
     else:
         # The local tensor itself (to_local() would only add an autograd view of it).
         new = local._local_tensor
-        if tuple(new.shape) != box_shape:
+        if new.shape != box_shape:
             raise ValueError(
                 f"broadcast_state_dict: key {key!r}: the local shard has shape "
                 f"{tuple(new.shape)}, but the full tensor {shape} with placements "
                 f"{local.placements} gives this rank {box_shape}"
             )
-        dest.result = local
-    if new.dtype == info.dtype and new.device == flat_device:
-        dest.unpack_into = new
-    else:
-        # PyTorch's copy_ casts to the local dtype; unpack is byte-exact, so stage.
-        dest.unpack_into = torch.empty(box_shape, dtype=info.dtype, device=flat_device)
-        dest.finish = new
-    return dest
+        result = local
+    if new.dtype == dtype and new.device == flat_device:
+        return _Dest(key, shape, new, box_shape, box_start, None, result)
+    # PyTorch's copy_ casts to the local dtype; unpack is byte-exact, so stage.
+    staged = torch.empty(box_shape, dtype=dtype, device=flat_device)
+    return _Dest(key, shape, staged, box_shape, box_start, new, result)
+
+
+def _need_of(slot_dests: list[_Dest], shape: tuple[int, ...]) -> Any:
+    """The box of a tensor this rank must receive for its keys ``slot_dests``: theirs
+    when they agree (the usual case: one key), else the whole tensor."""
+    if not slot_dests:
+        return None
+    first = slot_dests[0]
+    box = (first.box_shape, first.box_start)
+    for d in slot_dests[1:]:
+        if (d.box_shape, d.box_start) != box:
+            return shape, (0,) * len(shape)
+    return box
 
 
 @gc_paused()
@@ -286,20 +336,27 @@ def broadcast_state_dict(
     tensors are assigned to keys the local state dict has. ``strict`` drops local keys
     the full state dict lacks; ``cpu_offload`` moves the received tensors to the CPU.
 
-    Differences: tensors travel in packed slices of ``min(bucket_bytes / 2, 8 MiB)``
-    (one asynchronous broadcast per slice, at most ``ceil(total bytes / slice)``,
-    pipelined: the next slice is packed and the previous one unpacked while one
-    travels; the two slice buffers are the extra memory, at most one bucket), plus one
-    per tensor of a quarter slice or more, which travels alone from the source tensor
-    itself, and into the destination itself where it receives the whole tensor)
-    instead of one at a time; a tensor that several keys share travels once and fills
-    each of them; ranks other than 0 never build a full copy of a tensor they hold
-    sharded; a 0-dim tensor arrives
-    with a storage of its one element (PyTorch pickles a view with its whole base
-    storage); ``cpu_offload=True`` does not raise ``KeyError`` for a tensor only the
-    full state dict has; and a failure on any rank (rank 0's metadata, a local shard
-    of the wrong shape) is raised on every rank before any tensor is sent. The source is the
-    group's rank 0.
+    Differences: on a CPU group (gloo), every rank first reports which box of each
+    tensor its keys need (one ``all_gather`` of a small table, which is also where a
+    failure on any rank stops every rank); a tensor whose boxes on the other ranks add
+    up to no more than the tensor (held sharded over the group, or needed by one other
+    rank) is not broadcast: rank 0 sends each rank only its boxes, packed in messages
+    of at most ``min(bucket_bytes / 2, 8 MiB)`` (one ``isend`` each, up to four in
+    flight; a box of a quarter of that or more travels alone, from the source itself
+    where its bytes are contiguous, and into the destination itself where that holds
+    the whole box), and copies its own boxes straight from the source. The other
+    tensors (and on a device group all of them) are broadcast in packed slices of the
+    same size, one asynchronous broadcast each, the next slice packed and the previous
+    one unpacked while one travels (two slice buffers), a tensor of a quarter slice or
+    more alone from the source tensor itself, and into the destination itself where
+    it receives the whole tensor. A tensor that several keys share travels once and
+    fills each of them; ranks other than 0 never build a full copy of a tensor they
+    hold sharded; a 0-dim tensor arrives with a storage of its one element (PyTorch
+    pickles a view with its whole base storage); ``cpu_offload=True`` does not raise
+    ``KeyError`` for a tensor only the full state dict has; and a failure on any rank
+    (rank 0's metadata, a local shard of the wrong shape) is raised on every rank
+    before any tensor is sent. The ranks need not lay a tensor out alike: each
+    receives the box its own local value needs. The source is the group's rank 0.
 
     Args:
         full_state_dict: on the group's rank 0, the flat full state dict (plain
@@ -309,17 +366,17 @@ def broadcast_state_dict(
         pg: the process group; default: the default group.
         strict: remove local keys the full state dict does not have.
         cpu_offload: move the received tensors to the CPU.
-        bucket_bytes: the most extra memory for slice buffers (two slices).
+        bucket_bytes: the most extra memory for message and slice buffers.
     """
     group = pg if pg is not None else dist.distributed_c10d._get_default_group()
     is_src = dist.get_rank(group) == 0
     error: BaseException | None = None
-    meta: list[tuple[str, Any]] | None = None
-    wire: tuple[list[tuple[str, Any]], dict[Any, bytes]] | None = None
+    announced: _Announced | None = None
+    wire: tuple[Any, ...] | None = None
     if is_src:
         try:
-            meta = _announce(full_state_dict)
-            wire = _to_wire(meta)
+            announced = _announce(full_state_dict)
+            wire = _to_wire(*announced)
         except Exception as exc:  # shipped to every rank below
             error = exc
     box = [(wire, None if error is None else f"{type(error).__name__}: {error}")]
@@ -333,80 +390,89 @@ def broadcast_state_dict(
         )
 
     flat_device = _pg_device(group, device)
+    # Point to point where it saves bytes: CPU groups only (see _box_route).
+    by_box = _BOX_ROUTE and flat_device.type == "cpu"
+    cut = slice_bytes(bucket_bytes)
     dests: list[_Dest] = []
+    keys: list[str] = []
+    objects: dict[int, Any] = {}
+    src_of: list[int] = []  # transfer -> index of its first tensor
+    slot_dests: list[list[_Dest]] = []
+    specs: list[tuple[tuple[int, ...], torch.dtype]] = []
+    row: list[int] | None = None
+    tensors: list[_Tensor] = []
     try:
-        if not is_src:
-            # Rank 0 keeps its own objects (0-dim tensors moved to the CPU), as PyTorch.
-            meta = _from_wire(*wire)
-        tensor_keys: list[tuple[str, _TensorInfo]] = [
-            (k, v) for k, v in meta if isinstance(v, _TensorInfo)
-        ]
+        keys, objects, tensors, dtypes = announced if is_src else _from_wire(wire)
         rank = dist.get_rank()
         boxes: _BoxCache = {}
-        src_keys: list[str] = []
-        slot_of: dict[str, int] = {}
-        for key, info in tensor_keys:
-            full = full_state_dict[key] if is_src else None
-            local = local_state_dict.get(key)
-            dest = _plan_dest(key, info, local, full, device, flat_device, rank, boxes)
-            if info.same_as is None:
-                slot_of[key] = len(src_keys)
-                src_keys.append(key)
-            dest.slot = slot_of[info.same_as or key]
+        slot_of: list[int] = []
+        get = local_state_dict.get
+        for _pos, shape, code, same in tensors:
+            key = keys[_pos]
+            dest = _plan_dest(
+                key, shape, dtypes[code], get(key),
+                full_state_dict[key] if is_src else None, device, flat_device, rank, boxes,
+            )
+            if same < 0:
+                dest.slot = len(src_of)
+                src_of.append(len(slot_of))
+            else:
+                dest.slot = slot_of[same]
+            slot_of.append(dest.slot)
             dests.append(dest)
         _one_writer_per_target(dests)
-        slot_dests: list[list[_Dest]] = [[] for _ in src_keys]
+        slot_dests = [[] for _ in src_of]
         for dest in dests:
             if dest.unpack_into is not None:
                 slot_dests[dest.slot].append(dest)
-        infos = dict(tensor_keys)
-        specs = [(tuple(infos[k].size), infos[k].dtype) for k in src_keys]
-        # Slot sizes as pack_layout rounds them (without its per-call checks).
-        align = ops.ALIGNMENT
-        slots = [-(-_numel(shape) * dtype.itemsize // align) * align for shape, dtype in specs]
-        runs = _runs(slots, slice_bytes(bucket_bytes))
-        # pack_layout's offsets, from the slot sizes already at hand (it re-checks
-        # every spec, ~10 us per tensor).
-        layouts = []
-        for run in runs:
-            offsets = list(accumulate((slots[j] for j in run), initial=0))
-            layouts.append((offsets[:-1], offsets[-1]))
-        # A big tensor travels alone and, where its bytes are contiguous, straight from
-        # the source tensor / into the destination: no bucket buffer, no pack / unpack.
-        in_place: list[tuple[torch.Tensor | None, _Dest | None]] = []
-        for run in runs:
-            view, receiver = None, None
-            if len(run) == 1:
-                j = run[0]
-                if is_src:
-                    view = _bytes_of(full_state_dict[src_keys[j]].detach(), flat_device)
-                else:
-                    # Only a destination holding the whole tensor can receive it in place.
-                    for d in slot_dests[j]:
-                        if d.unpack_into.shape == specs[j][0]:
-                            view = _bytes_of(d.unpack_into, flat_device)
-                            if view is not None:
-                                receiver = d
-                                break
-            in_place.append((view, receiver))
-        buffered = [total for (_, total), (v, _) in zip(layouts, in_place) if v is None]
-        # Two buffers when two slices need one, so one fills while the other travels.
-        flats = [
-            torch.empty(max(buffered), dtype=torch.uint8, device=flat_device)
-            for _ in range(min(2, len(buffered)))
-        ]
+        specs = [(tensors[i][1], dtypes[tensors[i][2]]) for i in src_of]
+        if by_box:
+            needs = [None] * len(specs) if is_src else [
+                _need_of(ds, shape) for ds, (shape, _) in zip(slot_dests, specs)
+            ]
+            row = [0] + _box_route.encode_needs(
+                [s for s, _ in specs], [dt.itemsize for _, dt in specs], needs
+            )
+    except Exception as exc:  # reported to every rank below
+        error = exc
+
+    # The needs table (CPU groups) or the plain agreement: every rank learns here
+    # whether any rank failed, and raises before anything is sent.
+    table = None
+    if by_box:
+        table = _exchange_needs(group, error, row, wire[-1])
+    else:
+        agree(group, error, 0, "broadcast_state_dict")
+
+    srcs = [full_state_dict[keys[tensors[i][0]]].detach() for i in src_of] if is_src else []
+    sending: _box_route.SendPlan | None = None
+    receiving: _box_route.ReceivePlan | None = None
+    own: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    try:
+        broadcast = list(range(len(specs)))
+        if table is not None and specs:
+            routed, broadcast, sending, receiving, own = _plan_box_route(
+                group, table, is_src, srcs, specs, slot_dests, flat_device, cut, bucket_bytes
+            )
+        runs, layouts, in_place, flats = _plan_broadcasts(
+            broadcast, is_src, srcs, specs, slot_dests, flat_device, cut
+        )
     except Exception as exc:  # reported to every rank by agree()
         error = exc
-    agree(group, error, 0, "broadcast_state_dict")
+    if by_box:
+        agree(group, error, 0, "broadcast_state_dict")
 
-    srcs = [full_state_dict[k].detach() for k in src_keys] if is_src else []
+    if sending is not None:
+        _box_route.send(group, sending, own, batched_copy_pairs)
+    elif receiving is not None:
+        _box_route.receive(group, dist.get_global_rank(group, 0), receiving, slot_dests)
     _pipelined_broadcasts(group, is_src, srcs, specs, slot_dests, runs, layouts, in_place, flats)
     _finish(dests)
 
-    global_keys = {k for k, _ in meta}
-    for key, value in meta:
-        if not isinstance(value, _TensorInfo) and key in local_state_dict:
-            local_state_dict[key] = value
+    global_keys = set(keys)
+    for pos, value in objects.items():
+        if keys[pos] in local_state_dict:
+            local_state_dict[keys[pos]] = value
     received = [d for d in dests if d.result is not None]
     if cpu_offload:
         moved = offload_leaves(
@@ -421,19 +487,179 @@ def broadcast_state_dict(
             del local_state_dict[key]
 
 
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _exchange_needs(
+    group: dist.ProcessGroup, error: BaseException | None, row: list[int] | None, row_len: int
+) -> torch.Tensor:
+    """Every rank's needs row (``[failed, *needs]``), all-gathered: the route's plan
+    and the agreement in one collective. Raises on every rank if any rank failed."""
+    if error is not None or row is None or len(row) != row_len:
+        if error is None:
+            error = RuntimeError(
+                "broadcast_state_dict: internal error: a needs row of "
+                f"{0 if row is None else len(row)} entries where the metadata gives {row_len}"
+            )
+        row = [1] + [0] * (row_len - 1)
+    mine = torch.frombuffer(array("q", row), dtype=torch.int64)
+    world = dist.get_world_size(group)
+    table = torch.empty(world * row_len, dtype=torch.int64)
+    _all_gather_single(table, mine, group=group)
+    table = table.view(world, row_len)
+    if bool(table[:, 0].any()):
+        agree(group, error, 0, "broadcast_state_dict")  # raises on every rank
+        raise AssertionError("unreachable: agree() raises when a rank failed")
+    return table
+
+
+def _plan_box_route(
+    group: dist.ProcessGroup,
+    table: torch.Tensor,
+    is_src: bool,
+    srcs: list[torch.Tensor],
+    specs: list[tuple[tuple[int, ...], torch.dtype]],
+    slot_dests: list[list[_Dest]],
+    flat_device: torch.device,
+    cut: int,
+    bucket_bytes: int,
+) -> tuple[list[int], list[int], Any, Any, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Which transfers take the point-to-point route (every rank decides the same from
+    the table), and this rank's side of it."""
+    shapes = [s for s, _ in specs]
+    at = _box_route.row_positions(shapes)
+    nbytes = table[:, torch.tensor(at[:-1], dtype=torch.int64)]  # (ranks, transfers)
+    full = torch.tensor([_numel(s) * dt.itemsize for s, dt in specs], dtype=torch.int64)
+    by_route = nbytes[1:].sum(0) <= full
+    routed = by_route.nonzero().flatten().tolist()
+    broadcast = (~by_route).nonzero().flatten().tolist()
+    sending = receiving = None
+    own: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    if is_src:
+        per_peer = []
+        for r in range(1, table.shape[0]):
+            js = (by_route & (nbytes[r] > 0)).nonzero().flatten().tolist()
+            if js:
+                needs = _box_route.decode_row(table[r].tolist(), shapes, at, js)
+                per_peer.append(_box_route.plan_messages(
+                    dist.get_global_rank(group, r), needs, js, cut
+                ))
+        # Interleaved, so every receiver has its first message as early as possible.
+        messages = [m for ms in zip_longest(*per_peer) for m in ms if m is not None]
+        n_buffers = max(1, min(_box_route.SEND_BUFFERS, bucket_bytes // cut))
+        sending = _box_route.SendPlan(messages, srcs, flat_device, n_buffers)
+        own = _own_copies(routed, srcs, slot_dests)
+    else:
+        r = dist.get_rank(group)
+        js = (by_route & (nbytes[r] > 0)).nonzero().flatten().tolist()
+        needs = _box_route.decode_row(table[r].tolist(), shapes, at, js) if js else []
+        messages = _box_route.plan_messages(dist.get_rank(), needs, js, cut) if js else []
+        receiving = _box_route.ReceivePlan(messages, slot_dests, flat_device)
+    return routed, broadcast, sending, receiving, own
+
+
+def _own_copies(
+    routed: list[int], srcs: list[torch.Tensor], slot_dests: list[list[_Dest]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Rank 0's (destination, source box) pairs for its keys of routed transfers; a
+    key whose local dtype differs is cast by _finish() from the source box instead."""
+    picked = [d for j in routed for d in slot_dests[j]]
+    views = ops.box_views(
+        [srcs[d.slot] for d in picked], [d.box_start for d in picked],
+        [d.box_shape for d in picked],
+    )
+    dsts: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    for d, view in zip(picked, views):
+        if d.finish is None:
+            dsts.append(d.unpack_into)
+        elif d.finish.dtype == view.dtype:
+            dsts.append(d.finish)
+            d.finish = None
+        else:
+            d.unpack_into = view  # _finish() casts it into d.finish
+            continue
+        sources.append(view)
+    return dsts, sources
+
+
+def _plan_broadcasts(
+    js: list[int],
+    is_src: bool,
+    srcs: list[torch.Tensor],
+    specs: list[tuple[tuple[int, ...], torch.dtype]],
+    slot_dests: list[list[_Dest]],
+    flat_device: torch.device,
+    cut: int,
+) -> tuple[list[list[int]], list[tuple[list[int], int]], list[Any], list[torch.Tensor]]:
+    """The broadcast slices of transfers ``js``: their runs, slot layouts, in-place
+    views and the (two) slice buffers."""
+    # Slot sizes as pack_layout rounds them (without its per-call checks).
+    align = ops.ALIGNMENT
+    slots = [-(-_numel(specs[j][0]) * specs[j][1].itemsize // align) * align for j in js]
+    runs = [[js[k] for k in run] for run in _runs(slots, cut)]
+    size_of = dict(zip(js, slots))
+    # pack_layout's offsets, from the slot sizes already at hand (it re-checks
+    # every spec, ~10 us per tensor).
+    layouts = []
+    for run in runs:
+        offsets = list(accumulate((size_of[j] for j in run), initial=0))
+        layouts.append((offsets[:-1], offsets[-1]))
+    # A big tensor travels alone and, where its bytes are contiguous, straight from
+    # the source tensor / into the destination: no bucket buffer, no pack / unpack.
+    in_place: list[tuple[torch.Tensor | None, _Dest | None]] = []
+    for run in runs:
+        view, receiver = None, None
+        if len(run) == 1:
+            j = run[0]
+            if is_src:
+                view = _bytes_of(srcs[j], flat_device)
+            else:
+                # Only a destination holding the whole tensor can receive it in place.
+                for d in slot_dests[j]:
+                    if d.unpack_into.shape == specs[j][0]:
+                        view = _bytes_of(d.unpack_into, flat_device)
+                        if view is not None:
+                            receiver = d
+                            break
+        in_place.append((view, receiver))
+    buffered = [total for (_, total), (v, _) in zip(layouts, in_place) if v is None]
+    # Two buffers when two slices need one, so one fills while the other travels.
+    flats = [
+        torch.empty(max(buffered), dtype=torch.uint8, device=flat_device)
+        for _ in range(min(2, len(buffered)))
+    ]
+    return runs, layouts, in_place, flats
+
+
 def _one_writer_per_target(dests: list[_Dest]) -> None:
     """Let one key write each local tensor that several keys share (tied weights).
 
     Two keys holding the same local shard would make ``unpack`` refuse the overlapping
     destinations; the last key writes, as PyTorch's key-by-key copies leave it, and
     every key still gets the tensor as its result. Only DTensor shards can be shared:
-    other keys receive new tensors.
+    other keys receive new tensors. Targets are compared by address first (~0.1 us),
+    by their whole view only where an address repeats.
     """
-    writer: dict[tuple[Any, ...], _Dest] = {}
+    by_ptr: dict[int, _Dest] = {}
+    repeated: list[_Dest] = []
     for d in dests:
         target = d.finish if d.finish is not None else d.unpack_into
-        if target is None or not isinstance(d.result, DTensor) or not target.numel():
+        if target is None or not isinstance(d.result, DTensor) or 0 in d.box_shape:
             continue
+        earlier = by_ptr.setdefault(target.data_ptr(), d)
+        if earlier is not d:
+            if not repeated or repeated[-1] is not earlier:
+                repeated.append(earlier)
+            repeated.append(d)
+    if not repeated:
+        return
+    # The keys whose targets start at a repeated address, in key order.
+    order = {id(d): n for n, d in enumerate(dests)}
+    writer: dict[tuple[Any, ...], _Dest] = {}
+    for d in sorted({id(d): d for d in repeated}.values(), key=lambda d: order[id(d)]):
+        target = d.finish if d.finish is not None else d.unpack_into
         earlier = writer.get(key := view_key(target))
         if earlier is not None:
             earlier.unpack_into = earlier.finish = None

@@ -251,6 +251,41 @@ def carve_views(
     return _extension().carve_views(slab, dtypes, shapes, strides, offsets)
 
 
+def box_views(
+    tensors: Sequence[torch.Tensor],
+    starts: Sequence[tuple[int, ...]],
+    shapes: Sequence[tuple[int, ...]],
+) -> list[torch.Tensor]:
+    """``tensors[i]``'s box of ``shapes[i]`` elements starting at index ``starts[i]``
+    (one entry per dim), as a tensor sharing its storage.
+
+    The same tensors as chained ``narrow`` calls, but independent (no autograd view)
+    and made in one C++ call (~0.5 us each instead of ~2 us per ``narrow``). A box
+    that is the whole tensor is the tensor itself. Subclasses and conjugate / negative
+    views are narrowed in Python. Raises before making any when a box leaves its tensor.
+    """
+    tensors, starts, shapes = list(tensors), [tuple(s) for s in starts], [tuple(s) for s in shapes]
+    made = getattr(_extension(), "box_views", None)
+    views = made(tensors, starts, shapes) if made is not None and tensors else None
+    if views is not None:
+        return views
+    out = []
+    for i, (t, start, shape) in enumerate(zip(tensors, starts, shapes)):
+        if len(start) != t.dim() or len(shape) != t.dim() or any(
+            lo < 0 or n < 0 or lo + n > size for lo, n, size in zip(start, shape, t.shape)
+        ):
+            raise RuntimeError(
+                f"sdict_ext.box_views: the box of tensor {i} (start {start}, size {shape}) "
+                f"does not fit its tensor of shape {tuple(t.shape)}"
+            )
+    for t, start, shape in zip(tensors, starts, shapes):
+        for d, (lo, n) in enumerate(zip(start, shape)):
+            if n != t.shape[d]:
+                t = t.narrow(d, lo, n)
+        out.append(t)
+    return out
+
+
 def pack(
     tensors: Sequence[torch.Tensor],
     out: torch.Tensor | None = None,

@@ -917,6 +917,41 @@ def test_carve_views_match_as_strided_and_share_the_slab_storage():
         ops.carve_views(slab, ["float32"], [(4,)], [(1,)], [0])
 
 
+def test_box_views_match_narrow_and_share_storage():
+    base = torch.arange(4 * 6 * 5, dtype=torch.float64).reshape(4, 6, 5)
+    cases = [
+        (base, (1, 2, 0), (2, 3, 5)),  # an inner box
+        (base.transpose(0, 2), (0, 1, 1), (5, 2, 3)),  # non-contiguous source
+        (base[1:, ::2], (0, 0, 4), (3, 3, 1)),  # a strided view with an offset
+        (torch.ones(3, 2, dtype=torch.bool), (2, 0), (1, 2)),
+        (torch.zeros(0, 3), (0, 1), (0, 2)),  # zero-size
+        (base, (0, 0, 0), (4, 6, 5)),  # the whole tensor: the tensor itself
+    ]
+    tensors, starts, shapes = (list(x) for x in zip(*cases))
+    views = ops.box_views(tensors, starts, shapes)
+    for v, (t, start, shape) in zip(views, cases):
+        want = t
+        for d, (lo, n) in enumerate(zip(start, shape)):
+            want = want.narrow(d, lo, n)
+        assert torch.equal(v, want) and v.stride() == want.stride()
+        assert v.data_ptr() == want.data_ptr() and v.dtype == t.dtype
+        assert v.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    assert views[-1] is base and views[0]._base is None
+    views[0].fill_(-1)
+    assert base[1:3, 2:5].eq(-1).all() and base[0].ge(0).all()
+    # Subclasses and conjugate views are narrowed in Python (same values).
+    conj = torch.randn(3, 4, dtype=torch.complex64).conj()
+    (v,) = ops.box_views([conj], [(1, 1)], [(2, 2)])
+    assert torch.equal(v, conj[1:3, 1:3]) and v.is_conj()
+    param = torch.nn.Parameter(torch.randn(4, 4))
+    (v,) = ops.box_views([param], [(2, 0)], [(2, 4)])
+    assert torch.equal(v, param[2:]) and v.data_ptr() == param[2:].data_ptr()
+    for start, shape, why in (((3, 0, 0), (2, 6, 5), "leaves dim 0 of size 4"),
+                              ((0, 0), (4, 6), "has 2 starts")):
+        with pytest.raises(RuntimeError, match=why):
+            ops.box_views([base, base], [(0, 0, 0), start], [(1, 1, 1), shape])
+
+
 def test_unbuilt_checkout_uses_the_installed_builds_extension(tmp_path):
     # `pip install .` then `python -m bench` in the checkout: the checkout's sdict_ext/
     # (no _C) is imported, and the installed copy's compiled _C provides the ops.

@@ -24,7 +24,7 @@ from sdict_ext import utils
 from sdict_ext.staging import PinnedStager
 from tests.mp import run_on_ranks
 from tests.test_state_dict import _full, assert_same, clone, make, train_step
-from tests.test_utils_dist import ALL_GATHER, _mesh
+from tests.test_utils_dist import ALL_GATHER, _mesh, box_route
 
 TIMEOUT_S = 120
 
@@ -59,7 +59,7 @@ def _weights(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- broadcast
 
 
-def _on_rank_broadcast(source_tied: bool, local_tied: bool) -> int:
+def _on_rank_broadcast(source_tied: bool, local_tied: bool, boxes: bool) -> int:
     """Rank 0's full dict and every rank's local dict, each tied or not."""
     mesh = _mesh((dist.get_world_size(),))
     emb, bias = _weights(0)
@@ -74,24 +74,37 @@ def _on_rank_broadcast(source_tied: bool, local_tied: bool) -> int:
         return {"emb": shard, "head": other, "bias": rep}
 
     ours, theirs = local(), local()
-    sent, originals = _counting_bytes(["broadcast"])
+    sent, originals = _counting_bytes(["broadcast", "isend", "irecv"])
     try:
-        utils.broadcast_state_dict(clone(full), ours, device=torch.device("cpu"))
+        with box_route(boxes):
+            utils.broadcast_state_dict(clone(full), ours, device=torch.device("cpu"))
     finally:
         _restore(originals)
     ref._broadcast_state_dict(clone(full), theirs, device=torch.device("cpu"))
     assert_same(ours, theirs)
     if local_tied:
         assert ours["emb"] is ours["head"]
-    return sent["broadcast"]
+    if boxes:
+        assert sent["broadcast"] == 0
+    else:
+        assert sent["isend"] == sent["irecv"] == 0
+    return sum(sent.values())
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("boxes", [True, False], ids=["boxes", "broadcast"])
 @pytest.mark.parametrize("local_tied", [False, True])
 @pytest.mark.parametrize("source_tied", [False, True])
-def test_broadcast_sends_a_tied_tensor_once_and_fills_every_key(source_tied, local_tied):
-    sent = run_on_ranks(2, _on_rank_broadcast, source_tied, local_tied, timeout=TIMEOUT_S)
-    tensor_bytes = (16 * 8 * (1 if source_tied else 2) + 8) * 4
+def test_broadcast_sends_a_tied_tensor_once_and_fills_every_key(source_tied, local_tied, boxes):
+    sent = run_on_ranks(
+        2, _on_rank_broadcast, source_tied, local_tied, boxes, timeout=TIMEOUT_S
+    )
+    # Broadcast: the whole tensors; the box route: rank 1's half of each (8 of 16 rows)
+    # and the replicated bias, and only the tensor that stays where two keys share one
+    # local shard (the last key's: the other would be overwritten).
+    rows = 8 if boxes else 16
+    tensors = 1 if source_tied or (boxes and local_tied) else 2
+    tensor_bytes = (rows * 8 * tensors + 8) * 4
     # Tensors travel in one aligned bucket: at most one alignment gap per tensor.
     assert sent[0] == sent[1]
     assert tensor_bytes <= sent[0] < tensor_bytes + 3 * 64

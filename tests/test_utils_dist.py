@@ -8,6 +8,7 @@ themselves and return what they saw, so a failure test does not discard the pool
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any
@@ -25,7 +26,8 @@ from torch.distributed.tensor import (
     init_device_mesh,
 )
 
-from sdict_ext import utils
+import sdict_ext._broadcast as _broadcast_mod
+from sdict_ext import ops, utils
 from tests.mp import run_on_ranks
 
 # The in-place all-gather the gather issues per bucket: all_gather_single where torch
@@ -428,7 +430,19 @@ def test_broadcast_cpu_offload_skips_keys_only_in_the_full_state_dict():
         assert not has_only_full and to_none is None
 
 
-def _broadcast_thousand(bucket: int, mixed: bool = False):
+@contextlib.contextmanager
+def box_route(enabled: bool):
+    """Lets CPU broadcasts take the point-to-point route or not (the workers are pooled,
+    so the switch is put back)."""
+    before = _broadcast_mod._BOX_ROUTE
+    _broadcast_mod._BOX_ROUTE = enabled
+    try:
+        yield
+    finally:
+        _broadcast_mod._BOX_ROUTE = before
+
+
+def _broadcast_thousand(bucket: int, mixed: bool = False, boxes: bool = True):
     ws = dist.get_world_size()
     mesh = _mesh((ws,))
     shapes = _thousand_shapes(ws, mixed)
@@ -438,29 +452,52 @@ def _broadcast_thousand(bucket: int, mixed: bool = False):
         for k, v in full.items()
     }
     total = sum(v.numel() * v.element_size() for v in full.values())
-    counts, originals = _count_calls(["broadcast", "all_reduce"])
+    # What rank 1 needs of them: its own shards, each slot aligned as pack lays it out.
+    shard_bytes = [
+        v._local_tensor.numel() * v._local_tensor.element_size() for v in local.values()
+    ]
+    mine = sum(-(-n // ops.ALIGNMENT) * ops.ALIGNMENT for n in shard_bytes)
+    counts, originals = _count_calls(["broadcast", "all_reduce", "isend", "irecv"])
     try:
-        utils.broadcast_state_dict(full if dist.get_rank() == 0 else {}, local,
-                                   torch.device("cpu"), bucket_bytes=bucket)
+        with box_route(boxes):
+            utils.broadcast_state_dict(full if dist.get_rank() == 0 else {}, local,
+                                       torch.device("cpu"), bucket_bytes=bucket)
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
     keys = ("w0", "w7", "w13", "w500", "w507", "w513", "w999")
     same = all(torch.equal(local[k].full_tensor(), full[k]) for k in keys)
-    return counts, total, same
+    return counts, total, mine, same
 
 
+@pytest.mark.parametrize("boxes", [True, False], ids=["boxes", "broadcast"])
 @pytest.mark.parametrize("mixed", [False, True])
-def test_broadcast_of_1000_tensors_uses_one_broadcast_per_bucket(mixed):
+def test_broadcast_of_1000_tensors_uses_one_message_per_slice(mixed, boxes):
     bucket = 64 << 10
-    # Broadcasts are pipelined in slices of half a bucket (two slice buffers in flight).
+    # Exchanges are pipelined in slices of half a bucket (two slice buffers in flight).
     slice_bytes = bucket // 2
-    for counts, total, same in run_on_ranks(2, _broadcast_thousand, bucket, mixed, timeout=120):
+    results = run_on_ranks(2, _broadcast_thousand, bucket, mixed, boxes, timeout=120)
+    for rank, (counts, total, _, same) in enumerate(results):
         assert same
-        assert counts["broadcast"] <= math.ceil(total / slice_bytes)
-        if not mixed:
-            assert counts["broadcast"] == math.ceil(total / slice_bytes)
+        # One all_reduce: the agreement (the box route's needs table is an all-gather).
         assert counts["all_reduce"] == 1
+        if not boxes:
+            assert counts["isend"] == counts["irecv"] == 0
+            assert counts["broadcast"] <= math.ceil(total / slice_bytes)
+            if not mixed:
+                assert counts["broadcast"] == math.ceil(total / slice_bytes)
+            continue
+        # Sharded over the group: rank 1 receives only its own shards, in messages of a
+        # slice each, from rank 0; nothing is broadcast.
+        assert counts["broadcast"] == 0
+        sends, recvs = (counts["isend"], 0) if rank == 0 else (0, counts["irecv"])
+        assert (counts["isend"], counts["irecv"]) == (sends, recvs)
+    sent, received = results[0][0]["isend"], results[1][0]["irecv"]
+    if boxes:
+        limit = math.ceil(results[1][2] / slice_bytes)
+        assert sent == received and 0 < sent <= limit
+        if not mixed:
+            assert sent == limit
 
 
 def _broadcast_failure(kind: str):
@@ -575,22 +612,28 @@ def test_copy_create_similarity_offload_on_sharded_leaves_match_pytorch(world_si
 # exchanges' storages are recorded to show that the in-place paths really ran.
 
 
-def _record_broadcasts(call, name: str = "broadcast"):
+def _record_broadcasts(call, name: str | tuple[str, ...] = "broadcast"):
     """Runs ``call()`` and returns (its result, the storage address of every tensor
-    ``dist.<name>`` was given first: the broadcast tensor, the all-gather output), so a
-    test can tell which tensors were exchanged in place."""
+    ``dist.<name>`` was given first: the broadcast / sent / received tensor, the
+    all-gather output), so a test can tell which tensors were exchanged in place."""
     seen: list[int] = []
-    original = getattr(dist, name)
+    names = (name,) if isinstance(name, str) else name
+    originals = {n: getattr(dist, n) for n in names}
 
-    def recording(tensor, *args, **kwargs):
-        seen.append(tensor.untyped_storage().data_ptr())
-        return original(tensor, *args, **kwargs)
+    def wrap(original):
+        def recording(tensor, *args, **kwargs):
+            seen.append(tensor.untyped_storage().data_ptr())
+            return original(tensor, *args, **kwargs)
 
-    setattr(dist, name, recording)
+        return recording
+
+    for n, original in originals.items():
+        setattr(dist, n, wrap(original))
     try:
         return call(), seen
     finally:
-        setattr(dist, name, original)
+        for n, original in originals.items():
+            setattr(dist, n, original)
 
 
 def _storage(value: Any) -> int:
@@ -775,7 +818,7 @@ def _broadcast_big_inputs() -> tuple[dict[str, Any], dict[str, Any]]:
     return full, local
 
 
-def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int):
+def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int, boxes: bool):
     full, local = _broadcast_big_inputs()
     rank = dist.get_rank()
     if rank != 0:
@@ -792,20 +835,25 @@ def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int)
         for key in ("big_none", "big_missing"):
             theirs_full.pop(key, None)
             theirs.pop(key, None)
-    _, seen = _record_broadcasts(
-        lambda: utils.broadcast_state_dict(
-            full, ours, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload,
-            bucket_bytes=bucket,
+    with box_route(boxes):
+        _, seen = _record_broadcasts(
+            lambda: utils.broadcast_state_dict(
+                full, ours, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload,
+                bucket_bytes=bucket,
+            ),
+            ("broadcast", "isend", "irecv"),
         )
-    )
     ref._broadcast_state_dict(
         theirs_full, theirs, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload
     )
     # Rank 0 sends contiguous big tensors from their own storage; a rank receiving a
-    # whole tensor (a plain or replicated local value) receives into the result.
+    # whole tensor (a plain or replicated local value) receives into the result, and by
+    # the box route a rank receives a big shard into the shard itself.
     sources = [k for k, v in full.items() if torch.is_tensor(v) and k.startswith("big_")
                and v.is_contiguous()]
     whole = ["big_rep", "big_plain", "big_noncontig_plain", "big_2d_rep"]
+    if boxes:
+        whole.append("big_s0")
     if rank == 0:
         direct = {k: seen.count(_storage(full[k])) for k in sources}
     else:
@@ -823,12 +871,16 @@ def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int)
 
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize(
-    ("strict", "cpu_offload", "bucket"),
-    [(False, False, 256), (True, False, 256), (False, True, 64)],
+    ("strict", "cpu_offload", "bucket", "boxes"),
+    [(False, False, 256, True), (True, False, 256, False), (False, True, 64, True),
+     (False, True, 64, False)],
 )
-def test_broadcast_big_tensors_in_place_match_pytorch(world_size, strict, cpu_offload, bucket):
+def test_broadcast_big_tensors_in_place_match_pytorch(
+    world_size, strict, cpu_offload, bucket, boxes
+):
     results = run_on_ranks(
-        world_size, _broadcast_big_matches_pytorch, strict, cpu_offload, bucket, timeout=120
+        world_size, _broadcast_big_matches_pytorch, strict, cpu_offload, bucket, boxes,
+        timeout=120,
     )
     for rank, (ours, theirs, our_keys, their_keys, none, direct) in enumerate(results):
         assert ours == theirs, f"rank {rank}"
@@ -839,9 +891,76 @@ def test_broadcast_big_tensors_in_place_match_pytorch(world_size, strict, cpu_of
         assert "big_missing" not in our_keys and none is None
         assert ours["big_rep"][0] == "DTensor" and ours["big_plain"][0] == "T"
         assert ours["big_noncontig_plain"][1] == (2 * world_size, 16)
-        # One broadcast each, straight from / into the tensor itself.
-        assert direct and all(n == 1 for n in direct.values()), (rank, direct)
-        assert (len(direct) > 4) == (rank == 0)
+        if not boxes or rank:
+            # One broadcast / message each, straight from / into the tensor itself.
+            assert direct and all(n == 1 for n in direct.values()), (rank, sorted(direct.items()))
+            assert (len(direct) > 6) == (rank == 0)
+            continue
+        # The box route: what no rank holds is not sent at all; each other rank gets
+        # its box of a tensor sharded on dim 0 straight from the source; a tensor every
+        # rank needs whole is broadcast once from the source (with 2 ranks, sent once).
+        assert direct["big_none"] == direct["big_missing"] == 0, direct
+        assert direct["big_s0"] == world_size - 1, direct
+        assert direct["big_rep"] == direct["big_plain"] == 1, direct
+
+
+def _broadcast_layouts_differ(boxes: bool):
+    """Each rank lays the same keys out its own way (PyTorch loads each rank from its
+    own local value, whatever the others hold); ours must give each rank the same."""
+    ws, rank = dist.get_world_size(), dist.get_rank()
+    mesh = _mesh((ws,))
+
+    def dt(shape, placements, dtype=torch.float32):
+        return distribute_tensor(torch.zeros(shape, dtype=dtype), mesh, placements,
+                                 src_data_rank=None)
+
+    full = {f"k{i}": _full((6 * ws + i, 4), torch.float32, 100 + i) for i in range(6)}
+    full["big"] = _full((64 * ws, 16), torch.float32, 110)
+    full["cast"] = _full((4 * ws, 3), torch.float32, 111)
+    shape = {k: tuple(v.shape) for k, v in full.items()}
+    # Rank 0 shards everything on dim 0; the other ranks vary key by key.
+    layouts = [
+        lambda k: dt(shape[k], [Shard(0)]),
+        lambda k: dt(shape[k], [Shard(1)]),
+        lambda k: dt(shape[k], [Replicate()]),
+        lambda k: torch.zeros(shape[k]),
+        lambda k: None,
+        lambda k: dt(shape[k], [Shard(0)], torch.bfloat16),
+    ]
+    local: dict[str, Any] = {}
+    for i, key in enumerate(full):
+        pick = 0 if rank == 0 else (i + rank) % len(layouts)
+        value = layouts[pick](key)
+        if value is not None:
+            local[key] = value
+    if rank != 0:
+        full = {}
+    ours, theirs = copy.copy(local), copy.copy(local)
+    for key, value in local.items():
+        if isinstance(value, DTensor):
+            theirs[key] = copy.deepcopy(value)
+    sent, originals = _count_calls(["broadcast", "isend"])
+    try:
+        with box_route(boxes):
+            utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    ref._broadcast_state_dict(full, theirs, torch.device("cpu"))
+    return _describe(ours), _describe(theirs), sent
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("boxes", [True, False], ids=["boxes", "broadcast"])
+def test_broadcast_into_different_layouts_per_rank_matches_pytorch(world_size, boxes):
+    results = run_on_ranks(world_size, _broadcast_layouts_differ, boxes, timeout=120)
+    for rank, (ours, theirs, _) in enumerate(results):
+        assert ours == theirs, f"rank {rank}"
+    # Every rank entered the same broadcasts (the route is decided alike everywhere).
+    assert len({sent["broadcast"] for _, _, sent in results}) == 1
+    if boxes:
+        # Rank 0 sent point to point what the others' layouts needed.
+        assert results[0][2]["isend"] > 0
 
 
 def _describe_scalar(value: Any) -> Any:
