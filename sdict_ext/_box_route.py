@@ -125,46 +125,56 @@ def _flat_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 
 
 class SendPlan:
-    """Rank 0's side of the route: its messages, their source views, its buffers."""
+    """Rank 0's side of the route: its messages and buffers. Source views are made as
+    the messages go, so the work overlaps the sends."""
 
-    __slots__ = ("messages", "views", "direct", "pool")
+    __slots__ = ("messages", "srcs", "device", "direct", "pool")
 
     def __init__(self, messages: list[Message], srcs: list[torch.Tensor], device: torch.device,
                  n_buffers: int) -> None:
         self.messages = messages
-        self.views = [
-            ops.box_views(
-                [srcs[j] for j in m.js], [b[0] for b in m.boxes], [b[1] for b in m.boxes]
-            )
-            for m in messages
-        ]
+        self.srcs = srcs
+        self.device = device
         # A solo box whose bytes are contiguous is sent from the source itself.
-        self.direct = [
-            _flat_bytes(v[0], device) if m.solo else None for m, v in zip(messages, self.views)
-        ]
-        size = max((m.total for m, d in zip(messages, self.direct) if d is None), default=0)
+        self.direct = [m.solo and _contiguous_box(srcs[m.js[0]], m.boxes[0], device)
+                       for m in messages]
+        size = max((m.total for m, d in zip(messages, self.direct) if not d), default=0)
         self.pool = [torch.empty(size, dtype=torch.uint8, device=device)
-                     for _ in range(min(n_buffers, sum(d is None for d in self.direct)))]
+                     for _ in range(min(n_buffers, self.direct.count(False)))]
+
+
+def _contiguous_box(src: torch.Tensor, box: Any, device: torch.device) -> bool:
+    """Whether ``src``'s box (start, shape) is one contiguous run of its bytes: ``src``
+    contiguous on ``device``, the box whole in every dim after the last one it cuts, and
+    one element wide in every dim before that one."""
+    if src.device != device or not src.is_contiguous():
+        return False
+    shape, full = box[1], src.shape
+    last = max((d for d, (n, size) in enumerate(zip(shape, full)) if n != size), default=0)
+    return all(n == 1 for n in shape[:last])
 
 
 def send(
     group: dist.ProcessGroup,
     plan: SendPlan,
-    own: tuple[list[torch.Tensor], list[torch.Tensor]],
-    copy_pairs: Any,
+    n_own: int,
+    copy_own: Any,
 ) -> None:
     """Rank 0: packs and sends the plan's messages (in order, several receivers
-    interleaved), and copies its own boxes (``own``: destinations, source views) in as
-    many chunks, one after each message is posted. At most one message per buffer is
-    in flight."""
+    interleaved), and copies its own boxes: ``copy_own(lo, hi)`` copies items
+    ``lo:hi`` of ``n_own``, in as many chunks as there are messages, one after each
+    message is posted. At most one message per buffer is in flight."""
     free = list(range(len(plan.pool)))
     works: deque[tuple[Any, int | None]] = deque()
-    dsts, views = own
-    messages = plan.messages
-    per = -(-len(dsts) // len(messages)) if messages else len(dsts)
-    for k, (m, mine, buf) in enumerate(zip(messages, plan.views, plan.direct)):
+    messages, srcs = plan.messages, plan.srcs
+    per = -(-n_own // max(1, len(messages))) if n_own else 0
+    for k, (m, direct) in enumerate(zip(messages, plan.direct)):
         b = None
-        if buf is None:
+        views = ops.box_views([srcs[j] for j in m.js], [box[0] for box in m.boxes],
+                              [box[1] for box in m.boxes])
+        if direct:
+            buf = views[0].reshape(-1).view(torch.uint8)
+        else:
             while not free:
                 work, done = works.popleft()
                 work.wait()
@@ -172,13 +182,13 @@ def send(
                     free.append(done)
             b = free.pop()
             buf = plan.pool[b][:m.total]
-            mine = [v if v.device == buf.device else v.to(buf.device) for v in mine]
-            ops.pack(mine, out=buf, offsets=m.offsets)
+            views = [v if v.device == buf.device else v.to(buf.device) for v in views]
+            ops.pack(views, out=buf, offsets=m.offsets)
         works.append((dist.isend(buf, dst=m.peer, group=group), b))
-        if per:
-            copy_pairs(dsts[k * per:(k + 1) * per], views[k * per:(k + 1) * per])
-    if per and len(messages) * per < len(dsts):
-        copy_pairs(dsts[len(messages) * per:], views[len(messages) * per:])
+        if k * per < n_own:
+            copy_own(k * per, min(n_own, (k + 1) * per))
+    if len(messages) * per < n_own or not messages:
+        copy_own(len(messages) * per, n_own)
     for work, _ in works:
         work.wait()
 

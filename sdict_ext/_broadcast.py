@@ -14,6 +14,7 @@ dict, so each slices its own box out locally, with one batched copy per device p
 
 from __future__ import annotations
 
+import math
 from array import array
 from itertools import accumulate, zip_longest
 from typing import Any, NamedTuple
@@ -447,7 +448,7 @@ def broadcast_state_dict(
     srcs = [full_state_dict[keys[tensors[i][0]]].detach() for i in src_of] if is_src else []
     sending: _box_route.SendPlan | None = None
     receiving: _box_route.ReceivePlan | None = None
-    own: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    own: list[_Dest] = []
     try:
         broadcast = list(range(len(specs)))
         if table is not None and specs:
@@ -463,7 +464,7 @@ def broadcast_state_dict(
         agree(group, error, 0, "broadcast_state_dict")
 
     if sending is not None:
-        _box_route.send(group, sending, own, batched_copy_pairs)
+        _box_route.send(group, sending, len(own), lambda lo, hi: _copy_own(own[lo:hi], srcs))
     elif receiving is not None:
         _box_route.receive(group, dist.get_global_rank(group, 0), receiving, slot_dests)
     _pipelined_broadcasts(group, is_src, srcs, specs, slot_dests, runs, layouts, in_place, flats)
@@ -524,18 +525,18 @@ def _plan_box_route(
     flat_device: torch.device,
     cut: int,
     bucket_bytes: int,
-) -> tuple[list[int], list[int], Any, Any, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+) -> tuple[list[int], list[int], Any, Any, list[_Dest]]:
     """Which transfers take the point-to-point route (every rank decides the same from
-    the table), and this rank's side of it."""
+    the table), and this rank's side of it (rank 0: also its own keys of them)."""
     shapes = [s for s, _ in specs]
     at = _box_route.row_positions(shapes)
     nbytes = table[:, torch.tensor(at[:-1], dtype=torch.int64)]  # (ranks, transfers)
-    full = torch.tensor([_numel(s) * dt.itemsize for s, dt in specs], dtype=torch.int64)
+    full = torch.tensor([math.prod(s) * dt.itemsize for s, dt in specs], dtype=torch.int64)
     by_route = nbytes[1:].sum(0) <= full
     routed = by_route.nonzero().flatten().tolist()
     broadcast = (~by_route).nonzero().flatten().tolist()
     sending = receiving = None
-    own: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    own: list[_Dest] = []
     if is_src:
         per_peer = []
         for r in range(1, table.shape[0]):
@@ -549,7 +550,7 @@ def _plan_box_route(
         messages = [m for ms in zip_longest(*per_peer) for m in ms if m is not None]
         n_buffers = max(1, min(_box_route.SEND_BUFFERS, bucket_bytes // cut))
         sending = _box_route.SendPlan(messages, srcs, flat_device, n_buffers)
-        own = _own_copies(routed, srcs, slot_dests)
+        own = [d for j in routed for d in slot_dests[j]]
     else:
         r = dist.get_rank(group)
         js = (by_route & (nbytes[r] > 0)).nonzero().flatten().tolist()
@@ -559,19 +560,16 @@ def _plan_box_route(
     return routed, broadcast, sending, receiving, own
 
 
-def _own_copies(
-    routed: list[int], srcs: list[torch.Tensor], slot_dests: list[list[_Dest]]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Rank 0's (destination, source box) pairs for its keys of routed transfers; a
-    key whose local dtype differs is cast by _finish() from the source box instead."""
-    picked = [d for j in routed for d in slot_dests[j]]
+def _copy_own(dests: list[_Dest], srcs: list[torch.Tensor]) -> None:
+    """Rank 0's keys of routed transfers: their boxes copied straight from the source;
+    a key whose local dtype differs is cast by _finish() from the source box instead."""
     views = ops.box_views(
-        [srcs[d.slot] for d in picked], [d.box_start for d in picked],
-        [d.box_shape for d in picked],
+        [srcs[d.slot] for d in dests], [d.box_start for d in dests],
+        [d.box_shape for d in dests],
     )
     dsts: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
-    for d, view in zip(picked, views):
+    for d, view in zip(dests, views):
         if d.finish is None:
             dsts.append(d.unpack_into)
         elif d.finish.dtype == view.dtype:
@@ -581,7 +579,7 @@ def _own_copies(
             d.unpack_into = view  # _finish() casts it into d.finish
             continue
         sources.append(view)
-    return dsts, sources
+    batched_copy_pairs(dsts, sources)
 
 
 def _plan_broadcasts(
