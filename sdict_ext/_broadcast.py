@@ -282,12 +282,13 @@ def _plan_dest(
     if box is None:
         return _Dest(key, shape)  # this rank is not part of the DTensor's mesh
     box_shape, box_start = box
-    if local.is_meta:
+    # The local tensor itself (to_local() would only add an autograd view of it); a
+    # meta DTensor's is meta too (asking the local tensor skips DTensor's dispatch).
+    new = local._local_tensor
+    if new.is_meta:
         new = torch.empty(box_shape, dtype=dtype, device=device)
         result: Any = dtensor_of(new, local)
     else:
-        # The local tensor itself (to_local() would only add an autograd view of it).
-        new = local._local_tensor
         if new.shape != box_shape:
             raise ValueError(
                 f"broadcast_state_dict: key {key!r}: the local shard has shape "
@@ -295,7 +296,9 @@ def _plan_dest(
                 f"{local.placements} gives this rank {box_shape}"
             )
         result = local
-    if new.dtype == dtype and new.device == flat_device:
+    # (is_cpu: comparing devices builds a torch.device, ~1 us.)
+    on_flat = new.is_cpu if flat_device.type == "cpu" else new.device == flat_device
+    if new.dtype == dtype and on_flat:
         return _Dest(key, shape, new, box_shape, box_start, None, result)
     # PyTorch's copy_ casts to the local dtype; unpack is byte-exact, so stage.
     staged = torch.empty(box_shape, dtype=dtype, device=flat_device)

@@ -950,7 +950,7 @@ def _broadcast_layouts_differ(boxes: bool):
     return _describe(ours), _describe(theirs), sent
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("boxes", [True, False], ids=["boxes", "broadcast"])
 def test_broadcast_into_different_layouts_per_rank_matches_pytorch(world_size, boxes):
     results = run_on_ranks(world_size, _broadcast_layouts_differ, boxes, timeout=120)
@@ -958,9 +958,55 @@ def test_broadcast_into_different_layouts_per_rank_matches_pytorch(world_size, b
         assert ours == theirs, f"rank {rank}"
     # Every rank entered the same broadcasts (the route is decided alike everywhere).
     assert len({sent["broadcast"] for _, _, sent in results}) == 1
-    if boxes:
+    if boxes and world_size > 1:
         # Rank 0 sent point to point what the others' layouts needed.
         assert results[0][2]["isend"] > 0
+
+
+def _broadcast_in_subgroup():
+    """A process group of ranks 0, 2 and 3 of 4: messages go to global ranks."""
+    members = [0, 2, 3]
+    pg = dist.new_group(members)
+    rank = dist.get_rank()
+    if rank not in members:
+        return None
+    mesh = _mesh((dist.get_world_size(),))
+    full = {
+        "w": _full((16, 6), torch.float32, 120),
+        "b": _full((9,), torch.bfloat16, 121),
+        "rep": _full((3, 5), torch.int64, 122),
+        "n": 3,
+    }
+    local = {
+        "w": distribute_tensor(torch.zeros(16, 6), mesh, [Shard(0)], src_data_rank=None),
+        "b": torch.zeros(9, dtype=torch.bfloat16),
+        "rep": distribute_tensor(torch.zeros(3, 5, dtype=torch.int64), mesh, [Replicate()],
+                                 src_data_rank=None),
+        "n": 0,
+    }
+    if rank != 0:
+        full = {}
+    ours, theirs = copy.copy(local), copy.deepcopy(local)
+    sent, originals = _count_calls(["isend", "irecv"])
+    try:
+        utils.broadcast_state_dict(full, ours, torch.device("cpu"), pg=pg)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    ref._broadcast_state_dict(full, theirs, torch.device("cpu"), pg=pg)
+    return _describe(ours), _describe(theirs), sent
+
+
+def test_broadcast_in_a_subgroup_matches_pytorch():
+    results = run_on_ranks(4, _broadcast_in_subgroup, timeout=120)
+    assert results[1] is None
+    for rank in (0, 2, 3):
+        ours, theirs, _ = results[rank]
+        assert ours == theirs, f"rank {rank}"
+    # Ranks 2 and 3 each need a quarter of "w" (and all of "b", "rep"): rank 0 sends
+    # each its own messages.
+    assert results[0][2]["isend"] >= 2 and results[2][2]["irecv"] >= 1
+    assert results[3][2]["irecv"] >= 1
 
 
 def _describe_scalar(value: Any) -> Any:
