@@ -466,12 +466,18 @@ def broadcast_state_dict(
     if by_box:
         agree(group, error, 0, "broadcast_state_dict")
 
-    if sending is not None:
-        _box_route.send(group, sending, len(own), lambda lo, hi: _copy_own(own[lo:hi], srcs))
-    elif receiving is not None:
-        _box_route.receive(group, dist.get_global_rank(group, 0), receiving, slot_dests)
-    _pipelined_broadcasts(group, is_src, srcs, specs, slot_dests, runs, layouts, in_place, flats)
-    _finish(dests)
+    # Loading writes parameters in place, as PyTorch's copy_ does under no_grad.
+    with torch.no_grad():
+        if sending is not None:
+            _box_route.send(
+                group, sending, len(own), lambda lo, hi: _copy_own(own[lo:hi], srcs)
+            )
+        elif receiving is not None:
+            _box_route.receive(group, dist.get_global_rank(group, 0), receiving, slot_dests)
+        _pipelined_broadcasts(
+            group, is_src, srcs, specs, slot_dests, runs, layouts, in_place, flats
+        )
+        _finish(dests)
 
     global_keys = set(keys)
     for pos, value in objects.items():

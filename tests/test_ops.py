@@ -917,6 +917,58 @@ def test_carve_views_match_as_strided_and_share_the_slab_storage():
         ops.carve_views(slab, ["float32"], [(4,)], [(1,)], [0])
 
 
+def _writing_op_calls():
+    """Each op that writes into an argument, called through torch.ops directly (not the
+    Python wrappers), with the tensor(s) it writes."""
+    src = torch.arange(1, 9, dtype=torch.float32)
+    flat = torch.zeros(64, dtype=torch.uint8)
+    flat[:32] = src.view(torch.uint8)
+    out = torch.zeros(8)
+    # Two ranks' chunks of 16 bytes, each holding 4 float32 rows of a (8,) tensor.
+    gathered = src.view(torch.uint8).clone()
+    return [
+        ("batched_copy_", lambda t: torch.ops.sdict_ext.batched_copy_([t], [src]), out),
+        ("pack", lambda t: torch.ops.sdict_ext.pack_into([src], [0], t), flat),
+        ("unpack", lambda t: torch.ops.sdict_ext.unpack(flat, [0], [t]), out),
+        ("gather_concat_into",
+         lambda t: torch.ops.sdict_ext.gather_concat_into(gathered, 2, [0], [t], [0]), out),
+    ]
+
+
+def test_ops_bump_the_version_of_what_they_write_and_refuse_grad_leaves():
+    for name, call, like in _writing_op_calls():
+        target = torch.zeros_like(like)
+        before = target._version
+        call(target)
+        assert target._version == before + 1, name
+        # Like copy_ into a leaf that requires grad: refused while grad mode is on,
+        # nothing written; allowed (and counted) under no_grad.
+        leaf = torch.zeros_like(like, dtype=like.dtype).requires_grad_(like.is_floating_point())
+        if not leaf.requires_grad:
+            continue
+        with pytest.raises(RuntimeError, match=rf"sdict_ext.{name}: .* requires grad.*no_grad"):
+            call(leaf)
+        assert leaf._version == 0 and not leaf.detach().any(), name
+        with torch.no_grad():
+            call(leaf)
+        assert leaf._version == 1 and leaf.detach().any(), name
+    # Inference tensors have no version counter: written, nothing to count.
+    for name, call, like in _writing_op_calls():
+        with torch.inference_mode():
+            target = torch.zeros_like(like)
+            call(target)
+        assert target.is_inference() and target.any(), name
+
+
+def test_an_overwritten_saved_tensor_is_caught_by_autograd():
+    x = torch.randn(4, requires_grad=True)
+    y = x.exp()  # exp saves its output for backward
+    with torch.no_grad():
+        torch.ops.sdict_ext.batched_copy_([y], [torch.zeros(4)])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_box_views_match_narrow_and_share_storage():
     base = torch.arange(4 * 6 * 5, dtype=torch.float64).reshape(4, 6, 5)
     cases = [
