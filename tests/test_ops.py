@@ -917,13 +917,13 @@ def test_carve_views_match_as_strided_and_share_the_slab_storage():
         ops.carve_views(slab, ["float32"], [(4,)], [(1,)], [0])
 
 
-def _writing_op_calls():
+def _writing_op_calls(device: str = "cpu"):
     """Each op that writes into an argument, called through torch.ops directly (not the
     Python wrappers), with the tensor(s) it writes."""
-    src = torch.arange(1, 9, dtype=torch.float32)
-    flat = torch.zeros(64, dtype=torch.uint8)
+    src = torch.arange(1, 9, dtype=torch.float32, device=device)
+    flat = torch.zeros(64, dtype=torch.uint8, device=device)
     flat[:32] = src.view(torch.uint8)
-    out = torch.zeros(8)
+    out = torch.zeros(8, device=device)
     # Two ranks' chunks of 16 bytes, each holding 4 float32 rows of a (8,) tensor.
     gathered = src.view(torch.uint8).clone()
     return [
@@ -935,8 +935,8 @@ def _writing_op_calls():
     ]
 
 
-def test_ops_bump_the_version_of_what_they_write_and_refuse_grad_leaves():
-    for name, call, like in _writing_op_calls():
+def _check_versions_and_grad_leaves(device: str) -> None:
+    for name, call, like in _writing_op_calls(device):
         target = torch.zeros_like(like)
         before = target._version
         call(target)
@@ -953,11 +953,20 @@ def test_ops_bump_the_version_of_what_they_write_and_refuse_grad_leaves():
             call(leaf)
         assert leaf._version == 1 and leaf.detach().any(), name
     # Inference tensors have no version counter: written, nothing to count.
-    for name, call, like in _writing_op_calls():
+    for name, call, like in _writing_op_calls(device):
         with torch.inference_mode():
             target = torch.zeros_like(like)
             call(target)
         assert target.is_inference() and target.any(), name
+
+
+def test_ops_bump_the_version_of_what_they_write_and_refuse_grad_leaves():
+    _check_versions_and_grad_leaves("cpu")
+
+
+@cuda
+def test_ops_bump_the_version_of_what_they_write_and_refuse_grad_leaves_cuda():
+    _check_versions_and_grad_leaves("cuda")
 
 
 def test_an_overwritten_saved_tensor_is_caught_by_autograd():
