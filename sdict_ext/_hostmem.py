@@ -29,8 +29,10 @@ _MADV_POPULATE_WRITE = 23
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # A huge page is 2 MiB: below a few of them, asking is pointless.
 _MIN_HUGE_BYTES = 8 << 20
-# Below this per thread, starting a thread costs more than it saves.
-_MIN_BYTES_PER_THREAD = 64 << 20
+# Below this per thread, starting a thread (~0.1 ms) costs more than it saves: 8 MiB
+# take ~6 ms to populate on the 2-core dev VM. (At 64 MiB, the bench's 64 MB shared
+# create ran on one thread: 48 ms, against 26 ms on two; 2026-12-03 10:38.)
+_MIN_BYTES_PER_THREAD = 8 << 20
 
 _libc: ctypes.CDLL | None = None
 
