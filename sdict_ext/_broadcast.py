@@ -440,21 +440,19 @@ def broadcast_state_dict(
     except Exception as exc:  # reported to every rank below
         error = exc
 
-    # The needs table (CPU groups) or the plain agreement: every rank learns here
-    # whether any rank failed, and raises before anything is sent.
-    table = None
-    if by_box:
-        table = _exchange_needs(group, error, row, wire[-1])
-    else:
-        agree(group, error, 0, "broadcast_state_dict")
-
-    srcs = [full_state_dict[keys[tensors[i][0]]].detach() for i in src_of] if is_src else []
+    srcs: list[torch.Tensor] = []
     sending: _box_route.SendPlan | None = None
     receiving: _box_route.ReceivePlan | None = None
     own: list[_Dest] = []
+    if by_box:
+        # The needs table: the route's plan, and where every rank learns whether any
+        # rank failed (all raise before anything is sent).
+        table = _exchange_needs(group, error, row, wire[-1])
     try:
+        if is_src:
+            srcs = [full_state_dict[keys[tensors[i][0]]].detach() for i in src_of]
         broadcast = list(range(len(specs)))
-        if table is not None and specs:
+        if by_box and specs:
             routed, broadcast, sending, receiving, own = _plan_box_route(
                 group, table, is_src, srcs, specs, slot_dests, flat_device, cut, bucket_bytes
             )
@@ -462,9 +460,10 @@ def broadcast_state_dict(
             broadcast, is_src, srcs, specs, slot_dests, flat_device, cut
         )
     except Exception as exc:  # reported to every rank by agree()
-        error = exc
-    if by_box:
-        agree(group, error, 0, "broadcast_state_dict")
+        if error is None:
+            error = exc
+    # Every rank raises here if any failed, before anything is sent or written.
+    agree(group, error, 0, "broadcast_state_dict")
 
     # Loading writes parameters in place, as PyTorch's copy_ does under no_grad.
     with torch.no_grad():

@@ -500,7 +500,7 @@ def test_broadcast_of_1000_tensors_uses_one_message_per_slice(mixed, boxes):
             assert sent == limit
 
 
-def _broadcast_failure(kind: str):
+def _broadcast_failure(kind: str, boxes: bool):
     full, local = _load_inputs(meta_ok=False)
     rank = dist.get_rank()
     if kind == "source" and rank == 0:
@@ -510,18 +510,29 @@ def _broadcast_failure(kind: str):
             torch.zeros(2 * dist.get_world_size(), 3), _mesh((dist.get_world_size(),)),
             [Shard(0)], src_data_rank=None,
         )
-    before = local["plain"]
+    before = dict(local)
+    # What every local tensor holds: nothing may be written when a rank fails.
+    held = {
+        k: (v.to_local() if isinstance(v, DTensor) else v).clone()
+        for k, v in local.items() if isinstance(v, torch.Tensor) and not v.is_meta
+    }
     try:
-        utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+        with box_route(boxes):
+            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
     except Exception as exc:  # noqa: BLE001
-        return type(exc).__name__, local["plain"] is before
+        untouched = all(local[k] is v for k, v in before.items()) and all(
+            torch.equal(local[k].to_local() if isinstance(local[k], DTensor) else local[k], v)
+            for k, v in held.items()
+        )
+        return type(exc).__name__, untouched
     return None
 
 
-def test_broadcast_failure_on_one_rank_raises_on_every_rank_before_loading():
-    assert run_on_ranks(2, _broadcast_failure, "source", timeout=60) == [
+@pytest.mark.parametrize("boxes", [True, False], ids=["boxes", "broadcast"])
+def test_broadcast_failure_on_one_rank_raises_on_every_rank_before_loading(boxes):
+    assert run_on_ranks(2, _broadcast_failure, "source", boxes, timeout=60) == [
         ("ValueError", True), ("RankFailure", True)]
-    assert run_on_ranks(2, _broadcast_failure, "local_shape", timeout=60) == [
+    assert run_on_ranks(2, _broadcast_failure, "local_shape", boxes, timeout=60) == [
         ("RankFailure", True), ("ValueError", True)]
 
 
