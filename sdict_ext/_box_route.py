@@ -13,8 +13,9 @@ a tensor alike: each rank asks for what its own local value needs.
 Used for CPU groups (gloo): there every byte that travels is copied by both CPUs,
 so bytes not sent are the time saved. On the 2-core dev VM, 105 MB in 8 MiB messages
 took 21-28 ms where one broadcast of the full 211 MB took 71-85 ms (gloo, 2 ranks,
-2026-12-03). Device groups keep the broadcast, whose ring / tree moves each byte over
-each link once and whose packing runs on the device.
+2026-12-03, twice; BENCHMARKS.md has more runs). Device groups keep
+the broadcast, whose ring / tree moves each byte over each link once and whose
+packing runs on the device.
 """
 
 from __future__ import annotations
@@ -128,13 +129,12 @@ class SendPlan:
     """Rank 0's side of the route: its messages and buffers. Source views are made as
     the messages go, so the work overlaps the sends."""
 
-    __slots__ = ("messages", "srcs", "device", "direct", "pool")
+    __slots__ = ("messages", "srcs", "direct", "pool")
 
     def __init__(self, messages: list[Message], srcs: list[torch.Tensor], device: torch.device,
                  n_buffers: int) -> None:
         self.messages = messages
         self.srcs = srcs
-        self.device = device
         # A solo box whose bytes are contiguous is sent from the source itself.
         self.direct = [m.solo and _contiguous_box(srcs[m.js[0]], m.boxes[0], device)
                        for m in messages]

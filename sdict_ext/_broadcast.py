@@ -812,7 +812,7 @@ def distribute_state_dict(
     boxes: _BoxCache = {}
     results: dict[str, Any] = {}
     dsts: list[torch.Tensor] = []
-    srcs: list[torch.Tensor] = []
+    sliced: list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
     # A tied weight (one full tensor, one local DTensor, at several keys) is sliced once.
     done: dict[tuple[int, int], str] = {}
     for key, value in full_state_dict.items():
@@ -842,12 +842,9 @@ def distribute_state_dict(
             continue  # this rank is not part of the DTensor's mesh
         shape, start = box
         new = torch.empty(shape, dtype=value.dtype, device=device)
-        src = value.detach()
-        for d, (lo, n) in enumerate(zip(start, shape)):
-            if n != src.shape[d]:
-                src = src.narrow(d, lo, n)
         dsts.append(new)
-        srcs.append(src)
+        sliced.append((value.detach(), start, shape))
         results[key] = dtensor_of(new, local, value.shape, value.stride())
+    srcs = ops.box_views(*zip(*sliced)) if sliced else []
     batched_copy_pairs(dsts, srcs)
     local_state_dict.update(results)
