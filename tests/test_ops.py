@@ -851,6 +851,23 @@ def test_ops_trace_under_torch_compile():
     assert torch.equal(compiled(gathered), full * 2)
 
 
+def test_writing_ops_trace_under_torch_compile():
+    # The writing ops' Autograd kernel (version counters) must not stop tracing:
+    # AOTAutograd functionalizes them through their (a!) schemas.
+    def stage(a, b):
+        out = torch.empty(64, dtype=torch.uint8)
+        torch.ops.sdict_ext.pack_into([a, b], [0, 32], out)
+        copied = torch.zeros_like(a)
+        torch.ops.sdict_ext.batched_copy_([copied], [a])
+        return out, copied * 2
+
+    a, b = torch.arange(4.0), torch.arange(4.0) + 10
+    want = stage(a, b)
+    compiled = torch.compile(stage, backend="aot_eager", fullgraph=True)
+    got = compiled(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(want, got, strict=True))
+
+
 def test_extension_is_built_here():
     assert ops.is_compiled()
     assert ops.has_cuda() == torch._C._dispatch_has_kernel_for_dispatch_key(
