@@ -35,60 +35,51 @@ void bump_versions(at::TensorList written) {
   }
 }
 
-// Below autograd (and the ADInplaceOrView key): straight to the backend kernel.
-using Below = at::AutoDispatchBelowADInplaceOrView;
+// What every kernel below does around its op: refuse a grad-requiring target, run
+// the op below autograd (and the ADInplaceOrView key: straight to the backend
+// kernel), then count the write.
+template <typename Call>
+void write_through(at::TensorList written, const char* op, const char* what, Call&& call) {
+  check_writable(written, op, what);
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    call();
+  }
+  bump_versions(written);
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
 
 void batched_copy_autograd(at::TensorList dsts, at::TensorList srcs, bool non_blocking) {
-  check_writable(dsts, "sdict_ext.batched_copy_", "destination");
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sdict_ext::batched_copy_", "")
-                       .typed<void(at::TensorList, at::TensorList, bool)>();
-  {
-    Below guard;
-    op.call(dsts, srcs, non_blocking);
-  }
-  bump_versions(dsts);
+  static auto op = handle<void(at::TensorList, at::TensorList, bool)>("sdict_ext::batched_copy_");
+  write_through(dsts, "sdict_ext.batched_copy_", "destination",
+                [&] { op.call(dsts, srcs, non_blocking); });
 }
 
 void pack_into_autograd(at::TensorList tensors, c10::IntArrayRef offsets, const at::Tensor& out) {
-  check_writable({out}, "sdict_ext.pack", "out");
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sdict_ext::pack_into", "")
-                       .typed<void(at::TensorList, c10::IntArrayRef, const at::Tensor&)>();
-  {
-    Below guard;
-    op.call(tensors, offsets, out);
-  }
-  bump_versions({out});
+  static auto op =
+      handle<void(at::TensorList, c10::IntArrayRef, const at::Tensor&)>("sdict_ext::pack_into");
+  write_through({out}, "sdict_ext.pack", "out", [&] { op.call(tensors, offsets, out); });
 }
 
 void unpack_autograd(const at::Tensor& flat, c10::IntArrayRef offsets, at::TensorList dsts,
                      at::OptionalIntArrayRef full_sizes, at::OptionalIntArrayRef starts) {
-  check_writable(dsts, "sdict_ext.unpack", "destination");
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sdict_ext::unpack", "")
-                       .typed<void(const at::Tensor&, c10::IntArrayRef, at::TensorList,
-                                   at::OptionalIntArrayRef, at::OptionalIntArrayRef)>();
-  {
-    Below guard;
-    op.call(flat, offsets, dsts, full_sizes, starts);
-  }
-  bump_versions(dsts);
+  static auto op = handle<void(const at::Tensor&, c10::IntArrayRef, at::TensorList,
+                               at::OptionalIntArrayRef, at::OptionalIntArrayRef)>("sdict_ext::unpack");
+  write_through(dsts, "sdict_ext.unpack", "destination",
+                [&] { op.call(flat, offsets, dsts, full_sizes, starts); });
 }
 
 void gather_concat_into_autograd(const at::Tensor& gathered, int64_t world_size,
                                  c10::IntArrayRef offsets, at::TensorList outs,
                                  c10::IntArrayRef shard_dims) {
-  check_writable(outs, "sdict_ext.gather_concat_into", "output");
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sdict_ext::gather_concat_into", "")
-                       .typed<void(const at::Tensor&, int64_t, c10::IntArrayRef, at::TensorList,
-                                   c10::IntArrayRef)>();
-  {
-    Below guard;
-    op.call(gathered, world_size, offsets, outs, shard_dims);
-  }
-  bump_versions(outs);
+  static auto op = handle<void(const at::Tensor&, int64_t, c10::IntArrayRef, at::TensorList,
+                               c10::IntArrayRef)>("sdict_ext::gather_concat_into");
+  write_through(outs, "sdict_ext.gather_concat_into", "output",
+                [&] { op.call(gathered, world_size, offsets, outs, shard_dims); });
 }
 
 }  // namespace

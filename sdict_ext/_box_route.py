@@ -20,6 +20,7 @@ packing runs on the device.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from itertools import accumulate
 from typing import Any
@@ -31,7 +32,7 @@ from sdict_ext import ops
 from sdict_ext._collectives import buckets_with_solos
 
 __all__ = [
-    "Message", "ReceivePlan", "SendPlan", "decode_row", "encode_needs",
+    "Message", "ReceivePlan", "SendPlan", "decode_row", "encode_needs", "flat_bytes",
     "plan_messages", "receive", "row_positions", "send",
 ]
 
@@ -55,9 +56,7 @@ def encode_needs(
             row.extend([0] * (1 + 2 * len(shape)))
             continue
         box_shape, box_start = box
-        n = itemsize
-        for s in box_shape:
-            n *= s
+        n = math.prod(box_shape) * itemsize
         if n == 0:
             row.extend([0] * (1 + 2 * len(shape)))
             continue
@@ -119,7 +118,9 @@ def plan_messages(
     return out
 
 
-def _flat_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+def flat_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """``t``'s bytes as a flat uint8 view, when a transfer can use them in place (on
+    ``device``, contiguous, not empty)."""
     if t.device != device or not t.is_contiguous() or t.numel() == 0:
         return None
     return t.reshape(-1).view(torch.uint8)
@@ -210,7 +211,7 @@ class ReceivePlan:
                 start, shape = m.boxes[0]
                 for d in slot_dests[m.js[0]]:
                     if d.box_start == start and d.box_shape == shape:
-                        view = _flat_bytes(d.unpack_into, device)
+                        view = flat_bytes(d.unpack_into, device)
                         if view is not None:
                             into = (d, view)
                             break

@@ -454,7 +454,8 @@ def broadcast_state_dict(
         broadcast = list(range(len(specs)))
         if by_box and specs:
             routed, broadcast, sending, receiving, own = _plan_box_route(
-                group, table, is_src, srcs, specs, slot_dests, flat_device, cut, bucket_bytes
+                group, table, row, is_src, srcs, specs, slot_dests, flat_device, cut,
+                bucket_bytes,
             )
         runs, layouts, in_place, flats = _plan_broadcasts(
             broadcast, is_src, srcs, specs, slot_dests, flat_device, cut
@@ -526,6 +527,7 @@ def _exchange_needs(
 def _plan_box_route(
     group: dist.ProcessGroup,
     table: torch.Tensor,
+    row: list[int],
     is_src: bool,
     srcs: list[torch.Tensor],
     specs: list[tuple[tuple[int, ...], torch.dtype]],
@@ -535,7 +537,8 @@ def _plan_box_route(
     bucket_bytes: int,
 ) -> tuple[list[int], list[int], Any, Any, list[_Dest]]:
     """Which transfers take the point-to-point route (every rank decides the same from
-    the table), and this rank's side of it (rank 0: also its own keys of them)."""
+    the table), and this rank's side of it (rank 0: also its own keys of them). ``row``
+    is this rank's own row of the table, as it sent it."""
     shapes = [s for s, _ in specs]
     at = _box_route.row_positions(shapes)
     nbytes = table[:, torch.tensor(at[:-1], dtype=torch.int64)]  # (ranks, transfers)
@@ -562,7 +565,7 @@ def _plan_box_route(
     else:
         r = dist.get_rank(group)
         js = (by_route & (nbytes[r] > 0)).nonzero().flatten().tolist()
-        needs = _box_route.decode_row(table[r].tolist(), shapes, at, js) if js else []
+        needs = _box_route.decode_row(row, shapes, at, js) if js else []
         messages = _box_route.plan_messages(dist.get_rank(), needs, js, cut) if js else []
         receiving = _box_route.ReceivePlan(messages, slot_dests, flat_device)
     return routed, broadcast, sending, receiving, own
@@ -603,7 +606,7 @@ def _plan_broadcasts(
     views and the (two) slice buffers."""
     # Slot sizes as pack_layout rounds them (without its per-call checks).
     align = ops.ALIGNMENT
-    slots = [-(-_numel(specs[j][0]) * specs[j][1].itemsize // align) * align for j in js]
+    slots = [-(-math.prod(specs[j][0]) * specs[j][1].itemsize // align) * align for j in js]
     runs = [[js[k] for k in run] for run in _runs(slots, cut)]
     size_of = dict(zip(js, slots))
     # pack_layout's offsets, from the slot sizes already at hand (it re-checks
@@ -620,12 +623,12 @@ def _plan_broadcasts(
         if len(run) == 1:
             j = run[0]
             if is_src:
-                view = _bytes_of(srcs[j], flat_device)
+                view = _box_route.flat_bytes(srcs[j], flat_device)
             else:
                 # Only a destination holding the whole tensor can receive it in place.
                 for d in slot_dests[j]:
                     if d.unpack_into.shape == specs[j][0]:
-                        view = _bytes_of(d.unpack_into, flat_device)
+                        view = _box_route.flat_bytes(d.unpack_into, flat_device)
                         if view is not None:
                             receiver = d
                             break
@@ -704,7 +707,7 @@ def _pipelined_broadcasts(
             if len(run) == 1:
                 # Every rank sends / receives the tensor's exact bytes.
                 spec = specs[run[0]]
-                total = _numel(spec[0]) * spec[1].itemsize
+                total = math.prod(spec[0]) * spec[1].itemsize
             flat = flats[n_buffered % len(flats)]
             n_buffered += 1
             if pending and pending[0][3].data_ptr() == flat.data_ptr():
@@ -744,13 +747,6 @@ def _unpack_run(
         )
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def _runs(costs: list[int], bucket_bytes: int) -> list[list[int]]:
     """Buckets of tensors; one of at least a quarter bucket travels alone where the
     count allows (always from a bucket's worth on).
@@ -758,13 +754,6 @@ def _runs(costs: list[int], bucket_bytes: int) -> list[list[int]]:
     Below a quarter bucket, a broadcast of its own costs more than the copy it saves.
     """
     return buckets_with_solos(costs, bucket_bytes, [True] * len(costs), bucket_bytes // 4)
-
-
-def _bytes_of(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """``t``'s bytes as a flat uint8 view, when a broadcast can use them in place."""
-    if t is None or t.device != device or not t.is_contiguous() or t.numel() == 0:
-        return None
-    return t.reshape(-1).view(torch.uint8)
 
 
 def _finish(dests: list[_Dest]) -> None:

@@ -42,6 +42,7 @@ the exchange itself.)
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,13 +85,6 @@ def _aligned(nbytes: int) -> int:
     return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 class _Item:
     """One tensor to rebuild from the pieces every rank of a group holds."""
 
@@ -111,7 +105,7 @@ class _Item:
 
     def slot_bytes(self, rank: int) -> int:
         size = self.dtype.itemsize
-        return sum(_aligned(_numel(shape) * size) for shape, _ in self.pieces[rank])
+        return sum(_aligned(math.prod(shape) * size) for shape, _ in self.pieces[rank])
 
 
 class _Stream:
@@ -174,8 +168,8 @@ def _rebuild(
             [it.shard_dim for it in items],
         )
         return
-    dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
+    boxes: list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
     for r in range(stream.world):
         base = r * chunk
         k = 0
@@ -183,17 +177,14 @@ def _rebuild(
             for shape, start in it.pieces[r]:
                 offset = offsets[r][k]
                 k += 1
-                numel = _numel(shape)
+                numel = math.prod(shape)
                 if numel == 0:
                     continue
                 nbytes = numel * it.dtype.itemsize
                 src = gathered[base + offset : base + offset + nbytes].view(it.dtype).view(shape)
-                dst = out
-                for d, (lo, n) in enumerate(zip(start, shape)):
-                    if n != out.shape[d]:
-                        dst = dst.narrow(d, lo, n)
-                dsts.append(dst)
+                boxes.append((out, tuple(start), tuple(shape)))
                 srcs.append(src)
+    dsts = ops.box_views(*zip(*boxes)) if boxes else []
     ops.batched_copy_(dsts, srcs)
 
 
@@ -511,7 +502,7 @@ def _exchanges_in_place(stream: _Stream, item: _Item, cpu_offload: bool) -> bool
     the exchange's device (not so for ``cpu_offload`` from an accelerator). Decided
     from metadata alone, so every rank orders the buckets alike.
     """
-    numel = _numel(item.shape)
+    numel = math.prod(item.shape)
     if not stream.chunked or item.shard_dim != 0 or not numel:
         return False
     if item.out_device != stream.device or (cpu_offload and stream.device.type != "cpu"):
