@@ -21,6 +21,7 @@ packing runs on the device.
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from itertools import accumulate
 from typing import Any
@@ -32,26 +33,70 @@ from sdict_ext import ops
 from sdict_ext._collectives import buckets_with_solos
 
 __all__ = [
-    "Message", "ReceivePlan", "SendPlan", "decode_row", "encode_needs", "flat_bytes",
-    "plan_messages", "receive", "row_positions", "send",
+    "DIRECT_READ", "Message", "ReceivePlan", "SendPlan", "can_read", "decode_row",
+    "encode_needs", "flat_bytes", "plan_messages", "readable", "receive", "row_positions",
+    "send", "source_probe",
 ]
 
 # Buffers rank 0 may have in flight: packing runs ahead of the sends by this much.
 SEND_BUFFERS = 4
+
+#: Whether a rank on rank 0's host reads its boxes straight out of rank 0's memory
+#: (``SDICT_EXT_DIRECT_READ=0`` turns it off: every box then travels as a message).
+DIRECT_READ = os.environ.get("SDICT_EXT_DIRECT_READ", "1") != "0"
+
+# What rank 0 announces so that ranks can read its tensors: (pid, probe address, probe).
+Source = tuple[int, int, bytes]
+
+
+def source_probe() -> tuple[torch.Tensor, Source]:
+    """Rank 0's probe: 16 random bytes in a tensor it keeps alive during the call, and
+    their address and value, which travel with the metadata. A rank that reads exactly
+    these bytes at that address in that pid is on rank 0's host, in its pid namespace,
+    and allowed to read its memory."""
+    nonce = os.urandom(16)
+    probe = torch.tensor(list(nonce), dtype=torch.uint8)
+    return probe, (os.getpid(), probe.data_ptr(), nonce)
+
+
+def can_read(source: Source | None) -> bool:
+    """Whether this rank can read rank 0's memory (see :func:`source_probe`); False,
+    never an error, when it cannot (another host, no permission, no extension)."""
+    if not DIRECT_READ or source is None:
+        return False
+    pid, addr, nonce = source
+    got = torch.zeros(len(nonce), dtype=torch.uint8)
+    try:
+        ops.read_process_boxes(pid, [addr], [(len(nonce),)], [(0,)], [got])
+    except (RuntimeError, ImportError):
+        return False
+    return got.numpy().tobytes() == nonce
+
+
+def readable(dests: list[Any]) -> bool:
+    """Whether every destination of a transfer can take its box by a direct read (a
+    contiguous CPU tensor of its own, staged otherwise)."""
+    for d in dests:  # (a loop: all() of a generator costs ~0.5 us more a call)
+        t = d.unpack_into
+        if not t.is_contiguous() or not t.is_cpu:
+            return False
+    return bool(dests)
 
 
 def encode_needs(
     shapes: list[tuple[int, ...]],
     itemsizes: list[int],
     boxes: list[tuple[tuple[int, ...], tuple[int, ...]] | None],
+    direct: list[bool] | None = None,
 ) -> list[int]:
-    """This rank's row of the needs table: per transfer ``[bytes, *start, *shape]``.
+    """This rank's row of the needs table: per transfer ``[bytes, *start, *shape]``,
+    bytes negated where this rank reads the transfer itself (``direct``).
 
     A transfer this rank needs nothing of is all zeros (so is an empty box). Every
     rank's row has the same length, ``sum(1 + 2 * ndim)``, known from the metadata.
     """
     row: list[int] = []
-    for shape, itemsize, box in zip(shapes, itemsizes, boxes):
+    for j, (shape, itemsize, box) in enumerate(zip(shapes, itemsizes, boxes)):
         if box is None:
             row.extend([0] * (1 + 2 * len(shape)))
             continue
@@ -60,7 +105,7 @@ def encode_needs(
         if n == 0:
             row.extend([0] * (1 + 2 * len(shape)))
             continue
-        row.append(n)
+        row.append(-n if direct is not None and direct[j] else n)
         row.extend(box_start)
         row.extend(box_shape)
     return row
@@ -195,13 +240,16 @@ def send(
 
 
 class ReceivePlan:
-    """A receiver's side: its messages, where each lands, two buffers."""
+    """A receiver's side: its messages, where each lands, two buffers; and the boxes it
+    reads from rank 0's memory itself."""
 
-    __slots__ = ("messages", "into", "pool")
+    __slots__ = ("messages", "into", "pool", "reads")
 
     def __init__(self, messages: list[Message], slot_dests: list[list[Any]],
-                 device: torch.device) -> None:
+                 device: torch.device, reads: Any = None) -> None:
         self.messages = messages
+        # (pid, addresses, full shapes, starts, destinations) for read_process_boxes.
+        self.reads = reads
         # (destination, its bytes) for a solo box a destination holds whole and
         # contiguous: received there directly.
         self.into: list[Any] = []
@@ -221,13 +269,25 @@ class ReceivePlan:
                      for _ in range(min(2, len(buffered)))]
 
 
+def read_plan(pid: int, js: list[int], addrs: list[int], shapes: list[tuple[int, ...]],
+              slot_dests: list[list[Any]]) -> Any:
+    """The direct reads of transfers ``js``: each destination's own box of its source
+    tensor at ``addrs[j]`` in process ``pid``."""
+    picked = [(addrs[j], shapes[j], d) for j in js for d in slot_dests[j]]
+    return (pid, [a for a, _, _ in picked], [s for _, s, _ in picked],
+            [d.box_start for _, _, d in picked], [d.unpack_into for _, _, d in picked])
+
+
 def receive(group: dist.ProcessGroup, src: int, plan: ReceivePlan,
-            slot_dests: list[list[Any]]) -> None:
+            slot_dests: list[list[Any]]) -> BaseException | None:
     """A receiver: ``irecv`` of each message, the next one posted before the previous
-    one is unpacked into ``slot_dests``."""
+    one is unpacked into ``slot_dests``; the direct reads while the first message
+    travels. A failed read is returned, not raised, so that every message is still
+    received (the caller reports it to every rank)."""
     pending: deque[tuple[Any, Message, torch.Tensor, Any, int | None]] = deque()
     n_buffered = 0
-    for m, into in zip(plan.messages, plan.into):
+    error: BaseException | None = None
+    for k, (m, into) in enumerate(zip(plan.messages, plan.into)):
         b = None
         if into is None:
             b = n_buffered % len(plan.pool)
@@ -239,10 +299,25 @@ def receive(group: dist.ProcessGroup, src: int, plan: ReceivePlan,
         else:
             receiver, buf = into
         pending.append((dist.irecv(buf, src=src, group=group), m, buf, receiver, b))
+        if k == 0:
+            error = _read(plan.reads)
         if len(pending) > 1:
             _unpack(*pending.popleft(), slot_dests)
+    if not plan.messages:
+        error = _read(plan.reads)
     while pending:
         _unpack(*pending.popleft(), slot_dests)
+    return error
+
+
+def _read(reads: Any) -> BaseException | None:
+    if not reads or not reads[1]:
+        return None
+    try:
+        ops.read_process_boxes(*reads)
+    except RuntimeError as exc:
+        return exc
+    return None
 
 
 def _unpack(work: Any, m: Message, buf: torch.Tensor, receiver: Any, _b: int | None,

@@ -15,6 +15,7 @@ dict, so each slices its own box out locally, with one batched copy per device p
 from __future__ import annotations
 
 import math
+import pickle
 from array import array
 from itertools import accumulate, zip_longest
 from typing import Any, NamedTuple
@@ -49,11 +50,13 @@ _BOX_ROUTE = True
 
 
 # A tensor rank 0 is about to send, as it travels: (position of its key, shape, index
-# of its dtype in the dtype list, same), where ``same`` is the index (among the
-# announced tensors) of an earlier key whose tensor is this very one (tied weights, or
-# a loaded checkpoint's shared storage), or -1: a tensor travels once and fills all
-# its keys. Plain tuples of ints pickle and unpickle in C, a few hundred ns each.
-_Tensor = tuple[int, tuple[int, ...], int, int]
+# of its dtype in the dtype list, same, address), where ``same`` is the index (among
+# the announced tensors) of an earlier key whose tensor is this very one (tied weights,
+# or a loaded checkpoint's shared storage), or -1: a tensor travels once and fills all
+# its keys; ``address`` is where its bytes start in rank 0's memory when a rank on its
+# host may read them there (a contiguous CPU tensor), else 0. Plain tuples of ints
+# pickle and unpickle in C, a few hundred ns each.
+_Tensor = tuple[int, tuple[int, ...], int, int, int]
 _Announced = tuple[list[str], dict[int, Any], list[_Tensor], list[torch.dtype]]
 
 
@@ -95,7 +98,7 @@ def _announce(full_state_dict: dict[str, Any]) -> _Announced:
         if code is None:
             code = code_of[dtype] = len(dtypes)
             dtypes.append(dtype)
-        same = -1
+        same, addr = -1, 0
         if 0 not in shape:
             index = len(tensors)
             ptr = value.data_ptr()
@@ -108,7 +111,11 @@ def _announce(full_state_dict: dict[str, Any]) -> _Announced:
                 same = by_view.setdefault(view_key(value), index)
                 if same == index:
                     same = -1
-        tensors.append((pos, shape, code, same))
+            addr = (
+                ptr if value.is_cpu and value.is_contiguous() and not value.is_conj()
+                and not value.is_neg() else 0
+            )
+        tensors.append((pos, shape, code, same, addr))
     return keys, objects, tensors, dtypes
 
 
@@ -146,12 +153,17 @@ def _is_raw_scalar(value: Any) -> bool:
 
 
 def _to_wire(
-    keys: list[str], objects: dict[int, Any], tensors: list[_Tensor], dtypes: list[torch.dtype]
+    keys: list[str],
+    objects: dict[int, Any],
+    tensors: list[_Tensor],
+    dtypes: list[torch.dtype],
+    source: _box_route.Source | None,
 ) -> tuple[Any, ...]:
     """The metadata as cheaply pickled objects: plain 0-dim tensors become raw bytes,
     one byte string per dtype (pickling a tensor, as ``broadcast_object_list`` does for
     every optimizer ``step``, goes through torch's storage serialisation, ~0.2 ms per
-    tensor on each side)."""
+    tensor on each side). ``source`` lets ranks on this host read the tensors directly
+    (:func:`_box_route.source_probe`)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     wire_objects: dict[int, Any] = {}
     for pos, value in objects.items():
@@ -167,11 +179,11 @@ def _to_wire(
     }
     # Last: the needs row's length, which every rank must know even if decoding fails.
     row_len = 1 + sum(1 + 2 * len(t[1]) for t in tensors if t[3] < 0)
-    return keys, wire_objects, blobs, tensors, dtypes, row_len
+    return keys, wire_objects, blobs, tensors, dtypes, source, row_len
 
 
 def _from_wire(wire: tuple[Any, ...]) -> _Announced:
-    keys, wire_objects, blobs, tensors, dtypes, _ = wire
+    keys, wire_objects, blobs, tensors, dtypes, _, _ = wire
     arrays = {
         dtype: torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(dtype)
         for dtype, blob in blobs.items()
@@ -305,6 +317,79 @@ def _plan_dest(
     return _Dest(key, shape, staged, box_shape, box_start, new, result)
 
 
+def _preplan(local_state_dict: dict[str, Any], rank: int) -> dict[str, _Dest]:
+    """A receiver's destinations for the usual checkpoint, made while rank 0 builds the
+    metadata: for each DTensor with a CPU local shard, its box of a full tensor of the
+    DTensor's own global shape. :func:`_plan_dests` takes one where rank 0's tensor has
+    that shape and the shard's dtype, and plans anything else as usual."""
+    boxes: _BoxCache = {}
+    pre: dict[str, _Dest] = {}
+    for key, local in local_state_dict.items():
+        if type(local) is not DTensor:
+            continue
+        new = local._local_tensor
+        if not new.is_cpu:  # (nor is a meta shard)
+            continue
+        shape = tuple(local.shape)
+        box = _local_box(shape, local, rank, boxes)
+        if box is not None and new.shape == box[0]:
+            pre[key] = _Dest(key, shape, new, box[0], box[1], None, local)
+    return pre
+
+
+def _plan_dests(
+    tensors: list[_Tensor],
+    keys: list[str],
+    dtypes: list[torch.dtype],
+    local_state_dict: dict[str, Any],
+    full_state_dict: dict[str, Any] | None,
+    device: torch.device,
+    flat_device: torch.device,
+    rank: int,
+    pre: dict[str, _Dest] | None = None,
+) -> tuple[list[_Dest], bool]:
+    """:func:`_plan_dest` of every announced tensor, the usual case inline: a DTensor
+    whose local shard has the box's shape, the full tensor's dtype and lives on the CPU
+    group's device (~1 us a key instead of ~5 through the general path), or one
+    :func:`_preplan` made already. Also says whether two keys may share a local tensor
+    (then :func:`_one_writer_per_target` must pick their writer)."""
+    boxes: _BoxCache = {}
+    get = local_state_dict.get
+    pre_get = (pre or {}).get
+    on_cpu = flat_device.type == "cpu"
+    dests = []
+    ptrs: set[int] = set()
+    fast, shared = 0, False
+    for pos, shape, code, _, _ in tensors:
+        key = keys[pos]
+        dtype = dtypes[code]
+        d = pre_get(key)
+        if d is not None and d.full_shape == shape and d.unpack_into.dtype == dtype:
+            dests.append(d)
+            if 0 not in d.box_shape:  # (empty shards write nothing, and share addresses)
+                ptrs.add(d.unpack_into.data_ptr())
+                fast += 1
+            continue
+        local = get(key)
+        if on_cpu and type(local) is DTensor:
+            new = local._local_tensor
+            if new.dtype == dtype and new.is_cpu:  # (a meta shard is not on the CPU)
+                box = _local_box(shape, local, rank, boxes)
+                if box is not None and new.shape == box[0]:
+                    dests.append(_Dest(key, shape, new, box[0], box[1], None, local))
+                    if 0 not in box[0]:
+                        ptrs.add(new.data_ptr())
+                        fast += 1
+                    continue
+        full = None if full_state_dict is None else full_state_dict[key]
+        dests.append(
+            _plan_dest(key, shape, dtype, local, full, device, flat_device, rank, boxes)
+        )
+        shared = shared or isinstance(dests[-1].result, DTensor)
+    # A repeated address makes the writers be checked.
+    return dests, shared or len(ptrs) < fast
+
+
 def _need_of(slot_dests: list[_Dest], shape: tuple[int, ...]) -> Any:
     """The box of a tensor this rank must receive for its keys ``slot_dests``: theirs
     when they agree (the usual case: one key), else the whole tensor."""
@@ -374,28 +459,47 @@ def broadcast_state_dict(
     """
     group = pg if pg is not None else dist.distributed_c10d._get_default_group()
     is_src = dist.get_rank(group) == 0
+    flat_device = _pg_device(group, device)
+    # Point to point where it saves bytes: CPU groups only (see _box_route).
+    by_box = _BOX_ROUTE and flat_device.type == "cpu"
     error: BaseException | None = None
     announced: _Announced | None = None
     wire: tuple[Any, ...] | None = None
+    # Lives until the call returns: ranks on this host probe it (_box_route.can_read).
+    probe: torch.Tensor | None = None
     if is_src:
         try:
+            source = None
+            if by_box and _box_route.DIRECT_READ:
+                probe, source = _box_route.source_probe()
             announced = _announce(full_state_dict)
-            wire = _to_wire(*announced)
+            wire = _to_wire(*announced, source)
         except Exception as exc:  # shipped to every rank below
             error = exc
-    box = [(wire, None if error is None else f"{type(error).__name__}: {error}")]
-    dist.broadcast_object_list(box, group=group, group_src=0)
+    pre = None
+    if not is_src and flat_device.type == "cpu":
+        # While rank 0 builds the metadata; anything unusual is planned after it.
+        try:
+            pre = _preplan(local_state_dict, dist.get_rank())
+        except Exception:  # noqa: BLE001 (planned, and reported, the usual way below)
+            pre = None
+    if is_src:
+        in_flight = _send_metadata(
+            (wire, None if error is None else f"{type(error).__name__}: {error}"),
+            group, flat_device,
+        )
+        box = [(wire, None if error is None else "")]
+    else:
+        box = [_receive_metadata(group, flat_device)]
     wire, src_error = box[0]
     if src_error is not None:
         if error is not None:
+            _wait(in_flight)
             raise error
         raise RankFailure(
             f"broadcast_state_dict failed on the source rank: {src_error}", {0: src_error}
         )
 
-    flat_device = _pg_device(group, device)
-    # Point to point where it saves bytes: CPU groups only (see _box_route).
-    by_box = _BOX_ROUTE and flat_device.type == "cpu"
     cut = slice_bytes(bucket_bytes)
     dests: list[_Dest] = []
     keys: list[str] = []
@@ -407,55 +511,69 @@ def broadcast_state_dict(
     tensors: list[_Tensor] = []
     try:
         keys, objects, tensors, dtypes = announced if is_src else _from_wire(wire)
-        rank = dist.get_rank()
-        boxes: _BoxCache = {}
+        dests, shared = _plan_dests(
+            tensors, keys, dtypes, local_state_dict, full_state_dict if is_src else None,
+            device, flat_device, dist.get_rank(), pre,
+        )
         slot_of: list[int] = []
-        get = local_state_dict.get
-        for _pos, shape, code, same in tensors:
-            key = keys[_pos]
-            dest = _plan_dest(
-                key, shape, dtypes[code], get(key),
-                full_state_dict[key] if is_src else None, device, flat_device, rank, boxes,
-            )
+        for dest, tensor in zip(dests, tensors):
+            same = tensor[3]
             if same < 0:
                 dest.slot = len(src_of)
                 src_of.append(len(slot_of))
             else:
                 dest.slot = slot_of[same]
             slot_of.append(dest.slot)
-            dests.append(dest)
-        _one_writer_per_target(dests)
+        if shared:
+            _one_writer_per_target(dests)
         slot_dests = [[] for _ in src_of]
         for dest in dests:
             if dest.unpack_into is not None:
                 slot_dests[dest.slot].append(dest)
         specs = [(tensors[i][1], dtypes[tensors[i][2]]) for i in src_of]
-        if by_box:
-            needs = [None] * len(specs) if is_src else [
-                _need_of(ds, shape) for ds, (shape, _) in zip(slot_dests, specs)
-            ]
+        if by_box and is_src:
+            row = [0] * wire[-1]  # the source needs nothing
+        elif by_box:
+            needs = [_need_of(ds, shape) for ds, (shape, _) in zip(slot_dests, specs)]
+            # A rank on rank 0's host reads what it can out of rank 0's memory itself.
+            direct = None
+            if _box_route.can_read(wire[-2]):
+                direct = [
+                    tensors[i][4] != 0 and need is not None and _box_route.readable(ds)
+                    for i, need, ds in zip(src_of, needs, slot_dests)
+                ]
             row = [0] + _box_route.encode_needs(
-                [s for s, _ in specs], [dt.itemsize for _, dt in specs], needs
+                [s for s, _ in specs], [dt.itemsize for _, dt in specs], needs, direct
             )
     except Exception as exc:  # reported to every rank below
         error = exc
 
+    if is_src:
+        _wait(in_flight)  # the metadata left while this rank planned
     srcs: list[torch.Tensor] = []
     sending: _box_route.SendPlan | None = None
     receiving: _box_route.ReceivePlan | None = None
     own: list[_Dest] = []
+    direct_reads = False
     if by_box:
         # The needs table: the route's plan, and where every rank learns whether any
         # rank failed (all raise before anything is sent).
         table = _exchange_needs(group, error, row, wire[-1])
     try:
         if is_src:
-            srcs = [full_state_dict[keys[tensors[i][0]]].detach() for i in src_of]
+            # Plain tensors as they are (detach() costs ~1 us each); box views of them
+            # carry no autograd history either way.
+            srcs = [full_state_dict[keys[tensors[i][0]]] for i in src_of]
+            srcs = [
+                v if type(v) is torch.Tensor and not v.requires_grad else v.detach()
+                for v in srcs
+            ]
         broadcast = list(range(len(specs)))
         if by_box and specs:
-            routed, broadcast, sending, receiving, own = _plan_box_route(
+            routed, broadcast, sending, receiving, own, direct_reads = _plan_box_route(
                 group, table, row, is_src, srcs, specs, slot_dests, flat_device, cut,
-                bucket_bytes,
+                bucket_bytes, [tensors[i][4] for i in src_of],
+                wire[-2][0] if wire[-2] is not None else 0,
             )
         runs, layouts, in_place, flats = _plan_broadcasts(
             broadcast, is_src, srcs, specs, slot_dests, flat_device, cut
@@ -467,16 +585,23 @@ def broadcast_state_dict(
     agree(group, error, 0, "broadcast_state_dict")
 
     # Loading writes parameters in place, as PyTorch's copy_ does under no_grad.
+    read_error: BaseException | None = None
     with torch.no_grad():
         if sending is not None:
             _box_route.send(
                 group, sending, len(own), lambda lo, hi: _copy_own(own[lo:hi], srcs)
             )
         elif receiving is not None:
-            _box_route.receive(group, dist.get_global_rank(group, 0), receiving, slot_dests)
+            read_error = _box_route.receive(
+                group, dist.get_global_rank(group, 0), receiving, slot_dests
+            )
         _pipelined_broadcasts(
             group, is_src, srcs, specs, slot_dests, runs, layouts, in_place, flats
         )
+        if direct_reads:
+            # Rank 0's tensors must outlive every read of them; a refused read (after
+            # the probe succeeded: rare) is raised on every rank.
+            agree(group, read_error, 0, "broadcast_state_dict")
         _finish(dests)
 
     global_keys = set(keys)
@@ -495,6 +620,36 @@ def broadcast_state_dict(
     if strict:
         for key in [k for k in local_state_dict if k not in global_keys]:
             del local_state_dict[key]
+
+
+def _send_metadata(obj: Any, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
+    """Rank 0: broadcasts ``obj`` pickled (its size, then its bytes), asynchronously,
+    so that rank 0 plans its own keys while the others take it (and meanwhile finish
+    their :func:`_preplan`); ``broadcast_object_list`` would wait for every rank.
+    Returns what to wait for (and keep alive) before the next exchange."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    return [
+        dist.broadcast(size, group=group, group_src=0, async_op=True),
+        dist.broadcast(payload, group=group, group_src=0, async_op=True),
+        size,
+        payload,
+    ]
+
+
+def _wait(in_flight: list[Any]) -> None:
+    for work in in_flight[:2]:
+        work.wait()
+
+
+def _receive_metadata(group: dist.ProcessGroup, device: torch.device) -> Any:
+    """The other ranks' side of :func:`_send_metadata`."""
+    size = torch.empty(1, dtype=torch.int64, device=device)
+    dist.broadcast(size, group=group, group_src=0)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, group=group, group_src=0)
+    return pickle.loads(payload.cpu().numpy().tobytes())
 
 
 # torch 2.13 deprecates all_gather_into_tensor for all_gather_single.
@@ -535,15 +690,21 @@ def _plan_box_route(
     flat_device: torch.device,
     cut: int,
     bucket_bytes: int,
-) -> tuple[list[int], list[int], Any, Any, list[_Dest]]:
+    addrs: list[int],
+    pid: int,
+) -> tuple[list[int], list[int], Any, Any, list[_Dest], bool]:
     """Which transfers take the point-to-point route (every rank decides the same from
-    the table), and this rank's side of it (rank 0: also its own keys of them). ``row``
-    is this rank's own row of the table, as it sent it."""
+    the table), this rank's side of it (rank 0: also its own keys of them), and whether
+    any rank reads some directly. ``row`` is this rank's own row of the table, as it
+    sent it; ``addrs`` the transfers' addresses in rank 0's memory, ``pid`` its process."""
     shapes = [s for s, _ in specs]
     at = _box_route.row_positions(shapes)
     nbytes = table[:, torch.tensor(at[:-1], dtype=torch.int64)]  # (ranks, transfers)
+    # What rank 0 must send: a rank that reads a transfer itself says so by -bytes.
+    sent = nbytes.clamp(min=0)
     full = torch.tensor([math.prod(s) * dt.itemsize for s, dt in specs], dtype=torch.int64)
-    by_route = nbytes[1:].sum(0) <= full
+    by_route = sent[1:].sum(0) <= full
+    direct_reads = bool((nbytes < 0).any())
     routed = by_route.nonzero().flatten().tolist()
     broadcast = (~by_route).nonzero().flatten().tolist()
     sending = receiving = None
@@ -551,7 +712,7 @@ def _plan_box_route(
     if is_src:
         per_peer = []
         for r in range(1, table.shape[0]):
-            js = (by_route & (nbytes[r] > 0)).nonzero().flatten().tolist()
+            js = (by_route & (sent[r] > 0)).nonzero().flatten().tolist()
             if js:
                 needs = _box_route.decode_row(table[r].tolist(), shapes, at, js)
                 per_peer.append(_box_route.plan_messages(
@@ -564,11 +725,15 @@ def _plan_box_route(
         own = [d for j in routed for d in slot_dests[j]]
     else:
         r = dist.get_rank(group)
-        js = (by_route & (nbytes[r] > 0)).nonzero().flatten().tolist()
+        js = (by_route & (sent[r] > 0)).nonzero().flatten().tolist()
         needs = _box_route.decode_row(row, shapes, at, js) if js else []
         messages = _box_route.plan_messages(dist.get_rank(), needs, js, cut) if js else []
-        receiving = _box_route.ReceivePlan(messages, slot_dests, flat_device)
-    return routed, broadcast, sending, receiving, own
+        reads = None
+        if direct_reads:
+            mine = (by_route & (nbytes[r] < 0)).nonzero().flatten().tolist()
+            reads = _box_route.read_plan(pid, mine, addrs, shapes, slot_dests)
+        receiving = _box_route.ReceivePlan(messages, slot_dests, flat_device, reads)
+    return routed, broadcast, sending, receiving, own, direct_reads
 
 
 def _copy_own(dests: list[_Dest], srcs: list[torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from torch.distributed.tensor import (
     init_device_mesh,
 )
 
+import sdict_ext._box_route as _box_route_mod
 import sdict_ext._broadcast as _broadcast_mod
 from sdict_ext import ops, utils
 from tests.mp import run_on_ranks
@@ -163,13 +165,20 @@ def test_gather_matches_pytorch_bit_exact(world_size, cpu_offload, ranks_only, b
             assert ours["uneven_s0"][0] == "T"
 
 
+def metadata_call() -> bool:
+    """Whether the ``dist`` call being counted is broadcast_state_dict's metadata
+    exchange (two broadcasts a call: its size, its bytes), which moves no tensor data."""
+    return sys._getframe(2).f_code.co_name in ("_send_metadata", "_receive_metadata")
+
+
 def _count_calls(fn_names: list[str]):
     counts = dict.fromkeys(fn_names, 0)
     originals = {name: getattr(dist, name) for name in fn_names}
 
     def wrap(name):
         def counted(*args, **kwargs):
-            counts[name] += 1
+            if not metadata_call():
+                counts[name] += 1
             return originals[name](*args, **kwargs)
 
         return counted
@@ -430,19 +439,25 @@ def test_broadcast_cpu_offload_skips_keys_only_in_the_full_state_dict():
         assert not has_only_full and to_none is None
 
 
+#: The routes a CPU broadcast_state_dict can take: the point-to-point route with direct
+#: reads of rank 0's memory (the default on one host), with messages only, or none.
+ROUTES = ["direct", "messages", "broadcast"]
+
+
 @contextlib.contextmanager
-def box_route(enabled: bool):
-    """Lets CPU broadcasts take the point-to-point route or not (the workers are pooled,
-    so the switch is put back)."""
-    before = _broadcast_mod._BOX_ROUTE
-    _broadcast_mod._BOX_ROUTE = enabled
+def box_route(route: str):
+    """Makes CPU broadcasts take ``route`` (one of ROUTES); the workers are pooled, so
+    the switches are put back."""
+    before = _broadcast_mod._BOX_ROUTE, _box_route_mod.DIRECT_READ
+    _broadcast_mod._BOX_ROUTE = route != "broadcast"
+    _box_route_mod.DIRECT_READ = route == "direct"
     try:
         yield
     finally:
-        _broadcast_mod._BOX_ROUTE = before
+        _broadcast_mod._BOX_ROUTE, _box_route_mod.DIRECT_READ = before
 
 
-def _broadcast_thousand(bucket: int, mixed: bool = False, boxes: bool = True):
+def _broadcast_thousand(bucket: int, mixed: bool = False, route: str = "messages"):
     ws = dist.get_world_size()
     mesh = _mesh((ws,))
     shapes = _thousand_shapes(ws, mixed)
@@ -459,7 +474,7 @@ def _broadcast_thousand(bucket: int, mixed: bool = False, boxes: bool = True):
     mine = sum(-(-n // ops.ALIGNMENT) * ops.ALIGNMENT for n in shard_bytes)
     counts, originals = _count_calls(["broadcast", "all_reduce", "isend", "irecv"])
     try:
-        with box_route(boxes):
+        with box_route(route):
             utils.broadcast_state_dict(full if dist.get_rank() == 0 else {}, local,
                                        torch.device("cpu"), bucket_bytes=bucket)
     finally:
@@ -470,18 +485,24 @@ def _broadcast_thousand(bucket: int, mixed: bool = False, boxes: bool = True):
     return counts, total, mine, same
 
 
-@pytest.mark.parametrize("boxes", [True, False], ids=["boxes", "broadcast"])
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("mixed", [False, True])
-def test_broadcast_of_1000_tensors_uses_one_message_per_slice(mixed, boxes):
+def test_broadcast_of_1000_tensors_uses_one_message_per_slice(mixed, route):
     bucket = 64 << 10
     # Exchanges are pipelined in slices of half a bucket (two slice buffers in flight).
     slice_bytes = bucket // 2
-    results = run_on_ranks(2, _broadcast_thousand, bucket, mixed, boxes, timeout=120)
+    results = run_on_ranks(2, _broadcast_thousand, bucket, mixed, route, timeout=120)
     for rank, (counts, total, _, same) in enumerate(results):
         assert same
+        if route == "direct":
+            # Rank 1 read its shards out of rank 0's memory: nothing sent; one
+            # all_reduce agreed before, one after the reads.
+            assert counts["all_reduce"] == 2
+            assert counts["broadcast"] == counts["isend"] == counts["irecv"] == 0
+            continue
         # One all_reduce: the agreement (the box route's needs table is an all-gather).
         assert counts["all_reduce"] == 1
-        if not boxes:
+        if route == "broadcast":
             assert counts["isend"] == counts["irecv"] == 0
             assert counts["broadcast"] <= math.ceil(total / slice_bytes)
             if not mixed:
@@ -493,14 +514,14 @@ def test_broadcast_of_1000_tensors_uses_one_message_per_slice(mixed, boxes):
         sends, recvs = (counts["isend"], 0) if rank == 0 else (0, counts["irecv"])
         assert (counts["isend"], counts["irecv"]) == (sends, recvs)
     sent, received = results[0][0]["isend"], results[1][0]["irecv"]
-    if boxes:
+    if route == "messages":
         limit = math.ceil(results[1][2] / slice_bytes)
         assert sent == received and 0 < sent <= limit
         if not mixed:
             assert sent == limit
 
 
-def _broadcast_failure(kind: str, boxes: bool):
+def _broadcast_failure(kind: str, route: str):
     full, local = _load_inputs(meta_ok=False)
     rank = dist.get_rank()
     if kind == "source" and rank == 0:
@@ -517,7 +538,7 @@ def _broadcast_failure(kind: str, boxes: bool):
         for k, v in local.items() if isinstance(v, torch.Tensor) and not v.is_meta
     }
     try:
-        with box_route(boxes):
+        with box_route(route):
             utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
     except Exception as exc:  # noqa: BLE001
         untouched = all(local[k] is v for k, v in before.items()) and all(
@@ -528,11 +549,11 @@ def _broadcast_failure(kind: str, boxes: bool):
     return None
 
 
-@pytest.mark.parametrize("boxes", [True, False], ids=["boxes", "broadcast"])
-def test_broadcast_failure_on_one_rank_raises_on_every_rank_before_loading(boxes):
-    assert run_on_ranks(2, _broadcast_failure, "source", boxes, timeout=60) == [
+@pytest.mark.parametrize("route", ROUTES)
+def test_broadcast_failure_on_one_rank_raises_on_every_rank_before_loading(route):
+    assert run_on_ranks(2, _broadcast_failure, "source", route, timeout=60) == [
         ("ValueError", True), ("RankFailure", True)]
-    assert run_on_ranks(2, _broadcast_failure, "local_shape", boxes, timeout=60) == [
+    assert run_on_ranks(2, _broadcast_failure, "local_shape", route, timeout=60) == [
         ("RankFailure", True), ("ValueError", True)]
 
 
@@ -633,7 +654,8 @@ def _record_broadcasts(call, name: str | tuple[str, ...] = "broadcast"):
 
     def wrap(original):
         def recording(tensor, *args, **kwargs):
-            seen.append(tensor.untyped_storage().data_ptr())
+            if not metadata_call():
+                seen.append(tensor.untyped_storage().data_ptr())
             return original(tensor, *args, **kwargs)
 
         return recording
@@ -829,7 +851,7 @@ def _broadcast_big_inputs() -> tuple[dict[str, Any], dict[str, Any]]:
     return full, local
 
 
-def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int, boxes: bool):
+def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int, route: str):
     full, local = _broadcast_big_inputs()
     rank = dist.get_rank()
     if rank != 0:
@@ -846,7 +868,7 @@ def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int,
         for key in ("big_none", "big_missing"):
             theirs_full.pop(key, None)
             theirs.pop(key, None)
-    with box_route(boxes):
+    with box_route(route):
         _, seen = _record_broadcasts(
             lambda: utils.broadcast_state_dict(
                 full, ours, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload,
@@ -863,7 +885,7 @@ def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int,
     sources = [k for k, v in full.items() if torch.is_tensor(v) and k.startswith("big_")
                and v.is_contiguous()]
     whole = ["big_rep", "big_plain", "big_noncontig_plain", "big_2d_rep"]
-    if boxes:
+    if route == "messages":
         whole.append("big_s0")
     if rank == 0:
         direct = {k: seen.count(_storage(full[k])) for k in sources}
@@ -882,15 +904,16 @@ def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int,
 
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize(
-    ("strict", "cpu_offload", "bucket", "boxes"),
-    [(False, False, 256, True), (True, False, 256, False), (False, True, 64, True),
-     (False, True, 64, False)],
+    ("strict", "cpu_offload", "bucket", "route"),
+    [(False, False, 256, "messages"), (True, False, 256, "broadcast"),
+     (False, True, 64, "messages"), (False, True, 64, "broadcast"),
+     (True, True, 256, "direct")],
 )
 def test_broadcast_big_tensors_in_place_match_pytorch(
-    world_size, strict, cpu_offload, bucket, boxes
+    world_size, strict, cpu_offload, bucket, route
 ):
     results = run_on_ranks(
-        world_size, _broadcast_big_matches_pytorch, strict, cpu_offload, bucket, boxes,
+        world_size, _broadcast_big_matches_pytorch, strict, cpu_offload, bucket, route,
         timeout=120,
     )
     for rank, (ours, theirs, our_keys, their_keys, none, direct) in enumerate(results):
@@ -902,7 +925,12 @@ def test_broadcast_big_tensors_in_place_match_pytorch(
         assert "big_missing" not in our_keys and none is None
         assert ours["big_rep"][0] == "DTensor" and ours["big_plain"][0] == "T"
         assert ours["big_noncontig_plain"][1] == (2 * world_size, 16)
-        if not boxes or rank:
+        if route == "direct":
+            # Every contiguous source is read where it lies: nothing leaves rank 0.
+            if rank == 0:
+                assert direct and not any(direct.values()), sorted(direct.items())
+            continue
+        if route == "broadcast" or rank:
             # One broadcast / message each, straight from / into the tensor itself.
             assert direct and all(n == 1 for n in direct.values()), (rank, sorted(direct.items()))
             assert (len(direct) > 6) == (rank == 0)
@@ -915,7 +943,7 @@ def test_broadcast_big_tensors_in_place_match_pytorch(
         assert direct["big_rep"] == direct["big_plain"] == 1, direct
 
 
-def _broadcast_layouts_differ(boxes: bool):
+def _broadcast_layouts_differ(route: str):
     """Each rank lays the same keys out its own way (PyTorch loads each rank from its
     own local value, whatever the others hold); ours must give each rank the same."""
     ws, rank = dist.get_world_size(), dist.get_rank()
@@ -952,7 +980,7 @@ def _broadcast_layouts_differ(boxes: bool):
             theirs[key] = copy.deepcopy(value)
     sent, originals = _count_calls(["broadcast", "isend"])
     try:
-        with box_route(boxes):
+        with box_route(route):
             utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096)
     finally:
         for name, fn in originals.items():
@@ -962,19 +990,22 @@ def _broadcast_layouts_differ(boxes: bool):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-@pytest.mark.parametrize("boxes", [True, False], ids=["boxes", "broadcast"])
-def test_broadcast_into_different_layouts_per_rank_matches_pytorch(world_size, boxes):
-    results = run_on_ranks(world_size, _broadcast_layouts_differ, boxes, timeout=120)
+@pytest.mark.parametrize("route", ROUTES)
+def test_broadcast_into_different_layouts_per_rank_matches_pytorch(world_size, route):
+    results = run_on_ranks(world_size, _broadcast_layouts_differ, route, timeout=120)
     for rank, (ours, theirs, _) in enumerate(results):
         assert ours == theirs, f"rank {rank}"
     # Every rank entered the same broadcasts (the route is decided alike everywhere).
     assert len({sent["broadcast"] for _, _, sent in results}) == 1
-    if boxes and world_size > 1:
+    if route == "messages" and world_size > 1:
         # Rank 0 sent point to point what the others' layouts needed.
         assert results[0][2]["isend"] > 0
+    if route == "direct":
+        # Every box came out of rank 0's memory (the sources are contiguous).
+        assert results[0][2]["isend"] == 0
 
 
-def _broadcast_in_subgroup():
+def _broadcast_in_subgroup(route: str):
     """A process group of ranks 0, 2 and 3 of 4: messages go to global ranks."""
     members = [0, 2, 3]
     pg = dist.new_group(members)
@@ -1000,7 +1031,8 @@ def _broadcast_in_subgroup():
     ours, theirs = copy.copy(local), copy.deepcopy(local)
     sent, originals = _count_calls(["isend", "irecv"])
     try:
-        utils.broadcast_state_dict(full, ours, torch.device("cpu"), pg=pg)
+        with box_route(route):
+            utils.broadcast_state_dict(full, ours, torch.device("cpu"), pg=pg)
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -1008,12 +1040,16 @@ def _broadcast_in_subgroup():
     return _describe(ours), _describe(theirs), sent
 
 
-def test_broadcast_in_a_subgroup_matches_pytorch():
-    results = run_on_ranks(4, _broadcast_in_subgroup, timeout=120)
+@pytest.mark.parametrize("route", ["direct", "messages"])
+def test_broadcast_in_a_subgroup_matches_pytorch(route):
+    results = run_on_ranks(4, _broadcast_in_subgroup, route, timeout=120)
     assert results[1] is None
     for rank in (0, 2, 3):
         ours, theirs, _ = results[rank]
         assert ours == theirs, f"rank {rank}"
+    if route == "direct":
+        assert results[0][2]["isend"] == results[2][2]["irecv"] == results[3][2]["irecv"] == 0
+        return
     # Ranks 2 and 3 each need a quarter of "w" (and all of "b", "rep"): rank 0 sends
     # each its own messages.
     assert results[0][2]["isend"] >= 2 and results[2][2]["irecv"] >= 1

@@ -20,6 +20,7 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include "sdict_ext/cpu.h"
+#include "sdict_ext/remote_read.h"
 #include "sdict_ext/tuning.h"
 
 #include <atomic>
@@ -343,6 +344,59 @@ PyObject* box_views(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// read_process_boxes(pid, addrs, full_shapes, starts, dsts) -> int: box i of a
+// C-contiguous tensor of `full_shapes[i]` at address `addrs[i]` in process `pid`, of
+// dsts[i]'s shape starting at index starts[i], read into dsts[i] (a contiguous CPU
+// tensor of the remote dtype's item size) by process_vm_readv, without the GIL. Every
+// box and destination is checked before anything is read; the destinations' version
+// counters are bumped. Returns the bytes read.
+PyObject* read_process_boxes_py(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  long long pid = 0;
+  PyObject* addrs = nullptr;
+  PyObject* fulls = nullptr;
+  PyObject* starts = nullptr;
+  PyObject* dsts = nullptr;
+  if (!PyArg_ParseTuple(args, "LO!O!O!O!", &pid, &PyList_Type, &addrs, &PyList_Type, &fulls, &PyList_Type,
+                        &starts, &PyList_Type, &dsts)) {
+    return nullptr;
+  }
+  constexpr const char* op = "sdict_ext.read_process_boxes";
+  const Py_ssize_t n = PyList_GET_SIZE(dsts);
+  TORCH_CHECK(PyList_GET_SIZE(addrs) == n && PyList_GET_SIZE(fulls) == n && PyList_GET_SIZE(starts) == n,
+              op, ": pass one address, full shape and start per destination");
+  std::vector<RemoteBox> boxes(static_cast<size_t>(n));
+  std::vector<c10::TensorImpl*> written;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(dsts, i);
+    TORCH_CHECK(THPVariable_Check(obj), op, ": destination ", i, " is not a tensor");
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    TORCH_CHECK(t.layout() == at::kStrided && t.has_storage() && t.device().is_cpu() && t.is_contiguous() &&
+                    !t.is_conj() && !t.is_neg(),
+                op, ": destination ", i, " must be a contiguous CPU tensor with its own bytes; stage "
+                "into one and copy");
+    RemoteBox& box = boxes[static_cast<size_t>(i)];
+    box.addr = static_cast<std::uint64_t>(as_int(PyList_GET_ITEM(addrs, i), "address", i, op));
+    const auto full = int_tuple(PyList_GET_ITEM(fulls, i), "full shape", i, op);
+    const auto start = int_tuple(PyList_GET_ITEM(starts, i), "start", i, op);
+    box.full.assign(full.begin(), full.end());
+    box.start.assign(start.begin(), start.end());
+    box.size.assign(t.sizes().begin(), t.sizes().end());
+    box.itemsize = static_cast<int64_t>(t.element_size());
+    box.dst = t.numel() == 0 ? nullptr : static_cast<char*>(t.data_ptr());
+    TORCH_CHECK(box.addr != 0 || t.numel() == 0, op, ": box ", i, " has no source address");
+    written.push_back(t.unsafeGetTensorImpl());
+  }
+  int64_t bytes = 0;
+  {
+    pybind11::gil_scoped_release no_gil;
+    bytes = read_process_boxes(static_cast<pid_t>(pid), boxes);
+  }
+  for (c10::TensorImpl* impl : written) impl->bump_version();
+  return PyLong_FromLongLong(bytes);
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* built_with_openmp(PyObject* /*self*/, PyObject* /*args*/) {
 #ifdef _OPENMP
   Py_RETURN_TRUE;
@@ -380,6 +434,8 @@ PyMethodDef methods[] = {
      "Tensors viewing a slab's storage: (slab, dtypes, shapes, strides, element offsets)."},
     {"box_views", box_views, METH_VARARGS,
      "Box views sharing each tensor's storage: (tensors, starts, shapes); None: narrow them yourself."},
+    {"read_process_boxes", read_process_boxes_py, METH_VARARGS,
+     "Boxes of another process's contiguous tensors into ours: (pid, addrs, full_shapes, starts, dsts) -> bytes."},
     {"copy_thresholds", copy_thresholds_py, METH_VARARGS,
      "CUDA copy routing thresholds: (d2h=None, h2d=None) -> the previous (d2h, h2d) bytes."},
     {"built_with_openmp", built_with_openmp, METH_NOARGS,

@@ -1,0 +1,37 @@
+// Reading boxes of tensors straight out of another process's memory (Linux
+// process_vm_readv, "cross-memory attach"): one copy per byte, by the reader alone.
+#pragma once
+
+#include <c10/util/ArrayRef.h>
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace sdict_ext {
+
+// One box of a C-contiguous tensor in another process, and where its bytes land here.
+struct RemoteBox {
+  std::uint64_t addr = 0;          // the remote tensor's first byte
+  std::vector<int64_t> full;       // the remote tensor's sizes
+  std::vector<int64_t> start;      // the box's first index in each dim
+  std::vector<int64_t> size;       // the box's sizes (also the local tensor's)
+  int64_t itemsize = 1;
+  char* dst = nullptr;             // the box's bytes here, contiguous (prod(size) * itemsize)
+};
+
+// Calls visit(byte offset in the remote tensor, byte count) for each contiguous run of
+// `box`'s bytes, in the order of a contiguous tensor of the box's shape. Raises when the
+// box leaves its tensor.
+template <typename Visit>
+void visit_box_runs(const RemoteBox& box, Visit&& visit);
+
+// Reads every box from process `pid` into its `dst`, batching runs of many boxes into
+// each system call (adjacent runs merged) and resuming after partial reads. Raises, naming
+// the box and the errno's likely cause, when the kernel refuses. Returns the bytes read.
+int64_t read_process_boxes(pid_t pid, const std::vector<RemoteBox>& boxes);
+
+}  // namespace sdict_ext
+
+#include "sdict_ext/remote_read_inl.h"
