@@ -10,10 +10,21 @@ by ``irecv`` and unpacks them into its shards. Rank 0 copies its own boxes strai
 from the source while its messages travel. Nothing depends on the ranks laying out
 a tensor alike: each rank asks for what its own local value needs.
 
+A rank on rank 0's host needs no message at all: rank 0 announces its pid, the address
+of each contiguous source tensor, and a 16-byte random probe; a rank that reads those
+exact bytes back (``process_vm_readv``: same host, same pid namespace, ptrace access)
+marks the transfers it will read itself (negative bytes in its needs row), and after
+the agreement reads each of its boxes straight out of rank 0's tensors into its own
+shards, one system call per ~1,000 runs of bytes. That is one copy per byte, made by
+the receiver while rank 0 copies its own boxes, where a message costs four (pack,
+socket in, socket out, unpack). Rank 0's tensors must outlive the reads: one more
+agreement after them keeps rank 0 in the call, and raises a refused read on every rank.
+
 Used for CPU groups (gloo): there every byte that travels is copied by both CPUs,
 so bytes not sent are the time saved. On the 2-core dev VM, 105 MB in 8 MiB messages
 took 21-28 ms where one broadcast of the full 211 MB took 71-85 ms (gloo, 2 ranks,
-2026-12-03, twice; BENCHMARKS.md has more runs). Device groups keep
+2026-12-03, twice; BENCHMARKS.md has more runs); read directly, 105 MB took 12-13 ms,
+as long as one memcpy of it. Device groups keep
 the broadcast, whose ring / tree moves each byte over each link once and whose
 packing runs on the device.
 """

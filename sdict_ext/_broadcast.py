@@ -1,63 +1,59 @@
-"""``broadcast_state_dict`` and ``distribute_state_dict``: a full state dict into a sharded one.
+"""``broadcast_state_dict``: rank 0's full state dict into every rank's sharded one.
 
 PyTorch's ``_broadcast_state_dict`` broadcasts one tensor at a time and builds every
 full tensor on every rank before slicing out the local shard. Here rank 0 packs the
 tensors into bucketed flat buffers, one broadcast per bucket, and every rank unpacks
 each slot straight into its destination: the DTensor's local shard (only its box is
 read, so no rank other than 0 ever holds a full copy of a sharded tensor) or a new
-full tensor where the local value is a plain tensor.
-
-``distribute_state_dict`` needs no communication at all: every rank has the full state
-dict, so each slices its own box out locally, with one batched copy per device pair
-(PyTorch scatters each tensor from rank 0 with ``distribute_tensor``).
+full tensor where the local value is a plain tensor. On CPU groups the point-to-point
+route of ``_box_route`` replaces the broadcast where it moves fewer bytes (and a rank on
+rank 0's host reads its boxes out of rank 0's memory); the metadata rank 0 announces
+first is built in ``_broadcast_meta``.
 """
 
 from __future__ import annotations
 
 import math
-import pickle
 from array import array
 from itertools import accumulate, zip_longest
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor import DTensor
 
 from sdict_ext import _box_route, ops
+from sdict_ext._broadcast_meta import (
+    Announced,
+    TensorInfo,
+    announce,
+    from_wire,
+    receive_metadata,
+    send_metadata,
+    to_wire,
+    wait_sent,
+)
 from sdict_ext._collectives import (
     DEFAULT_BUCKET_BYTES,
+    BoxCache,
     RankFailure,
     agree,
-    box_of,
     buckets_with_solos,
     dtensor_of,
-    is_plain_placement,
-    mesh_coordinates,
-    mesh_shape,
+    local_box,
     slice_bytes,
 )
 from sdict_ext._copies import batched_copy_pairs, offload_leaves, view_key
 from sdict_ext._gc import gc_paused
-from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
+from sdict_ext._traverse import leaf_kind
 
-__all__ = ["broadcast_state_dict", "distribute_state_dict"]
+__all__ = ["broadcast_state_dict"]
 
 #: Whether CPU groups may take the point-to-point route (tests turn it off to run the
 #: broadcast route, the one device groups take, on gloo).
 _BOX_ROUTE = True
 
 
-# A tensor rank 0 is about to send, as it travels: (position of its key, shape, index
-# of its dtype in the dtype list, same, address), where ``same`` is the index (among
-# the announced tensors) of an earlier key whose tensor is this very one (tied weights,
-# or a loaded checkpoint's shared storage), or -1: a tensor travels once and fills all
-# its keys; ``address`` is where its bytes start in rank 0's memory when a rank on its
-# host may read them there (a contiguous CPU tensor), else 0. Plain tuples of ints
-# pickle and unpickle in C, a few hundred ns each.
-_Tensor = tuple[int, tuple[int, ...], int, int, int]
-_Announced = tuple[list[str], dict[int, Any], list[_Tensor], list[torch.dtype]]
 
 
 def _pg_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
@@ -66,134 +62,6 @@ def _pg_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
     if device.type in {t.type for t in types}:
         return device
     return types[0]
-
-
-def _announce(full_state_dict: dict[str, Any]) -> _Announced:
-    """Rank 0's metadata: the keys, the plain values and 0-dim tensors (by key
-    position; they travel as objects), the tensors, and their dtypes."""
-    keys = list(full_state_dict)
-    objects: dict[int, Any] = {}
-    tensors: list[_Tensor] = []
-    dtypes: list[torch.dtype] = []
-    code_of: dict[torch.dtype, int] = {}
-    # Ties: tensors starting at the same address are compared by their whole view.
-    by_ptr: dict[int, tuple[int, torch.Tensor] | None] = {}
-    by_view: dict[tuple[Any, ...], int] = {}
-    for pos, value in enumerate(full_state_dict.values()):
-        if type(value) is not torch.Tensor:
-            if not torch.is_tensor(value):
-                objects[pos] = value
-                continue
-            if leaf_kind(value) != LEAF_TENSOR:
-                raise ValueError(
-                    f"broadcast_state_dict: full_state_dict[{keys[pos]!r}] is a "
-                    f"{type(value).__name__}; the full state dict must hold plain tensors"
-                )
-        shape = tuple(value.shape)
-        if not shape:
-            objects[pos] = value.cpu()
-            continue
-        dtype = value.dtype
-        code = code_of.get(dtype)
-        if code is None:
-            code = code_of[dtype] = len(dtypes)
-            dtypes.append(dtype)
-        same, addr = -1, 0
-        if 0 not in shape:
-            index = len(tensors)
-            ptr = value.data_ptr()
-            first = by_ptr.setdefault(ptr, (index, value))
-            if first is not None and first[0] != index:
-                by_view[view_key(first[1])] = first[0]
-                by_ptr[ptr] = None  # from now on, by_view has this address's views
-                first = None
-            if first is None:
-                same = by_view.setdefault(view_key(value), index)
-                if same == index:
-                    same = -1
-            addr = (
-                ptr if value.is_cpu and value.is_contiguous() and not value.is_conj()
-                and not value.is_neg() else 0
-            )
-        tensors.append((pos, shape, code, same, addr))
-    return keys, objects, tensors, dtypes
-
-
-class _Scalar(NamedTuple):
-    """A 0-dim tensor on the wire: element ``index`` of the raw ``dtype`` array."""
-
-    dtype: torch.dtype
-    index: int
-
-
-# Dtypes whose 0-dim tensors round-trip through raw bytes (sub-byte and quantized
-# dtypes have no element copy to rebuild them with).
-_RAW_DTYPES = frozenset(
-    {
-        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-        torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.bfloat16,
-        torch.float32, torch.float64, torch.complex64, torch.complex128,
-    }
-)
-
-
-def _is_raw_scalar(value: Any) -> bool:
-    # Only what its raw bytes fully describe; anything else (a Parameter, a tensor
-    # that requires grad, a conjugate / negative view, an exotic dtype) is pickled
-    # with the rest of the metadata, as PyTorch sends every 0-dim tensor.
-    return (
-        type(value) is torch.Tensor
-        and value.dim() == 0
-        and value.dtype in _RAW_DTYPES
-        and value.layout == torch.strided
-        and not value.requires_grad
-        and not value.is_conj()
-        and not value.is_neg()
-    )
-
-
-def _to_wire(
-    keys: list[str],
-    objects: dict[int, Any],
-    tensors: list[_Tensor],
-    dtypes: list[torch.dtype],
-    source: _box_route.Source | None,
-) -> tuple[Any, ...]:
-    """The metadata as cheaply pickled objects: plain 0-dim tensors become raw bytes,
-    one byte string per dtype (pickling a tensor, as ``broadcast_object_list`` does for
-    every optimizer ``step``, goes through torch's storage serialisation, ~0.2 ms per
-    tensor on each side). ``source`` lets ranks on this host read the tensors directly
-    (:func:`_box_route.source_probe`)."""
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    wire_objects: dict[int, Any] = {}
-    for pos, value in objects.items():
-        if _is_raw_scalar(value):
-            same = by_dtype.setdefault(value.dtype, [])
-            wire_objects[pos] = _Scalar(value.dtype, len(same))
-            same.append(value)
-        else:
-            wire_objects[pos] = value
-    blobs = {
-        dtype: torch.stack(values).view(torch.uint8).numpy().tobytes()
-        for dtype, values in by_dtype.items()
-    }
-    # Last: the needs row's length, which every rank must know even if decoding fails.
-    row_len = 1 + sum(1 + 2 * len(t[1]) for t in tensors if t[3] < 0)
-    return keys, wire_objects, blobs, tensors, dtypes, source, row_len
-
-
-def _from_wire(wire: tuple[Any, ...]) -> _Announced:
-    keys, wire_objects, blobs, tensors, dtypes, _, _ = wire
-    arrays = {
-        dtype: torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(dtype)
-        for dtype, blob in blobs.items()
-    }
-    # clone(): each tensor owns its storage, as an unpickled one does.
-    objects = {
-        pos: arrays[v.dtype][v.index].clone() if isinstance(v, _Scalar) else v
-        for pos, v in wire_objects.items()
-    }
-    return keys, objects, tensors, dtypes
 
 
 class _Dest:
@@ -227,47 +95,6 @@ class _Dest:
         self.slot = 0
 
 
-_BoxCache = dict[Any, Any]
-
-
-def _local_box(
-    shape: tuple[int, ...], local: DTensor, rank: int, cache: _BoxCache | None = None
-) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """This rank's (shape, start) box of a full tensor laid out like ``local``.
-
-    The same box as PyTorch's ``compute_local_shape_and_global_offset``, which this
-    falls back to for placements other than Shard / Replicate; for those, the
-    arithmetic on cached mesh coordinates costs a fraction of it (it builds index
-    tensors per call). ``cache`` (one per call of a state-dict function) remembers each
-    distinct (mesh, placements, shape): a model repeats a few shapes many times.
-    """
-    spec = local._spec
-    if cache is None:
-        return _compute_box(shape, spec.mesh, spec.placements, rank)
-    # Placements are C++ objects: hashing / comparing them costs ~0.3 us.
-    key = (id(spec.mesh), spec.placements, shape)
-    box = cache.get(key, cache)
-    if box is cache:
-        box = cache[key] = _compute_box(shape, spec.mesh, spec.placements, rank)
-    return box
-
-
-def _compute_box(
-    shape: tuple[int, ...], mesh: Any, placements: Any, rank: int
-) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    if not is_plain_placement(placements):
-        box_shape, box_start = compute_local_shape_and_global_offset(shape, mesh, placements)
-        if not box_start and tuple(box_shape) == (0,):
-            return None
-        return tuple(box_shape), tuple(box_start)
-    coord = mesh_coordinates(mesh).get(rank)
-    if coord is None:
-        return None
-    return box_of(shape, mesh_shape(mesh), coord, placements)
-
-
-
-
 def _plan_dest(
     key: str,
     shape: tuple[int, ...],
@@ -277,7 +104,7 @@ def _plan_dest(
     device: torch.device,
     flat_device: torch.device,
     rank: int,
-    boxes: _BoxCache,
+    boxes: BoxCache,
 ) -> _Dest:
     if local is None:
         return _Dest(key, shape)
@@ -290,7 +117,7 @@ def _plan_dest(
             return _Dest(key, shape, new, shape, zeros, None, new)
         staged = torch.empty(shape, dtype=dtype, device=flat_device)
         return _Dest(key, shape, staged, shape, zeros, new, new)
-    box = _local_box(shape, local, rank, boxes)
+    box = local_box(shape, local, rank, boxes)
     if box is None:
         return _Dest(key, shape)  # this rank is not part of the DTensor's mesh
     box_shape, box_start = box
@@ -322,7 +149,7 @@ def _preplan(local_state_dict: dict[str, Any], rank: int) -> dict[str, _Dest]:
     metadata: for each DTensor with a CPU local shard, its box of a full tensor of the
     DTensor's own global shape. :func:`_plan_dests` takes one where rank 0's tensor has
     that shape and the shard's dtype, and plans anything else as usual."""
-    boxes: _BoxCache = {}
+    boxes: BoxCache = {}
     pre: dict[str, _Dest] = {}
     for key, local in local_state_dict.items():
         if type(local) is not DTensor:
@@ -331,14 +158,14 @@ def _preplan(local_state_dict: dict[str, Any], rank: int) -> dict[str, _Dest]:
         if not new.is_cpu:  # (nor is a meta shard)
             continue
         shape = tuple(local.shape)
-        box = _local_box(shape, local, rank, boxes)
+        box = local_box(shape, local, rank, boxes)
         if box is not None and new.shape == box[0]:
             pre[key] = _Dest(key, shape, new, box[0], box[1], None, local)
     return pre
 
 
 def _plan_dests(
-    tensors: list[_Tensor],
+    tensors: list[TensorInfo],
     keys: list[str],
     dtypes: list[torch.dtype],
     local_state_dict: dict[str, Any],
@@ -353,7 +180,7 @@ def _plan_dests(
     group's device (~1 us a key instead of ~5 through the general path), or one
     :func:`_preplan` made already. Also says whether two keys may share a local tensor
     (then :func:`_one_writer_per_target` must pick their writer)."""
-    boxes: _BoxCache = {}
+    boxes: BoxCache = {}
     get = local_state_dict.get
     pre_get = (pre or {}).get
     on_cpu = flat_device.type == "cpu"
@@ -374,7 +201,7 @@ def _plan_dests(
         if on_cpu and type(local) is DTensor:
             new = local._local_tensor
             if new.dtype == dtype and new.is_cpu:  # (a meta shard is not on the CPU)
-                box = _local_box(shape, local, rank, boxes)
+                box = local_box(shape, local, rank, boxes)
                 if box is not None and new.shape == box[0]:
                     dests.append(_Dest(key, shape, new, box[0], box[1], None, local))
                     if 0 not in box[0]:
@@ -433,7 +260,12 @@ def broadcast_state_dict(
     of at most ``min(bucket_bytes / 2, 8 MiB)`` (one ``isend`` each, up to four in
     flight; a box of a quarter of that or more travels alone, from the source itself
     where its bytes are contiguous, and into the destination itself where that holds
-    the whole box), and copies its own boxes straight from the source. The other
+    the whole box), and copies its own boxes straight from the source. A rank on rank
+    0's host (it reads back a probe rank 0 announces) reads the boxes of contiguous
+    source tensors straight out of rank 0's memory into its own shards instead
+    (``process_vm_readv``: no message, one copy per byte; ``SDICT_EXT_DIRECT_READ=0``
+    turns this off), and a last agreement after the reads keeps rank 0 until they are
+    done; a read refused then (rare: the probe passed) is raised on every rank. The other
     tensors (and on a device group all of them) are broadcast in packed slices of the
     same size, one asynchronous broadcast each, the next slice packed and the previous
     one unpacked while one travels (two slice buffers), a tensor of a quarter slice or
@@ -463,7 +295,7 @@ def broadcast_state_dict(
     # Point to point where it saves bytes: CPU groups only (see _box_route).
     by_box = _BOX_ROUTE and flat_device.type == "cpu"
     error: BaseException | None = None
-    announced: _Announced | None = None
+    announced: Announced | None = None
     wire: tuple[Any, ...] | None = None
     # Lives until the call returns: ranks on this host probe it (_box_route.can_read).
     probe: torch.Tensor | None = None
@@ -472,8 +304,8 @@ def broadcast_state_dict(
             source = None
             if by_box and _box_route.DIRECT_READ:
                 probe, source = _box_route.source_probe()
-            announced = _announce(full_state_dict)
-            wire = _to_wire(*announced, source)
+            announced = announce(full_state_dict)
+            wire = to_wire(*announced, source)
         except Exception as exc:  # shipped to every rank below
             error = exc
     pre = None
@@ -484,17 +316,17 @@ def broadcast_state_dict(
         except Exception:  # noqa: BLE001 (planned, and reported, the usual way below)
             pre = None
     if is_src:
-        in_flight = _send_metadata(
+        in_flight = send_metadata(
             (wire, None if error is None else f"{type(error).__name__}: {error}"),
             group, flat_device,
         )
         box = [(wire, None if error is None else "")]
     else:
-        box = [_receive_metadata(group, flat_device)]
+        box = [receive_metadata(group, flat_device)]
     wire, src_error = box[0]
     if src_error is not None:
         if error is not None:
-            _wait(in_flight)
+            wait_sent(in_flight)
             raise error
         raise RankFailure(
             f"broadcast_state_dict failed on the source rank: {src_error}", {0: src_error}
@@ -508,9 +340,9 @@ def broadcast_state_dict(
     slot_dests: list[list[_Dest]] = []
     specs: list[tuple[tuple[int, ...], torch.dtype]] = []
     row: list[int] | None = None
-    tensors: list[_Tensor] = []
+    tensors: list[TensorInfo] = []
     try:
-        keys, objects, tensors, dtypes = announced if is_src else _from_wire(wire)
+        keys, objects, tensors, dtypes = announced if is_src else from_wire(wire)
         dests, shared = _plan_dests(
             tensors, keys, dtypes, local_state_dict, full_state_dict if is_src else None,
             device, flat_device, dist.get_rank(), pre,
@@ -549,7 +381,7 @@ def broadcast_state_dict(
         error = exc
 
     if is_src:
-        _wait(in_flight)  # the metadata left while this rank planned
+        wait_sent(in_flight)  # the metadata left while this rank planned
     srcs: list[torch.Tensor] = []
     sending: _box_route.SendPlan | None = None
     receiving: _box_route.ReceivePlan | None = None
@@ -620,36 +452,6 @@ def broadcast_state_dict(
     if strict:
         for key in [k for k in local_state_dict if k not in global_keys]:
             del local_state_dict[key]
-
-
-def _send_metadata(obj: Any, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
-    """Rank 0: broadcasts ``obj`` pickled (its size, then its bytes), asynchronously,
-    so that rank 0 plans its own keys while the others take it (and meanwhile finish
-    their :func:`_preplan`); ``broadcast_object_list`` would wait for every rank.
-    Returns what to wait for (and keep alive) before the next exchange."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-    return [
-        dist.broadcast(size, group=group, group_src=0, async_op=True),
-        dist.broadcast(payload, group=group, group_src=0, async_op=True),
-        size,
-        payload,
-    ]
-
-
-def _wait(in_flight: list[Any]) -> None:
-    for work in in_flight[:2]:
-        work.wait()
-
-
-def _receive_metadata(group: dist.ProcessGroup, device: torch.device) -> Any:
-    """The other ranks' side of :func:`_send_metadata`."""
-    size = torch.empty(1, dtype=torch.int64, device=device)
-    dist.broadcast(size, group=group, group_src=0)
-    payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(payload, group=group, group_src=0)
-    return pickle.loads(payload.cpu().numpy().tobytes())
 
 
 # torch 2.13 deprecates all_gather_into_tensor for all_gather_single.
@@ -931,74 +733,3 @@ def _finish(dests: list[_Dest]) -> None:
         for d in dests:
             if d.finish is not None and d.finish.dtype != d.unpack_into.dtype:
                 d.finish.copy_(d.unpack_into)
-
-
-@gc_paused()
-def distribute_state_dict(
-    full_state_dict: dict[str, Any],
-    local_state_dict: dict[str, Any],
-    device: torch.device,
-    pg: dist.ProcessGroup | None = None,
-) -> None:
-    """Loads a full state dict that every rank holds into the local one, in place.
-
-    Counterpart of ``_distribute_state_dict``.
-
-    Same results as PyTorch: non-tensor values and 0-dim tensors (moved to the CPU) are
-    assigned; a DTensor local value is replaced by a new DTensor of the same mesh and
-    placements holding this rank's box; any other present local value is replaced by
-    the full tensor moved to ``device`` (the same tensor when it is already there).
-
-    Difference: each rank slices its box out of its own copy, with one batched copy per
-    device pair and no communication, where PyTorch's ``distribute_tensor`` scatters
-    every tensor from rank 0; the full state dicts must therefore be equal on every
-    rank, as the function's contract already says. ``Partial`` and ``_StridedShard``
-    placements still go through ``distribute_tensor``.
-
-    Args:
-        full_state_dict: the flat full state dict (plain tensors), on every rank.
-        local_state_dict: this rank's state dict, updated in place.
-        device: where new tensors are placed.
-        pg: unused (the DTensors carry their meshes); kept for the signature.
-    """
-    del pg
-    rank = dist.get_rank()
-    boxes: _BoxCache = {}
-    results: dict[str, Any] = {}
-    dsts: list[torch.Tensor] = []
-    sliced: list[tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]] = []
-    # A tied weight (one full tensor, one local DTensor, at several keys) is sliced once.
-    done: dict[tuple[int, int], str] = {}
-    for key, value in full_state_dict.items():
-        if not torch.is_tensor(value):
-            results[key] = value
-            continue
-        if value.dim() == 0:
-            results[key] = value.cpu()
-            continue
-        local = local_state_dict.get(key)
-        if local is None:
-            continue
-        earlier = done.setdefault((id(value), id(local)), key)
-        if earlier != key:
-            if earlier in results:
-                results[key] = results[earlier]
-            continue
-        if not isinstance(local, DTensor):
-            results[key] = value.detach().to(device)
-            continue
-        mesh, placements = local.device_mesh, local.placements
-        if not is_plain_placement(placements):
-            results[key] = distribute_tensor(value.detach().to(device), mesh, placements)
-            continue
-        box = _local_box(tuple(value.shape), local, rank, boxes)
-        if box is None:
-            continue  # this rank is not part of the DTensor's mesh
-        shape, start = box
-        new = torch.empty(shape, dtype=value.dtype, device=device)
-        dsts.append(new)
-        sliced.append((value.detach(), start, shape))
-        results[key] = dtensor_of(new, local, value.shape, value.stride())
-    srcs = ops.box_views(*zip(*sliced)) if sliced else []
-    batched_copy_pairs(dsts, srcs)
-    local_state_dict.update(results)

@@ -24,16 +24,20 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DeviceMesh, DTensor, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 __all__ = [
+    "BoxCache",
     "DEFAULT_BUCKET_BYTES",
     "RankFailure",
     "agree",
     "box_of",
     "buckets",
     "buckets_with_solos",
+    "compute_box",
     "digest",
     "is_plain_placement",
+    "local_box",
     "mesh_coordinates",
     "mesh_shape",
     "dtensor_of",
@@ -303,3 +307,42 @@ def box_of(
         start[d] += lo
         shape[d] = size
     return tuple(shape), tuple(start)
+
+
+BoxCache = dict[Any, Any]
+
+
+def local_box(
+    shape: tuple[int, ...], local: DTensor, rank: int, cache: BoxCache | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """This rank's (shape, start) box of a full tensor laid out like ``local``.
+
+    The same box as PyTorch's ``compute_local_shape_and_global_offset``, which this
+    falls back to for placements other than Shard / Replicate; for those, the
+    arithmetic on cached mesh coordinates costs a fraction of it (it builds index
+    tensors per call). ``cache`` (one per call of a state-dict function) remembers each
+    distinct (mesh, placements, shape): a model repeats a few shapes many times.
+    """
+    spec = local._spec
+    if cache is None:
+        return compute_box(shape, spec.mesh, spec.placements, rank)
+    # Placements are C++ objects: hashing / comparing them costs ~0.3 us.
+    key = (id(spec.mesh), spec.placements, shape)
+    box = cache.get(key, cache)
+    if box is cache:
+        box = cache[key] = compute_box(shape, spec.mesh, spec.placements, rank)
+    return box
+
+
+def compute_box(
+    shape: tuple[int, ...], mesh: Any, placements: Any, rank: int
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    if not is_plain_placement(placements):
+        box_shape, box_start = compute_local_shape_and_global_offset(shape, mesh, placements)
+        if not box_start and tuple(box_shape) == (0,):
+            return None
+        return tuple(box_shape), tuple(box_start)
+    coord = mesh_coordinates(mesh).get(rank)
+    if coord is None:
+        return None
+    return box_of(shape, mesh_shape(mesh), coord, placements)

@@ -33,9 +33,10 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from sdict_ext import ops
-from sdict_ext._broadcast import broadcast_state_dict, distribute_state_dict
+from sdict_ext._broadcast import broadcast_state_dict
 from sdict_ext._copies import batched_copy_pairs, offload_leaves
 from sdict_ext._cpu_slab import carve
+from sdict_ext._distribute import distribute_state_dict
 from sdict_ext._gather import gather_state_dict
 from sdict_ext._traverse import (
     LEAF_DTENSOR,

@@ -168,7 +168,7 @@ def test_gather_matches_pytorch_bit_exact(world_size, cpu_offload, ranks_only, b
 def metadata_call() -> bool:
     """Whether the ``dist`` call being counted is broadcast_state_dict's metadata
     exchange (two broadcasts a call: its size, its bytes), which moves no tensor data."""
-    return sys._getframe(2).f_code.co_name in ("_send_metadata", "_receive_metadata")
+    return sys._getframe(2).f_code.co_name in ("send_metadata", "receive_metadata")
 
 
 def _count_calls(fn_names: list[str]):
@@ -555,6 +555,75 @@ def test_broadcast_failure_on_one_rank_raises_on_every_rank_before_loading(route
         ("ValueError", True), ("RankFailure", True)]
     assert run_on_ranks(2, _broadcast_failure, "local_shape", route, timeout=60) == [
         ("RankFailure", True), ("ValueError", True)]
+
+
+def _broadcast_some_ranks_read(unreadable: int):
+    """Rank ``unreadable`` fails its probe of rank 0's memory: it takes messages while
+    the other ranks read directly, in the same call."""
+    full, local = _load_inputs()
+    rank = dist.get_rank()
+    if rank != 0:
+        full = {}
+    ours, theirs = copy.copy(local), copy.copy(local)
+    for key, value in local.items():
+        if isinstance(value, DTensor) and not value.is_meta:
+            theirs[key] = copy.deepcopy(value)
+    before = _box_route_mod.can_read
+    if rank == unreadable:
+        _box_route_mod.can_read = lambda source: False
+    counts, originals = _count_calls(["isend", "irecv"])
+    try:
+        utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096)
+    finally:
+        _box_route_mod.can_read = before
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    ref._broadcast_state_dict(full, theirs, torch.device("cpu"))
+    return _describe(ours), _describe(theirs), counts
+
+
+def test_broadcast_mixes_direct_reads_and_messages_per_rank_like_pytorch():
+    results = run_on_ranks(4, _broadcast_some_ranks_read, 2, timeout=120)
+    for rank, (ours, theirs, _) in enumerate(results):
+        assert ours == theirs, f"rank {rank}"
+    counts = [c for _, _, c in results]
+    # Only rank 2 was sent anything; ranks 1 and 3 read all of theirs.
+    assert counts[0]["isend"] == counts[2]["irecv"] > 0
+    assert counts[1]["irecv"] == counts[3]["irecv"] == 0
+
+
+def _broadcast_read_refused():
+    """Rank 1's direct read is refused after every rank agreed (rank 0's process
+    vanishing mid-call would look so): every rank must raise, none may hang."""
+    full, local = _load_inputs(meta_ok=False)
+    rank = dist.get_rank()
+    before = ops.read_process_boxes
+    calls = []
+
+    def refuse(pid, addrs, *args):
+        calls.append(len(addrs))
+        if len(addrs) > 1:  # the probe (one box) passes; the reads do not
+            raise RuntimeError("sdict_ext.read_process_boxes: refused for the test")
+        return before(pid, addrs, *args)
+
+    if rank == 1:
+        _box_route_mod.ops.read_process_boxes = refuse
+    try:
+        utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, str(exc)[:200], calls
+    finally:
+        _box_route_mod.ops.read_process_boxes = before
+    return None, "", calls
+
+
+def test_broadcast_direct_read_refused_raises_on_every_rank():
+    (kind0, text0, _), (kind1, text1, calls) = run_on_ranks(
+        2, _broadcast_read_refused, timeout=60
+    )
+    assert calls and calls[0] == 1 and calls[-1] > 1
+    assert (kind0, kind1) == ("RankFailure", "RuntimeError")
+    assert "refused for the test" in text0 and "refused for the test" in text1
 
 
 def _distribute_matches_pytorch():

@@ -10,6 +10,9 @@
 
 #include "sdict_ext/copy_plan.h"
 #include "sdict_ext/cpu.h"
+#include "sdict_ext/remote_read.h"
+
+#include <unistd.h>
 
 namespace {
 
@@ -189,9 +192,50 @@ void test_dense_overlap_sweep() {
   expect(!ok(spans_of(dst, src)), "one overlap among 4,001 pairs");
 }
 
+// Boxes of our own tensors read through process_vm_readv (this process is its own
+// "remote"): every box of a 3-d tensor, against narrow().
+void test_read_process_boxes_matches_narrow() {
+  const at::Tensor src = at::arange(3 * 4 * 5, at::kInt).reshape({3, 4, 5});
+  std::vector<at::Tensor> dsts;
+  std::vector<sdict_ext::RemoteBox> boxes;
+  std::vector<std::vector<int64_t>> where;
+  for (int64_t a = 0; a <= 3; ++a)
+    for (int64_t b = 1; b <= 4; ++b)
+      for (int64_t c = 1; c <= 5; ++c)
+        for (int64_t i = 0; i + a <= 3; ++i)
+          for (int64_t j = 0; j + b <= 4; ++j)
+            for (int64_t k = 0; k + c <= 5; k += 2) {
+              dsts.push_back(at::full({a, b, c}, -1, at::kInt));
+              sdict_ext::RemoteBox box;
+              box.addr = reinterpret_cast<std::uint64_t>(src.data_ptr());
+              box.full = {3, 4, 5};
+              box.start = {i, j, k};
+              box.size = {a, b, c};
+              box.itemsize = 4;
+              box.dst = a == 0 ? nullptr : static_cast<char*>(dsts.back().data_ptr());
+              boxes.push_back(box);
+              where.push_back({i, j, k});
+            }
+  int64_t expected = 0;
+  for (const auto& d : dsts) expected += d.numel() * 4;
+  expect(sdict_ext::read_process_boxes(getpid(), boxes) == expected, "read_process_boxes byte count");
+  for (size_t n = 0; n < dsts.size(); ++n) {
+    const auto& w = where[n];
+    const at::Tensor ref = src.narrow(0, w[0], dsts[n].size(0)).narrow(1, w[1], dsts[n].size(1))
+                               .narrow(2, w[2], dsts[n].size(2));
+    expect(at::equal(dsts[n], ref), "read_process_boxes box equals narrow");
+  }
+  sdict_ext::RemoteBox out_of_range = boxes.back();
+  out_of_range.start = {3, 0, 0};
+  out_of_range.size = {1, 1, 1};
+  expect_throws([&] { sdict_ext::read_process_boxes(getpid(), {out_of_range}); }, "leaves dim 0",
+                "read_process_boxes rejects a box outside its tensor");
+}
+
 }  // namespace
 
 int main() {
+  test_read_process_boxes_matches_narrow();
   test_dense_overlap_sweep();
   test_strided_and_dense_copies();
   test_every_element_size();

@@ -1,0 +1,193 @@
+"""The metadata of ``broadcast_state_dict``: what rank 0 announces before any tensor moves.
+
+Rank 0 describes its full state dict in plain, cheaply pickled objects (keys, shapes as
+tuples of ints, dtype indices, tie links, source addresses; 0-dim tensors as raw bytes)
+and broadcasts it asynchronously, so that it plans its own keys while the other ranks
+receive it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from sdict_ext import _box_route
+from sdict_ext._copies import view_key
+from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
+
+__all__ = [
+    "Announced", "TensorInfo", "announce", "from_wire", "receive_metadata", "send_metadata",
+    "to_wire", "wait_sent",
+]
+
+# A tensor rank 0 is about to send, as it travels: (position of its key, shape, index
+# of its dtype in the dtype list, same, address), where ``same`` is the index (among
+# the announced tensors) of an earlier key whose tensor is this very one (tied weights,
+# or a loaded checkpoint's shared storage), or -1: a tensor travels once and fills all
+# its keys; ``address`` is where its bytes start in rank 0's memory when a rank on its
+# host may read them there (a contiguous CPU tensor), else 0. Plain tuples of ints
+# pickle and unpickle in C, a few hundred ns each.
+TensorInfo = tuple[int, tuple[int, ...], int, int, int]
+Announced = tuple[list[str], dict[int, Any], list[TensorInfo], list[torch.dtype]]
+
+
+def announce(full_state_dict: dict[str, Any]) -> Announced:
+    """Rank 0's metadata: the keys, the plain values and 0-dim tensors (by key
+    position; they travel as objects), the tensors, and their dtypes."""
+    keys = list(full_state_dict)
+    objects: dict[int, Any] = {}
+    tensors: list[TensorInfo] = []
+    dtypes: list[torch.dtype] = []
+    code_of: dict[torch.dtype, int] = {}
+    # Ties: tensors starting at the same address are compared by their whole view.
+    by_ptr: dict[int, tuple[int, torch.Tensor] | None] = {}
+    by_view: dict[tuple[Any, ...], int] = {}
+    for pos, value in enumerate(full_state_dict.values()):
+        if type(value) is not torch.Tensor:
+            if not torch.is_tensor(value):
+                objects[pos] = value
+                continue
+            if leaf_kind(value) != LEAF_TENSOR:
+                raise ValueError(
+                    f"broadcast_state_dict: full_state_dict[{keys[pos]!r}] is a "
+                    f"{type(value).__name__}; the full state dict must hold plain tensors"
+                )
+        shape = tuple(value.shape)
+        if not shape:
+            objects[pos] = value.cpu()
+            continue
+        dtype = value.dtype
+        code = code_of.get(dtype)
+        if code is None:
+            code = code_of[dtype] = len(dtypes)
+            dtypes.append(dtype)
+        same, addr = -1, 0
+        if 0 not in shape:
+            index = len(tensors)
+            ptr = value.data_ptr()
+            first = by_ptr.setdefault(ptr, (index, value))
+            if first is not None and first[0] != index:
+                by_view[view_key(first[1])] = first[0]
+                by_ptr[ptr] = None  # from now on, by_view has this address's views
+                first = None
+            if first is None:
+                same = by_view.setdefault(view_key(value), index)
+                if same == index:
+                    same = -1
+            addr = (
+                ptr if value.is_cpu and value.is_contiguous() and not value.is_conj()
+                and not value.is_neg() else 0
+            )
+        tensors.append((pos, shape, code, same, addr))
+    return keys, objects, tensors, dtypes
+
+
+class _Scalar(NamedTuple):
+    """A 0-dim tensor on the wire: element ``index`` of the raw ``dtype`` array."""
+
+    dtype: torch.dtype
+    index: int
+
+
+# Dtypes whose 0-dim tensors round-trip through raw bytes (sub-byte and quantized
+# dtypes have no element copy to rebuild them with).
+_RAW_DTYPES = frozenset(
+    {
+        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.bfloat16,
+        torch.float32, torch.float64, torch.complex64, torch.complex128,
+    }
+)
+
+
+def _is_raw_scalar(value: Any) -> bool:
+    # Only what its raw bytes fully describe; anything else (a Parameter, a tensor
+    # that requires grad, a conjugate / negative view, an exotic dtype) is pickled
+    # with the rest of the metadata, as PyTorch sends every 0-dim tensor.
+    return (
+        type(value) is torch.Tensor
+        and value.dim() == 0
+        and value.dtype in _RAW_DTYPES
+        and value.layout == torch.strided
+        and not value.requires_grad
+        and not value.is_conj()
+        and not value.is_neg()
+    )
+
+
+def to_wire(
+    keys: list[str],
+    objects: dict[int, Any],
+    tensors: list[TensorInfo],
+    dtypes: list[torch.dtype],
+    source: _box_route.Source | None,
+) -> tuple[Any, ...]:
+    """The metadata as cheaply pickled objects: plain 0-dim tensors become raw bytes,
+    one byte string per dtype (pickling a tensor, as ``broadcast_object_list`` does for
+    every optimizer ``step``, goes through torch's storage serialisation, ~0.2 ms per
+    tensor on each side). ``source`` lets ranks on this host read the tensors directly
+    (:func:`_box_route.source_probe`)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    wire_objects: dict[int, Any] = {}
+    for pos, value in objects.items():
+        if _is_raw_scalar(value):
+            same = by_dtype.setdefault(value.dtype, [])
+            wire_objects[pos] = _Scalar(value.dtype, len(same))
+            same.append(value)
+        else:
+            wire_objects[pos] = value
+    blobs = {
+        dtype: torch.stack(values).view(torch.uint8).numpy().tobytes()
+        for dtype, values in by_dtype.items()
+    }
+    # Last: the needs row's length, which every rank must know even if decoding fails.
+    row_len = 1 + sum(1 + 2 * len(t[1]) for t in tensors if t[3] < 0)
+    return keys, wire_objects, blobs, tensors, dtypes, source, row_len
+
+
+def from_wire(wire: tuple[Any, ...]) -> Announced:
+    keys, wire_objects, blobs, tensors, dtypes, _, _ = wire
+    arrays = {
+        dtype: torch.frombuffer(bytearray(blob), dtype=torch.uint8).view(dtype)
+        for dtype, blob in blobs.items()
+    }
+    # clone(): each tensor owns its storage, as an unpickled one does.
+    objects = {
+        pos: arrays[v.dtype][v.index].clone() if isinstance(v, _Scalar) else v
+        for pos, v in wire_objects.items()
+    }
+    return keys, objects, tensors, dtypes
+
+
+
+def send_metadata(obj: Any, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
+    """Rank 0: broadcasts ``obj`` pickled (its size, then its bytes), asynchronously,
+    so that rank 0 plans its own keys while the others take it (and meanwhile finish
+    their :func:`_preplan`); ``broadcast_object_list`` would wait for every rank.
+    Returns what to wait for (and keep alive) before the next exchange."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    return [
+        dist.broadcast(size, group=group, group_src=0, async_op=True),
+        dist.broadcast(payload, group=group, group_src=0, async_op=True),
+        size,
+        payload,
+    ]
+
+
+def wait_sent(in_flight: list[Any]) -> None:
+    for work in in_flight[:2]:
+        work.wait()
+
+
+def receive_metadata(group: dist.ProcessGroup, device: torch.device) -> Any:
+    """The other ranks' side of :func:`send_metadata`."""
+    size = torch.empty(1, dtype=torch.int64, device=device)
+    dist.broadcast(size, group=group, group_src=0)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(payload, group=group, group_src=0)
+    return pickle.loads(payload.cpu().numpy().tobytes())
