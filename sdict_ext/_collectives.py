@@ -36,6 +36,7 @@ __all__ = [
     "buckets_with_solos",
     "compute_box",
     "digest",
+    "dtensor_boxes",
     "is_plain_placement",
     "local_box",
     "mesh_coordinates",
@@ -346,3 +347,31 @@ def compute_box(
     if coord is None:
         return None
     return box_of(shape, mesh_shape(mesh), coord, placements)
+
+
+def dtensor_boxes(
+    values: list[Any],
+    shapes: list[tuple[int, ...]] | None,
+    dtypes: list[torch.dtype] | None,
+    rank: int,
+) -> list[Any]:
+    """Per value, this rank's ``(local tensor, box shape, box start, address, full
+    shape)`` of a full tensor of ``shapes[i]`` (None: each value's own global shape, as
+    a tuple), where the value is
+    exactly a DTensor of Shard / Replicate placements whose local tensor is a CPU
+    tensor of that box's shape and of ``dtypes[i]`` (None: any); else None (plan that
+    value through :func:`local_box`). ``address`` is the box's first byte, 0 when the
+    box is empty. The boxes are :func:`box_of`'s, computed in one C++ call; without the
+    extension every entry is None.
+    """
+    from sdict_ext import ops
+
+    made = getattr(ops._C, "dtensor_boxes", None) if ops.is_compiled() else None
+    if made is None or not values:
+        return [None] * len(values)
+
+    def facts(mesh: DeviceMesh) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        return mesh_shape(mesh), mesh_coordinates(mesh).get(rank)
+
+    return made(values, shapes, dtypes, (DTensor, Shard, Replicate), facts)
+

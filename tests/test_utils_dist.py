@@ -626,6 +626,69 @@ def test_broadcast_direct_read_refused_raises_on_every_rank():
     assert "refused for the test" in text0 and "refused for the test" in text1
 
 
+def _dtensor_boxes_agree_with_local_box():
+    """The C++ box of each DTensor (``dtensor_boxes``) is ``local_box``'s, and every
+    value it cannot box is left to the caller (None)."""
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from sdict_ext._collectives import dtensor_boxes, local_box
+
+    rank = dist.get_rank()
+    mesh1, mesh2 = _mesh((4,)), _mesh((2, 2))
+    values, expected = [], []
+
+    def dt(shape, mesh, placements, dtype=torch.float32):
+        return distribute_tensor(torch.zeros(shape, dtype=dtype), mesh, placements,
+                                 src_data_rank=None)
+
+    for shape in [(9, 5), (3, 4), (1, 7), (0, 3), (8, 6, 2)]:
+        for mesh, placements in [
+            (mesh1, [Shard(0)]), (mesh1, [Shard(1)]), (mesh1, [Replicate()]),
+            (mesh1, [Shard(-1)]), (mesh2, [Shard(0), Shard(1)]),
+            (mesh2, [Shard(0), Shard(0)]), (mesh2, [Replicate(), Shard(1)]),
+            (mesh2, [Shard(1), Replicate()]),
+        ]:
+            value = dt(shape, mesh, placements)
+            values.append(value)
+            expected.append(local_box(shape, value, rank))
+    # Left to the caller: not a DTensor, Partial, a strided shard, a meta shard.
+    values += [torch.zeros(4), None, 3,
+               dt((4, 2), mesh1, [Partial()]),
+               DTensor.from_local(torch.zeros(2, 2), mesh1, [_StridedShard(0, split_factor=2)],
+                                  run_check=False, shape=(8, 2), stride=(2, 1))]
+    with torch.device("meta"):
+        meta = torch.empty(8, 3)
+    values.append(distribute_tensor(meta, mesh1, [Shard(0)], src_data_rank=None))
+    expected += [None] * 6
+    own = dtensor_boxes(values, None, None, rank)
+    got = [None if hit is None else (hit[1], hit[2]) for hit in own]
+    fulls = [None if hit is None else hit[4] for hit in own]
+    addrs_ok = all(
+        hit is None or hit[3] == (hit[0].data_ptr() if hit[0].numel() else 0) for hit in own
+    )
+    # With announced shapes / dtypes: a mismatch in either leaves the value to the caller.
+    shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else (1,) for v in values]
+    dtypes = [torch.float32] * len(values)
+    dtypes[0] = torch.float64
+    shapes[1] = (10, 5)
+    announced = dtensor_boxes(values, shapes, dtypes, rank)
+    return got, expected, fulls, [tuple(v.shape) for v in values[:40]], addrs_ok, [
+        None if hit is None else (hit[1], hit[2]) for hit in announced
+    ]
+
+
+def test_dtensor_boxes_match_local_box_on_1d_and_2d_meshes():
+    for rank, (got, expected, fulls, shapes, addrs_ok, announced) in enumerate(
+        run_on_ranks(4, _dtensor_boxes_agree_with_local_box, timeout=120)
+    ):
+        assert got == expected, f"rank {rank}"
+        assert fulls[:40] == shapes and addrs_ok
+        assert announced[0] is None  # float64 announced, float32 shard
+        assert announced[2:] == got[2:]
+        # (10, 5) announced for a (9, 5) DTensor: its box of (10, 5) is not the shard's.
+        assert announced[1] is None or announced[1] == got[1]
+
+
 def _distribute_matches_pytorch():
     full, local = _load_inputs()
     ours, theirs = copy.copy(local), copy.copy(local)

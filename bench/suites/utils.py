@@ -18,7 +18,7 @@ import torch.distributed._state_dict_utils as tsu
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from bench.harness import ROLE_SDICT, ROLE_TORCH, CaseSpec, Ctx, load_sdict
+from bench.harness import ROLE_SDICT, ROLE_TORCH, ROLE_VARIANT, CaseSpec, Ctx, load_sdict
 from bench.suites._inputs import DTYPE_MIX, fmt_bytes, make_tensors, random_numels, total_bytes
 
 __all__ = ["cases", "run"]
@@ -305,6 +305,23 @@ def _run_broadcast(spec: CaseSpec, ctx: Ctx) -> None:
         (lambda d: fn(mine, d, ctx.device)) if fn else None,
         setup=lambda: (dict(local),), nbytes=nbytes, tensors=n, missing=why,
         verify=verify if fn else None,
+    )
+    if fn is None or ctx.device.type != "cpu":
+        return
+    # Ranks on rank 0's host read their boxes out of its memory; ranks elsewhere are
+    # sent them as messages: this row is what they get (SDICT_EXT_DIRECT_READ=0).
+    from sdict_ext import _box_route
+
+    def by_messages(d: dict) -> None:
+        before, _box_route.DIRECT_READ = _box_route.DIRECT_READ, False
+        try:
+            fn(mine, d, ctx.device)
+        finally:
+            _box_route.DIRECT_READ = before
+
+    ctx.measure(
+        "sdict_ext.broadcast_state_dict (messages only)", ROLE_VARIANT, by_messages,
+        setup=lambda: (dict(local),), nbytes=nbytes, tensors=n,
     )
 
 

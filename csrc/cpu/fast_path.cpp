@@ -397,6 +397,169 @@ PyObject* read_process_boxes_py(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// dtensor_boxes(values, shapes, dtypes, classes, mesh_facts) -> list: per value, this
+// rank's (local tensor, box shape, box start, address of the box's first byte or 0 when
+// it is empty, full shape) of a full tensor of `shapes[i]` (None: the value's own
+// global shape),
+// where the value is exactly a DTensor (classes = (DTensor, Shard, Replicate)) whose
+// placements are all Shard / Replicate, which this rank is part of, and whose local
+// tensor is a strided CPU tensor of that box's shape and of `dtypes[i]` (None: any);
+// else None, and the caller plans that value itself. `mesh_facts(mesh)` -> (mesh shape,
+// this rank's coordinate or None) is called once per distinct mesh. The arithmetic is
+// box_of's (sdict_ext/_collectives.py): each Shard(d) cuts the current extent of dim d
+// as torch.chunk does, mesh dims left to right. For thousands of DTensors this is the
+// per-key planning of a broadcast: ~0.3 us each instead of ~3 us of attribute reads,
+// placement hashing and tuple building in Python.
+PyObject* dtensor_boxes(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* values = nullptr;
+  PyObject* shapes = nullptr;
+  PyObject* dtypes = nullptr;
+  PyObject* classes = nullptr;
+  PyObject* facts_fn = nullptr;
+  if (!PyArg_ParseTuple(args, "O!OOO!O", &PyList_Type, &values, &shapes, &dtypes, &PyTuple_Type, &classes,
+                        &facts_fn)) {
+    return nullptr;
+  }
+  constexpr const char* op = "sdict_ext.dtensor_boxes";
+  const Py_ssize_t n = PyList_GET_SIZE(values);
+  TORCH_CHECK(PyTuple_GET_SIZE(classes) == 3, op, ": classes must be (DTensor, Shard, Replicate)");
+  TORCH_CHECK(shapes == Py_None || (PyList_Check(shapes) && PyList_GET_SIZE(shapes) == n), op,
+              ": shapes must be None or one tuple per value");
+  TORCH_CHECK(dtypes == Py_None || (PyList_Check(dtypes) && PyList_GET_SIZE(dtypes) == n), op,
+              ": dtypes must be None or one dtype per value");
+  PyObject* dtensor_cls = PyTuple_GET_ITEM(classes, 0);
+  PyObject* shard_cls = PyTuple_GET_ITEM(classes, 1);
+  PyObject* replicate_cls = PyTuple_GET_ITEM(classes, 2);
+  static PyObject* s_local = PyUnicode_InternFromString("_local_tensor");
+  static PyObject* s_spec = PyUnicode_InternFromString("_spec");
+  static PyObject* s_mesh = PyUnicode_InternFromString("mesh");
+  static PyObject* s_placements = PyUnicode_InternFromString("placements");
+  static PyObject* s_dim = PyUnicode_InternFromString("dim");
+  struct Mesh {
+    PyObject* mesh;  // borrowed: the DTensors hold their meshes for the call
+    std::vector<int64_t> shape;
+    std::vector<int64_t> coord;  // empty: this rank is not in the mesh
+  };
+  std::vector<Mesh> meshes;
+  auto int_seq = [&](PyObject* obj, std::vector<int64_t>& out) {
+    THPObjectPtr seq(PySequence_Fast(obj, "sdict_ext.dtensor_boxes: mesh_facts must give sequences"));
+    if (!seq) throw python_error();
+    for (Py_ssize_t k = 0; k < PySequence_Fast_GET_SIZE(seq.get()); ++k) {
+      out.push_back(as_int(PySequence_Fast_GET_ITEM(seq.get(), k), "mesh fact", k, op));
+    }
+  };
+  THPObjectPtr out(PyList_New(n));
+  if (!out) return nullptr;
+  c10::SmallVector<int64_t, 6> box;
+  c10::SmallVector<int64_t, 6> start;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    Py_INCREF(Py_None);
+    PyList_SET_ITEM(out.get(), i, Py_None);
+    PyObject* value = PyList_GET_ITEM(values, i);
+    if (reinterpret_cast<PyObject*>(Py_TYPE(value)) != dtensor_cls) continue;
+    THPObjectPtr local(PyObject_GetAttr(value, s_local));
+    if (!local) throw python_error();
+    if (!THPVariable_CheckExact(local.get())) continue;
+    const at::Tensor& lt = THPVariable_Unpack(local.get());
+    if (lt.layout() != at::kStrided || !lt.device().is_cpu()) continue;
+    if (dtypes != Py_None) {
+      PyObject* dtype = PyList_GET_ITEM(dtypes, i);
+      TORCH_CHECK(THPDtype_Check(dtype), op, ": dtype ", i, " is not a torch.dtype");
+      if (reinterpret_cast<THPDtype*>(dtype)->scalar_type != lt.scalar_type()) continue;
+    }
+    if (shapes != Py_None) {
+      box = int_tuple(PyList_GET_ITEM(shapes, i), "shape", i, op);
+    } else {
+      const auto sizes = THPVariable_Unpack(value).sizes();
+      box.assign(sizes.begin(), sizes.end());
+    }
+    start.assign(box.size(), 0);
+    THPObjectPtr spec(PyObject_GetAttr(value, s_spec));
+    if (!spec) throw python_error();
+    THPObjectPtr mesh(PyObject_GetAttr(spec.get(), s_mesh));
+    THPObjectPtr placements(mesh ? PyObject_GetAttr(spec.get(), s_placements) : nullptr);
+    if (!placements) throw python_error();
+    Mesh* facts = nullptr;
+    for (Mesh& m : meshes) {
+      if (m.mesh == mesh.get()) facts = &m;
+    }
+    if (facts == nullptr) {
+      THPObjectPtr got(PyObject_CallOneArg(facts_fn, mesh.get()));
+      if (!got) throw python_error();
+      TORCH_CHECK(PyTuple_Check(got.get()) && PyTuple_GET_SIZE(got.get()) == 2, op,
+                  ": mesh_facts must return (shape, coordinate or None)");
+      Mesh m{mesh.get(), {}, {}};
+      int_seq(PyTuple_GET_ITEM(got.get(), 0), m.shape);
+      if (PyTuple_GET_ITEM(got.get(), 1) != Py_None) int_seq(PyTuple_GET_ITEM(got.get(), 1), m.coord);
+      meshes.push_back(std::move(m));
+      facts = &meshes.back();
+    }
+    if (facts->coord.empty()) continue;  // this rank holds nothing of it
+    THPObjectPtr seq(PySequence_Fast(placements.get(), "sdict_ext.dtensor_boxes: placements must be a sequence"));
+    if (!seq) throw python_error();
+    const Py_ssize_t n_placements = PySequence_Fast_GET_SIZE(seq.get());
+    bool plain = n_placements <= static_cast<Py_ssize_t>(facts->shape.size()) &&
+        facts->coord.size() == facts->shape.size();
+    const auto dims = static_cast<int64_t>(box.size());
+    for (Py_ssize_t md = 0; plain && md < n_placements; ++md) {
+      PyObject* p = PySequence_Fast_GET_ITEM(seq.get(), md);
+      if (reinterpret_cast<PyObject*>(Py_TYPE(p)) == shard_cls) {
+        THPObjectPtr dim_obj(PyObject_GetAttr(p, s_dim));
+        if (!dim_obj) throw python_error();
+        int64_t d = as_int(dim_obj.get(), "Shard dim", i, op);
+        if (d < 0) d += dims;
+        if (d < 0 || d >= dims) {
+          plain = false;
+          break;
+        }
+        const int64_t size = box[d];
+        const int64_t k = facts->shape[md];
+        const int64_t r = facts->coord[md];
+        const int64_t chunk = size == 0 ? 0 : (size + k - 1) / k;
+        const int64_t lo = std::min(chunk * r, size);
+        start[d] += lo;
+        box[d] = std::max<int64_t>(0, std::min(size, lo + chunk) - lo);
+        continue;
+      }
+      const int replicated = PyObject_IsInstance(p, replicate_cls);
+      if (replicated < 0) throw python_error();
+      plain = replicated == 1;
+    }
+    if (!plain || lt.sizes() != c10::IntArrayRef(box)) continue;
+    int64_t first = 0;
+    for (auto b : box) {
+      if (b == 0) first = -1;
+    }
+    std::uintptr_t addr = 0;
+    if (first == 0) addr = reinterpret_cast<std::uintptr_t>(lt.data_ptr());
+    THPObjectPtr shape_tuple(PyTuple_New(dims));
+    THPObjectPtr start_tuple(PyTuple_New(dims));
+    THPObjectPtr full_tuple;
+    if (shapes != Py_None) {
+      full_tuple = THPObjectPtr(Py_NewRef(PyList_GET_ITEM(shapes, i)));
+    } else {
+      full_tuple = THPObjectPtr(PyTuple_New(dims));
+      if (full_tuple) {
+        const auto sizes = THPVariable_Unpack(value).sizes();
+        for (int64_t d = 0; d < dims; ++d) PyTuple_SET_ITEM(full_tuple.get(), d, PyLong_FromLongLong(sizes[d]));
+      }
+    }
+    if (!shape_tuple || !start_tuple || !full_tuple) return nullptr;
+    for (int64_t d = 0; d < dims; ++d) {
+      PyTuple_SET_ITEM(shape_tuple.get(), d, PyLong_FromLongLong(box[d]));
+      PyTuple_SET_ITEM(start_tuple.get(), d, PyLong_FromLongLong(start[d]));
+    }
+    PyObject* hit = PyTuple_Pack(5, local.get(), shape_tuple.get(), start_tuple.get(),
+                                 THPObjectPtr(PyLong_FromUnsignedLongLong(addr)).get(), full_tuple.get());
+    if (hit == nullptr) return nullptr;
+    Py_DECREF(Py_None);
+    PyList_SET_ITEM(out.get(), i, hit);
+  }
+  return out.release();
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* built_with_openmp(PyObject* /*self*/, PyObject* /*args*/) {
 #ifdef _OPENMP
   Py_RETURN_TRUE;
@@ -436,6 +599,8 @@ PyMethodDef methods[] = {
      "Box views sharing each tensor's storage: (tensors, starts, shapes); None: narrow them yourself."},
     {"read_process_boxes", read_process_boxes_py, METH_VARARGS,
      "Boxes of another process's contiguous tensors into ours: (pid, addrs, full_shapes, starts, dsts) -> bytes."},
+    {"dtensor_boxes", dtensor_boxes, METH_VARARGS,
+     "This rank's box of each plain-placement DTensor: (values, shapes, dtypes, classes, mesh_facts) -> list."},
     {"copy_thresholds", copy_thresholds_py, METH_VARARGS,
      "CUDA copy routing thresholds: (d2h=None, h2d=None) -> the previous (d2h, h2d) bytes."},
     {"built_with_openmp", built_with_openmp, METH_NOARGS,
