@@ -45,8 +45,8 @@ from sdict_ext._collectives import buckets_with_solos
 
 __all__ = [
     "DIRECT_READ", "Message", "ReceivePlan", "SendPlan", "can_read", "decode_row",
-    "encode_needs", "flat_bytes", "plan_messages", "readable", "receive", "row_positions",
-    "send", "source_probe",
+    "encode_needs", "flat_bytes", "plan_messages", "read_plan", "readable", "receive",
+    "row_positions", "send", "source_probe",
 ]
 
 # Buffers rank 0 may have in flight: packing runs ahead of the sends by this much.

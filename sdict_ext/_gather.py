@@ -315,7 +315,13 @@ def _plan_sharded(
         item.mine.append(by_offset[start])
     # Decided from the metadata alone, so that every rank picks the same stream.
     on_device = all(m.placement.device().type == device.type for m in meta.shards_metadata)
-    dim = _chunk_dim(item.shape, item.pieces) if on_device else None
+    dim = None
+    if on_device:
+        # A model repeats a few layouts many times: each is checked once per call.
+        layout = ("chunk", item.shape, tuple(map(tuple, item.pieces)))
+        dim = cache.get(layout, cache)
+        if dim is cache:
+            dim = cache[layout] = _chunk_dim(item.shape, item.pieces)
     if dim is not None:
         # ChunkShardingSpec's layout is the torch.chunk split of a Shard(dim) DTensor:
         # the same slots, and the same one-call rebuild, as for the DTensor.
