@@ -313,14 +313,10 @@ def broadcast_state_dict(
         except Exception:  # noqa: BLE001 (planned, and reported, the usual way below)
             pre = None
     if is_src:
-        in_flight = send_metadata(
-            (wire, None if error is None else f"{type(error).__name__}: {error}"),
-            group, flat_device,
-        )
-        box = [(wire, None if error is None else "")]
+        in_flight, error = send_metadata(wire, error, group, flat_device)
+        src_error = None if error is None else ""
     else:
-        box = [receive_metadata(group, flat_device)]
-    wire, src_error = box[0]
+        wire, src_error = receive_metadata(group, flat_device)
     if src_error is not None:
         if error is not None:
             wait_sent(in_flight)

@@ -163,20 +163,36 @@ def from_wire(wire: tuple[Any, ...]) -> Announced:
 
 
 
-def send_metadata(obj: Any, group: dist.ProcessGroup, device: torch.device) -> list[Any]:
-    """Rank 0: broadcasts ``obj`` pickled (its size, then its bytes), asynchronously,
-    so that rank 0 plans its own keys while the others take it (and meanwhile finish
-    their :func:`_preplan`); ``broadcast_object_list`` would wait for every rank.
-    Returns what to wait for (and keep alive) before the next exchange."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+def send_metadata(
+    wire: Any, error: BaseException | None, group: dist.ProcessGroup, device: torch.device
+) -> tuple[list[Any], BaseException | None]:
+    """Rank 0: broadcasts ``(wire, error text or None)`` pickled (its size, then its
+    bytes), asynchronously, so that rank 0 plans its own keys while the others take it
+    (and meanwhile finish their pre-planning); ``broadcast_object_list`` would wait for
+    every rank. A value that cannot be pickled becomes the error sent instead, so the
+    other ranks raise too. Returns what to wait for (and keep alive) before the next
+    exchange, and the error (``error``, or the pickling one)."""
+    try:
+        data = pickle.dumps(
+            (wire, None if error is None else f"{type(error).__name__}: {error}"),
+            protocol=pickle.HIGHEST_PROTOCOL,
+        )
+    except Exception as exc:  # noqa: BLE001 (an unpicklable value of the state dict)
+        if error is None:
+            error = ValueError(
+                f"broadcast_state_dict: the full state dict's non-tensor values must be "
+                f"picklable to reach the other ranks: {type(exc).__name__}: {exc}"
+            )
+        data = pickle.dumps((None, f"{type(error).__name__}: {error}"))
     size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-    return [
+    in_flight = [
         dist.broadcast(size, group=group, group_src=0, async_op=True),
         dist.broadcast(payload, group=group, group_src=0, async_op=True),
         size,
         payload,
     ]
+    return in_flight, error
 
 
 def wait_sent(in_flight: list[Any]) -> None:

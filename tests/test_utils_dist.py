@@ -526,6 +526,8 @@ def _broadcast_failure(kind: str, route: str):
     rank = dist.get_rank()
     if kind == "source" and rank == 0:
         full["bad"] = local["s0"]  # a DTensor in the full state dict
+    if kind == "unpicklable" and rank == 0:
+        full["hook"] = lambda: None  # cannot reach the other ranks
     if kind == "local_shape" and rank == 1:
         local["s0"] = distribute_tensor(
             torch.zeros(2 * dist.get_world_size(), 3), _mesh((dist.get_world_size(),)),
@@ -552,6 +554,8 @@ def _broadcast_failure(kind: str, route: str):
 @pytest.mark.parametrize("route", ROUTES)
 def test_broadcast_failure_on_one_rank_raises_on_every_rank_before_loading(route):
     assert run_on_ranks(2, _broadcast_failure, "source", route, timeout=60) == [
+        ("ValueError", True), ("RankFailure", True)]
+    assert run_on_ranks(2, _broadcast_failure, "unpicklable", route, timeout=60) == [
         ("ValueError", True), ("RankFailure", True)]
     assert run_on_ranks(2, _broadcast_failure, "local_shape", route, timeout=60) == [
         ("RankFailure", True), ("ValueError", True)]
