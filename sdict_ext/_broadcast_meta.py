@@ -38,6 +38,7 @@ def announce(full_state_dict: dict[str, Any]) -> Announced:
     """Rank 0's metadata: the keys, the plain values and 0-dim tensors (by key
     position; they travel as objects), the tensors, and their dtypes."""
     keys = list(full_state_dict)
+    values = list(full_state_dict.values())
     objects: dict[int, Any] = {}
     tensors: list[TensorInfo] = []
     dtypes: list[torch.dtype] = []
@@ -45,21 +46,13 @@ def announce(full_state_dict: dict[str, Any]) -> Announced:
     # Ties: tensors starting at the same address are compared by their whole view.
     by_ptr: dict[int, tuple[int, torch.Tensor] | None] = {}
     by_view: dict[tuple[Any, ...], int] = {}
-    for pos, value in enumerate(full_state_dict.values()):
-        if type(value) is not torch.Tensor:
-            if not torch.is_tensor(value):
-                objects[pos] = value
+    for pos, (value, facts) in enumerate(zip(values, _describe(values))):
+        if facts is None:
+            facts = _facts_of(value, keys[pos])
+            if facts is None:
+                objects[pos] = value.cpu() if torch.is_tensor(value) else value
                 continue
-            if leaf_kind(value) != LEAF_TENSOR:
-                raise ValueError(
-                    f"broadcast_state_dict: full_state_dict[{keys[pos]!r}] is a "
-                    f"{type(value).__name__}; the full state dict must hold plain tensors"
-                )
-        shape = tuple(value.shape)
-        if not shape:
-            objects[pos] = value.cpu()
-            continue
-        dtype = value.dtype
+        shape, dtype, ptr, readable = facts
         code = code_of.get(dtype)
         if code is None:
             code = code_of[dtype] = len(dtypes)
@@ -67,7 +60,6 @@ def announce(full_state_dict: dict[str, Any]) -> Announced:
         same, addr = -1, 0
         if 0 not in shape:
             index = len(tensors)
-            ptr = value.data_ptr()
             first = by_ptr.setdefault(ptr, (index, value))
             if first is not None and first[0] != index:
                 by_view[view_key(first[1])] = first[0]
@@ -77,12 +69,39 @@ def announce(full_state_dict: dict[str, Any]) -> Announced:
                 same = by_view.setdefault(view_key(value), index)
                 if same == index:
                     same = -1
-            addr = (
-                ptr if value.is_cpu and value.is_contiguous() and not value.is_conj()
-                and not value.is_neg() else 0
-            )
+            addr = ptr if readable else 0
         tensors.append((pos, shape, code, same, addr))
     return keys, objects, tensors, dtypes
+
+
+def _describe(values: list[Any]) -> list[Any]:
+    """(shape, dtype, address, readable in place) of each plain CPU / CUDA tensor of at
+    least one dim, in one C++ call; None for the others (and for all of them without
+    the extension)."""
+    from sdict_ext import ops
+
+    made = getattr(ops._C, "describe_tensors", None) if ops.is_compiled() else None
+    return made(values) if made is not None else [None] * len(values)
+
+
+def _facts_of(value: Any, key: str) -> tuple[Any, ...] | None:
+    """:func:`_describe`'s facts of one value it left out, in Python; None for what
+    travels as an object (a non-tensor, a 0-dim tensor). Raises for a tensor that is
+    no plain tensor (a DTensor, a ShardedTensor)."""
+    if not torch.is_tensor(value):
+        return None
+    if type(value) is not torch.Tensor and leaf_kind(value) != LEAF_TENSOR:
+        raise ValueError(
+            f"broadcast_state_dict: full_state_dict[{key!r}] is a "
+            f"{type(value).__name__}; the full state dict must hold plain tensors"
+        )
+    shape = tuple(value.shape)
+    if not shape:
+        return None
+    readable = (
+        value.is_cpu and value.is_contiguous() and not value.is_conj() and not value.is_neg()
+    )
+    return shape, value.dtype, value.data_ptr(), readable
 
 
 class _Scalar(NamedTuple):

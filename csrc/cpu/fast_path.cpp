@@ -9,6 +9,7 @@
 // torch-function mode, a destination that autograd would refuse to write in place.
 // The Python wrapper then takes the registered op.
 #include <torch/csrc/Dtype.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
@@ -560,6 +561,47 @@ PyObject* dtensor_boxes(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// describe_tensors(values) -> list: per value, (shape, dtype, address of its first
+// element or 0 when it is empty, whether another process may read its bytes in place:
+// a contiguous CPU tensor that is no conjugate / negative view) where the value is
+// exactly a torch.Tensor of at least one dim on the CPU or a CUDA device; else None,
+// and the caller describes that value itself. What broadcast_state_dict's metadata needs
+// of every source tensor, ~0.2 us each instead of ~2 us of attribute reads in Python.
+PyObject* describe_tensors(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* values = nullptr;
+  if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &values)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(values);
+  THPObjectPtr out(PyList_New(n));
+  if (!out) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* value = PyList_GET_ITEM(values, i);
+    PyObject* item = Py_None;
+    if (THPVariable_CheckExact(value)) {
+      const at::Tensor& t = THPVariable_Unpack(value);
+      const auto device = t.device();
+      if (t.dim() > 0 && t.layout() == at::kStrided && t.has_storage() && (device.is_cpu() || device.is_cuda())) {
+        const auto sizes = t.sizes();
+        THPObjectPtr shape(PyTuple_New(t.dim()));
+        if (!shape) return nullptr;
+        for (int64_t d = 0; d < t.dim(); ++d) PyTuple_SET_ITEM(shape.get(), d, PyLong_FromLongLong(sizes[d]));
+        const std::uintptr_t addr = t.numel() == 0 ? 0 : reinterpret_cast<std::uintptr_t>(t.data_ptr());
+        const bool readable = device.is_cpu() && t.is_contiguous() && !t.is_conj() && !t.is_neg();
+        item = Py_BuildValue("(OOKO)", shape.get(), reinterpret_cast<PyObject*>(torch::getTHPDtype(t.scalar_type())),
+                             static_cast<unsigned long long>(addr), readable ? Py_True : Py_False);
+        if (item == nullptr) return nullptr;
+      } else {
+        Py_INCREF(item);
+      }
+    } else {
+      Py_INCREF(item);
+    }
+    PyList_SET_ITEM(out.get(), i, item);
+  }
+  return out.release();
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* built_with_openmp(PyObject* /*self*/, PyObject* /*args*/) {
 #ifdef _OPENMP
   Py_RETURN_TRUE;
@@ -601,6 +643,8 @@ PyMethodDef methods[] = {
      "Boxes of another process's contiguous tensors into ours: (pid, addrs, full_shapes, starts, dsts) -> bytes."},
     {"dtensor_boxes", dtensor_boxes, METH_VARARGS,
      "This rank's box of each plain-placement DTensor: (values, shapes, dtypes, classes, mesh_facts) -> list."},
+    {"describe_tensors", describe_tensors, METH_VARARGS,
+     "Per value (shape, dtype, address, readable in place) of plain CPU / CUDA tensors, else None."},
     {"copy_thresholds", copy_thresholds_py, METH_VARARGS,
      "CUDA copy routing thresholds: (d2h=None, h2d=None) -> the previous (d2h, h2d) bytes."},
     {"built_with_openmp", built_with_openmp, METH_NOARGS,
