@@ -28,6 +28,7 @@ from sdict_ext._broadcast_meta import (
     TensorInfo,
     announce,
     from_wire,
+    post_metadata_receive,
     receive_metadata,
     send_metadata,
     to_wire,
@@ -306,6 +307,7 @@ def broadcast_state_dict(
         except Exception as exc:  # shipped to every rank below
             error = exc
     pre = None
+    posted = None if is_src else post_metadata_receive(group, flat_device)
     if not is_src and flat_device.type == "cpu":
         # While rank 0 builds the metadata; anything unusual is planned after it.
         try:
@@ -316,7 +318,7 @@ def broadcast_state_dict(
         in_flight, error = send_metadata(wire, error, group, flat_device)
         src_error = None if error is None else ""
     else:
-        wire, src_error = receive_metadata(group, flat_device)
+        wire, src_error = receive_metadata(posted, group, flat_device)
     if src_error is not None:
         if error is not None:
             wait_sent(in_flight)

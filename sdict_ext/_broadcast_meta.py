@@ -19,8 +19,8 @@ from sdict_ext._copies import view_key
 from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
 
 __all__ = [
-    "Announced", "TensorInfo", "announce", "from_wire", "receive_metadata", "send_metadata",
-    "to_wire", "wait_sent",
+    "HEAD_BYTES", "Announced", "TensorInfo", "announce", "from_wire", "post_metadata_receive",
+    "receive_metadata", "send_metadata", "to_wire", "wait_sent",
 ]
 
 # A tensor rank 0 is about to send, as it travels: (position of its key, shape, index
@@ -181,16 +181,20 @@ def from_wire(wire: tuple[Any, ...]) -> Announced:
     return keys, objects, tensors, dtypes
 
 
+#: The metadata's first broadcast: its length and up to this many bytes less 8 (a
+#: state dict of ~5,000 tensors); the rest, if any, follows in a second one. A size
+#: known in advance lets the other ranks post their receive before they pre-plan.
+HEAD_BYTES = 256 << 10
+
 
 def send_metadata(
     wire: Any, error: BaseException | None, group: dist.ProcessGroup, device: torch.device
 ) -> tuple[list[Any], BaseException | None]:
-    """Rank 0: broadcasts ``(wire, error text or None)`` pickled (its size, then its
-    bytes), asynchronously, so that rank 0 plans its own keys while the others take it
-    (and meanwhile finish their pre-planning); ``broadcast_object_list`` would wait for
-    every rank. A value that cannot be pickled becomes the error sent instead, so the
-    other ranks raise too. Returns what to wait for (and keep alive) before the next
-    exchange, and the error (``error``, or the pickling one)."""
+    """Rank 0: broadcasts ``(wire, error text or None)`` pickled, asynchronously, so
+    that rank 0 plans its own keys while the others take it; ``broadcast_object_list``
+    would wait for every rank. A value that cannot be pickled becomes the error sent
+    instead, so the other ranks raise too. Returns what to wait for (and keep alive)
+    before the next exchange, and the error (``error``, or the pickling one)."""
     try:
         data = pickle.dumps(
             (wire, None if error is None else f"{type(error).__name__}: {error}"),
@@ -203,26 +207,41 @@ def send_metadata(
                 f"picklable to reach the other ranks: {type(exc).__name__}: {exc}"
             )
         data = pickle.dumps((None, f"{type(error).__name__}: {error}"))
-    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
-    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
-    in_flight = [
-        dist.broadcast(size, group=group, group_src=0, async_op=True),
-        dist.broadcast(payload, group=group, group_src=0, async_op=True),
-        size,
-        payload,
-    ]
+    fits = HEAD_BYTES - 8
+    head = bytearray(HEAD_BYTES)
+    head[:8] = len(data).to_bytes(8, "little")
+    head[8:8 + min(len(data), fits)] = data[:fits]
+    parts = [torch.frombuffer(head, dtype=torch.uint8).to(device)]
+    if len(data) > fits:
+        parts.append(torch.frombuffer(bytearray(data[fits:]), dtype=torch.uint8).to(device))
+    in_flight: list[Any] = list(parts)
+    for part in parts:
+        in_flight.append(dist.broadcast(part, group=group, group_src=0, async_op=True))
     return in_flight, error
 
 
 def wait_sent(in_flight: list[Any]) -> None:
-    for work in in_flight[:2]:
-        work.wait()
+    for item in in_flight:
+        if not isinstance(item, torch.Tensor):
+            item.wait()
 
 
-def receive_metadata(group: dist.ProcessGroup, device: torch.device) -> Any:
+def post_metadata_receive(group: dist.ProcessGroup, device: torch.device) -> Any:
+    """The other ranks: the receive of the metadata's first part, posted at once so
+    that it lands while this rank pre-plans; :func:`receive_metadata` finishes it."""
+    head = torch.empty(HEAD_BYTES, dtype=torch.uint8, device=device)
+    return dist.broadcast(head, group=group, group_src=0, async_op=True), head
+
+
+def receive_metadata(posted: Any, group: dist.ProcessGroup, device: torch.device) -> Any:
     """The other ranks' side of :func:`send_metadata`."""
-    size = torch.empty(1, dtype=torch.int64, device=device)
-    dist.broadcast(size, group=group, group_src=0)
-    payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(payload, group=group, group_src=0)
-    return pickle.loads(payload.cpu().numpy().tobytes())
+    work, head = posted
+    work.wait()
+    raw = head.cpu().numpy().tobytes()
+    size = int.from_bytes(raw[:8], "little")
+    data = raw[8:8 + size]
+    if size > len(data):
+        rest = torch.empty(size - len(data), dtype=torch.uint8, device=device)
+        dist.broadcast(rest, group=group, group_src=0)
+        data += rest.cpu().numpy().tobytes()
+    return pickle.loads(data)

@@ -167,8 +167,10 @@ def test_gather_matches_pytorch_bit_exact(world_size, cpu_offload, ranks_only, b
 
 def metadata_call() -> bool:
     """Whether the ``dist`` call being counted is broadcast_state_dict's metadata
-    exchange (two broadcasts a call: its size, its bytes), which moves no tensor data."""
-    return sys._getframe(2).f_code.co_name in ("send_metadata", "receive_metadata")
+    exchange (one or two broadcasts a call), which moves no tensor data."""
+    return sys._getframe(2).f_code.co_name in (
+        "send_metadata", "post_metadata_receive", "receive_metadata"
+    )
 
 
 def _count_calls(fn_names: list[str]):
@@ -691,6 +693,34 @@ def test_dtensor_boxes_match_local_box_on_1d_and_2d_meshes():
         assert announced[2:] == got[2:]
         # (10, 5) announced for a (9, 5) DTensor: its box of (10, 5) is not the shard's.
         assert announced[1] is None or announced[1] == got[1]
+
+
+def _broadcast_metadata_beyond_first_part():
+    """Metadata larger than its first broadcast (HEAD_BYTES) arrives in two parts."""
+    from sdict_ext._broadcast_meta import HEAD_BYTES
+
+    full, local = _load_inputs(meta_ok=False)
+    full["notes"] = "x" * (HEAD_BYTES + 12345)
+    local["notes"] = ""
+    if dist.get_rank() != 0:
+        full = {}
+    ours, theirs = copy.copy(local), copy.copy(local)
+    for key, value in local.items():
+        if isinstance(value, DTensor):
+            theirs[key] = copy.deepcopy(value)
+    utils.broadcast_state_dict(full, ours, torch.device("cpu"))
+    ref._broadcast_state_dict(full, theirs, torch.device("cpu"))
+    return _describe(ours), _describe(theirs), len(ours["notes"])
+
+
+def test_broadcast_metadata_larger_than_its_first_part_matches_pytorch():
+    from sdict_ext._broadcast_meta import HEAD_BYTES
+
+    for rank, (ours, theirs, n) in enumerate(
+        run_on_ranks(2, _broadcast_metadata_beyond_first_part, timeout=60)
+    ):
+        assert ours == theirs, f"rank {rank}"
+        assert n == HEAD_BYTES + 12345
 
 
 def _distribute_matches_pytorch():
