@@ -390,15 +390,21 @@ def _load_inputs(meta_ok: bool = True):
     return full, local
 
 
+def _two_copies(local: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The local state dict for sdict_ext and for PyTorch: fresh DTensors for PyTorch's
+    side, since a loaded DTensor is written in place (meta ones are replaced anyway)."""
+    ours, theirs = copy.copy(local), copy.copy(local)
+    for key, value in local.items():
+        if isinstance(value, DTensor) and not value.is_meta:
+            theirs[key] = copy.deepcopy(value)
+    return ours, theirs
+
+
 def _broadcast_matches_pytorch(strict: bool, bucket: int):
     full, local = _load_inputs()
     if dist.get_rank() != 0:
         full = {}
-    ours, theirs = copy.copy(local), copy.copy(local)
-    # Fresh DTensors for each side, since a loaded DTensor is written in place.
-    for key, value in local.items():
-        if isinstance(value, DTensor) and not value.is_meta:
-            theirs[key] = copy.deepcopy(value)
+    ours, theirs = _two_copies(local)
     utils.broadcast_state_dict(full, ours, torch.device("cpu"), strict=strict,
                                bucket_bytes=bucket)
     ref._broadcast_state_dict(full, theirs, torch.device("cpu"), strict=strict)
@@ -570,10 +576,7 @@ def _broadcast_some_ranks_read(unreadable: int):
     rank = dist.get_rank()
     if rank != 0:
         full = {}
-    ours, theirs = copy.copy(local), copy.copy(local)
-    for key, value in local.items():
-        if isinstance(value, DTensor) and not value.is_meta:
-            theirs[key] = copy.deepcopy(value)
+    ours, theirs = _two_copies(local)
     before = _box_route_mod.can_read
     if rank == unreadable:
         _box_route_mod.can_read = lambda source: False
@@ -704,10 +707,7 @@ def _broadcast_metadata_beyond_first_part():
     local["notes"] = ""
     if dist.get_rank() != 0:
         full = {}
-    ours, theirs = copy.copy(local), copy.copy(local)
-    for key, value in local.items():
-        if isinstance(value, DTensor):
-            theirs[key] = copy.deepcopy(value)
+    ours, theirs = _two_copies(local)
     utils.broadcast_state_dict(full, ours, torch.device("cpu"))
     ref._broadcast_state_dict(full, theirs, torch.device("cpu"))
     return _describe(ours), _describe(theirs), len(ours["notes"])
@@ -1022,10 +1022,7 @@ def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int,
     rank = dist.get_rank()
     if rank != 0:
         full = {}
-    ours, theirs = copy.copy(local), copy.copy(local)
-    for key, value in local.items():
-        if isinstance(value, DTensor) and not value.is_meta:
-            theirs[key] = copy.deepcopy(value)
+    ours, theirs = _two_copies(local)
     # PyTorch's broadcast needs contiguous tensors: give it the same values so.
     theirs_full = {k: v.contiguous() if torch.is_tensor(v) else v for k, v in full.items()}
     if cpu_offload:
@@ -1140,10 +1137,7 @@ def _broadcast_layouts_differ(route: str):
             local[key] = value
     if rank != 0:
         full = {}
-    ours, theirs = copy.copy(local), copy.copy(local)
-    for key, value in local.items():
-        if isinstance(value, DTensor):
-            theirs[key] = copy.deepcopy(value)
+    ours, theirs = _two_copies(local)
     sent, originals = _count_calls(["broadcast", "isend"])
     try:
         with box_route(route):

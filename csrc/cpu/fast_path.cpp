@@ -401,15 +401,15 @@ PyObject* read_process_boxes_py(PyObject* /*self*/, PyObject* args) {
 // dtensor_boxes(values, shapes, dtypes, classes, mesh_facts) -> list: per value, this
 // rank's (local tensor, box shape, box start, address of the box's first byte or 0 when
 // it is empty, full shape) of a full tensor of `shapes[i]` (None: the value's own
-// global shape),
-// where the value is exactly a DTensor (classes = (DTensor, Shard, Replicate)) whose
-// placements are all Shard / Replicate, which this rank is part of, and whose local
-// tensor is a strided CPU tensor of that box's shape and of `dtypes[i]` (None: any);
+// global shape), where the value is exactly a DTensor (classes = (DTensor, Shard,
+// Replicate)) whose placements are all Shard / Replicate, which this rank is part of,
+// and whose local tensor is a strided CPU tensor of that box's shape and of
+// `dtypes[i]` (None: any);
 // else None, and the caller plans that value itself. `mesh_facts(mesh)` -> (mesh shape,
 // this rank's coordinate or None) is called once per distinct mesh. The arithmetic is
 // box_of's (sdict_ext/_collectives.py): each Shard(d) cuts the current extent of dim d
 // as torch.chunk does, mesh dims left to right. For thousands of DTensors this is the
-// per-key planning of a broadcast: ~0.3 us each instead of ~3 us of attribute reads,
+// per-key planning of a broadcast: ~1 us each instead of ~3 us of attribute reads,
 // placement hashing and tuple building in Python.
 PyObject* dtensor_boxes(PyObject* /*self*/, PyObject* args) {
   HANDLE_TH_ERRORS
