@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from sdict_ext import _box_route
+from sdict_ext import _box_route, ops
 from sdict_ext._copies import view_key
 from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
 
@@ -78,9 +78,7 @@ def _describe(values: list[Any]) -> list[Any]:
     """(shape, dtype, address, readable in place) of each plain CPU / CUDA tensor of at
     least one dim, in one C++ call; None for the others (and for all of them without
     the extension)."""
-    from sdict_ext import ops
-
-    made = getattr(ops._C, "describe_tensors", None) if ops.is_compiled() else None
+    made = ops.extension_entry("describe_tensors")
     return made(values) if made is not None else [None] * len(values)
 
 

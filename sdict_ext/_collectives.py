@@ -26,6 +26,8 @@ from torch.distributed.tensor import DeviceMesh, DTensor, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from sdict_ext import ops
+
 __all__ = [
     "BoxCache",
     "DEFAULT_BUCKET_BYTES",
@@ -364,9 +366,7 @@ def dtensor_boxes(
     box is empty. The boxes are :func:`box_of`'s, computed in one C++ call; without the
     extension every entry is None.
     """
-    from sdict_ext import ops
-
-    made = getattr(ops._C, "dtensor_boxes", None) if ops.is_compiled() else None
+    made = ops.extension_entry("dtensor_boxes")
     if made is None or not values:
         return [None] * len(values)
 

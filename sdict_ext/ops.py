@@ -29,6 +29,7 @@ __all__ = [
     "ALIGNMENT",
     "batched_copy_",
     "copy_thresholds",
+    "extension_entry",
     "gather_concat",
     "gather_concat_into",
     "has_cuda",
@@ -120,6 +121,13 @@ def _extension():
     if _IMPORT_ERROR is not None:
         raise ImportError(f"{_BUILD_HINT} (import failed: {_IMPORT_ERROR})")
     return _C
+
+
+def extension_entry(name: str):
+    """The compiled extension's direct Python entry point ``name`` (a planning helper
+    of csrc/cpu/fast_path.cpp, not a torch op), or None where the extension is not
+    built or predates it: callers then take their Python path."""
+    return getattr(_C, name, None) if _IMPORT_ERROR is None else None
 
 
 def _ops():
