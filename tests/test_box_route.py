@@ -127,6 +127,24 @@ def test_read_process_boxes_from_a_misaligned_offset_and_adjacent_tensors():
         assert _same_bytes(dst, src[lo:lo + n_rows, -dst.shape[1]:])
 
 
+def test_read_process_boxes_with_one_side_merging_past_iov_max():
+    # Adjacent source rows (one merged remote run) into 1,100 separate destinations, and
+    # the reverse: one side fills its 1,024 iovecs while the other keeps merging.
+    src = _source((1100, 4), torch.float32, 7)
+    buf = torch.zeros(2200, 4)
+    n = ops.read_process_boxes(os.getpid(), [src.data_ptr()] * 1100, [(1100, 4)] * 1100,
+                               [(i, 0) for i in range(1100)],
+                               [buf[2 * i].view(1, 4) for i in range(1100)])
+    assert n == 1100 * 16
+    assert _same_bytes(buf[::2], src) and not buf[1::2].any()
+    wide = _source((2200, 4), torch.float32, 8)
+    out = torch.zeros(1100, 4)
+    ops.read_process_boxes(os.getpid(), [wide.data_ptr()] * 1100, [(2200, 4)] * 1100,
+                           [(2 * i, 0) for i in range(1100)],
+                           [out[i].view(1, 4) for i in range(1100)])
+    assert _same_bytes(out, wide[::2].contiguous())
+
+
 def test_read_process_boxes_checks_every_box_before_reading_any():
     src = _source((4, 4), torch.float32, 5)
     first = torch.zeros(2, 4)

@@ -56,25 +56,32 @@ void advance(iovec* iovs, size_t& first, size_t count, size_t n) {
   }
 }
 
+inline char* end_of(const iovec& v) {
+  return static_cast<char*>(v.iov_base) + v.iov_len;
+}
+
 class Batch {
  public:
   explicit Batch(pid_t pid) : pid_(pid) {}
 
   void add(std::uint64_t remote, char* local, size_t n, size_t box) {
     if (n == 0) return;
-    if (nr_ > 0 && static_cast<char*>(remote_[nr_ - 1].iov_base) + remote_[nr_ - 1].iov_len ==
-                       reinterpret_cast<char*>(remote) &&
-        remote_[nr_ - 1].iov_len + n <= kMaxRun) {
+    char* far = reinterpret_cast<char*>(remote);
+    bool merge_remote = nr_ > 0 && end_of(remote_[nr_ - 1]) == far && remote_[nr_ - 1].iov_len + n <= kMaxRun;
+    bool merge_local = nl_ > 0 && end_of(local_[nl_ - 1]) == local && local_[nl_ - 1].iov_len + n <= kMaxRun;
+    // Both sides must carry the same bytes into a call: flush before either overflows.
+    if ((!merge_remote && nr_ == kMaxIov) || (!merge_local && nl_ == kMaxIov)) {
+      flush();
+      merge_remote = merge_local = false;
+    }
+    if (merge_remote) {
       remote_[nr_ - 1].iov_len += n;
     } else {
-      if (nr_ == kMaxIov) flush();
-      remote_[nr_++] = {reinterpret_cast<void*>(remote), n};
+      remote_[nr_++] = {far, n};
     }
-    if (nl_ > 0 && static_cast<char*>(local_[nl_ - 1].iov_base) + local_[nl_ - 1].iov_len == local &&
-        local_[nl_ - 1].iov_len + n <= kMaxRun) {
+    if (merge_local) {
       local_[nl_ - 1].iov_len += n;
     } else {
-      if (nl_ == kMaxIov) flush();
       local_[nl_++] = {local, n};
     }
     last_box_ = box;
