@@ -56,8 +56,6 @@ __all__ = ["broadcast_state_dict"]
 _BOX_ROUTE = True
 
 
-
-
 def _pg_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
     # As PyTorch: the caller's device when the group can move it, else the group's first.
     types = group._device_types
@@ -189,8 +187,8 @@ def _plan_dests(
             ptrs.append(got[1])
         else:
             misses.append(i)
-    if misses and flat_device.type == "cpu":
-        values = [local_state_dict.get(keys[tensors[i][0]]) for i in misses]
+    values = [local_state_dict.get(keys[tensors[i][0]]) for i in misses]
+    if flat_device.type == "cpu":
         hits = dtensor_boxes(
             values, [tensors[i][1] for i in misses], [dtypes[tensors[i][2]] for i in misses],
             rank,
@@ -202,13 +200,13 @@ def _plan_dests(
                 ptrs.append(hit[3])
     boxes: BoxCache = {}
     shared = False
-    for i in misses:
+    for i, value in zip(misses, values):
         if dests[i] is None:
             pos, shape, code, _, _ = tensors[i]
             key = keys[pos]
             full = None if full_state_dict is None else full_state_dict[key]
-            dests[i] = d = _plan_dest(key, shape, dtypes[code], local_state_dict.get(key), full,
-                                      device, flat_device, rank, boxes)
+            dests[i] = d = _plan_dest(key, shape, dtypes[code], value, full, device,
+                                      flat_device, rank, boxes)
             shared = shared or isinstance(d.result, DTensor)
     # A repeated address makes the writers be checked (empty shards, 0, write nothing).
     written = [p for p in ptrs if p]
@@ -299,11 +297,11 @@ def broadcast_state_dict(
     probe: torch.Tensor | None = None
     if is_src:
         try:
-            source = None
+            announced_source = None
             if by_box and _box_route.DIRECT_READ:
-                probe, source = _box_route.source_probe()
+                probe, announced_source = _box_route.source_probe()
             announced = announce(full_state_dict)
-            wire = to_wire(*announced, source)
+            wire = to_wire(*announced, announced_source)
         except Exception as exc:  # shipped to every rank below
             error = exc
     pre = None
@@ -319,6 +317,8 @@ def broadcast_state_dict(
         src_error = None if error is None else ""
     else:
         wire, src_error = receive_metadata(posted, group, flat_device)
+    # (pid, probe address, probe) where rank 0's tensors may be read directly, or None.
+    source = None if wire is None else wire[-2]
     if src_error is not None:
         if error is not None:
             wait_sent(in_flight)
@@ -364,7 +364,7 @@ def broadcast_state_dict(
             needs = [_need_of(ds, shape) for ds, (shape, _) in zip(slot_dests, specs)]
             # A rank on rank 0's host reads what it can out of rank 0's memory itself.
             direct = None
-            if _box_route.can_read(wire[-2]):
+            if _box_route.can_read(source):
                 direct = [
                     tensors[i][4] != 0 and need is not None and _box_route.readable(ds)
                     for i, need, ds in zip(src_of, needs, slot_dests)
@@ -400,7 +400,7 @@ def broadcast_state_dict(
             routed, broadcast, sending, receiving, own, direct_reads = _plan_box_route(
                 group, table, row, is_src, srcs, specs, slot_dests, flat_device, cut,
                 bucket_bytes, [tensors[i][4] for i in src_of],
-                wire[-2][0] if wire[-2] is not None else 0,
+                0 if source is None else source[0],
             )
         runs, layouts, in_place, flats = _plan_broadcasts(
             broadcast, is_src, srcs, specs, slot_dests, flat_device, cut

@@ -187,7 +187,7 @@ HEAD_BYTES = 256 << 10
 
 def send_metadata(
     wire: Any, error: BaseException | None, group: dist.ProcessGroup, device: torch.device
-) -> tuple[list[Any], BaseException | None]:
+) -> tuple[tuple[list[Any], list[torch.Tensor]], BaseException | None]:
     """Rank 0: broadcasts ``(wire, error text or None)`` pickled, asynchronously, so
     that rank 0 plans its own keys while the others take it; ``broadcast_object_list``
     would wait for every rank. A value that cannot be pickled becomes the error sent
@@ -212,16 +212,16 @@ def send_metadata(
     parts = [torch.frombuffer(head, dtype=torch.uint8).to(device)]
     if len(data) > fits:
         parts.append(torch.frombuffer(bytearray(data[fits:]), dtype=torch.uint8).to(device))
-    in_flight: list[Any] = list(parts)
-    for part in parts:
-        in_flight.append(dist.broadcast(part, group=group, group_src=0, async_op=True))
-    return in_flight, error
+    works = []
+    for part in parts:  # (a loop, not a comprehension: tests tell these calls by frame)
+        works.append(dist.broadcast(part, group=group, group_src=0, async_op=True))
+    return (works, parts), error
 
 
-def wait_sent(in_flight: list[Any]) -> None:
-    for item in in_flight:
-        if not isinstance(item, torch.Tensor):
-            item.wait()
+def wait_sent(in_flight: tuple[list[Any], list[torch.Tensor]]) -> None:
+    """Waits for :func:`send_metadata`'s broadcasts (its buffers live until then)."""
+    for work in in_flight[0]:
+        work.wait()
 
 
 def post_metadata_receive(group: dist.ProcessGroup, device: torch.device) -> Any:

@@ -528,12 +528,7 @@ PyObject* dtensor_boxes(PyObject* /*self*/, PyObject* args) {
       plain = replicated == 1;
     }
     if (!plain || lt.sizes() != c10::IntArrayRef(box)) continue;
-    int64_t first = 0;
-    for (auto b : box) {
-      if (b == 0) first = -1;
-    }
-    std::uintptr_t addr = 0;
-    if (first == 0) addr = reinterpret_cast<std::uintptr_t>(lt.data_ptr());
+    const std::uintptr_t addr = lt.numel() == 0 ? 0 : reinterpret_cast<std::uintptr_t>(lt.data_ptr());
     THPObjectPtr shape_tuple(PyTuple_New(dims));
     THPObjectPtr start_tuple(PyTuple_New(dims));
     THPObjectPtr full_tuple;

@@ -123,9 +123,8 @@ class Batch {
 int64_t read_process_boxes(pid_t pid, const std::vector<RemoteBox>& boxes) {
   // Every box is checked before anything is read.
   for (size_t i = 0; i < boxes.size(); ++i) {
-    visit_box_runs(boxes[i], [&](int64_t, int64_t) {
-      TORCH_CHECK(boxes[i].dst != nullptr, "sdict_ext.read_process_boxes: box ", i, " has no destination");
-    });
+    TORCH_CHECK(check_box(boxes[i]) || boxes[i].dst != nullptr, "sdict_ext.read_process_boxes: box ", i,
+                " has no destination");
   }
   auto batch = std::make_unique<Batch>(pid);
   for (size_t i = 0; i < boxes.size(); ++i) {

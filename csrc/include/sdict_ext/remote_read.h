@@ -21,6 +21,10 @@ struct RemoteBox {
   char* dst = nullptr;             // the box's bytes here, contiguous (prod(size) * itemsize)
 };
 
+// Raises unless `box` fits its tensor in every dim (and has an item size); returns whether
+// it is empty.
+inline bool check_box(const RemoteBox& box);
+
 // Calls visit(byte offset in the remote tensor, byte count) for each contiguous run of
 // `box`'s bytes, in the order of a contiguous tensor of the box's shape. Raises when the
 // box leaves its tensor.

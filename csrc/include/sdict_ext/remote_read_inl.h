@@ -7,19 +7,26 @@
 
 namespace sdict_ext {
 
-template <typename Visit>
-void visit_box_runs(const RemoteBox& box, Visit&& visit) {
+inline bool check_box(const RemoteBox& box) {
   const size_t dims = box.full.size();
   TORCH_CHECK(box.start.size() == dims && box.size.size() == dims,
               "sdict_ext.read_process_boxes: a box has ", box.start.size(), " starts and ", box.size.size(),
               " sizes for a ", dims, "-dim tensor");
   TORCH_CHECK(box.itemsize > 0, "sdict_ext.read_process_boxes: itemsize must be positive");
+  bool empty = false;
   for (size_t d = 0; d < dims; ++d) {
     TORCH_CHECK(box.start[d] >= 0 && box.size[d] >= 0 && box.start[d] + box.size[d] <= box.full[d],
                 "sdict_ext.read_process_boxes: the box (start ", box.start[d], ", size ", box.size[d],
                 ") leaves dim ", d, " of size ", box.full[d]);
-    if (box.size[d] == 0) return;
+    empty = empty || box.size[d] == 0;
   }
+  return empty;
+}
+
+template <typename Visit>
+void visit_box_runs(const RemoteBox& box, Visit&& visit) {
+  if (check_box(box)) return;
+  const size_t dims = box.full.size();
   // Dims after `cut` are whole: each run is the box's extent in `cut` times their volume.
   size_t cut = 0;
   for (size_t d = dims; d-- > 0;) {
