@@ -45,7 +45,7 @@ from sdict_ext._collectives import (
     local_box,
     slice_bytes,
 )
-from sdict_ext._copies import batched_copy_pairs, offload_leaves, view_key
+from sdict_ext._copies import batched_copy_pairs, indexed_device, offload_leaves, view_key
 from sdict_ext._gc import gc_paused
 from sdict_ext._traverse import leaf_kind
 
@@ -287,6 +287,7 @@ def broadcast_state_dict(
     """
     group = pg if pg is not None else dist.distributed_c10d._get_default_group()
     is_src = dist.get_rank(group) == 0
+    device = indexed_device(device)  # "cuda" never equals a tensor's cuda:N
     flat_device = _pg_device(group, device)
     # Point to point where it saves bytes: CPU groups only (see _box_route).
     by_box = _BOX_ROUTE and flat_device.type == "cpu"

@@ -2,13 +2,15 @@
 
 The shared back end of copy / offload / create-CPU in :mod:`sdict_ext.utils`: pairs are
 grouped by (destination device, source device) and each group is one
-:func:`sdict_ext.ops.batched_copy_` call, instead of one ``copy_`` per tensor.
+:func:`sdict_ext.ops.batched_copy_` call, instead of one ``copy_`` per tensor; a group
+between two different accelerators (which one op call cannot span) is one
+``torch._foreach_copy_``, whose peer copies order both devices' streams.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -16,7 +18,23 @@ from torch.distributed.tensor import DTensor
 from sdict_ext import ops
 from sdict_ext._traverse import LEAF_DTENSOR, LEAF_OTHER, LEAF_SHARDED, LEAF_TENSOR
 
-__all__ = ["batched_copy_pairs", "offload_leaves", "view_key"]
+__all__ = [
+    "ROUTE_OP",
+    "ROUTE_PEER",
+    "batched_copy_pairs",
+    "copy_groups",
+    "indexed_device",
+    "offload_leaves",
+    "view_key",
+]
+
+#: A group copied by one :func:`sdict_ext.ops.batched_copy_` call: host memory and at
+#: most one accelerator, which is what one op call takes.
+ROUTE_OP = "op"
+#: A group between two different accelerators: ``torch._foreach_copy_`` (peer copies).
+ROUTE_PEER = "peer"
+
+Route = Literal["op", "peer"]
 
 _CPU = torch.device("cpu")
 
@@ -53,17 +71,47 @@ def _dedupe(
     return list(by_dst.values())
 
 
-def _groups(
-    dsts: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor]
-) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    groups: dict[tuple[torch.device, torch.device], tuple[list, list]] = {}
-    for dst, src in zip(dsts, srcs):
-        group = groups.get((dst.device, src.device))
-        if group is None:
-            group = groups[(dst.device, src.device)] = ([], [])
-        group[0].append(dst)
-        group[1].append(src)
-    return list(groups.values())
+def indexed_device(device: torch.device | str) -> torch.device:
+    """``device`` with an index: a bare accelerator type means its current device.
+
+    ``torch.device("cuda")`` compares unequal to the ``cuda:3`` every tensor reports, so
+    a device argument taken as given would never match where tensors already are (and,
+    e.g., nothing would be received in place). The API entry points that take a device
+    normalise it here, as ``Tensor.to("cuda")`` resolves it.
+    """
+    device = torch.device(device)
+    if device.index is not None or device.type in ("cpu", "meta"):
+        return device
+    module = getattr(torch, device.type, None)
+    current = getattr(module, "current_device", None)
+    if current is None:
+        return device
+    return torch.device(device.type, current())
+
+
+def copy_groups(devices: Sequence[tuple[Any, Any]]) -> list[tuple[Route, list[int]]]:
+    """How pairs on several devices are copied: ``(route, pair indices)`` per group.
+
+    Pairs are grouped by (destination device, source device), in order of first
+    appearance. A group that touches host memory and at most one accelerator is one op
+    call (:data:`ROUTE_OP`); a group between two different accelerators
+    (``cuda:1 <- cuda:0``) is one :data:`ROUTE_PEER` copy, because an op call works on
+    a single device and refuses it.
+
+    Args:
+        devices: ``(destination device, source device)`` of each pair, as
+            ``torch.device`` objects or strings (only the devices matter, so the plan
+            can be checked without the devices themselves).
+    """
+    groups: dict[tuple[torch.device, torch.device], list[int]] = {}
+    for i, (dst, src) in enumerate(devices):
+        key = (torch.device(dst), torch.device(src))
+        groups.setdefault(key, []).append(i)
+    plan: list[tuple[Route, list[int]]] = []
+    for (dst, src), indices in groups.items():
+        peer = dst != src and dst.type != "cpu" and src.type != "cpu"
+        plan.append((ROUTE_PEER if peer else ROUTE_OP, indices))
+    return plan
 
 
 def batched_copy_pairs(
@@ -77,11 +125,15 @@ def batched_copy_pairs(
     The first attempt is one op call for every pair: the op checks devices, dtypes,
     shapes and aliasing in C++ before writing, so the common case pays no per-tensor
     Python work at all (asking each tensor for its device alone costs more than the
-    rest of a 20,000-tensor copy's Python side). Only when it refuses does this look
-    closer, nothing having been written: ``validate`` (if given) raises the caller's
-    precise error, naming the key path; aliased pairs (tied weights, self-copies) are
-    reduced as a pair-by-pair copy would see them; and pairs spanning several devices
-    (which one call cannot take) get one call per (destination, source) device pair.
+    rest of a 20,000-tensor copy's Python side). Only when its planner refuses (a plain
+    ``RuntimeError``, nothing written) does this look closer: ``validate`` (if given)
+    raises the caller's precise error, naming the key path; aliased pairs (tied
+    weights, self-copies) are reduced as a pair-by-pair copy would see them; and pairs
+    spanning several devices get one call per (destination, source) device pair, a
+    copy between two accelerators going through ``torch._foreach_copy_``
+    (:func:`copy_groups`). A failure once copies started (``torch.AcceleratorError``,
+    ``torch.OutOfMemoryError``) may have written part of the destinations: it is
+    raised as it is, never retried.
 
     Args:
         dsts: destinations.
@@ -95,15 +147,24 @@ def batched_copy_pairs(
             ops.batched_copy_(dsts, srcs, non_blocking=non_blocking)
             return
         except RuntimeError as exc:
+            # The planner's refusals are plain RuntimeErrors (TORCH_CHECK); subclasses
+            # come from the device or the allocator, possibly after a partial write.
+            if type(exc) is not RuntimeError:
+                raise
             refused = exc
         if validate is not None:
             validate()
         pairs = _dedupe(dsts, srcs)
-        groups = _groups([d for d, _ in pairs], [s for _, s in pairs])
-        if len(pairs) == len(dsts) and len(groups) <= 1:
+        groups = copy_groups([(d.device, s.device) for d, s in pairs])
+        if len(pairs) == len(dsts) and [route for route, _ in groups] == [ROUTE_OP]:
             raise refused
-        for group_dsts, group_srcs in groups:
-            ops.batched_copy_(group_dsts, group_srcs, non_blocking=non_blocking)
+        for route, indices in groups:
+            group_dsts = [pairs[i][0] for i in indices]
+            group_srcs = [pairs[i][1] for i in indices]
+            if route == ROUTE_PEER:
+                torch._foreach_copy_(group_dsts, group_srcs, non_blocking=non_blocking)
+            else:
+                ops.batched_copy_(group_dsts, group_srcs, non_blocking=non_blocking)
 
 
 def offload_leaves(values: Sequence[Any], kinds: Sequence[int]) -> list[Any]:

@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sdict_ext import ops
 from sdict_ext._collectives import BoxCache, dtensor_of, is_plain_placement, local_box
-from sdict_ext._copies import batched_copy_pairs
+from sdict_ext._copies import batched_copy_pairs, indexed_device
 from sdict_ext._gc import gc_paused
 
 __all__ = ["distribute_state_dict"]
@@ -50,6 +50,7 @@ def distribute_state_dict(
         pg: unused (the DTensors carry their meshes); kept for the signature.
     """
     del pg
+    device = indexed_device(device)
     rank = dist.get_rank()
     boxes: BoxCache = {}
     results: dict[str, Any] = {}
