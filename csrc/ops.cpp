@@ -14,16 +14,23 @@ PyMODINIT_FUNC PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+// Every op is cudagraph_unsafe: on CUDA it may wait on the stream and uploads a copy
+// table from a recycled pinned block, so torch.compile's cudagraph trees must run it
+// outside their graphs (the CUDA glue refuses a capture outright).
 TORCH_LIBRARY(sdict_ext, m) {
-  m.def("batched_copy_(Tensor(a!)[] dsts, Tensor[] srcs, bool non_blocking=False) -> ()");
-  m.def("pack_into(Tensor[] tensors, int[] offsets, Tensor(a!) out) -> ()");
+  const std::vector<at::Tag> tags = {at::Tag::cudagraph_unsafe};
+  m.def("batched_copy_(Tensor(a!)[] dsts, Tensor[] srcs, bool non_blocking=False) -> ()", tags);
+  m.def("pack_into(Tensor[] tensors, int[] offsets, Tensor(a!) out) -> ()", tags);
   m.def(
       "unpack(Tensor flat, int[] offsets, Tensor(a!)[] dsts, int[]? full_sizes=None, "
-      "int[]? starts=None) -> ()");
+      "int[]? starts=None) -> ()",
+      tags);
   m.def(
       "gather_concat(Tensor gathered, int chunk_numel, int world_size, int[] size, "
-      "int shard_dim) -> Tensor");
+      "int shard_dim) -> Tensor",
+      tags);
   m.def(
       "gather_concat_into(Tensor gathered, int world_size, int[] offsets, Tensor(a!)[] outs, "
-      "int[] shard_dims) -> ()");
+      "int[] shard_dims) -> ()",
+      tags);
 }

@@ -759,6 +759,43 @@ def test_gather_concat_rejects_inconsistent_sizes():
 # registration, tracing, build state
 
 
+def test_every_op_is_tagged_cudagraph_unsafe():
+    # torch.compile's cudagraph trees leave ops with this tag out of their graphs: on
+    # CUDA they wait on the stream and upload a copy table from a recycled pinned block.
+    names = sorted(
+        s.name.split("::")[1] for s in torch._C._jit_get_all_schemas()
+        if s.name.startswith("sdict_ext::")
+    )
+    expected = {"batched_copy_", "pack_into", "unpack", "gather_concat", "gather_concat_into"}
+    assert expected <= set(names)
+    for name in names:
+        packet = getattr(torch.ops.sdict_ext, name)
+        for overload in packet.overloads():
+            assert torch.Tag.cudagraph_unsafe in getattr(packet, overload).tags, (name, overload)
+
+
+@cuda
+def test_ops_refuse_to_run_while_a_cuda_graph_is_captured():
+    src = torch.randn(1 << 16, device="cuda")
+    dst = torch.zeros_like(src)
+    host = torch.zeros(1 << 16).pin_memory()
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:
+            for dsts, srcs in (([dst], [src]), ([host], [src])):
+                with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+                    ops.batched_copy_(dsts, srcs)
+            with pytest.raises(RuntimeError, match="sdict_ext.pack: called while a CUDA graph"):
+                ops.pack([src])
+        finally:
+            graph.capture_end()
+    torch.cuda.synchronize()
+    assert not dst.any() and not host.any()  # refused before anything was written
+
+
 def test_copy_thresholds_set_and_restore():
     default = ops.copy_thresholds()
     assert default == (1 << 20, 64 << 10)  # sdict_ext/tuning.h
