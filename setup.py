@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 
 import torch
 
@@ -74,6 +75,30 @@ def _want_cuda() -> bool:
     return forced == "1"
 
 
+#: Built when nothing names an architecture and no GPU is visible: Hopper machine code
+#: (the GPU machines this project is measured on), with PTX that newer GPUs compile.
+DEFAULT_CUDA_ARCH_LIST = "9.0+PTX"
+
+
+def default_cuda_arch_list(environ: Mapping[str, str], visible_gpus: int) -> str | None:
+    """The TORCH_CUDA_ARCH_LIST to set for a CUDA build, or None to leave torch's choice.
+
+    With the variable unset, torch builds for the visible GPUs; with none visible (a
+    build machine, a container without devices) its detection fails with an
+    ``IndexError`` instead of building anything. An explicit list always wins.
+    """
+    if environ.get("TORCH_CUDA_ARCH_LIST") or visible_gpus > 0:
+        return None
+    return DEFAULT_CUDA_ARCH_LIST
+
+
+def _visible_gpus() -> int:
+    try:
+        return torch.cuda.device_count()
+    except RuntimeError:  # a broken driver: no GPU to detect either
+        return 0
+
+
 def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -111,6 +136,9 @@ def _extension():
             extra_link_args=link,
         )
     sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+    arch_list = default_cuda_arch_list(os.environ, _visible_gpus())
+    if arch_list is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     nvcc = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "sdict_ext._C",
@@ -121,8 +149,10 @@ def _extension():
     )
 
 
-setup(
-    packages=find_packages(include=["sdict_ext", "sdict_ext.*"]),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+# Guarded so tests can import the helpers above; setuptools runs this file as __main__.
+if __name__ == "__main__":
+    setup(
+        packages=find_packages(include=["sdict_ext", "sdict_ext.*"]),
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

@@ -345,7 +345,7 @@ cudaError_t resident_blocks_per_sm(int* blocks) {
 }  // namespace
 
 cudaError_t launch_batched_copy_kernel(
-    const CopyTableLayout& layout, const void* device_table, cudaStream_t stream) {
+    const CopyTableLayout& layout, const void* device_table, cudaStream_t stream, int64_t max_blocks) {
   if (layout.chunks == 0) return cudaSuccess;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -358,7 +358,8 @@ cudaError_t launch_batched_copy_kernel(
   if (err != cudaSuccess) return err;
   // One wave of resident blocks: more blocks would only queue behind them, since
   // each block already walks every gridDim-th chunk.
-  const int64_t grid = std::min<int64_t>(layout.chunks, int64_t{sms} * per_sm);
+  int64_t grid = std::min<int64_t>(layout.chunks, int64_t{sms} * per_sm);
+  if (max_blocks > 0) grid = std::min(grid, max_blocks);
   const char* base = static_cast<const char*>(device_table);
   batched_copy_kernel<<<static_cast<unsigned int>(grid), kCopyBlockThreads, 0, stream>>>(
       reinterpret_cast<const CopyDesc*>(base + layout.descs_offset),

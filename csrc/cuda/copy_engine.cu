@@ -53,7 +53,11 @@ cudaError_t copy_engine_async(const EngineCopy* copies, size_t count, bool batch
   const bool legacy = stream == nullptr || stream == cudaStreamLegacy;
   if (batch && count > 1 && !legacy) {
     const cudaError_t err = copy_batch(copies, count, stream);
-    if (err != cudaErrorInvalidValue && err != cudaErrorNotSupported) return err;
+    // A runtime newer than the driver has the entry point but the driver cannot
+    // serve it (cudaErrorCallRequiresNewerDriver): as good as unsupported.
+    if (err != cudaErrorInvalidValue && err != cudaErrorNotSupported && err != cudaErrorCallRequiresNewerDriver) {
+      return err;
+    }
     // A driver that refuses the batch gets the same copies one by one; they are
     // independent, so re-issuing any that did start is harmless. Clear the error so
     // the caller's next launch check does not report it.

@@ -17,12 +17,19 @@
 namespace sdict_ext {
 
 struct CudaCall::Routes {
-  std::vector<KernelCopy> kernel;    // one launch of the copy kernel
-  std::vector<EngineCopy> pinned;    // copy engines, asynchronous
-  std::vector<EngineCopy> pageable;  // copy engines, synchronous by CUDA's rules
-  std::vector<CopyEntry> host;       // the CPU backend
-  std::vector<size_t> fallback;      // plan indices for at::Tensor::copy_
-  bool crosses = false;              // some copy moves data between host and device
+  std::vector<KernelCopy> kernel;        // one launch of the copy kernel
+  std::vector<EngineCopy> pinned;        // copy engines, asynchronous
+  std::vector<EngineCopy> pageable_d2h;  // through pinned buckets, see copy_via_buckets
+  std::vector<EngineCopy> pageable_h2d;
+  std::vector<CopyEntry> host;           // the CPU backend
+  std::vector<size_t> fallback;          // plan indices for at::Tensor::copy_
+  // Strided copies whose host side is one contiguous run of mapped pinned memory, too
+  // big for the kernel to move across PCIe element by element: plan index and offset
+  // in a device temporary (see run).
+  std::vector<std::pair<size_t, int64_t>> staged;
+  int64_t staged_bytes = 0;
+  int64_t kernel_pcie = 0;  // kernel copies that read or write mapped host memory
+  bool crosses = false;     // some copy moves data between host and device
 };
 
 namespace {
@@ -57,11 +64,151 @@ at::Tensor byte_view(const char* ptr, const CopyEntry& e, c10::IntArrayRef strid
       const_cast<char*>(ptr), sizes, byte_strides, at::TensorOptions().dtype(at::kByte).device(device));
 }
 
-void launch_kernel(
-    const std::vector<KernelCopy>& copies, c10::Device device, cudaStream_t stream, const char* op) {
+// Whether one side of `e` is a single row-major run of nbytes() bytes (so one
+// copy-engine transfer can move it whatever the other side's layout).
+bool row_major(const CopyEntry& e, c10::IntArrayRef strides) {
+  int64_t expected = e.elem_size;
+  for (size_t k = e.sizes.size(); k-- > 0;) {
+    if (e.sizes[k] != 1 && strides[k] != expected) return false;
+    expected *= e.sizes[k];
+  }
+  return true;
+}
+
+int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// A CUDA event created on first record (ATen's CUDAEvent header pulls in the CUDA
+// math libraries' headers, which the glue does not otherwise need).
+class Event {
+ public:
+  Event() = default;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event() {
+    if (event_ != nullptr) (void)cudaEventDestroy(event_);  // safe while pending
+  }
+  void record(cudaStream_t stream) {
+    if (event_ == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(event_, stream));
+  }
+  void synchronize() {
+    if (event_ != nullptr) C10_CUDA_CHECK(cudaEventSynchronize(event_));
+  }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+// Copies between device memory and pageable host memory through pinned buckets: one
+// batched copy-engine command per bucket instead of one synchronous cudaMemcpyAsync per
+// tensor (which the runtime stages through its own small buffer, waiting each time),
+// with the CPU's memcpy of one bucket overlapping the engines' transfer of the next.
+// Returns once device->host copies have landed and host->device sources were read
+// (pageable memory never outlives the call's use of it); the device side stays
+// stream-ordered.
+void copy_via_buckets(const std::vector<EngineCopy>& copies, bool to_host, const c10::cuda::CUDAStream& stream) {
+  struct Piece {
+    char* host;
+    char* device;
+    int64_t bytes;
+    int64_t offset;  // in its bucket
+  };
+  int64_t total = 0;
+  for (const EngineCopy& c : copies) total += align16(static_cast<int64_t>(c.bytes));
+  const int64_t capacity = std::min<int64_t>(kPageableBucketBytes, total);
+  std::vector<std::vector<Piece>> buckets(1);
+  int64_t used = 0;
+  for (const EngineCopy& c : copies) {
+    char* host = static_cast<char*>(to_host ? c.dst : const_cast<void*>(c.src));
+    char* device = static_cast<char*>(to_host ? const_cast<void*>(c.src) : c.dst);
+    // A copy bigger than the room left is cut: buckets are always filled.
+    for (int64_t done = 0, bytes = static_cast<int64_t>(c.bytes); done < bytes;) {
+      if (used >= capacity) {
+        buckets.emplace_back();
+        used = 0;
+      }
+      const int64_t n = std::min(bytes - done, capacity - used);
+      buckets.back().push_back(Piece{host + done, device + done, n, used});
+      used = align16(used + n);
+      done += n;
+    }
+  }
+  const int64_t count = static_cast<int64_t>(buckets.size());
+  at::Tensor buffers[2];
+  Event drained[2];
+  for (int64_t b = 0; b < std::min<int64_t>(count, 2); ++b) {
+    buffers[b] = at::empty({capacity}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  }
+  const auto engines = [&](int64_t b) {
+    char* base = static_cast<char*>(buffers[b % 2].mutable_data_ptr());
+    std::vector<EngineCopy> batch;
+    batch.reserve(buckets[b].size());
+    for (const Piece& p : buckets[b]) {
+      if (to_host) {
+        batch.push_back(EngineCopy{base + p.offset, p.device, static_cast<size_t>(p.bytes)});
+      } else {
+        batch.push_back(EngineCopy{p.device, base + p.offset, static_cast<size_t>(p.bytes)});
+      }
+    }
+    C10_CUDA_CHECK(copy_engine_async(batch.data(), batch.size(), /*batch=*/true, stream.stream()));
+    drained[b % 2].record(stream.stream());
+  };
+  const auto cpu = [&](int64_t b) {
+    char* base = static_cast<char*>(buffers[b % 2].mutable_data_ptr());
+    std::vector<DenseCopy> plan;
+    plan.reserve(buckets[b].size());
+    for (const Piece& p : buckets[b]) {
+      if (to_host) {
+        plan.push_back(DenseCopy{base + p.offset, p.host, p.bytes});
+      } else {
+        plan.push_back(DenseCopy{p.host, base + p.offset, p.bytes});
+      }
+    }
+    execute_plan_cpu(plan);
+  };
+  if (to_host) {
+    engines(0);
+    for (int64_t b = 0; b < count; ++b) {
+      // The next bucket's buffer was emptied by the CPU in the previous round.
+      if (b + 1 < count) engines(b + 1);
+      drained[b % 2].synchronize();
+      cpu(b);
+    }
+  } else {
+    for (int64_t b = 0; b < count; ++b) {
+      if (b >= 2) drained[b % 2].synchronize();  // the engines have read this buffer
+      cpu(b);
+      engines(b);
+    }
+  }
+  // Host->device transfers may still be reading the buffers: torch's pinned allocator
+  // must not hand them out again before the stream is past them.
+  for (int64_t b = 0; b < std::min<int64_t>(count, 2); ++b) {
+    const c10::Storage& storage = buffers[b].storage();
+    at::getHostAllocator(at::kCUDA)->record_event(storage.mutable_data(), storage.data_ptr().get_context(), stream);
+  }
+}
+
+// Refuses to run while `stream` is being captured into a CUDA graph: the ops wait on
+// the stream and upload a copy table from a pinned block that is recycled once the
+// call returns, so a replay would read a stale table and write wherever it points.
+void check_not_capturing(cudaStream_t stream, const char* op) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(stream, &status);
+  // Asking about the legacy default stream while another stream captures in global
+  // mode is itself an error: that capture is what it reports.
+  const bool capturing = err == cudaErrorStreamCaptureImplicit || status != cudaStreamCaptureStatusNone;
+  if (err == cudaErrorStreamCaptureImplicit) (void)cudaGetLastError();
   TORCH_CHECK(
-      copies.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max()), op, ": ",
-      copies.size(), " copies in one call exceed the copy kernel's table; split the call");
+      !capturing, op, ": called while a CUDA graph is being captured; its copies wait on the stream "
+      "and read a copy table that is reused after the call, so they cannot be captured or replayed. "
+      "Call it outside the capture (torch.compile's cudagraph trees skip sdict_ext ops, which are "
+      "tagged cudagraph_unsafe)");
+  C10_CUDA_CHECK(err);
+}
+
+void launch_kernel(
+    const std::vector<KernelCopy>& copies, c10::Device device, cudaStream_t stream, bool pcie_only) {
   const CopyTableLayout layout = copy_table_layout(copies.data(), static_cast<int64_t>(copies.size()));
   at::Tensor staged = at::empty(
       {static_cast<int64_t>(layout.bytes)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -77,7 +224,8 @@ void launch_kernel(
   // error was already returned to its caller; a sticky one (a broken context) still
   // fails the launch itself.
   (void)cudaGetLastError();
-  C10_CUDA_CHECK(launch_batched_copy_kernel(layout, table.const_data_ptr(), stream));
+  C10_CUDA_CHECK(launch_batched_copy_kernel(
+      layout, table.const_data_ptr(), stream, pcie_only ? kCopyPcieMaxBlocks : 0));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -182,13 +330,24 @@ CudaCall::Routes CudaCall::route(const std::vector<CopyEntry>& plan) {
     h.used = h.used || h.pinned;
     const int64_t mapped_max =
         dst_host != nullptr ? thresholds.mapped_d2h_max_bytes : thresholds.mapped_h2d_max_bytes;
-    if (h.mapped != nullptr && (!e.dense() || e.nbytes() < mapped_max)) {
+    const bool small = e.nbytes() < mapped_max;
+    if (h.mapped != nullptr && !e.dense() && !small && r.staged_bytes + e.nbytes() <= kStridedStagingMaxBytes &&
+        row_major(e, dst_host != nullptr ? e.dst_strides : e.src_strides)) {
+      r.staged.emplace_back(i, r.staged_bytes);
+      r.staged_bytes += align16(e.nbytes());
+    } else if (h.mapped != nullptr && (!e.dense() || small)) {
       const auto alias = [&](const char* p) {
         return h.mapped + (reinterpret_cast<uintptr_t>(p) - h.lo);
       };
       r.kernel.push_back(kernel_copy(e, src_host ? alias(e.src) : e.src, dst_host ? alias(e.dst) : e.dst));
+      ++r.kernel_pcie;
     } else if (e.dense()) {
-      (h.pinned ? r.pinned : r.pageable).push_back(EngineCopy{e.dst, e.src, static_cast<size_t>(e.nbytes())});
+      const EngineCopy c{e.dst, e.src, static_cast<size_t>(e.nbytes())};
+      if (h.pinned) {
+        r.pinned.push_back(c);
+      } else {
+        (dst_host != nullptr ? r.pageable_d2h : r.pageable_h2d).push_back(c);
+      }
     } else {
       r.fallback.push_back(i);
     }
@@ -209,20 +368,53 @@ void CudaCall::run(const std::vector<CopyEntry>& plan, bool non_blocking) {
     execute_plan_cpu(plan);
     return;
   }
+  // Every refusal comes before the first write, as a plain c10::Error (RuntimeError):
+  // callers may retry such a call split up (sdict_ext._copies). Once copies started,
+  // failures are the device's or the allocator's own errors. Each plan entry gives at
+  // most one kernel copy, so this bounds both launches' tables.
+  TORCH_CHECK(
+      plan.size() < static_cast<size_t>(std::numeric_limits<int32_t>::max()), op_, ": ", plan.size(),
+      " copies in one call exceed the copy kernel's table; split the call");
   c10::cuda::OptionalCUDAGuard guard(device_);
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device_->index());
+  check_not_capturing(stream.stream(), op_);
   index_hosts();
-  const Routes r = route(plan);
+  Routes r = route(plan);
 
-  if (!r.kernel.empty()) launch_kernel(r.kernel, *device_, stream.stream(), op_);
+  // Staged strided copies: the kernel gathers (or, after the engines, scatters) at HBM
+  // speed on the device side, and the PCIe crossing is one copy-engine transfer of a
+  // contiguous device temporary. The temporary is freed into this stream's pool, so it
+  // is reused only by work ordered after these copies.
+  at::Tensor temp;
+  std::vector<KernelCopy> scatter;  // runs after the engines filled `temp`
+  if (!r.staged.empty()) {
+    temp = at::empty({r.staged_bytes}, at::TensorOptions().dtype(at::kByte).device(*device_));
+    char* base = static_cast<char*>(temp.mutable_data_ptr());
+    for (const auto& [i, offset] : r.staged) {
+      const CopyEntry& e = plan[i];
+      const size_t bytes = static_cast<size_t>(e.nbytes());
+      if (find_host(e.dst) != nullptr) {
+        // Laid out with the host side's (row-major) strides: a dense image of it.
+        r.kernel.push_back(kernel_copy(e, e.src, base + offset));
+        r.pinned.push_back(EngineCopy{e.dst, base + offset, bytes});
+      } else {
+        r.pinned.push_back(EngineCopy{base + offset, e.src, bytes});
+        scatter.push_back(kernel_copy(e, base + offset, e.dst));
+      }
+    }
+  }
+  // A table whose every copy crosses PCIe is bound by the link, not the SMs: a few
+  // blocks reach its bandwidth and leave the rest of the device to training.
+  const bool pcie_only = r.kernel_pcie == static_cast<int64_t>(r.kernel.size());
+  if (!r.kernel.empty()) launch_kernel(r.kernel, *device_, stream.stream(), pcie_only);
   if (!r.pinned.empty()) {
     C10_CUDA_CHECK(copy_engine_async(r.pinned.data(), r.pinned.size(), /*batch=*/true, stream.stream()));
   }
+  if (!scatter.empty()) launch_kernel(scatter, *device_, stream.stream(), /*pcie_only=*/false);
   // The CPU's share runs while the device works on the asynchronous part.
   if (!r.host.empty()) execute_plan_cpu(r.host);
-  if (!r.pageable.empty()) {
-    C10_CUDA_CHECK(copy_engine_async(r.pageable.data(), r.pageable.size(), /*batch=*/false, stream.stream()));
-  }
+  if (!r.pageable_d2h.empty()) copy_via_buckets(r.pageable_d2h, /*to_host=*/true, stream);
+  if (!r.pageable_h2d.empty()) copy_via_buckets(r.pageable_h2d, /*to_host=*/false, stream);
   for (size_t i : r.fallback) copy_with_torch(plan[i], non_blocking);
 
   // Pinned blocks of torch's caching host allocator must not be handed out again

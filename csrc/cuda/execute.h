@@ -26,14 +26,20 @@ class CudaCall {
 
   // Executes `plan` on the current stream of the call's device:
   // - device <-> device, and small or strided copies whose host side is mapped
-  //   pinned memory: one launch of the copy kernel;
+  //   pinned memory: one launch of the copy kernel (on a few blocks when every copy
+  //   of the launch crosses PCIe);
+  // - big strided copies whose host side is one contiguous run of mapped pinned
+  //   memory: the kernel gathers into (or scatters from) a contiguous device
+  //   temporary, the copy engines move it in one transfer;
   // - dense copies with pinned host memory: the copy engines, asynchronously;
-  // - dense copies with pageable host memory: the copy engines, synchronously (the
-  //   CUDA runtime cannot do better: it stages pageable memory itself);
+  // - dense copies with pageable host memory: through two pinned buckets, the CPU's
+  //   memcpy of one overlapping the engines' transfer of the other; returns once the
+  //   pageable side is done with;
   // - strided copies whose host side cannot be mapped: at::Tensor::copy_;
   // - host <-> host: the CPU backend, while the device works.
   // With non_blocking=false, returns once copies involving the host have finished;
-  // device-only copies never wait (as with at::Tensor::copy_).
+  // device-only copies never wait (as with at::Tensor::copy_). Refuses to run while
+  // the stream is being captured into a CUDA graph.
   void run(const std::vector<CopyEntry>& plan, bool non_blocking);
 
  private:

@@ -22,6 +22,20 @@ constexpr int64_t kCopyChunkBytes = int64_t{64} << 10;
 // Threads per block of the copy kernel (a power of two).
 constexpr int kCopyBlockThreads = 256;
 
+// Most blocks of a launch whose every copy reads or writes mapped host memory. Such a
+// launch is bound by PCIe (~50 GB/s), which a few blocks with their loads in flight
+// saturate; a full grid would only take SMs from the training beside it.
+constexpr int64_t kCopyPcieMaxBlocks = 32;
+
+// Pinned bucket size for copies with pageable host memory: two such buckets take
+// turns, the CPU filling or emptying one while the copy engines move the other.
+constexpr int64_t kPageableBucketBytes = int64_t{32} << 20;
+
+// Most bytes of strided copies with mapped pinned memory that one call gathers into
+// (or scatters from) a device temporary, so that PCIe sees one dense transfer: the
+// temporary's bound. Past it, the kernel reads or writes the mapped memory directly.
+constexpr int64_t kStridedStagingMaxBytes = int64_t{256} << 20;
+
 // One copy for the copy kernel: `elem_size`-byte elements laid out by `sizes` with
 // byte strides on either side (coalesced, innermost dim last, at least one dim).
 // Both pointers must be dereferenceable on the current device (device memory, or
@@ -57,11 +71,12 @@ CopyTableLayout copy_table_layout(const KernelCopy* copies, int64_t count);
 // typically pinned).
 void fill_copy_table(const KernelCopy* copies, const CopyTableLayout& layout, void* host_table);
 
-// Enqueues the copy kernel on `stream` over a table already in device memory.
+// Enqueues the copy kernel on `stream` over a table already in device memory, on at
+// most `max_blocks` blocks (0: one full wave of resident blocks).
 // Returns errors of the device queries; launch errors are left for
 // cudaGetLastError (C10_CUDA_KERNEL_LAUNCH_CHECK in the caller).
 cudaError_t launch_batched_copy_kernel(
-    const CopyTableLayout& layout, const void* device_table, cudaStream_t stream);
+    const CopyTableLayout& layout, const void* device_table, cudaStream_t stream, int64_t max_blocks = 0);
 
 // One dense copy for the copy engines.
 struct EngineCopy {

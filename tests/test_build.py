@@ -1,0 +1,71 @@
+"""Specs of the build (``setup.py``, the Makefile) on machines like the GPU one: torch
+already there, no package index reachable, no GPU visible to the builder."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setup_module():
+    # setup.py calls setup() only as __main__ (how setuptools runs it), so importing it
+    # under another name gives its helpers alone.
+    spec = importlib.util.spec_from_file_location("sdict_ext_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cuda_arch_list_defaults_to_hopper_with_ptx_when_unset_and_no_gpu_is_visible():
+    setup = _setup_module()
+    assert setup.default_cuda_arch_list({}, visible_gpus=0) == "9.0+PTX"
+    assert setup.default_cuda_arch_list({"TORCH_CUDA_ARCH_LIST": ""}, visible_gpus=0) == "9.0+PTX"
+
+
+def test_cuda_arch_list_is_left_to_the_user_or_to_torch_when_either_can_choose():
+    setup = _setup_module()
+    assert setup.default_cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "8.0"}, visible_gpus=0) is None
+    assert setup.default_cuda_arch_list({}, visible_gpus=1) is None
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_setup_with_torch_present_survives_a_pip_that_reaches_no_index(tmp_path):
+    # A python3 that has torch but no ninja (the GPU machine's situation when a module is
+    # missing); its pip installs into a scratch folder, from an index nobody serves.
+    blocker = tmp_path / "blocked"
+    blocker.mkdir()
+    (blocker / "ninja.py").write_text("raise ImportError('ninja hidden by the test')\n")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    python3 = fake / "python3"
+    python3.write_text(
+        "#!/bin/bash\n"
+        f'if [ "$1" = -m ] && [ "$2" = pip ]; then\n'
+        f'  exec "{sys.executable}" -m pip "${{@:3}}" --target "{tmp_path / "site"}"\n'
+        "fi\n"
+        f'PYTHONPATH="{blocker}" exec "{sys.executable}" "$@"\n'
+    )
+    python3.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}",
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_NO_INDEX": "1",
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    }
+    proc = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "setup"], env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pytest / ninja not installed (no package index?)" in proc.stdout
+    assert not (tmp_path / "site").exists() or not any((tmp_path / "site").iterdir())
