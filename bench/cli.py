@@ -8,6 +8,7 @@ is an error or any sdict_ext result differs from PyTorch's on the same inputs (s
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import shlex
@@ -171,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import launch, report, runner
 
+    # Single-process cases and torchrun ranks run here: a fatal signal prints the Python
+    # stacks and torch's native one, and the running case is on the progress line.
+    faulthandler.enable(all_threads=True)
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
     warnings.filterwarnings("ignore", category=FutureWarning)
     settings = _settings(args, size)
     trun = launch.torchrun_env()

@@ -48,6 +48,8 @@ __all__ = [
     "HostMemory",
     "Row",
     "load_sdict",
+    "note_running",
+    "record_running_in",
     "summarize",
 ]
 
@@ -64,6 +66,23 @@ ROLE_CASE = "case"
 #: choose the default: shown and plotted, never in the PyTorch / sdict_ext ratio.
 ROLE_VARIANT = "variant"
 ROLES = (ROLE_SDICT, ROLE_TORCH, ROLE_BOUND, ROLE_CASE, ROLE_VARIANT)
+
+# Where this process writes what it is running (a shared ``c_char`` array that a
+# spawned rank's parent reads once the rank died), or None.
+_running: Any = None
+
+
+def record_running_in(buffer: Any) -> None:
+    """Makes :func:`note_running` write into ``buffer`` (a shared ``c_char`` array)."""
+    global _running
+    _running = buffer
+
+
+def note_running(text: str) -> None:
+    """Records what runs now, so a crash that leaves no Python exception (a fatal
+    signal) can still be attributed to its case and implementation."""
+    if _running is not None:
+        _running.value = text.encode("utf-8", "replace")[: len(_running) - 1]
 
 
 @dataclass
@@ -358,6 +377,17 @@ class Ctx:
         """
         if fn is None:
             return self.skip(impl, role, missing or "not available", nbytes, tensors)
+        note_running(f"{self.spec.suite}: {self.spec.name}: {impl} ({role})")
+        try:
+            return self._measure_or_error(
+                impl, role, fn, nbytes, tensors, setup, verify, reports_times
+            )
+        finally:
+            note_running(f"{self.spec.suite}: {self.spec.name}: between implementations")
+
+    def _measure_or_error(
+        self, impl, role, fn, nbytes, tensors, setup, verify, reports_times
+    ) -> Row:
         if self.dist is None:
             # Alone, a failing implementation is just an error row: the other
             # implementations of the case still run. On several ranks the caller owns

@@ -13,9 +13,11 @@ place on the default process group.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import pickle
+import signal
 import time
 import traceback
 import warnings
@@ -29,6 +31,9 @@ __all__ = ["CaseFailed", "RankGroup", "init_rank", "torchrun_env"]
 #: Bound on forming a group: importing torch in several processes on two busy cores can
 #: take tens of seconds.
 STARTUP_TIMEOUT_S = 180.0
+
+#: Bytes of the shared record in which each rank says what it is running.
+_RUNNING_BYTES = 512
 
 _CTX = multiprocessing.get_context("spawn")
 
@@ -74,14 +79,22 @@ def init_rank(
 
 def _worker_main(
     rank: int, world_size: int, port: int, device_type: str, threads: int,
-    pg_timeout_s: float, conn: Any,
+    pg_timeout_s: float, conn: Any, running: Any,
 ) -> None:
     warnings.filterwarnings("ignore")
+    # A fatal signal (a segfault in native code, the OOM killer's cousins) leaves no
+    # exception to send back: print the Python stack of every thread and, through
+    # torch's handler, the native one, onto the stderr the bench shares.
+    faulthandler.enable(all_threads=True)
     try:
         import torch
         import torch.distributed as dist
 
+        from bench.harness import record_running_in
         from bench.runner import run_case_here
+
+        torch._C._set_print_stack_traces_on_fatal_signal(True)
+        record_running_in(running)
 
         torch.set_num_threads(threads)
         store = dist.TCPStore(
@@ -157,14 +170,17 @@ class RankGroup:
         )
         self._procs: list[Any] = []
         self._conns: list[Any] = []
+        self._running: list[Any] = []
         try:
             with _thread_env(threads):
                 for rank in range(world_size):
                     parent_end, child_end = _CTX.Pipe()
+                    running = _CTX.Array("c", _RUNNING_BYTES, lock=False)
+                    self._running.append(running)
                     proc = _CTX.Process(
                         target=_worker_main,
                         args=(rank, world_size, self._store.port, device_type, threads,
-                              pg_timeout_s, child_end),
+                              pg_timeout_s, child_end, running),
                         name=f"bench-rank{rank}", daemon=True,
                     )
                     proc.start()
@@ -235,8 +251,18 @@ class RankGroup:
         return rows
 
     def _exit_text(self, rank: int) -> str:
+        """How rank ``rank`` died, and what it was running then (its stacks, for a fatal
+        signal, are on stderr just above)."""
         self._procs[rank].join(1.0)
-        return f"rank process exited (exit code {self._procs[rank].exitcode})"
+        code = self._procs[rank].exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                how += f", {signal.Signals(-code).name}"
+            except ValueError:
+                pass
+        running = self._running[rank].value.decode("utf-8", "replace") or "nothing yet"
+        return f"rank process exited ({how}) while running {running}"
 
     def close(self) -> None:
         """Asks the ranks to exit, then kills whatever is left after a short grace."""
@@ -258,4 +284,4 @@ class RankGroup:
             proc.join(5.0)
         for conn in self._conns:
             conn.close()
-        self._procs, self._conns = [], []
+        self._procs, self._conns, self._running = [], [], []

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import torch
 
-from bench.harness import ROLE_CASE, CaseSpec, Ctx, DistInfo, HostMemory, Row
+from bench.harness import ROLE_CASE, CaseSpec, Ctx, DistInfo, HostMemory, Row, note_running
 from bench.suites import get_suite
 
 __all__ = [
@@ -132,6 +132,7 @@ def run_case_here(
     ctx = Ctx(
         spec, device, settings.repeat, settings.warmup, settings.budget_s, info, _host_memory()
     )
+    note_running(f"{spec.suite}: {spec.name}: building its inputs")
     try:
         suite.run(spec, ctx)
     finally:

@@ -49,6 +49,8 @@ Workers import ``fn``'s module by name, so test modules must be importable from 
 repository root (``tests`` is a package; pytest runs with ``pythonpath = ["."]``). Every
 rank has loaded ``fn`` (imported its module) before any rank starts running it, so
 import times never eat into a collective's timeout.
+A worker killed by a fatal signal prints the Python stacks of its threads
+(``faulthandler``) and its native stack (torch's handler) on stderr.
 Workers run single-threaded (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``)
 because the CI machine has two cores shared by every rank.
 """
@@ -56,9 +58,11 @@ because the CI machine has two cores shared by every rank.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import time
 import traceback
@@ -135,6 +139,9 @@ def _send(conn: Any, data: bytes) -> bool:
 
 
 def _worker_main(rank: int, world_size: int, port: int, pg_timeout: float, conn: Any) -> None:
+    # A rank killed by a fatal signal sends no traceback: print the Python stacks of
+    # its threads and (torch's handler, below) the native one onto the shared stderr.
+    faulthandler.enable(all_threads=True)
     # Thread limits must be in the environment before torch starts its OpenMP pool.
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
@@ -142,6 +149,7 @@ def _worker_main(rank: int, world_size: int, port: int, pg_timeout: float, conn:
         import torch
         import torch.distributed as dist
 
+        torch._C._set_print_stack_traces_on_fatal_signal(True)
         torch.set_num_threads(1)
         store = dist.TCPStore(
             "127.0.0.1",
@@ -326,7 +334,11 @@ class _Group:
         proc.join(1.0)
         if rank in allow_exit:
             return True, Exited(proc.exitcode)
-        return False, f"worker process exited (exit code {proc.exitcode}) before replying"
+        how = f"exit code {proc.exitcode}"
+        if proc.exitcode is not None and proc.exitcode < 0:
+            # Its Python and native stacks are on stderr (faulthandler, torch's handler).
+            how += f", killed by {signal.Signals(-proc.exitcode).name}; stacks on stderr"
+        return False, f"worker process exited ({how}) before replying"
 
     def shutdown(self) -> None:
         """Ask the workers to exit, then kill whatever has not within a short grace."""

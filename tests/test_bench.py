@@ -4,6 +4,7 @@ and reports well-formed numbers."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -356,3 +357,25 @@ def test_a_multi_rank_case_past_its_timeout_is_killed_and_reported():
                      Progress(1, enabled=False), None)
     assert [(r.impl, r.status) for r in rows] == [("(case)", "error")]
     assert "gave no answer within 0.05s" in rows[0].reason
+
+
+@pytest.mark.dist
+def test_a_rank_killed_by_a_signal_leaves_its_stacks_and_the_running_implementation(capfd):
+    from tests import bench_crash_suite as crash
+
+    spec = CaseSpec(crash.__name__, crash.CASE, multi_rank=True)
+    notes = io.StringIO()
+    rows = run_cases([spec], _SETTINGS, Progress(1, stream=notes), None)
+    # Rows travel with a rank's reply, so the dead rank's measured rows are lost.
+    assert [(r.impl, r.status) for r in rows] == [("(case)", "error")]
+    running = f"{crash.__name__}: {crash.CASE}: {crash.IMPL} (sdict_ext)"
+    assert f"rank 0: rank process exited (exit code -11, SIGSEGV) while running {running}" in (
+        rows[-1].reason
+    )
+    assert running in notes.getvalue()
+    stderr = capfd.readouterr().err
+    # faulthandler's Python stack of the dying rank, down to the implementation ...
+    assert "Fatal Python error: Segmentation fault" in stderr
+    assert 'bench_crash_suite.py", line' in stderr and "in _segfault" in stderr
+    # ... and torch's native stack of it.
+    assert "SIGSEGV(11)" in stderr and "frame #0:" in stderr
