@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Single-process cases and torchrun ranks run here: a fatal signal prints the Python
     # stacks and torch's native one, and the running case is on the progress line.
-    faulthandler.enable(all_threads=True)
+    # (The process's own stderr: a caller may have swapped sys.stderr for an object
+    # with no file descriptor.)
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
     torch._C._set_print_stack_traces_on_fatal_signal(True)
     warnings.filterwarnings("ignore", category=FutureWarning)
     settings = _settings(args, size)

@@ -947,6 +947,50 @@ def test_batched_copy_device_to_pinned_host_and_back_cuda():
     assert all(_same(p, s) for p, s in zip(pageable, srcs))
 
 
+@cuda
+def test_big_strided_copies_with_pinned_memory_match_copy_both_ways_cuda():
+    # Above the mapped-memory thresholds a strided device side is gathered into (or
+    # scattered from) a device temporary and PCIe sees one dense transfer; a strided
+    # host side stays on the kernel. Every route must give copy_'s bytes.
+    g = torch.Generator().manual_seed(11)
+
+    def views(fill):
+        return [fill((2048, 1024), torch.float32).t(),        # 8 MiB, transposed
+                fill((64, 4096, 3), torch.bfloat16)[:, :, 1],  # inner stride 3
+                fill((4, 1 << 20), torch.uint8)[:, 1:]]        # gaps between rows
+
+    dev = views(lambda shape, dtype: _random(shape, dtype, "cuda", g))
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in dev]
+    ops.batched_copy_(host, dev, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    assert all(_same(h, d) for h, d in zip(host, dev))
+    back = views(lambda shape, dtype: torch.zeros(shape, dtype=dtype, device="cuda"))
+    ops.batched_copy_(back, host)
+    assert all(_same(b, h) for b, h in zip(back, host))
+    # A strided host side (a transposed pinned view) is not one run: the kernel's route.
+    wide = torch.empty(1024, 2048, pin_memory=True).t()
+    ops.batched_copy_([wide], [dev[0]])
+    assert _same(wide, dev[0])
+
+
+@cuda
+@pytest.mark.parametrize("non_blocking", [False, True])
+def test_copies_with_pageable_memory_through_pinned_buckets_match_copy_cuda(non_blocking):
+    # More than two 32 MiB buckets, a tensor cut across buckets, and many small ones.
+    g = torch.Generator().manual_seed(12)
+    sizes = [40 << 20, 3, 1000, 30 << 20] + [4097] * 500 + [17 << 20]
+    dev = [_random((n,), torch.uint8, "cuda", g) for n in sizes]
+    host = [torch.empty(n, dtype=torch.uint8) for n in sizes]
+    ops.batched_copy_(host, dev, non_blocking=non_blocking)
+    assert all(_same(h, d) for h, d in zip(host, dev))  # landed when the call returns
+    back = [torch.zeros_like(d) for d in dev]
+    ops.batched_copy_(back, host, non_blocking=non_blocking)
+    for h in host:  # the sources were read before the call returned
+        h.fill_(0)
+    torch.cuda.current_stream().synchronize()
+    assert all(_same(b, d) for b, d in zip(back, dev))
+
+
 def test_carve_views_match_as_strided_and_share_the_slab_storage():
     slab = torch.zeros(256, dtype=torch.uint8)
     specs = [

@@ -9,6 +9,10 @@
 * ``pack`` / ``unpack`` against ``torch.cat`` of byte views / ``_foreach_copy_`` from views.
 * ``gather_concat`` and ``gather_concat_into`` against ``torch.cat`` of the shards of an
   all-gathered buffer (simulated here for 4 ranks: no collective, just the rebuild).
+* CUDA only, one case per slow path of issue 23: big strided (transposed) device
+  tensors into pinned memory (gathered on the device, one transfer each), copies into
+  pageable memory (through pinned buckets), and many small copies into mapped memory
+  while a matrix product runs on another stream (the kernel's grid capped for PCIe).
 """
 
 from __future__ import annotations
@@ -26,21 +30,25 @@ KB, MB = 1024, 1024 * 1024
 # total / sizes of the sweep; the other ops' workloads.
 _SIZES = {
     "tiny": dict(
+        strided=(4, 4 * MB), matmul=1024,
         small=(1_000, 1 * KB, 16 * KB), large=(4, 4 * MB),
         sweep=(8 * MB, (4 * KB, 64 * KB, 1 * MB)),
         pack=(500, 256, 16 * KB), gc=(8, (257, 129)), gci=(200, 8, 64),
     ),
     "small": dict(
+        strided=(16, 16 * MB), matmul=4096,
         small=(20_000, 1 * KB, 16 * KB), large=(16, 16 * MB),
         sweep=(64 * MB, (4 * KB, 16 * KB, 64 * KB, 256 * KB, 1 * MB, 16 * MB)),
         pack=(2_000, 256, 64 * KB), gc=(16, (1027, 513)), gci=(2_000, 16, 128),
     ),
     "medium": dict(
+        strided=(64, 16 * MB), matmul=8192,
         small=(20_000, 1 * KB, 64 * KB), large=(64, 64 * MB),
         sweep=(256 * MB, (4 * KB, 16 * KB, 64 * KB, 256 * KB, 1 * MB, 4 * MB, 16 * MB, 64 * MB)),
         pack=(20_000, 256, 64 * KB), gc=(64, (4099, 1027)), gci=(10_000, 16, 256),
     ),
     "large": dict(
+        strided=(256, 16 * MB), matmul=8192,
         small=(100_000, 1 * KB, 64 * KB), large=(256, 64 * MB),
         sweep=(1024 * MB, (4 * KB, 64 * KB, 1 * MB, 16 * MB, 64 * MB, 256 * MB)),
         pack=(100_000, 256, 64 * KB), gc=(64, (16387, 4099)), gci=(50_000, 16, 256),
@@ -85,6 +93,8 @@ def cases(size: str, device: str) -> list[CaseSpec]:
                     xlabel="bytes per tensor", x=each,
                 ),
             ))
+    if device == "cuda":
+        out += _slow_path_cases(p)
     bound = "memcpy" if device == "cpu" else "d2d"
     count, lo, hi = p["pack"]
     for op in ("pack", "unpack"):
@@ -106,11 +116,31 @@ def cases(size: str, device: str) -> list[CaseSpec]:
     return out
 
 
+def _slow_path_cases(p: dict) -> list[CaseSpec]:
+    count, nbytes = p["strided"]
+    small, lo, hi = p["small"]
+    label = f"{small}x{fmt_bytes(lo)}-{fmt_bytes(hi)}"
+    return [
+        CaseSpec("ops", f"batched_copy_ {count}x{fmt_bytes(nbytes)} transposed d2h pinned",
+                 bound="d2h", params=dict(kind="copy_strided", count=count, bytes=nbytes)),
+        CaseSpec("ops", f"batched_copy_ {label} d2h pageable", bound="d2h",
+                 params=dict(kind="copy", pair="d2h", count=small, lo=lo, hi=hi,
+                             pageable=True)),
+        CaseSpec("ops", f"batched_copy_ {label} d2h beside a {p['matmul']}^2 matmul",
+                 params=dict(kind="copy_beside_matmul", count=small, lo=lo, hi=hi,
+                             n=p["matmul"])),
+    ]
+
+
 def run(spec: CaseSpec, ctx: Ctx) -> None:
     """Builds the case's inputs and measures every implementation."""
     kind = spec.params["kind"]
     if kind == "copy":
         _run_copy(spec, ctx)
+    elif kind == "copy_strided":
+        _run_copy_strided(spec, ctx)
+    elif kind == "copy_beside_matmul":
+        _run_copy_beside_matmul(spec, ctx)
     elif kind == "pack":
         _run_pack(spec, ctx)
     elif kind == "unpack":
@@ -144,8 +174,9 @@ def _run_copy(spec: CaseSpec, ctx: Ctx) -> None:
     dst_dev = ctx.device if dst_kind == "cuda" else torch.device("cpu")
     specs = random_numels(p["count"], p["lo"], p["hi"], DTYPE_MIX, seed=1)
     # Host memory on the far side of a device copy is pinned: pageable memory makes a
-    # "non-blocking" copy synchronous and measures the staging buffer, not the copy.
-    pin = p["pair"] != "h2h"
+    # "non-blocking" copy synchronous and measures the staging buffer, not the copy
+    # (which the pageable case measures on purpose).
+    pin = p["pair"] != "h2h" and not p.get("pageable", False)
     srcs = make_tensors(specs, src_dev, pin=pin and src_kind == "cpu", seed=2)
     dsts = make_tensors(specs, dst_dev, pin=pin and dst_kind == "cpu", fill=False)
     nbytes, n = total_bytes(srcs), len(srcs)
@@ -174,8 +205,83 @@ def _run_copy(spec: CaseSpec, ctx: Ctx) -> None:
         (lambda: fn(dsts, srcs, non_blocking=nb)) if fn else None,
         nbytes=nbytes, tensors=n, missing=why, verify=verify if fn else None,
     )
-    if fn is not None and ctx.device.type == "cuda":
+    if fn is not None and ctx.device.type == "cuda" and pin:
         _measure_routes(ctx, lambda: fn(dsts, srcs, non_blocking=nb), verify, nbytes, n)
+
+
+def _run_copy_strided(spec: CaseSpec, ctx: Ctx) -> None:
+    """Transposed float32 device tensors into contiguous pinned memory."""
+    p = spec.params
+    side = int((p["bytes"] // 4) ** 0.5)
+    gen = torch.Generator().manual_seed(7)
+    srcs = [torch.rand(side, side, generator=gen).to(ctx.device).t() for _ in range(p["count"])]
+    dsts = [torch.empty(side, side, pin_memory=True) for _ in srcs]
+    nbytes, n = total_bytes(srcs), len(srcs)
+
+    def per_tensor():
+        for d, s in zip(dsts, srcs, strict=True):
+            d.copy_(s, non_blocking=True)
+
+    ctx.measure("torch copy_ per tensor", ROLE_TORCH, per_tensor, nbytes=nbytes, tensors=n)
+    fn, why = _sdict_op(ctx, "batched_copy_")
+
+    def verify() -> bool:
+        for d in dsts:
+            d.zero_()
+        fn(dsts, srcs, non_blocking=True)
+        ctx.sync()
+        return all(torch.equal(d, s.cpu()) for d, s in zip(dsts, srcs, strict=True))
+
+    call = (lambda: fn(dsts, srcs, non_blocking=True)) if fn else None
+    ctx.measure("sdict_ext.batched_copy_", ROLE_SDICT, call, nbytes=nbytes, tensors=n,
+                missing=why, verify=verify if fn else None)
+    if fn is None:
+        return
+    # Thresholds out of reach: every strided copy read element by element over PCIe
+    # by the kernel, as before the device-side gather.
+    from sdict_ext.ops import copy_thresholds
+
+    before = copy_thresholds(1 << 62, 1 << 62)
+    try:
+        ctx.measure("sdict_ext.batched_copy_ (kernel over PCIe)", ROLE_VARIANT, call,
+                    nbytes=nbytes, tensors=n, verify=verify)
+    finally:
+        copy_thresholds(*before)
+
+
+def _run_copy_beside_matmul(spec: CaseSpec, ctx: Ctx) -> None:
+    """Small device->pinned copies while a matrix product runs on another stream: how
+    much the copy slows the product down (the kernel's grid is capped for PCIe)."""
+    p = spec.params
+    specs = random_numels(p["count"], p["lo"], p["hi"], DTYPE_MIX, seed=8)
+    srcs = make_tensors(specs, ctx.device, seed=9)
+    dsts = make_tensors(specs, torch.device("cpu"), pin=True, fill=False)
+    nbytes, n = total_bytes(srcs), len(srcs)
+    a = torch.randn(p["n"], p["n"], device=ctx.device, dtype=torch.bfloat16)
+    compute = torch.cuda.Stream(ctx.device)
+
+    def beside(copy):
+        def run_both():
+            compute.wait_stream(torch.cuda.current_stream(ctx.device))
+            with torch.cuda.stream(compute):
+                for _ in range(8):
+                    a @ a
+            if copy is not None:
+                copy()
+            compute.synchronize()
+        return run_both
+
+    def per_tensor():
+        for d, s in zip(dsts, srcs, strict=True):
+            d.copy_(s, non_blocking=True)
+
+    ctx.measure("matmul alone", ROLE_VARIANT, beside(None), nbytes=nbytes, tensors=n)
+    ctx.measure("matmul + torch copy_ per tensor", ROLE_TORCH, beside(per_tensor),
+                nbytes=nbytes, tensors=n)
+    fn, why = _sdict_op(ctx, "batched_copy_")
+    ctx.measure("matmul + sdict_ext.batched_copy_", ROLE_SDICT,
+                beside(lambda: fn(dsts, srcs, non_blocking=True)) if fn else None,
+                nbytes=nbytes, tensors=n, missing=why)
 
 
 def _measure_routes(ctx: Ctx, call, verify, nbytes: int, n: int) -> None:
