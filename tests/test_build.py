@@ -69,3 +69,18 @@ def test_make_setup_with_torch_present_survives_a_pip_that_reaches_no_index(tmp_
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "pytest / ninja not installed (no package index?)" in proc.stdout
     assert not (tmp_path / "site").exists() or not any((tmp_path / "site").iterdir())
+
+
+def test_gpu_session_out_of_time_still_ends_with_its_summary(tmp_path):
+    # The device tool returns the end of the output: whatever ran, the summary is last.
+    env = {**os.environ, "OUT": str(tmp_path), "DEADLINE": "0"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_session.sh")], env=env, capture_output=True,
+        text=True, timeout=60, cwd=ROOT,
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 1
+    assert lines[0].startswith("===== gpu_session summary (SIZE=small")
+    steps = ["machine", "build", "cuda", "bench:ops", "bench:staging"]
+    assert [line.split()[:2] for line in lines[1:6]] == [[s, "SKIPPED"] for s in steps]
+    assert lines[-1].startswith("verdict: 5 of 5 steps failed or did not run: machine (not run")
