@@ -69,6 +69,29 @@ cudaError_t copy_engine_async(const EngineCopy* copies, size_t count, bool batch
   return copy_each(copies, count, stream);
 }
 
+std::vector<BucketPiece> plan_buckets(const EngineCopy* copies, size_t count, bool to_host, int64_t capacity) {
+  std::vector<BucketPiece> pieces;
+  int64_t bucket = 0;
+  int64_t used = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const EngineCopy& c = copies[i];
+    char* host = static_cast<char*>(to_host ? c.dst : const_cast<void*>(c.src));
+    char* device = static_cast<char*>(to_host ? const_cast<void*>(c.src) : c.dst);
+    const auto bytes = static_cast<int64_t>(c.bytes);
+    for (int64_t done = 0; done < bytes;) {
+      if (used >= capacity) {
+        ++bucket;
+        used = 0;
+      }
+      const int64_t n = bytes - done < capacity - used ? bytes - done : capacity - used;
+      pieces.push_back(BucketPiece{host + done, device + done, n, bucket, used});
+      used = (used + n + 15) / 16 * 16;
+      done += n;
+    }
+  }
+  return pieces;
+}
+
 cudaError_t query_host_memory(const void* ptr, HostMemoryInfo* info) {
   cudaPointerAttributes attr{};
   const cudaError_t err = cudaPointerGetAttributes(&attr, ptr);

@@ -107,33 +107,18 @@ class Event {
 // (pageable memory never outlives the call's use of it); the device side stays
 // stream-ordered.
 void copy_via_buckets(const std::vector<EngineCopy>& copies, bool to_host, const c10::cuda::CUDAStream& stream) {
-  struct Piece {
-    char* host;
-    char* device;
-    int64_t bytes;
-    int64_t offset;  // in its bucket
-  };
   int64_t total = 0;
   for (const EngineCopy& c : copies) total += align16(static_cast<int64_t>(c.bytes));
   const int64_t capacity = std::min<int64_t>(kPageableBucketBytes, total);
-  std::vector<std::vector<Piece>> buckets(1);
-  int64_t used = 0;
-  for (const EngineCopy& c : copies) {
-    char* host = static_cast<char*>(to_host ? c.dst : const_cast<void*>(c.src));
-    char* device = static_cast<char*>(to_host ? const_cast<void*>(c.src) : c.dst);
-    // A copy bigger than the room left is cut: buckets are always filled.
-    for (int64_t done = 0, bytes = static_cast<int64_t>(c.bytes); done < bytes;) {
-      if (used >= capacity) {
-        buckets.emplace_back();
-        used = 0;
-      }
-      const int64_t n = std::min(bytes - done, capacity - used);
-      buckets.back().push_back(Piece{host + done, device + done, n, used});
-      used = align16(used + n);
-      done += n;
-    }
+  if (capacity == 0) return;
+  const std::vector<BucketPiece> pieces = plan_buckets(copies.data(), copies.size(), to_host, capacity);
+  // Pieces come in bucket order: bucket b is pieces [starts[b], starts[b + 1]).
+  std::vector<size_t> starts;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    if (i == 0 || pieces[i].bucket != pieces[i - 1].bucket) starts.push_back(i);
   }
-  const int64_t count = static_cast<int64_t>(buckets.size());
+  starts.push_back(pieces.size());
+  const int64_t count = static_cast<int64_t>(starts.size()) - 1;
   at::Tensor buffers[2];
   Event drained[2];
   for (int64_t b = 0; b < std::min<int64_t>(count, 2); ++b) {
@@ -142,8 +127,9 @@ void copy_via_buckets(const std::vector<EngineCopy>& copies, bool to_host, const
   const auto engines = [&](int64_t b) {
     char* base = static_cast<char*>(buffers[b % 2].mutable_data_ptr());
     std::vector<EngineCopy> batch;
-    batch.reserve(buckets[b].size());
-    for (const Piece& p : buckets[b]) {
+    batch.reserve(starts[b + 1] - starts[b]);
+    for (size_t i = starts[b]; i < starts[b + 1]; ++i) {
+      const BucketPiece& p = pieces[i];
       if (to_host) {
         batch.push_back(EngineCopy{base + p.offset, p.device, static_cast<size_t>(p.bytes)});
       } else {
@@ -156,8 +142,9 @@ void copy_via_buckets(const std::vector<EngineCopy>& copies, bool to_host, const
   const auto cpu = [&](int64_t b) {
     char* base = static_cast<char*>(buffers[b % 2].mutable_data_ptr());
     std::vector<DenseCopy> plan;
-    plan.reserve(buckets[b].size());
-    for (const Piece& p : buckets[b]) {
+    plan.reserve(starts[b + 1] - starts[b]);
+    for (size_t i = starts[b]; i < starts[b + 1]; ++i) {
+      const BucketPiece& p = pieces[i];
       if (to_host) {
         plan.push_back(DenseCopy{base + p.offset, p.host, p.bytes});
       } else {

@@ -4,6 +4,7 @@
 // copy_chunk (host+device code). Checked here: every destination byte equals the
 // reference strided copy, no byte outside the destinations changes, every word access
 // is aligned on both sides (what the GPU would fault on), int64 offsets past 4 GiB.
+// Also the plan of pinned buckets for copies with pageable memory (plan_buckets).
 // Built and run by `make cudahosttest` (also in .ci/run where nvcc exists) with
 // ASan+UBSan, so an out-of-bounds index in the kernel's arithmetic fails here.
 #include <sys/mman.h>
@@ -25,6 +26,8 @@ static long g_misaligned = 0;
 #endif
 
 #include "../../csrc/cuda/batched_copy_kernel.cu"
+// plan_buckets (copies with pageable memory through pinned buckets): host arithmetic.
+#include "../../csrc/cuda/copy_engine.cu"
 
 namespace {
 
@@ -288,8 +291,59 @@ void test_int64_offsets(std::mt19937_64& rng) {
 
 }  // namespace
 
+// plan_buckets: every byte of every copy in exactly one piece, in order, each piece
+// inside its bucket at a 16-byte aligned offset, buckets filled before the next starts.
+void test_bucket_plan(std::mt19937_64& rng) {
+  for (int round = 0; round < 200; ++round) {
+    const int64_t capacity = 16 * static_cast<int64_t>(1 + rng() % 256);
+    const bool to_host = rng() % 2 == 0;
+    const size_t count = rng() % 40;
+    std::vector<std::vector<char>> host(count), device(count);
+    std::vector<sdict_ext::EngineCopy> copies(count);
+    for (size_t i = 0; i < count; ++i) {
+      const size_t bytes = rng() % 4 == 0 ? 0 : rng() % static_cast<size_t>(3 * capacity + 40);
+      host[i].resize(bytes + 1);
+      device[i].resize(bytes + 1);
+      copies[i].bytes = bytes;
+      copies[i].dst = to_host ? host[i].data() : device[i].data();
+      copies[i].src = to_host ? device[i].data() : host[i].data();
+    }
+    const std::vector<sdict_ext::BucketPiece> pieces =
+        sdict_ext::plan_buckets(copies.data(), count, to_host, capacity);
+    size_t at = 0;
+    int64_t bucket = 0, next_free = 0;
+    const std::string where = "bucket plan round " + std::to_string(round);
+    for (size_t i = 0; i < count; ++i) {
+      for (int64_t done = 0; done < static_cast<int64_t>(copies[i].bytes);) {
+        if (at == pieces.size()) {
+          fail(where + ": copy " + std::to_string(i) + " not covered");
+          return;
+        }
+        const sdict_ext::BucketPiece& p = pieces[at++];
+        if (p.host != host[i].data() + done || p.device != device[i].data() + done || p.bytes <= 0) {
+          fail(where + ": copy " + std::to_string(i) + " pieces out of order");
+          return;
+        }
+        if (p.bucket == bucket + 1) {
+          if (next_free < capacity) fail(where + ": a bucket started before the last was full");
+          bucket = p.bucket;
+          next_free = 0;
+        }
+        if (p.bucket != bucket || p.offset != next_free || p.offset % 16 != 0 || p.offset + p.bytes > capacity) {
+          fail(where + ": piece " + std::to_string(at - 1) + " misplaced");
+          return;
+        }
+        next_free = (p.offset + p.bytes + 15) / 16 * 16;
+        done += p.bytes;
+      }
+    }
+    if (at != pieces.size()) fail(where + ": pieces beyond the copies");
+  }
+}
+
 int main() {
   std::mt19937_64 rng(20261123);
+  test_bucket_plan(rng);
   test_dense_runs(rng);
   test_random_strided(rng);
   test_long_rows(rng);

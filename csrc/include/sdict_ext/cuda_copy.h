@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace sdict_ext {
 
@@ -92,6 +93,23 @@ struct EngineCopy {
 // host memory: cudaMemcpyAsync then has its documented synchronous behaviour (D2H
 // returns once the data landed; H2D once the source was staged).
 cudaError_t copy_engine_async(const EngineCopy* copies, size_t count, bool batch, cudaStream_t stream);
+
+// One piece of a copy with pageable host memory staged through a pinned bucket: the
+// bytes [host, host + bytes) and [device, device + bytes) go through bytes
+// [offset, offset + bytes) of bucket `bucket`.
+struct BucketPiece {
+  char* host = nullptr;
+  char* device = nullptr;
+  int64_t bytes = 0;
+  int64_t bucket = 0;
+  int64_t offset = 0;
+};
+
+// Cuts `copies` (host side dst when `to_host`, else src) into pieces that fill buckets
+// of `capacity` bytes (> 0) in order: each piece starts 16-byte aligned in its bucket,
+// a copy bigger than the room left is cut, and a bucket is full before the next starts.
+// Host arithmetic only (tests/cuda_host checks it without a GPU).
+std::vector<BucketPiece> plan_buckets(const EngineCopy* copies, size_t count, bool to_host, int64_t capacity);
 
 // What the runtime knows of a host address: whether it is page-locked, and the
 // address a kernel on the current device uses for it (nullptr when not mapped).
