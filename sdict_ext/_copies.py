@@ -71,14 +71,17 @@ def _dedupe(
     return list(by_dst.values())
 
 
-def indexed_device(device: torch.device | str) -> torch.device:
+def indexed_device(device: torch.device | str | None) -> torch.device | None:
     """``device`` with an index: a bare accelerator type means its current device.
 
     ``torch.device("cuda")`` compares unequal to the ``cuda:3`` every tensor reports, so
     a device argument taken as given would never match where tensors already are (and,
     e.g., nothing would be received in place). The API entry points that take a device
-    normalise it here, as ``Tensor.to("cuda")`` resolves it.
+    normalise it here, as ``Tensor.to("cuda")`` resolves it. None (torch's default
+    device, where a caller passes it) stays None.
     """
+    if device is None:
+        return None
     device = torch.device(device)
     if device.index is not None or device.type in ("cpu", "meta"):
         return device

@@ -413,7 +413,7 @@ def gather_state_dict(
     # Unsupported leaves are reported after the walk, not during it, so a rank that
     # fails still knows whether it holds sharded leaves, i.e. whether the other ranks
     # wait for it in the agreement below.
-    device = indexed_device(device) if device is not None else None
+    device = indexed_device(device)
     flat = flatten(state_dict, type_check=False)
     sharded = [i for i, k in enumerate(flat.kinds) if k in (LEAF_DTENSOR, LEAF_SHARDED)]
     error: BaseException | None = None

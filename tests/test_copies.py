@@ -130,6 +130,7 @@ def test_indexed_device_gives_a_bare_accelerator_the_current_index(monkeypatch):
     assert indexed_device("cuda:1") == torch.device("cuda", 1)
     assert indexed_device("cpu") == torch.device("cpu")
     assert indexed_device(torch.device("meta")) == torch.device("meta")
+    assert indexed_device(None) is None
 
 
 def _broadcast_device_seen(device: str) -> str:
