@@ -82,7 +82,7 @@ def _worker_main(
     pg_timeout_s: float, conn: Any, running: Any,
 ) -> None:
     warnings.filterwarnings("ignore")
-    # A fatal signal (a segfault in native code, the OOM killer's cousins) leaves no
+    # A fatal signal (a segfault or an abort in native code) leaves no
     # exception to send back: print the Python stack of every thread and, through
     # torch's handler, the native one, onto the stderr the bench shares.
     faulthandler.enable(all_threads=True)

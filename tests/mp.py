@@ -337,7 +337,11 @@ class _Group:
         how = f"exit code {proc.exitcode}"
         if proc.exitcode is not None and proc.exitcode < 0:
             # Its Python and native stacks are on stderr (faulthandler, torch's handler).
-            how += f", killed by {signal.Signals(-proc.exitcode).name}; stacks on stderr"
+            try:
+                name = signal.Signals(-proc.exitcode).name
+            except ValueError:  # a real-time signal has no name
+                name = f"signal {-proc.exitcode}"
+            how += f", killed by {name}; stacks on stderr"
         return False, f"worker process exited ({how}) before replying"
 
     def shutdown(self) -> None:
