@@ -774,6 +774,17 @@ def test_every_op_is_tagged_cudagraph_unsafe():
             assert torch.Tag.cudagraph_unsafe in getattr(packet, overload).tags, (name, overload)
 
 
+def test_inductor_finds_an_op_graph_incompatible_with_cuda_graphs():
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    graph = torch.fx.Graph()
+    dst, src = graph.placeholder("dst"), graph.placeholder("src")
+    node = graph.call_function(torch.ops.sdict_ext.batched_copy_.default, ([dst], [src]))
+    graph.output(None)
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    assert get_first_incompatible_cudagraph_node(module) is node
+
+
 @cuda
 def test_ops_refuse_to_run_while_a_cuda_graph_is_captured():
     src = torch.randn(1 << 16, device="cuda")
