@@ -967,7 +967,7 @@ def test_big_strided_copies_with_pinned_memory_match_copy_both_ways_cuda():
 
     def views(fill):
         return [fill((2048, 1024), torch.float32).t(),        # 8 MiB, transposed
-                fill((64, 4096, 3), torch.bfloat16)[:, :, 1],  # inner stride 3
+                fill((256, 4096, 3), torch.bfloat16)[:, :, 1],  # inner stride 3
                 fill((4, 1 << 20), torch.uint8)[:, 1:]]        # gaps between rows
 
     dev = views(lambda shape, dtype: _random(shape, dtype, "cuda", g))
