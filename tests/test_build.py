@@ -84,3 +84,19 @@ def test_gpu_session_out_of_time_still_ends_with_its_summary(tmp_path):
     steps = ["machine", "build", "cuda", "bench:ops", "bench:staging"]
     assert [line.split()[:2] for line in lines[1:6]] == [[s, "SKIPPED"] for s in steps]
     assert lines[-1].startswith("verdict: 5 of 5 steps failed or did not run: machine (not run")
+
+
+def test_gpu_session_finds_compute_sanitizer_under_cuda_home_when_not_on_path(tmp_path):
+    cuda_home = tmp_path / "cuda"
+    (cuda_home / "bin").mkdir(parents=True)
+    sanitizer = cuda_home / "bin" / "compute-sanitizer"
+    sanitizer.write_text("#!/bin/sh\n")
+    sanitizer.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(out), "CUDA_HOME": str(cuda_home),
+           "HOME": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_session.sh"), "machine"], env=env,
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert f"compute-sanitizer: {sanitizer}" in (out / "machine.log").read_text(), proc.stdout
