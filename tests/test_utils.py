@@ -483,10 +483,11 @@ def test_pinned_slab_dropped_during_a_non_blocking_copy_waits_for_it():
         torch.cuda._sleep(1 << 26)  # keeps the stream busy, so the copy is in flight
         utils.copy_state_dict(sd, dst, non_blocking=True)
         assert _hostmem._pinned[slab].events  # the copy was recorded against the slab
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a failed unregister warns
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # a failed unregister warns
             del dst
             gc.collect()
+        assert [str(w.message) for w in caught] == []
         assert slab not in _hostmem._pinned
         torch.cuda.synchronize()  # no illegal address, no sticky error
     out = utils.create_cpu_state_dict(sd, pin_memory=True)
@@ -553,6 +554,16 @@ def test_create_cpu_share_memory_refuses_a_slab_larger_than_memory_before_alloca
                        r"that exceeds MemAvailable"):
         utils.create_cpu_state_dict({"m": {"huge": huge, "b": torch.ones(3)}}, share_memory=True)
     assert _rss_bytes() - rss < 64 << 20
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_create_cpu_pin_memory_refuses_a_slab_larger_than_memory_before_pinning():
+    huge = torch.zeros(1, dtype=torch.uint8).expand(1 << 40)
+    for share in (False, True):
+        with pytest.raises(RuntimeError, match=r"cannot allocate 1099511627\d+ bytes "
+                           r"\(1024.0 GiB\): that exceeds MemAvailable in /proc/meminfo"):
+            utils.create_cpu_state_dict({"huge": huge}, pin_memory=True, share_memory=share)
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
