@@ -628,17 +628,23 @@ class PinnedStager(AsyncStager):
         except Exception as exc:
             staged, error = None, exc
         flags = [torch.zeros(1, dtype=torch.int32) for _ in range(dist.get_world_size(group))]
+        lost: Exception | None = None
         try:
             dist.all_gather(flags, torch.tensor([int(error is not None)], dtype=torch.int32),
                             group=group)
         except Exception as exc:
-            if error is not None:
-                raise error from exc
+            lost = exc
+        if lost is not None:
+            if error is not None:  # this rank's own failure is the one to report
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(f"PinnedStager: the exchange with the other ranks "
+                                   f"failed too: {lost}")
+                raise error
             raise RuntimeError(
                 "PinnedStager.stage: the other ranks did not report their staging within "
                 f"the stager's timeout ({self._timeout}): every rank must stage (call "
                 "async_save) with its stager, and a rank may have died"
-            ) from exc
+            ) from lost
         failed = [dist.get_global_rank(group, r) for r, f in enumerate(flags) if f.item()]
         if error is not None:
             if len(failed) > 1 and hasattr(error, "add_note"):  # Python >= 3.11

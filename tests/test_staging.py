@@ -642,20 +642,24 @@ def test_all_ranks_true_needs_torch_distributed():
         PinnedStager(pin_memory=False, all_ranks=True)
 
 
-def _on_rank_one_never_stages(timeout_s: float | None) -> str:
+def _on_rank_one_never_stages(timeout_s: float | None, fail_here: bool = False) -> str:
     """Rank 1 builds its stager but never stages (holding it open until rank 0 has its
-    answer); returns rank 0's staging outcome."""
+    answer); returns rank 0's staging outcome (and its notes)."""
     store = dist.distributed_c10d._get_default_store()
     given = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     with PinnedStager(pin_memory=False, **given) as stager:
         if dist.get_rank() == 1:
             store.wait(["never-stages/rank0-done"], timedelta(seconds=CALL_TIMEOUT_S))
+            store.delete_key("never-stages/rank0-done")
             return "did not stage"
+        state_dict = {"w": torch.ones(4)}
+        if fail_here:
+            state_dict["bad"] = _Boom()
         try:
-            exc = stager.stage({"w": torch.ones(4)}).exception(timeout=CALL_TIMEOUT_S)
+            exc = stager.stage(state_dict).exception(timeout=CALL_TIMEOUT_S)
         finally:
             store.set("never-stages/rank0-done", "1")
-        return f"{type(exc).__name__}: {exc}"
+        return " | ".join([f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", [])])
 
 
 @pytest.mark.dist
@@ -675,6 +679,13 @@ def test_staging_fails_within_the_timeout_given_to_the_stager():
     results = run_on_ranks(2, _on_rank_one_never_stages, 2.0, timeout=25)
     assert results[1] == "did not stage"
     assert "within the stager's timeout (0:00:02)" in results[0], results[0]
+
+
+@pytest.mark.dist
+def test_local_staging_failure_is_raised_when_the_exchange_times_out_too():
+    results = run_on_ranks(2, _on_rank_one_never_stages, 2.0, True, timeout=25)
+    assert results[0].startswith("ValueError: boom while staging | PinnedStager: the "
+                                 "exchange with the other ranks failed too"), results[0]
 
 
 def test_timeout_must_be_a_positive_timedelta():
