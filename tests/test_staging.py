@@ -664,12 +664,12 @@ def _on_rank_one_never_stages(timeout_s: float | None, fail_here: bool = False) 
 
 @pytest.mark.dist
 def test_staging_fails_within_the_job_timeout_when_a_rank_never_stages():
-    # The job's timeout is 3 s; the stager's group had 30 min, so this call hung.
-    results = run_fresh(2, _on_rank_one_never_stages, None, timeout=60, pg_timeout=3)
+    # The job's timeout is 5 s; the stager's group had 30 min, so this call hung.
+    results = run_fresh(2, _on_rank_one_never_stages, None, timeout=60, pg_timeout=5)
     assert results[1] == "did not stage"
     assert results[0].startswith(
         "RuntimeError: PinnedStager.stage: the other ranks did not report their staging "
-        "within the stager's timeout (0:00:03)"
+        "within the stager's timeout (0:00:05)"
     ), results[0]
 
 
