@@ -35,6 +35,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from itertools import chain
 from operator import attrgetter
 from typing import Any
 
@@ -377,55 +378,63 @@ def _release(
         warnings.warn(f"cudaHostUnregister failed with cudaError {err}", stacklevel=1)
 
 
-def _record_on_current_streams(devices: set[torch.device]) -> list[tuple[tuple[int, int], Any]]:
-    marks = []
-    for device in devices:
-        stream = torch.cuda.current_stream(device)
-        event = torch.cuda.Event()
-        event.record(stream)
-        marks.append(((stream.device_index, stream.stream_id), event))
-    return marks
+def _record_on_current_stream(device: torch.device | None) -> list[tuple[Any, Any]]:
+    if device is None:
+        return []
+    stream = torch.cuda.current_stream(device)
+    event = torch.cuda.Event()
+    event.record(stream)
+    return [((stream.device_index, stream.stream_id), event)]
 
 
-_DEVICE = attrgetter("device")
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_CUDA = attrgetter("is_cuda")
+
+
+def _cuda_device(tensor_lists: Sequence[Sequence[torch.Tensor]]) -> torch.device | None:
+    """The CUDA device of a batched copy (one per call): mostly the first tensor's."""
+    for tensors in tensor_lists:
+        if tensors and tensors[0].is_cuda:
+            return tensors[0].device
+    first = next(filter(_IS_CUDA, chain.from_iterable(tensor_lists)), None)
+    return None if first is None else first.device
 
 
 def note_async_access(
     *tensor_lists: Sequence[torch.Tensor],
-    record: Callable[[set[torch.device]], list[tuple[Any, Any]]] = _record_on_current_streams,
+    record: Callable[[torch.device | None], list[tuple[Any, Any]]] = _record_on_current_stream,
 ) -> None:
     """Records, against every pinned range these tensors lie in, the copies just enqueued.
 
-    Call it after enqueueing asynchronous copies between these tensors (on the current
-    streams of their CUDA devices): an event is recorded on each of those streams, and
-    the range's finalizer waits for it before unregistering. ``record_event``, PyTorch's
-    way for its own pinned blocks, does nothing for ``cudaHostRegister`` memory.
+    Call it after enqueueing asynchronous copies between these tensors (one
+    ``batched_copy_`` call: on the current stream of its one CUDA device): an event is
+    recorded on that stream, and the range's finalizer waits for it before
+    unregistering. ``record_event``, PyTorch's way for its own pinned blocks, does
+    nothing for ``cudaHostRegister`` memory.
 
-    The ranges are found from the lowest and highest address in each list, so a range
-    between them counts as used too: at worst a finalizer waits for a copy it did not
-    need to, never the other way.
+    The ranges are found from the lowest and highest address in each list (two
+    C-level passes, no Python work per tensor), so a range between them counts as used
+    too: at worst a finalizer waits for a copy it did not need to, never the other way.
 
     Args:
         tensor_lists: the destinations and sources of the copies.
-        record: ``devices -> [(stream key, event)]`` (a parameter for tests).
+        record: ``device -> [(stream key, event)]`` (a parameter for tests).
     """
     if not _pinned:
         return
     hit: list[_Pinned] = []
-    devices: set[torch.device] = set()
     with _pinned_lock:
         for tensors in tensor_lists:
-            ptrs = [p for p in map(torch.Tensor.data_ptr, tensors) if p]
-            if not ptrs:
+            if not tensors:
                 continue
+            ptrs = list(map(_DATA_PTR, tensors))
             lo, hi = min(ptrs), max(ptrs)
             for start in _pinned_starts[: bisect.bisect_right(_pinned_starts, hi)]:
                 if _pinned[start].end > lo:
                     hit.append(_pinned[start])
-            devices.update(d for d in set(map(_DEVICE, tensors)) if d.type == "cuda")
     if not hit:
         return
-    marks = record(devices)
+    marks = record(_cuda_device(tensor_lists))
     with _pinned_lock:
         for pinned in hit:
             pinned.events.update(marks)
