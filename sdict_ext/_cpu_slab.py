@@ -12,7 +12,6 @@ of it dies.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Sequence
 from itertools import accumulate, repeat
 from operator import add, and_, floordiv, itemgetter, mul
@@ -20,7 +19,7 @@ from operator import add, and_, floordiv, itemgetter, mul
 import torch
 
 from sdict_ext import ops
-from sdict_ext._hostmem import shared_storage
+from sdict_ext._hostmem import check_fits, fit_limits, pin_storage, shared_storage
 
 __all__ = ["carve", "pinning_available"]
 
@@ -50,28 +49,6 @@ def _warn_no_pinning() -> None:
         )
 
 
-def _unregister(ptr: int) -> None:
-    err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
-    if err != 0:
-        # Runs from a finalizer, where raising is swallowed; a warning at least surfaces.
-        warnings.warn(f"cudaHostUnregister failed with cudaError {err}", stacklevel=1)
-
-
-def _register(slab: torch.Tensor) -> None:
-    storage = slab.untyped_storage()
-    ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    # cudaHostRegisterPortable | cudaHostRegisterMapped (1 | 2): pinned for every CUDA
-    # context, as PyTorch registers it, and mapped, so batched_copy_'s kernel can write
-    # small tensors straight into it (unmapped, each would be a copy-engine command).
-    err = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 3))
-    if err != 0:
-        raise RuntimeError(f"create_cpu_state_dict: cudaHostRegister of {nbytes} bytes failed "
-                           f"with cudaError {err}")
-    # The storage object is preserved while any view of it lives, so this fires exactly
-    # when the last carved tensor is gone, and the range can be registered again later.
-    weakref.finalize(storage, _unregister, ptr)
-
-
 def _allocate(nbytes: int, pin_memory: bool, share_memory: bool) -> torch.Tensor:
     if pin_memory and not pinning_available():
         _warn_no_pinning()
@@ -86,14 +63,19 @@ def _allocate(nbytes: int, pin_memory: bool, share_memory: bool) -> torch.Tensor
     if share_memory:
         # One segment, allocated and mapped once (share_memory_() would allocate a
         # segment, then copy the fresh tensor into it, faulting every page twice).
-        slab = torch.empty(0, dtype=torch.uint8).set_(shared_storage(nbytes))
+        slab = torch.empty(0, dtype=torch.uint8).set_(shared_storage(nbytes, pin_memory))
     else:
+        if pin_memory:
+            # Registering populates and locks every page: refuse what cannot fit first.
+            check_fits(nbytes, "create_cpu_state_dict(pin_memory=True): pinned memory",
+                       fit_limits(pinned=True, shared=False))
         slab = torch.empty(nbytes, dtype=torch.uint8)
     if pin_memory:
         # Registering our own allocation, rather than taking a block from the pinned
         # caching allocator, avoids its power-of-two round-up and lets the memory go
-        # back to the system when the state dict dies.
-        _register(slab)
+        # back to the system when the state dict dies. Under the current device, which
+        # a stager's worker sets to its caller's.
+        pin_storage(slab.untyped_storage(), torch.cuda.current_device())
     return slab
 
 

@@ -25,6 +25,8 @@ from types import ModuleType
 
 import torch
 
+from sdict_ext._hostmem import note_async_access
+
 __all__ = [
     "ALIGNMENT",
     "batched_copy_",
@@ -226,6 +228,9 @@ def batched_copy_(
     # modes, devices, autograd); tracing always goes through the registered op.
     if not copy_if_plain_cpu(dsts, srcs):
         ops.batched_copy_(dsts, srcs, non_blocking)
+        if non_blocking:
+            # A pinned slab these copies use must outlive them (its finalizer waits).
+            note_async_access(dsts, srcs)
 
 
 def copy_if_plain_cpu(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> bool:

@@ -34,7 +34,11 @@ naming the ranks, so no rank's upload starts a checkpoint the others will not wr
 collectives until their timeout). The exchange runs behind the trainer, in the staging
 thread; ``all_ranks=False`` turns it off. Argument errors raised by ``stage`` itself
 (a closed stager, a state dict that is not a dict) are the caller's and are not
-exchanged.
+exchanged. The exchange waits at most the group's timeout: the job's (the default
+group's, ``init_process_group(timeout=...)``) unless the stager is given its own, so a
+rank that never stages makes the others' staging fail after that long, not hang. The
+group is destroyed by :meth:`PinnedStager.close`, or when an unclosed stager is
+garbage-collected (each gloo group holds sockets and threads).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from operator import attrgetter
 from typing import Any
 
@@ -58,6 +63,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from sdict_ext import ops
+from sdict_ext._hostmem import device_guard
 from sdict_ext.utils import create_cpu_state_dict
 
 __all__ = ["PinnedStager", "StagingStats"]
@@ -297,6 +303,27 @@ class _Layout:
         return walk.sig == self.sig and all(leaves[i] is leaves[j] for i, j in self.aliases)
 
 
+def _job_timeout() -> timedelta:
+    """The default group's collective timeout: what ``init_process_group`` was given."""
+    group = dist.distributed_c10d._get_default_group()
+    for device_type in group._device_types:
+        options = getattr(group._get_backend(torch.device(device_type)), "options", None)
+        timeout = getattr(options, "_timeout", None)
+        if isinstance(timeout, timedelta):
+            return timeout
+    return dist.default_pg_timeout
+
+
+def _destroy_group(group: dist.ProcessGroup) -> None:
+    # Also a finalizer, maybe run at exit after the default group was destroyed, which
+    # destroyed this one with it ("Invalid process group specified").
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:
+            pass
+
+
 class PinnedStager(AsyncStager):
     """An ``AsyncStager`` that stages into one reusable host slab with batched copies.
 
@@ -343,6 +370,9 @@ class PinnedStager(AsyncStager):
             module docstring). ``None`` (the default): on when ``torch.distributed`` is
             initialized with more than one rank, which makes the constructor a
             collective over the default group.
+        timeout: how long that exchange waits for the other ranks before the staging
+            fails. ``None`` (the default): the default group's timeout, as given to
+            ``init_process_group``.
     """
 
     _synchronize_after_execute: bool = False
@@ -354,6 +384,7 @@ class PinnedStager(AsyncStager):
         async_staging: bool = True,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         all_ranks: bool | None = None,
+        timeout: timedelta | None = None,
     ) -> None:
         if not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool) or bucket_bytes <= 0:
             raise ValueError(
@@ -366,9 +397,17 @@ class PinnedStager(AsyncStager):
             raise ValueError(
                 "PinnedStager: all_ranks=True needs torch.distributed to be initialized"
             )
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout <= timedelta(0)):
+            raise ValueError(f"PinnedStager: timeout must be a positive timedelta, got {timeout!r}")
         # Its own gloo group: the exchange runs in the staging thread, and must neither
-        # interleave with the trainer's collectives nor need a device.
-        self._failure_group = dist.new_group(backend="gloo") if all_ranks else None
+        # interleave with the trainer's collectives nor need a device. One per stager
+        # (a shared one would let two stagers' exchanges cross), destroyed with it.
+        self._failure_group = None
+        self._timeout = timeout
+        if all_ranks:
+            self._timeout = timeout if timeout is not None else _job_timeout()
+            self._failure_group = dist.new_group(backend="gloo", timeout=self._timeout)
+            self._destroy_group = weakref.finalize(self, _destroy_group, self._failure_group)
         if pin_memory and not torch.cuda.is_available():
             warnings.warn(
                 "PinnedStager: ignoring pin_memory=True because CUDA is not available",
@@ -425,11 +464,12 @@ class PinnedStager(AsyncStager):
                 f"PinnedStager.stage: state_dict must be a dict, got {type(state_dict).__name__}"
             )
         events = self._record_events(state_dict)
+        device = self._caller_device()
         if self._executor is None:
-            staged = self._stage_everywhere(state_dict, events, start)
+            staged = self._stage_on(device, state_dict, events, start)
             self._set_blocking(start)
             return staged
-        future = self._executor.submit(self._stage_everywhere, state_dict, events, start)
+        future = self._executor.submit(self._stage_on, device, state_dict, events, start)
         self._pending.append(future)
         self._set_blocking(start)
         return future
@@ -507,10 +547,9 @@ class PinnedStager(AsyncStager):
         self._hooks = []
         self._layout = None
         self._streams = {}
-        # The gloo group stays registered with c10d until the default group is
-        # destroyed (destroying a subgroup alone is not something every backend and
-        # torch version allows); only this stager's reference goes.
-        self._failure_group = None
+        if self._failure_group is not None:
+            self._failure_group = None
+            self._destroy_group()
 
     def __enter__(self) -> PinnedStager:
         return self
@@ -550,6 +589,29 @@ class PinnedStager(AsyncStager):
             events[device] = event
         return events
 
+    @staticmethod
+    def _caller_device() -> int | None:
+        """The calling thread's CUDA device (None while CUDA is not initialized)."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.current_device()
+        return None
+
+    # The worker thread starts on device 0: the first staging's cudaHostRegister, and the
+    # slab's finalizer with it, would create a context there whatever the rank's device.
+    # A class attribute, so a test can watch which device the staging runs under.
+    _device_guard = staticmethod(device_guard)
+
+    def _stage_on(
+        self,
+        device: int | None,
+        state_dict: dict[str, Any],
+        events: dict[torch.device, torch.cuda.Event],
+        start: float,
+    ) -> dict[str, Any]:
+        """Stages under the caller's CUDA device (see ``_device_guard``)."""
+        with self._device_guard(device):
+            return self._stage_everywhere(state_dict, events, start)
+
     @torch.no_grad()
     def _stage_everywhere(
         self,
@@ -566,8 +628,23 @@ class PinnedStager(AsyncStager):
         except Exception as exc:
             staged, error = None, exc
         flags = [torch.zeros(1, dtype=torch.int32) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(flags, torch.tensor([int(error is not None)], dtype=torch.int32),
-                        group=group)
+        lost: Exception | None = None
+        try:
+            dist.all_gather(flags, torch.tensor([int(error is not None)], dtype=torch.int32),
+                            group=group)
+        except Exception as exc:
+            lost = exc
+        if lost is not None:
+            if error is not None:  # this rank's own failure is the one to report
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(f"PinnedStager: the exchange with the other ranks "
+                                   f"failed too: {lost}")
+                raise error
+            raise RuntimeError(
+                "PinnedStager.stage: the other ranks did not report their staging within "
+                f"the stager's timeout ({self._timeout}): every rank must stage (call "
+                "async_save) with its stager, and a rank may have died"
+            ) from lost
         failed = [dist.get_global_rank(group, r) for r, f in enumerate(flags) if f.item()]
         if error is not None:
             if len(failed) > 1 and hasattr(error, "add_note"):  # Python >= 3.11
@@ -715,22 +792,26 @@ class PinnedStager(AsyncStager):
     ) -> None:
         """Runs the layout's copy plan; returns once every byte is in host memory."""
         used_streams: list[torch.cuda.Stream] = []
-        for group in layout.groups:
-            if group.device.type != "cuda":
-                for bucket in group.buckets:
-                    ops.batched_copy_(bucket.dsts, [srcs[i] for i in bucket.indices])
-                continue
-            stream = self._side_stream(group.device, events)
-            with torch.cuda.stream(stream):
-                for bucket in group.buckets:
-                    ops.batched_copy_(
-                        bucket.dsts,
-                        [srcs[i] for i in bucket.indices],
-                        non_blocking=group.non_blocking,
-                    )
-            used_streams.append(stream)
-        for stream in used_streams:
-            stream.synchronize()
+        try:
+            for group in layout.groups:
+                if group.device.type != "cuda":
+                    for bucket in group.buckets:
+                        ops.batched_copy_(bucket.dsts, [srcs[i] for i in bucket.indices])
+                    continue
+                stream = self._side_stream(group.device, events)
+                used_streams.append(stream)
+                with torch.cuda.stream(stream):
+                    for bucket in group.buckets:
+                        ops.batched_copy_(
+                            bucket.dsts,
+                            [srcs[i] for i in bucket.indices],
+                            non_blocking=group.non_blocking,
+                        )
+        finally:
+            # Also after a failure between buckets: the copies already enqueued write
+            # into the slab, which must not be reused or freed under them.
+            for stream in used_streams:
+                stream.synchronize()
 
     def _side_stream(
         self, device: torch.device, events: dict[torch.device, torch.cuda.Event]

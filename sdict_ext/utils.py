@@ -75,6 +75,8 @@ _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
 _IS_META = attrgetter("is_meta")
 _IS_CPU = attrgetter("is_cpu")
+_LAYOUT = attrgetter("layout")
+_STRIDED_ONLY = {torch.strided}
 
 PathItem = str | int
 ObjPath = tuple[PathItem, ...]
@@ -441,17 +443,26 @@ def create_cpu_state_dict(
     0-dim DTensors and ShardedTensors without local shards are returned as they are.
     Differences: 0-dim tensors are pinned/shared with the rest here; without an
     accelerator ``pin_memory=True`` warns once and returns pageable memory (PyTorch
-    raises).
+    raises). A pinned or shared slab is populated at once, so a size that the machine
+    or the process cannot hold (available memory, ``RLIMIT_AS`` / ``RLIMIT_DATA``,
+    ``/dev/shm``'s free space) is refused first, where PyTorch's per-tensor
+    allocation would fail or the OOM killer would end a process.
 
     Args:
         state_dict: the model.
         pin_memory: pin the slab.
         share_memory: share the slab between processes.
+
+    Raises:
+        RuntimeError: a sparse or other non-strided tensor (PyTorch raises too; ours
+            names its key path), or a slab that cannot fit (naming size and limit).
     """
     try:
         recipe, tensors = plain_tensors(state_dict)
     except NotPlain:
         return _create_general(state_dict, pin_memory, share_memory)
+    if set(map(_LAYOUT, tensors)) - _STRIDED_ONLY:
+        return _create_general(state_dict, pin_memory, share_memory)  # it names the key
     return rebuild_plain(recipe, _host_tensors(tensors, pin_memory, share_memory))
 
 
@@ -482,6 +493,16 @@ def _create_general(state_dict: Any, pin_memory: bool, share_memory: bool) -> An
                 slots.append((i, j))
             sharded[i] = st
             out[i] = st
+    for (leaf, shard), src in zip(slots, sources):
+        if src.layout != torch.strided:
+            where = format_path(flat.paths[leaf])
+            if shard >= 0:
+                where += f" (local shard {shard})"
+            raise RuntimeError(
+                f"create_cpu_state_dict: cannot make a CPU tensor like {where!r}, a "
+                f"{src.layout} tensor: only strided tensors can be; convert it first "
+                "(e.g. .to_dense())"
+            )
     for (leaf, shard), t in zip(slots, _host_tensors(sources, pin_memory, share_memory)):
         value = flat.leaves[leaf]
         if shard >= 0:

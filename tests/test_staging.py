@@ -7,11 +7,17 @@ checkpoints written through ``async_save`` are read back with ``dcp.load``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
+import os
+import subprocess
+import sys
 import threading
+import time
 import warnings
 import weakref
+from datetime import timedelta
 
 import pytest
 import torch
@@ -23,7 +29,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from sdict_ext import staging
 from sdict_ext.staging import PinnedStager
-from tests.mp import run_on_ranks
+from tests.mp import run_fresh, run_on_ranks
 
 CALL_TIMEOUT_S = 120
 
@@ -634,3 +640,175 @@ def test_all_ranks_true_needs_torch_distributed():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="all_ranks=True needs torch.distributed"):
         PinnedStager(pin_memory=False, all_ranks=True)
+
+
+def _on_rank_one_never_stages(timeout_s: float | None, fail_here: bool = False) -> str:
+    """Rank 1 builds its stager but never stages (holding it open until rank 0 has its
+    answer); returns rank 0's staging outcome (and its notes)."""
+    store = dist.distributed_c10d._get_default_store()
+    given = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    with PinnedStager(pin_memory=False, **given) as stager:
+        if dist.get_rank() == 1:
+            store.wait(["never-stages/rank0-done"], timedelta(seconds=CALL_TIMEOUT_S))
+            store.delete_key("never-stages/rank0-done")
+            return "did not stage"
+        state_dict = {"w": torch.ones(4)}
+        if fail_here:
+            state_dict["bad"] = _Boom()
+        try:
+            exc = stager.stage(state_dict).exception(timeout=CALL_TIMEOUT_S)
+        finally:
+            store.set("never-stages/rank0-done", "1")
+        return " | ".join([f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", [])])
+
+
+@pytest.mark.dist
+def test_staging_fails_within_the_job_timeout_when_a_rank_never_stages():
+    # The job's timeout is 5 s; the stager's group had 30 min, so this call hung.
+    results = run_fresh(2, _on_rank_one_never_stages, None, timeout=60, pg_timeout=5)
+    assert results[1] == "did not stage"
+    assert results[0].startswith(
+        "RuntimeError: PinnedStager.stage: the other ranks did not report their staging "
+        "within the stager's timeout (0:00:05)"
+    ), results[0]
+
+
+@pytest.mark.dist
+def test_staging_fails_within_the_timeout_given_to_the_stager():
+    # The pooled group's timeout is 30 s; the stager's own, 2 s, applies to the exchange.
+    results = run_on_ranks(2, _on_rank_one_never_stages, 2.0, timeout=25)
+    assert results[1] == "did not stage"
+    assert "within the stager's timeout (0:00:02)" in results[0], results[0]
+
+
+@pytest.mark.dist
+def test_local_staging_failure_is_raised_when_the_exchange_times_out_too():
+    results = run_on_ranks(2, _on_rank_one_never_stages, 2.0, True, timeout=25)
+    assert results[0].startswith("ValueError: boom while staging | PinnedStager: the "
+                                 "exchange with the other ranks failed too"), results[0]
+
+
+def test_timeout_must_be_a_positive_timedelta():
+    for bad in (5, timedelta(0)):
+        with pytest.raises(ValueError, match="timeout must be a positive timedelta"):
+            PinnedStager(pin_memory=False, timeout=bad)
+
+
+def _open_fds_and_threads() -> tuple[int, int]:
+    return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
+
+
+def _make_stage_close(cycles: int) -> list[tuple[int, int]]:
+    """Makes, stages with and closes (or, every other time, drops) a stager ``cycles``
+    times after a warm-up; returns the (fds, threads) counts before and after."""
+    state_dict = {"w": torch.full((4,), float(dist.get_rank()))}
+
+    def cycle(i: int) -> None:
+        stager = PinnedStager(pin_memory=False)
+        staged = stager.stage(state_dict).result(timeout=60)
+        assert torch.equal(staged["w"], state_dict["w"])
+        if i % 2 == 0:
+            stager.close()
+        del stager  # unclosed: its group goes with it
+
+    for i in range(10):
+        cycle(i)
+    counts = [_open_fds_and_threads()]
+    for i in range(cycles):
+        cycle(i)
+    # A dropped stager's worker thread exits once it sees its executor gone.
+    deadline = time.monotonic() + 30
+    while any(t.name.startswith("PinnedStager") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "a dropped stager's thread did not exit"
+        time.sleep(0.01)
+    counts.append(_open_fds_and_threads())
+    return counts
+
+
+@pytest.mark.dist
+def test_two_hundred_stagers_leak_no_file_descriptors_or_threads():
+    # Each stager's gloo group held 5 descriptors and 3 threads past close() (and past
+    # the stager's life): 200 cycles made 1,000 descriptors.
+    for rank, (before, after) in enumerate(
+        run_on_ranks(2, _make_stage_close, 200, timeout=CALL_TIMEOUT_S)
+    ):
+        assert after[0] <= before[0] + 4, (rank, before, after)
+        assert after[1] <= before[1] + 2, (rank, before, after)
+
+
+@pytest.mark.parametrize("async_staging", [True, False])
+def test_staging_runs_under_the_callers_cuda_device(async_staging):
+    # The worker thread starts on device 0; its first staging's cudaHostRegister (and
+    # the slab's finalizer) made a context on GPU 0 whatever the rank's device. Here a
+    # caller "on device 1" must see the whole staging run under that device's guard.
+    guards: list[tuple[int | None, str]] = []
+    active = threading.local()
+
+    class Stager(PinnedStager):
+        @staticmethod
+        def _caller_device() -> int:
+            return 1
+
+        @staticmethod
+        @contextlib.contextmanager
+        def _device_guard(device):
+            guards.append((device, threading.current_thread().name))
+            active.device = device
+            try:
+                yield
+            finally:
+                active.device = None
+
+    seen: list[int | None] = []
+
+    class Probe:  # deep-copied by the staging's walk, wherever that runs
+        def __deepcopy__(self, memo):
+            seen.append(getattr(active, "device", None))
+            return Probe()
+
+    with Stager(pin_memory=False, async_staging=async_staging) as stager:
+        out = stager.stage({"w": torch.ones(3), "probe": Probe()})
+        staged = out.result(timeout=60) if async_staging else out
+    assert torch.equal(staged["w"], torch.ones(3))
+    assert seen == [1]
+    assert [device for device, _ in guards] == [1]
+    assert guards[0][1].startswith("PinnedStager") == async_staging
+
+
+_NO_CONTEXT_ON_GPU0 = """
+import ctypes, gc, torch
+from sdict_ext.staging import PinnedStager
+
+def gpu0_active():
+    cuda = ctypes.CDLL("libcuda.so.1")
+    dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    assert cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
+    assert cuda.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active)) == 0
+    return active.value
+
+torch.cuda.set_device(1)
+sd = {"w": torch.randn(1 << 16, device="cuda:1"), "b": torch.arange(7, device="cuda:1")}
+before = gpu0_active()
+with PinnedStager(pin_memory=True) as stager:
+    for _ in range(2):
+        staged = stager.stage(sd).result(timeout=60)
+        assert all(torch.equal(staged[k], sd[k].cpu()) for k in sd)
+        assert staged["w"].is_pinned()
+    del staged
+gc.collect()
+print("GPU0", before, gpu0_active())
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (stages on device 1)"
+)
+def test_staging_on_device_one_makes_no_context_on_device_zero():
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_CONTEXT_ON_GPU0],
+        capture_output=True, text=True, timeout=180, check=False,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-3:] == ["GPU0", "0", "0"], done.stdout

@@ -6,8 +6,10 @@ covered in ``tests/test_utils_dist.py``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
+import resource
 import warnings
 import weakref
 from collections import OrderedDict
@@ -16,7 +18,7 @@ import pytest
 import torch
 from torch.distributed import _state_dict_utils as ref
 
-from sdict_ext import _traverse, utils
+from sdict_ext import _hostmem, _traverse, utils
 from sdict_ext._collectives import box_of, buckets, buckets_with_solos
 
 
@@ -389,26 +391,194 @@ def test_create_cpu_pin_memory_without_accelerator_warns_and_returns_pageable_te
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_create_cpu_pin_and_share_registers_once_and_unregisters_on_free(monkeypatch):
-    from sdict_ext import _cpu_slab
-
-    unregistered: list[tuple[int, int]] = []
-
-    def recording(ptr: int) -> None:  # the finalizer takes it when the slab registers
-        unregistered.append((ptr, int(torch.cuda.cudart().cudaHostUnregister(ptr))))
-
-    monkeypatch.setattr(_cpu_slab, "_unregister", recording)
+def test_create_cpu_pin_and_share_registers_once_and_unregisters_on_free():
     sd = {f"t{i}": torch.randn(8, device="cuda") for i in range(10)}
-    for round_ in range(2):
+    for _ in range(2):
         ours = utils.create_cpu_state_dict(sd, pin_memory=True, share_memory=True)
         assert all(t.is_pinned() and t.is_shared() for t in ours.values())
         utils.copy_state_dict(sd, ours)
         assert all(torch.equal(ours[k], sd[k].cpu()) for k in sd)
         slab = ours["t0"].untyped_storage().data_ptr()
-        assert len(unregistered) == round_  # one slab, registered once, still alive
+        pinned = _hostmem._pinned[slab]  # one slab, registered once, still alive
+        assert pinned.device == torch.cuda.current_device()
         del ours
         gc.collect()
-        assert unregistered[-1] == (slab, 0)  # unregistered as the last view died
+        assert slab not in _hostmem._pinned  # unregistered as the last view died
+
+
+class _Log:
+    """What the injected CUDA stand-ins did, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    @contextlib.contextmanager
+    def device_guard(self, device):
+        self.calls.append(("enter device", device))
+        yield
+        self.calls.append(("leave device", device))
+
+    def register(self, ptr: int, nbytes: int) -> int:
+        self.calls.append(("register", ptr, nbytes))
+        return 0
+
+    def unregister(self, ptr: int) -> int:
+        self.calls.append(("unregister", ptr))
+        return 0
+
+    def event(self, name: str):
+        log = self
+
+        class Event:
+            def synchronize(self) -> None:
+                log.calls.append(("wait for", name))
+
+        return Event()
+
+
+def test_pinned_slab_waits_for_its_copies_then_unregisters_under_its_device():
+    log = _Log()
+    slab = torch.empty(256, dtype=torch.uint8)
+    ptr = slab.data_ptr()
+    _hostmem.pin_storage(
+        slab.untyped_storage(), 1,
+        register=log.register, unregister=log.unregister, device_guard=log.device_guard,
+    )
+    assert log.calls == [("enter device", 1), ("register", ptr, 256), ("leave device", 1)]
+    view = slab[16:48].view(torch.float32)
+    outside = torch.empty(8)
+    recorded: list = []
+
+    def record(name: str, key: tuple):
+        def marks(device):
+            recorded.append(device)
+            return [(key, log.event(name))]
+        return marks
+
+    # Copies on one stream: the later event stands for both. Another stream's stays.
+    _hostmem.note_async_access([view], [outside], record=record("first", ("dev1", "side")))
+    _hostmem.note_async_access([outside], [view], record=record("second", ("dev1", "side")))
+    _hostmem.note_async_access([view], record=record("other stream", ("dev1", "main")))
+    _hostmem.note_async_access([outside], record=record("not the slab", ("dev1", "side")))
+    assert recorded == [None, None, None]  # CPU tensors only; not called for a copy elsewhere
+    del log.calls[:]
+    del slab, view
+    gc.collect()
+    assert log.calls[0] == ("enter device", 1) and log.calls[-1] == ("leave device", 1)
+    assert sorted(log.calls[1:3]) == [("wait for", "other stream"), ("wait for", "second")]
+    assert log.calls[3:-1] == [("unregister", ptr)]  # after every wait
+    assert ptr not in _hostmem._pinned
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_slab_dropped_during_a_non_blocking_copy_waits_for_it():
+    # record_event does nothing for cudaHostRegister memory: dropping the destination
+    # right after copy_state_dict(non_blocking=True) unregistered and freed pages that
+    # the copy engine was still writing.
+    sd = {f"t{i}": torch.randn(1 << 22, device="cuda") for i in range(8)}  # 128 MiB
+    for share in (False, True):
+        dst = utils.create_cpu_state_dict(sd, pin_memory=True, share_memory=share)
+        slab = dst["t0"].untyped_storage().data_ptr()
+        torch.cuda._sleep(1 << 26)  # keeps the stream busy, so the copy is in flight
+        utils.copy_state_dict(sd, dst, non_blocking=True)
+        assert _hostmem._pinned[slab].events  # the copy was recorded against the slab
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # a failed unregister warns
+            del dst
+            gc.collect()
+        assert [str(w.message) for w in caught] == []
+        assert slab not in _hostmem._pinned
+        torch.cuda.synchronize()  # no illegal address, no sticky error
+    out = utils.create_cpu_state_dict(sd, pin_memory=True)
+    utils.copy_state_dict(sd, out, non_blocking=True)
+    torch.cuda.synchronize()
+    assert all(torch.equal(out[k], sd[k].cpu()) for k in sd)
+
+
+def _limits_reader(meminfo: str, status: str):
+    return {"/proc/meminfo": meminfo, "/proc/self/status": status}.get
+
+
+def test_fit_limits_read_available_memory_swap_rlimits_and_shm_space():
+    read = _limits_reader(
+        "MemTotal: 100 kB\nMemAvailable:   40 kB\nSwapFree: 8 kB\n",
+        "Name: python\nVmSize:   300 kB\nVmData:  100 kB\n",
+    )
+    rlimits = {
+        resource.RLIMIT_AS: (1024 * 1024, resource.RLIM_INFINITY),
+        resource.RLIMIT_DATA: (200 * 1024, resource.RLIM_INFINITY),
+    }
+
+    class Fs:
+        f_bavail, f_frsize = 3, 4096
+
+    def limits(**kwargs):
+        return dict(_hostmem.fit_limits(
+            read=read, getrlimit=rlimits.__getitem__, statvfs=lambda path: Fs, **kwargs
+        ))
+
+    assert limits(pinned=True, shared=False) == {
+        "MemAvailable in /proc/meminfo": 40 * 1024,
+        "RLIMIT_AS (1048576 bytes) less this process's VmSize (307200 bytes)": 724 * 1024,
+        "RLIMIT_DATA (204800 bytes) less this process's VmData (102400 bytes)": 100 * 1024,
+    }
+    # Swap can hold shared pages; RLIMIT_DATA does not count a shared mapping; a
+    # segment that is a file in /dev/shm is bounded by its free space.
+    assert limits(pinned=False, shared=True, shm_dir="/dev/shm") == {
+        "MemAvailable + SwapFree in /proc/meminfo": 48 * 1024,
+        "RLIMIT_AS (1048576 bytes) less this process's VmSize (307200 bytes)": 724 * 1024,
+        "the free space of /dev/shm": 3 * 4096,
+    }
+    # Nothing readable (another OS), no limits set: nothing to refuse on.
+    assert _hostmem.fit_limits(
+        pinned=True, shared=True, read=lambda path: None,
+        getrlimit=lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY),
+    ) == []
+
+
+def test_check_fits_names_the_size_and_the_limit():
+    _hostmem.check_fits(100, "f()", [("a limit", 100)])
+    with pytest.raises(RuntimeError, match=r"^f\(\): cannot allocate 101 bytes \(0.0 GiB\): "
+                       r"that exceeds a limit, 100 bytes .* nothing was allocated"):
+        _hostmem.check_fits(101, "f()", [("no limit", 1 << 40), ("a limit", 100)])
+
+
+def test_create_cpu_share_memory_refuses_a_slab_larger_than_memory_before_allocating():
+    # A 1 TiB template that costs one byte: share_memory=True populated pages until the
+    # OOM killer struck. The memory-hungry part must not even start.
+    huge = torch.zeros(1, dtype=torch.uint8).expand(1 << 40)
+    rss = _rss_bytes()
+    with pytest.raises(RuntimeError, match=r"create_cpu_state_dict\(share_memory=True\): "
+                       r"shared memory: cannot allocate 1099511627\d+ bytes \(1024.0 GiB\): "
+                       r"that exceeds MemAvailable"):
+        utils.create_cpu_state_dict({"m": {"huge": huge, "b": torch.ones(3)}}, share_memory=True)
+    assert _rss_bytes() - rss < 64 << 20
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_create_cpu_pin_memory_refuses_a_slab_larger_than_memory_before_pinning():
+    huge = torch.zeros(1, dtype=torch.uint8).expand(1 << 40)
+    for share in (False, True):
+        with pytest.raises(RuntimeError, match=r"cannot allocate 1099511627\d+ bytes "
+                           r"\(1024.0 GiB\): that exceeds MemAvailable in /proc/meminfo"):
+            utils.create_cpu_state_dict({"huge": huge}, pin_memory=True, share_memory=share)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_create_cpu_state_dict_raises_for_a_sparse_tensor_naming_its_key():
+    # PyTorch raises too ("Cannot access data pointer"); we returned a dense tensor.
+    for sd, key, layout in (
+        ({"m": {"w": torch.ones(2), "s": torch.eye(3).to_sparse()}}, "m.s", "torch.sparse_coo"),
+        ({"opt": [torch.ones(2), torch.eye(3).to_sparse_csr()]}, "opt.1", "torch.sparse_csr"),
+    ):
+        with pytest.raises(RuntimeError):
+            ref._create_cpu_state_dict(sd)
+        for kwargs in ({}, {"share_memory": True}):
+            with pytest.raises(RuntimeError, match=rf"create_cpu_state_dict: cannot make a CPU "
+                               rf"tensor like '{key}', a {layout} tensor"):
+                utils.create_cpu_state_dict(sd, **kwargs)
 
 
 # ---------------------------------------------------------------- similarity / offload
