@@ -847,3 +847,69 @@ def test_rank0_only_offloaded_state_dict_loads_with_broadcast_and_not_without(ki
     assert messages[0] == messages[1]
     assert "ranks [1] passed empty state dicts" in messages[0]
     assert "broadcast_from_rank0=True" in messages[0]
+
+
+def _flat_params_model(seed: int, *, lazy: bool) -> Model:
+    """FSDP1 without ``use_orig_params``, tied, with the optimizer over the flat parameters.
+
+    What a trainer builds from ``wrapped.parameters()``: the root unit's flat parameter
+    holds the tied embedding/head (flattened once, under ``emb.weight``), in its own
+    param group; the two inner units' flat parameters in a second one.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    torch.manual_seed(seed)
+    net = Net(tied=True)
+    wrapped = FSDP(
+        net,
+        device_id=torch.device("cpu"),
+        use_orig_params=False,
+        auto_wrap_policy=functools.partial(
+            lambda_auto_wrap_policy, lambda_fn=lambda m: m is net.l1 or m is net.l2
+        ),
+    )
+    inner = [p for m in (wrapped.l1, wrapped.l2) for p in m.parameters()]
+    root = [p for p in wrapped.parameters() if all(p is not q for q in inner)]
+    optim = torch.optim.AdamW(
+        [{"params": root}, {"params": inner, "lr": 1e-3, "weight_decay": 0.1}], lr=1e-2
+    )
+    model = Model(wrapped, wrapped, optim)
+    if not lazy:
+        train_step(model, 0)
+    return model
+
+
+def _on_rank_flat_params_tied_optimizer_load(mode: str) -> None:
+    _quiet()
+    opts = _MODE_OPTIONS[mode]
+    source = _flat_params_model(0, lazy=False)
+    get_opts = {"full_state_dict": bool(opts)}
+    theirs_get = T.get_optimizer_state_dict(
+        source.wrapped, source.optim, options=T.StateDictOptions(**get_opts)
+    )
+    ours_get = S.get_optimizer_state_dict(
+        source.wrapped, source.optim, options=S.StateDictOptions(**get_opts)
+    )
+    assert_same(ours_get, theirs_get)
+    # The tied parameter's state is under its first name only, where PyTorch wrote it.
+    assert "emb.weight" in theirs_get["state"] and "head.weight" not in theirs_get["state"]
+    given = theirs_get if mode != "broadcast" or dist.get_rank() == 0 else {}
+    ours, theirs = _flat_params_model(1, lazy=True), _flat_params_model(1, lazy=True)
+    S.set_optimizer_state_dict(
+        ours.wrapped, ours.optim, clone(given), options=S.StateDictOptions(**opts)
+    )
+    T.set_optimizer_state_dict(
+        theirs.wrapped, theirs.optim, clone(given), options=T.StateDictOptions(**opts)
+    )
+    assert_same(ours.optim.state_dict(), theirs.optim.state_dict(), "optimizer.state_dict()")
+    for model in (ours, theirs):
+        model.wrapped.load_state_dict(source.wrapped.state_dict())
+        train_step(model, 1)
+    assert_same(_full(ours), _full(theirs))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp1_flat_params_tied_optimizer_state_loads_like_pytorch(mode):
+    run_on_ranks(2, _on_rank_flat_params_tied_optimizer_load, mode, timeout=CALL_TIMEOUT_S)
