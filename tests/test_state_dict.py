@@ -913,3 +913,45 @@ def _on_rank_flat_params_tied_optimizer_load(mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_fsdp1_flat_params_tied_optimizer_state_loads_like_pytorch(mode):
     run_on_ranks(2, _on_rank_flat_params_tied_optimizer_load, mode, timeout=CALL_TIMEOUT_S)
+
+
+def _load_outcome(api: Any, model: Model, msd: dict[str, Any], opts: dict[str, Any]) -> Any:
+    try:
+        result = api.set_model_state_dict(
+            model.wrapped, msd, options=api.StateDictOptions(strict=False, **opts)
+        )
+    except RuntimeError as exc:  # compared by message: the same rejection
+        return str(exc).splitlines()[-1]
+    return sorted(result.missing_keys), sorted(result.unexpected_keys)
+
+
+def _on_rank_incompatible_keys(kind: str) -> list[Any]:
+    _quiet()
+    source = make(kind, 0)
+    outcomes = []
+    for mode, opts in _MODE_OPTIONS.items():
+        got = T.get_model_state_dict(
+            source.wrapped, options=T.StateDictOptions(full_state_dict=bool(opts))
+        )
+        msd = {k: v for k, v in got.items() if k not in ("scale", "l1.bias")}
+        msd["extra.weight"] = torch.zeros(1)
+        if mode == "broadcast" and dist.get_rank() != 0:
+            msd = {}
+        ours = _load_outcome(S, make(kind, 1, lazy=True), clone(msd), opts)
+        theirs = _load_outcome(T, make(kind, 1, lazy=True), clone(msd), opts)
+        assert ours == theirs, (mode, ours, theirs)
+        outcomes.append(ours)
+    return outcomes
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_strict_load_reports_pytorchs_missing_and_unexpected_keys(kind):
+    """PyTorch reports ``load_state_dict``'s own (raw) names: DDP's ``module.scale``,
+    ``torch.compile``'s ``_orig_mod.scale``, the checkpoint wrapper's component; a full
+    load fills the missing keys from the model itself, so none are missing there."""
+    outcomes = run_on_ranks(2, _on_rank_incompatible_keys, kind, timeout=CALL_TIMEOUT_S)
+    sharded = outcomes[0][0]
+    assert sharded[1] == ["extra.weight"] and len(sharded[0]) == 2, sharded
+    if kind == "ddp":
+        assert sharded[0] == ["module.l1.bias", "module.scale"]
