@@ -363,6 +363,43 @@ def test_offload_gives_each_key_of_a_tied_cuda_tensor_its_own_copy_like_pytorch(
 # --------------------------------------------------------------------------- transformers
 
 
+def _tiny_tied_gpt2() -> Any:
+    """A 2-layer GPT-2 whose head is its token embedding, built from a config (no download)."""
+    # The pool's workers outlive a test's monkeypatch: set before transformers is imported.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32, tie_word_embeddings=True
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _saved(model: Any, state_dict: dict[str, Any], path: str) -> dict[str, bytes]:
+    """The bytes of every tensor ``save_pretrained`` writes for ``state_dict``."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    return {k: v.view(torch.uint8).numpy().tobytes() for k, v in saved.items()}
+
+
+def test_save_pretrained_of_a_cpu_copy_writes_the_same_safetensors_as_pytorch(tmp_path):
+    """create_cpu_state_dict carves every tensor out of one slab: one storage for all
+    keys (PyTorch: a storage each), but disjoint views, which transformers and
+    safetensors write as separate tensors, so the files are the same."""
+    model = _tiny_tied_gpt2()
+    sd = model.state_dict()
+    theirs = ref._copy_state_dict(sd, ref._create_cpu_state_dict(sd))
+    ours = utils.copy_state_dict(sd, utils.create_cpu_state_dict(sd))
+    assert [sorted(group) for group in sharing(ours)[0]] == [sorted(f".{k}" for k in sd)]
+    assert sharing(theirs) == ([], [])
+    assert _saved(model, ours, str(tmp_path / "ours")) == _saved(
+        model, theirs, str(tmp_path / "theirs")
+    )
+
+
 def _on_rank_save_pretrained(kind: str, root: str) -> dict[str, dict[str, bytes]]:
     """A tiny tied GPT-2 saved as a trainer saves it, through PyTorch's names.
 
@@ -370,19 +407,8 @@ def _on_rank_save_pretrained(kind: str, root: str) -> dict[str, dict[str, bytes]
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with these options
     and hands the result to ``save_pretrained``; under ``patch_torch()`` that name is ours.
     """
-    # Nothing may be downloaded (the model is built from a config); the pool's workers
-    # outlive the test's monkeypatch, so the worker sets it before importing transformers.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    transformers = pytest.importorskip("transformers")
-    from safetensors.torch import load_file
-
     warnings.simplefilter("ignore")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32, tie_word_embeddings=True
-    )
-    model = transformers.GPT2LMHeadModel(config)
+    model = _tiny_tied_gpt2()
     if kind == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
@@ -399,10 +425,7 @@ def _on_rank_save_pretrained(kind: str, root: str) -> dict[str, dict[str, bytes]
         else:
             sd = T.get_model_state_dict(model, options=opts)
         if dist.get_rank() == 0:
-            path = os.path.join(root, f"{kind}-{name}")
-            model.save_pretrained(path, state_dict=sd, safe_serialization=True)
-            saved = load_file(os.path.join(path, "model.safetensors"))
-            files[name] = {k: v.view(torch.uint8).numpy().tobytes() for k, v in saved.items()}
+            files[name] = _saved(model, sd, os.path.join(root, f"{kind}-{name}"))
     return files
 
 
