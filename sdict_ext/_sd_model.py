@@ -99,10 +99,11 @@ def _one_value_per_tied_tensor(state_dict: dict[str, Any], info: Info) -> list[t
 
     ``state_dict()`` returns a separate detached view per name; as one object, the
     gather and offload that follow move the tensor once (and hand each key its own
-    result). Only views of the very same memory are joined: FSDP1's full state dict
-    has a separate tensor per name, and a flat parameter's FQNs also name untied
-    parameters. The views of one tied DTensor are alike on every rank, so all ranks
-    join the same keys (the gather checks that they agree).
+    result). DTensors of one parameter are joined by their layout, never by memory
+    addresses, so all ranks join alike (a rank's shard may be empty) and the gather's
+    collectives match. Plain tensors only where they are views of the very same
+    memory: FSDP1's full state dict has a separate tensor per name, and a flat
+    parameter's FQNs also name untied parameters.
 
     Returns:
         ``(fqn, first fqn)`` for every key now holding its first name's value object.
@@ -127,12 +128,9 @@ def _one_value_per_tied_tensor(state_dict: dict[str, Any], info: Info) -> list[t
 
 
 def _memory_key(value: Any) -> tuple[Any, ...] | None:
-    """What makes two state-dict values views of the same memory; None: never joined."""
+    """What two values of one parameter's FQNs must share to be joined; None: never."""
     if isinstance(value, DTensor):
-        local = value._local_tensor
-        if local.device.type == "meta":
-            return None
-        return (value.device_mesh, value.placements, tuple(value.shape), view_key(local))
+        return (value.device_mesh, value.placements, tuple(value.shape), value.dtype)
     if type(value) is torch.Tensor and value.device.type != "meta":
         return view_key(value)
     return None  # ShardedTensors (FSDP1's, one per name), meta tensors, other values

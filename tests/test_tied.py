@@ -69,7 +69,8 @@ def sharing(obj: Any) -> tuple[list[list[str]], list[list[str]]]:
     """Which key paths share one storage, and which hold one value object.
 
     Storages of DTensors are their local tensors', of ShardedTensors their first
-    shard's; empty storages (no bytes) share nothing.
+    shard's; tensors without elements share nothing (a rank's empty shard may view
+    padding or nothing at all).
     """
     by_storage: dict[int, list[str]] = {}
     by_id: dict[int, list[str]] = {}
@@ -80,7 +81,7 @@ def sharing(obj: Any) -> tuple[list[list[str]], list[list[str]]]:
             value = shards[0].tensor if shards else None
         elif isinstance(value, DTensor):
             value = value.to_local()
-        if value is not None and value.untyped_storage().nbytes():
+        if value is not None and value.numel():
             by_storage.setdefault(value.untyped_storage().data_ptr(), []).append(path)
     groups = lambda d: sorted(g for g in d.values() if len(g) > 1)  # noqa: E731
     return groups(by_storage), groups(by_id)
@@ -266,6 +267,28 @@ def _on_rank_get_tied(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["plain", "ddp", "fsdp2", "fsdp1_orig", "fsdp1_root", "tp"])
 def test_get_state_dict_shares_storages_where_pytorch_does(kind):
     run_on_ranks(2, _on_rank_get_tied, kind, timeout=TIMEOUT_S)
+
+
+def _on_rank_get_tied_with_an_empty_shard() -> None:
+    """One embedding row on two ranks: rank 1's shard of the tied weight is empty."""
+    warnings.simplefilter("ignore")
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(1, 8), torch.nn.Linear(8, 1, bias=False))
+    net[1].weight = net[0].weight
+    fully_shard(net, mesh=_mesh((dist.get_world_size(),)))
+    for opts in _GET_OPTIONS:
+        ours = S.get_model_state_dict(net, options=S.StateDictOptions(**opts))
+        theirs = T.get_model_state_dict(net, options=T.StateDictOptions(**opts))
+        assert_same(ours, theirs, str(opts))
+        assert sharing(ours) == sharing(theirs), opts
+
+
+@pytest.mark.dist
+def test_get_state_dict_of_a_tied_weight_with_an_empty_shard_matches_pytorch():
+    # Ranks join tied keys by layout, not by memory, so their gathers agree.
+    run_on_ranks(2, _on_rank_get_tied_with_an_empty_shard, timeout=TIMEOUT_S)
 
 
 def _on_rank_hsdp_broadcast_load() -> None:
