@@ -408,7 +408,9 @@ def gather_state_dict(
 
     Returns:
         The state dict with full plain tensors in place of sharded ones; plain tensors
-        and other values as they are (the same objects), like PyTorch.
+        and other values as they are (the same objects), like PyTorch. A sharded
+        object at several places (a tied weight) is exchanged once, and each place
+        gets a tensor of its own, as PyTorch's key-by-key gather gives.
     """
     # Unsupported leaves are reported after the walk, not during it, so a rank that
     # fails still knows whether it holds sharded leaves, i.e. whether the other ranks
