@@ -177,18 +177,20 @@ def offload_leaves(values: Sequence[Any], kinds: Sequence[int]) -> list[Any]:
     plain tensors get new pageable CPU tensors with the same strides. DTensors keep
     their spec around a CPU local tensor; ShardedTensors (rare off the CPU) use their
     own ``to``. Non-tensor values pass through. A value that stands at several places
-    (a tied weight) is copied once and its copy stands at all of them.
+    (a tied weight) and moves crosses from the device once, but, as with one ``to``
+    per place, each place gets a copy of its own (separate storages).
     """
     out = list(values)
     dsts: list[torch.Tensor] = []
     srcs: list[torch.Tensor] = []
     first: dict[int, int] = {}
+    repeats: list[tuple[int, int]] = []
     for i, (value, kind) in enumerate(zip(values, kinds)):
         if kind == LEAF_OTHER:
             continue
         seen = first.setdefault(id(value), i)
         if seen != i:
-            out[i] = out[seen]
+            repeats.append((i, seen))
         elif kind == LEAF_TENSOR:
             if not value.is_cpu:
                 new = torch.empty_like(value, device=_CPU)
@@ -205,4 +207,30 @@ def offload_leaves(values: Sequence[Any], kinds: Sequence[int]) -> list[Any]:
         elif kind == LEAF_SHARDED:
             out[i] = value.to(_CPU)
     batched_copy_pairs(dsts, srcs)
+    if repeats:
+        _copy_repeats(values, kinds, out, repeats)
     return out
+
+
+def _copy_repeats(
+    values: Sequence[Any], kinds: Sequence[int], out: list[Any], repeats: list[tuple[int, int]]
+) -> None:
+    """Fill the repeated places of :func:`offload_leaves` from the host copy made once."""
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for i, seen in repeats:
+        moved, value, kind = out[seen], values[i], kinds[i]
+        if moved is value:  # already on the CPU: ``to`` returns the value itself
+            out[i] = moved
+        elif kind == LEAF_TENSOR:
+            out[i] = torch.empty_like(moved)
+            dsts.append(out[i])
+            srcs.append(moved)
+        elif kind == LEAF_DTENSOR:
+            new = torch.empty_like(moved._local_tensor)
+            dsts.append(new)
+            srcs.append(moved._local_tensor)
+            out[i] = DTensor(new, value._spec, requires_grad=value.requires_grad)
+        else:
+            out[i] = value.to(_CPU)
+    batched_copy_pairs(dsts, srcs)

@@ -63,7 +63,7 @@ from sdict_ext._collectives import (
     mesh_shape,
     slice_bytes,
 )
-from sdict_ext._copies import indexed_device, offload_leaves
+from sdict_ext._copies import batched_copy_pairs, indexed_device, offload_leaves
 from sdict_ext._gc import gc_paused
 from sdict_ext._traverse import (
     LEAF_DTENSOR,
@@ -408,7 +408,9 @@ def gather_state_dict(
 
     Returns:
         The state dict with full plain tensors in place of sharded ones; plain tensors
-        and other values as they are (the same objects), like PyTorch.
+        and other values as they are (the same objects), like PyTorch. A sharded
+        object at several places (a tied weight) is exchanged once, and each place
+        gets a tensor of its own, as PyTorch's key-by-key gather gives.
     """
     # Unsupported leaves are reported after the walk, not during it, so a rank that
     # fails still knows whether it holds sharded leaves, i.e. whether the other ranks
@@ -478,10 +480,16 @@ def gather_state_dict(
         out[i] = _pytorch_dtensor_gather(flat.leaves[i])
     for i, earlier in same:
         out[i] = out[earlier]
-    return _finish(flat, out, keep, cpu_offload)
+    return _finish(flat, out, keep, cpu_offload, same)
 
 
-def _finish(flat: Flat, out: list[Any], keep: bool, cpu_offload: bool) -> Any:
+def _finish(
+    flat: Flat,
+    out: list[Any],
+    keep: bool,
+    cpu_offload: bool,
+    same: Sequence[tuple[int, int]] = (),
+) -> Any:
     if not keep:
         return {} if flat.top_is_dict else None
     for i, kind in enumerate(flat.kinds):
@@ -489,7 +497,35 @@ def _finish(flat: Flat, out: list[Any], keep: bool, cpu_offload: bool) -> Any:
             out[i] = copy.deepcopy(out[i])
     if cpu_offload:
         out = offload_leaves(out, [leaf_kind(v) for v in out])
+    if same:
+        _separate(flat, out, same)
     return flat.rebuild(out)
+
+
+def _separate(flat: Flat, out: list[Any], same: Sequence[tuple[int, int]]) -> None:
+    """Give each place of a sharded tensor met several times its own result, in place.
+
+    PyTorch gathers key by key, so a tied weight comes back as separate tensors with
+    separate storages (and transformers' ``save_pretrained`` drops every key whose
+    storage repeats). It crossed the wire once; the other places get local copies.
+    Where the gather moved nothing (a replicated DTensor: its local tensor is the
+    result, as in PyTorch) each place gets its own alias of that local tensor instead.
+    """
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    for i, earlier in same:
+        result = out[earlier]
+        if out[i] is not result:
+            continue  # already a copy of its own (offloaded from an accelerator)
+        source = flat.leaves[earlier]
+        local = source._local_tensor if isinstance(source, DTensor) else None
+        if local is not None and _same_storage(result, local):
+            out[i] = result.detach()
+            continue
+        out[i] = torch.empty_like(result)
+        dsts.append(out[i])
+        srcs.append(result)
+    batched_copy_pairs(dsts, srcs)
 
 
 def _allocate_outputs(streams: dict[Any, _Stream], cpu_offload: bool) -> None:

@@ -63,6 +63,8 @@ class FqnResolver:
         self._modifiers = fqn_modifiers
         self._prefixes: dict[str, tuple[Any, Parts]] = {"": (model, ())}
         self._cache: dict[str, tuple[Parts, ...]] = {}
+        # Raw flat-parameter name -> positions, in parts(name), of its tied parameters.
+        self._tied: dict[str, tuple[int, ...]] = {}
 
     def _step(self, obj: Any, parts: Parts, name: str) -> tuple[Any, Parts]:
         if isinstance(obj, DDP):
@@ -129,14 +131,13 @@ class FqnResolver:
                 # names are in _shared_param_infos, and FSDP's state dict has them all.
                 fsdp, parts = owner
                 flat = getattr(fsdp, _FLAT_PARAM)
-                shared = (
-                    f"{info.module_name}.{info.param_name}" if info.module_name else info.param_name
-                    for info in getattr(flat, "_shared_param_infos", ())
-                )
-                result = tuple(
-                    parts + tuple((p, _PLAIN) for p in fqn.split("."))
-                    for fqn in (*flat._fqns, *shared)
-                )
+                infos = getattr(flat, "_shared_param_infos", ())
+                shared = [_joined(i.module_name, i.param_name) for i in infos]
+                names = (*flat._fqns, *shared)
+                result = tuple(parts + tuple((p, _PLAIN) for p in fqn.split(".")) for fqn in names)
+                tied = {*shared, *(_joined(i.prim_module_name, i.prim_param_name) for i in infos)}
+                if tied:
+                    self._tied[name] = tuple(i for i, fqn in enumerate(names) if fqn in tied)
             else:
                 result = (self._walk(head)[1] + ((leaf, _PLAIN),),)
         self._cache[name] = result
@@ -151,12 +152,25 @@ class FqnResolver:
             keep.add(_COMPILE)
         return [".".join(p for p, tag in parts if tag in keep) for parts in self.parts(name)]
 
+    def tied_fqns(self, name: str) -> list[str]:
+        """The FQNs of ``name`` that name one tied parameter inside a flat parameter.
+
+        A tied parameter is flattened once, so its names are all FQNs of a single raw
+        name and only FSDP1's shared-parameter record tells them from the untied ones.
+        """
+        clean = self.fqns(name)
+        return [clean[i] for i in self._tied.get(name, ())]
+
     def fqn(self, name: str) -> str:
         """The single canonical FQN of ``name`` (an error if it stands for several)."""
         fqns = self.fqns(name)
         if len(fqns) != 1:
             raise RuntimeError(f"{name!r} stands for {len(fqns)} parameters ({fqns}); expected one")
         return fqns[0]
+
+
+def _joined(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
 
 
 def iter_model_state(model: nn.Module, fqn_modifiers: str) -> Iterator[tuple[str, Any]]:
@@ -210,6 +224,7 @@ def param_fqn_maps(
         if isinstance(obj, ExtraState):
             continue
         fqns = resolver.fqns(name)
+        shared.update(resolver.tied_fqns(name))
         known = fqns_of.get(obj)
         if known is None:
             fqns_of[obj] = list(fqns)

@@ -24,6 +24,7 @@ from sdict_ext._sd_common import (
     state_dict_fn,
     storage_ptrs,
 )
+from sdict_ext._copies import view_key
 from sdict_ext._sd_fqn import ExtraState, iter_model_state
 from sdict_ext.utils import broadcast_state_dict, distribute_state_dict
 
@@ -79,37 +80,60 @@ def get_model(model: nn.Module, info: Info) -> dict[str, Any]:
                 for fqn in info.resolver.fqns(name):
                     state_dict.pop(fqn, None)
 
-    _one_value_per_tied_tensor(state_dict, info)
-    return full_or_offload(state_dict, info, lambda: storage_ptrs(list(info.fqns_of)))
+    if not (info.full_state_dict or info.cpu_offload):
+        return state_dict
+    tied = _one_value_per_tied_tensor(state_dict, info)
+    result = full_or_offload(state_dict, info, lambda: storage_ptrs(list(info.fqns_of)))
+    # PyTorch returns a value object per key: where the tied value came back as one
+    # object (nothing moved it, or one offloaded copy stands for the live storage
+    # that every name shares), each other name gets its own alias of that storage.
+    # What the gather or the offload copied is already separate per key, as PyTorch's is.
+    for fqn, first in tied:
+        if fqn in result and result[fqn] is result[first]:
+            result[fqn] = result[fqn].detach()
+    return result
 
 
-def _one_value_per_tied_tensor(state_dict: dict[str, Any], info: Info) -> None:
+def _one_value_per_tied_tensor(state_dict: dict[str, Any], info: Info) -> list[tuple[str, str]]:
     """Give every FQN of a tied tensor the same value object, in place.
 
     ``state_dict()`` returns a separate detached view per name; as one object, the
-    gather, offload and copies that follow move the tensor once and fill every key.
-    The model's structure decides, never memory addresses, so all ranks decide alike
-    (a rank's shard of the tensor may be empty).
+    gather and offload that follow move the tensor once (and hand each key its own
+    result). DTensors of one parameter are joined by their layout, never by memory
+    addresses, so all ranks join alike (a rank's shard may be empty) and the gather's
+    collectives match. Plain tensors only where they are views of the very same
+    memory: FSDP1's full state dict has a separate tensor per name, and a flat
+    parameter's FQNs also name untied parameters.
+
+    Returns:
+        ``(fqn, first fqn)`` for every key now holding its first name's value object.
     """
+    tied: list[tuple[str, str]] = []
     if not info.shared_fqns:
-        return  # no tied tensor: nothing to walk
+        return tied  # no tied tensor: nothing to walk
     for fqns in info.fqns_of.values():
         if len(fqns) < 2:
             continue
-        present = [f for f in fqns if f in state_dict]
-        for fqn in present[1:]:
-            if _alike(state_dict[fqn], state_dict[present[0]]):
-                state_dict[fqn] = state_dict[present[0]]
+        first_of: dict[tuple[Any, ...], str] = {}
+        for fqn in fqns:
+            value = state_dict.get(fqn)
+            key = _memory_key(value)
+            if key is None:
+                continue
+            first = first_of.setdefault(key, fqn)
+            if first != fqn:
+                state_dict[fqn] = state_dict[first]
+                tied.append((fqn, first))
+    return tied
 
 
-def _alike(a: Any, b: Any) -> bool:
-    return (
-        isinstance(a, torch.Tensor)
-        and type(a) is type(b)
-        and a.shape == b.shape
-        and a.dtype == b.dtype
-        and (not isinstance(a, DTensor) or a.placements == b.placements)
-    )
+def _memory_key(value: Any) -> tuple[Any, ...] | None:
+    """What two values of one parameter's FQNs must share to be joined; None: never."""
+    if isinstance(value, DTensor):
+        return (value.device_mesh, value.placements, tuple(value.shape), value.dtype)
+    if type(value) is torch.Tensor and value.device.type != "meta":
+        return view_key(value)
+    return None  # ShardedTensors (FSDP1's, one per name), meta tensors, other values
 
 
 @dataclass

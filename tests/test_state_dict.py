@@ -847,3 +847,111 @@ def test_rank0_only_offloaded_state_dict_loads_with_broadcast_and_not_without(ki
     assert messages[0] == messages[1]
     assert "ranks [1] passed empty state dicts" in messages[0]
     assert "broadcast_from_rank0=True" in messages[0]
+
+
+def _flat_params_model(seed: int, *, lazy: bool) -> Model:
+    """FSDP1 without ``use_orig_params``, tied, with the optimizer over the flat parameters.
+
+    What a trainer builds from ``wrapped.parameters()``: the root unit's flat parameter
+    holds the tied embedding/head (flattened once, under ``emb.weight``), in its own
+    param group; the two inner units' flat parameters in a second one.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    torch.manual_seed(seed)
+    net = Net(tied=True)
+    wrapped = FSDP(
+        net,
+        device_id=torch.device("cpu"),
+        use_orig_params=False,
+        auto_wrap_policy=functools.partial(
+            lambda_auto_wrap_policy, lambda_fn=lambda m: m is net.l1 or m is net.l2
+        ),
+    )
+    inner = [p for m in (wrapped.l1, wrapped.l2) for p in m.parameters()]
+    root = [p for p in wrapped.parameters() if all(p is not q for q in inner)]
+    optim = torch.optim.AdamW(
+        [{"params": root}, {"params": inner, "lr": 1e-3, "weight_decay": 0.1}], lr=1e-2
+    )
+    model = Model(wrapped, wrapped, optim)
+    if not lazy:
+        train_step(model, 0)
+    return model
+
+
+def _on_rank_flat_params_tied_optimizer_load(mode: str) -> None:
+    _quiet()
+    opts = _MODE_OPTIONS[mode]
+    source = _flat_params_model(0, lazy=False)
+    get_opts = {"full_state_dict": bool(opts)}
+    theirs_get = T.get_optimizer_state_dict(
+        source.wrapped, source.optim, options=T.StateDictOptions(**get_opts)
+    )
+    ours_get = S.get_optimizer_state_dict(
+        source.wrapped, source.optim, options=S.StateDictOptions(**get_opts)
+    )
+    assert_same(ours_get, theirs_get)
+    # The tied parameter's state is under its first name only, where PyTorch wrote it.
+    assert "emb.weight" in theirs_get["state"] and "head.weight" not in theirs_get["state"]
+    given = theirs_get if mode != "broadcast" or dist.get_rank() == 0 else {}
+    ours, theirs = _flat_params_model(1, lazy=True), _flat_params_model(1, lazy=True)
+    S.set_optimizer_state_dict(
+        ours.wrapped, ours.optim, clone(given), options=S.StateDictOptions(**opts)
+    )
+    T.set_optimizer_state_dict(
+        theirs.wrapped, theirs.optim, clone(given), options=T.StateDictOptions(**opts)
+    )
+    assert_same(ours.optim.state_dict(), theirs.optim.state_dict(), "optimizer.state_dict()")
+    for model in (ours, theirs):
+        model.wrapped.load_state_dict(source.wrapped.state_dict())
+        train_step(model, 1)
+    assert_same(_full(ours), _full(theirs))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mode", MODES)
+def test_fsdp1_flat_params_tied_optimizer_state_loads_like_pytorch(mode):
+    run_on_ranks(2, _on_rank_flat_params_tied_optimizer_load, mode, timeout=CALL_TIMEOUT_S)
+
+
+def _load_outcome(api: Any, model: Model, msd: dict[str, Any], opts: dict[str, Any]) -> Any:
+    try:
+        result = api.set_model_state_dict(
+            model.wrapped, msd, options=api.StateDictOptions(strict=False, **opts)
+        )
+    except RuntimeError as exc:  # compared by message: the same rejection
+        return str(exc).splitlines()[-1]
+    return sorted(result.missing_keys), sorted(result.unexpected_keys)
+
+
+def _on_rank_incompatible_keys(kind: str) -> list[Any]:
+    _quiet()
+    source = make(kind, 0)
+    outcomes = []
+    for mode, opts in _MODE_OPTIONS.items():
+        got = T.get_model_state_dict(
+            source.wrapped, options=T.StateDictOptions(full_state_dict=bool(opts))
+        )
+        msd = {k: v for k, v in got.items() if k not in ("scale", "l1.bias")}
+        msd["extra.weight"] = torch.zeros(1)
+        if mode == "broadcast" and dist.get_rank() != 0:
+            msd = {}
+        ours = _load_outcome(S, make(kind, 1, lazy=True), clone(msd), opts)
+        theirs = _load_outcome(T, make(kind, 1, lazy=True), clone(msd), opts)
+        assert ours == theirs, (mode, ours, theirs)
+        outcomes.append(ours)
+    return outcomes
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_strict_load_reports_pytorchs_missing_and_unexpected_keys(kind):
+    """PyTorch reports ``load_state_dict``'s own (raw) names: DDP's ``module.scale``,
+    ``torch.compile``'s ``_orig_mod.scale``, the checkpoint wrapper's component; a full
+    load fills the missing keys from the model itself, so none are missing there."""
+    outcomes = run_on_ranks(2, _on_rank_incompatible_keys, kind, timeout=CALL_TIMEOUT_S)
+    sharded = outcomes[0][0]
+    assert sharded[1] == ["extra.weight"] and len(sharded[0]) == 2, sharded
+    if kind == "ddp":
+        assert sharded[0] == ["module.l1.bias", "module.scale"]

@@ -3,12 +3,15 @@
 A language model whose head weight is its token embedding (GPT-2, Llama-3.2-1B, Gemma)
 has one tensor under two keys. Each spec compares with PyTorch's function on the same
 inputs (bit-exact values, types, placements) and counts the bytes that travel, so a
-tied tensor that is sent, gathered or staged twice fails.
+tied tensor that is sent, gathered or staged twice fails. Results also share storages
+exactly where PyTorch's do (:func:`sharing`): transformers' ``save_pretrained`` and
+safetensors treat keys whose storage repeats as one tensor and write it once.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any
 
@@ -16,14 +19,16 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed import _state_dict_utils as ref
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import state_dict as T
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+import sdict_ext
 from sdict_ext import state_dict as S
 from sdict_ext import utils
 from sdict_ext.staging import PinnedStager
 from tests.mp import run_on_ranks
-from tests.test_state_dict import _full, assert_same, clone, make, train_step
+from tests.test_state_dict import FSDP1, _full, assert_same, clone, make, train_step
 from tests.test_utils_dist import ALL_GATHER, ROUTES, _mesh, box_route, metadata_call
 
 TIMEOUT_S = 120
@@ -50,6 +55,36 @@ def _counting_bytes(names: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
 def _restore(originals: dict[str, Any]) -> None:
     for name, fn in originals.items():
         setattr(dist, name, fn)
+
+
+def _leaves(obj: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        return [leaf for k, v in obj.items() for leaf in _leaves(v, f"{path}.{k}")]
+    if isinstance(obj, (list, tuple)):
+        return [leaf for i, v in enumerate(obj) for leaf in _leaves(v, f"{path}[{i}]")]
+    return [(path, obj)] if isinstance(obj, torch.Tensor) else []
+
+
+def sharing(obj: Any) -> tuple[list[list[str]], list[list[str]]]:
+    """Which key paths share one storage, and which hold one value object.
+
+    Storages of DTensors are their local tensors', of ShardedTensors their first
+    shard's; tensors without elements share nothing (a rank's empty shard may view
+    padding or nothing at all).
+    """
+    by_storage: dict[int, list[str]] = {}
+    by_id: dict[int, list[str]] = {}
+    for path, value in _leaves(obj):
+        by_id.setdefault(id(value), []).append(path)
+        if isinstance(value, ShardedTensor):
+            shards = value.local_shards()
+            value = shards[0].tensor if shards else None
+        elif isinstance(value, DTensor):
+            value = value.to_local()
+        if value is not None and value.numel():
+            by_storage.setdefault(value.untyped_storage().data_ptr(), []).append(path)
+    groups = lambda d: sorted(g for g in d.values() if len(g) > 1)  # noqa: E731
+    return groups(by_storage), groups(by_id)
 
 
 def _weights(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,46 +195,100 @@ def test_distribute_slices_a_tied_tensor_once():
 # --------------------------------------------------------------------------- gather
 
 
-def _on_rank_gather(cpu_offload: bool) -> int:
+def _on_rank_gather(cpu_offload: bool, ranks_only: tuple[int, ...]) -> int:
     mesh = _mesh((dist.get_world_size(),))
     emb, bias = _weights(3)
     shard = distribute_tensor(emb, mesh, [Shard(0)])
-    sd = {"emb": shard, "head": shard, "nested": {"again": shard}, "bias": bias}
+    rep = distribute_tensor(bias, mesh, [Replicate()])
+    sd = {
+        "emb": shard,
+        "head": shard,
+        "view": shard.detach(),  # model.state_dict()'s form: a view per name
+        "nested": {"again": shard},
+        "bias": bias,
+        "bias_again": bias,
+        "rep": rep,
+        "rep_again": rep,
+    }
     sent, originals = _counting_bytes([ALL_GATHER])
     try:
-        ours = utils.gather_state_dict(sd, cpu_offload=cpu_offload)
+        ours = utils.gather_state_dict(sd, cpu_offload=cpu_offload, ranks_only=ranks_only)
     finally:
         _restore(originals)
-    assert_same(ours, ref._gather_state_dict(sd, cpu_offload=cpu_offload))
-    assert ours["emb"] is ours["head"] is ours["nested"]["again"]
+    theirs = ref._gather_state_dict(sd, cpu_offload=cpu_offload, ranks_only=ranks_only)
+    assert_same(ours, theirs)
+    # PyTorch gathers key by key: every gathered key has a storage of its own, while
+    # plain and replicated values come back as they were (the same storage).
+    assert sharing(ours) == sharing(theirs)
+    if ours:
+        assert ours["emb"].untyped_storage().data_ptr() != ours["head"].untyped_storage().data_ptr()
     return sent[ALL_GATHER]
 
 
 @pytest.mark.dist
+@pytest.mark.parametrize("ranks_only", [(), (0,)])
 @pytest.mark.parametrize("cpu_offload", [False, True])
-def test_gather_moves_a_tied_dtensor_once(cpu_offload):
-    sent = run_on_ranks(2, _on_rank_gather, cpu_offload, timeout=TIMEOUT_S)
-    assert sent[0] == sent[1] == 16 * 8 * 4
+def test_gather_moves_a_tied_dtensor_once_and_returns_separate_tensors_like_pytorch(
+    cpu_offload, ranks_only
+):
+    sent = run_on_ranks(2, _on_rank_gather, cpu_offload, ranks_only, timeout=TIMEOUT_S)
+    # The tied shards ("emb", "head", "again") travel once; the view of the same
+    # memory under another object ("view") is a tensor of its own, as in PyTorch.
+    assert sent[0] == sent[1] == 2 * 16 * 8 * 4
 
 
 # --------------------------------------------------------------------------- get / set
 
 
+_GET_OPTIONS = (
+    {},
+    {"full_state_dict": True},
+    {"cpu_offload": True},
+    {"full_state_dict": True, "cpu_offload": True},
+)
+
+
 def _on_rank_get_tied(kind: str) -> None:
     warnings.simplefilter("ignore")
     model = make(kind, 0)
-    for opts in ({}, {"full_state_dict": True}, {"cpu_offload": True}):
-        ours = S.get_model_state_dict(model.wrapped, options=S.StateDictOptions(**opts))
-        theirs = T.get_model_state_dict(model.wrapped, options=T.StateDictOptions(**opts))
+    for opts in _GET_OPTIONS:
+        if kind in FSDP1 and opts.get("cpu_offload"):
+            continue  # PyTorch segfaults there on a CPU device (see test_state_dict.py)
+        ours = S.get_state_dict(model.wrapped, model.optim, options=S.StateDictOptions(**opts))
+        theirs = T.get_state_dict(model.wrapped, model.optim, options=T.StateDictOptions(**opts))
         assert_same(ours, theirs, str(opts))
-        # One tensor, one value: later gathers, offloads and copies move it once.
-        assert ours["emb.weight"] is ours["head.weight"], opts
+        # Model and optimizer: storages shared exactly where PyTorch's are (full
+        # FSDP2 / TP / FSDP1 results: a storage per key), a value object per key.
+        for part, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert sharing(a) == sharing(b), (opts, part, sharing(a), sharing(b))
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "fsdp1_orig"])
-def test_get_model_state_dict_gives_a_tied_weight_one_value(kind):
+@pytest.mark.parametrize("kind", ["plain", "ddp", "fsdp2", "fsdp1_orig", "fsdp1_root", "tp"])
+def test_get_state_dict_shares_storages_where_pytorch_does(kind):
     run_on_ranks(2, _on_rank_get_tied, kind, timeout=TIMEOUT_S)
+
+
+def _on_rank_get_tied_with_an_empty_shard() -> None:
+    """One embedding row on two ranks: rank 1's shard of the tied weight is empty."""
+    warnings.simplefilter("ignore")
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(1, 8), torch.nn.Linear(8, 1, bias=False))
+    net[1].weight = net[0].weight
+    fully_shard(net, mesh=_mesh((dist.get_world_size(),)))
+    for opts in _GET_OPTIONS:
+        ours = S.get_model_state_dict(net, options=S.StateDictOptions(**opts))
+        theirs = T.get_model_state_dict(net, options=T.StateDictOptions(**opts))
+        assert_same(ours, theirs, str(opts))
+        assert sharing(ours) == sharing(theirs), opts
+
+
+@pytest.mark.dist
+def test_get_state_dict_of_a_tied_weight_with_an_empty_shard_matches_pytorch():
+    # Ranks join tied keys by layout, not by memory, so their gathers agree.
+    run_on_ranks(2, _on_rank_get_tied_with_an_empty_shard, timeout=TIMEOUT_S)
 
 
 def _on_rank_hsdp_broadcast_load() -> None:
@@ -244,8 +333,11 @@ def test_cpu_offloaded_state_dict_holds_one_copy_of_a_tied_weight():
     model = make("plain", 0)
     opts = {"full_state_dict": True, "cpu_offload": True}
     ours = S.get_model_state_dict(model.wrapped, options=S.StateDictOptions(**opts))
-    assert_same(ours, T.get_model_state_dict(model.wrapped, options=T.StateDictOptions(**opts)))
-    assert ours["emb.weight"] is ours["head.weight"]
+    theirs = T.get_model_state_dict(model.wrapped, options=T.StateDictOptions(**opts))
+    assert_same(ours, theirs)
+    # PyTorch returns the live CPU parameter under both names (one storage, a view per
+    # key); ours is one snapshot copy, viewed under both names the same way.
+    assert sharing(ours) == sharing(theirs) == ([[".emb.weight", ".head.weight"]], [])
     assert ours["emb.weight"].data_ptr() != model.wrapped.emb.weight.data_ptr()
 
 
@@ -281,9 +373,96 @@ def test_stager_copies_a_tied_tensor_once_and_restages_when_the_tie_goes():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_offload_copies_a_tied_cuda_tensor_once():
+def test_offload_gives_each_key_of_a_tied_cuda_tensor_its_own_copy_like_pytorch():
     emb, bias = (t.cuda() for t in _weights(6))
-    sd = {"emb": emb, "head": emb, "bias": bias}
+    sd = {"emb": emb, "head": emb, "view": emb.detach(), "bias": bias}
     ours = utils.offload_state_dict_to_cpu(sd)
-    assert_same(ours, ref._offload_state_dict_to_cpu(sd))
-    assert ours["emb"] is ours["head"] and ours["emb"].is_cpu
+    theirs = ref._offload_state_dict_to_cpu(sd)
+    assert_same(ours, theirs)
+    assert sharing(ours) == sharing(theirs) == ([], [])
+    assert ours["emb"].is_cpu and ours["head"].is_cpu
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def _tiny_tied_gpt2() -> Any:
+    """A 2-layer GPT-2 whose head is its token embedding, built from a config (no download)."""
+    # The pool's workers outlive a test's monkeypatch: set before transformers is imported.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32, tie_word_embeddings=True
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _saved(model: Any, state_dict: dict[str, Any], path: str) -> dict[str, bytes]:
+    """The bytes of every tensor ``save_pretrained`` writes for ``state_dict``."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    return {k: v.view(torch.uint8).numpy().tobytes() for k, v in saved.items()}
+
+
+def test_save_pretrained_of_a_cpu_copy_writes_the_same_safetensors_as_pytorch(tmp_path):
+    """create_cpu_state_dict carves every tensor out of one slab: one storage for all
+    keys (PyTorch: a storage each), but disjoint views, which transformers and
+    safetensors write as separate tensors, so the files are the same."""
+    model = _tiny_tied_gpt2()
+    sd = model.state_dict()
+    theirs = ref._copy_state_dict(sd, ref._create_cpu_state_dict(sd))
+    ours = utils.copy_state_dict(sd, utils.create_cpu_state_dict(sd))
+    assert [sorted(group) for group in sharing(ours)[0]] == [sorted(f".{k}" for k in sd)]
+    assert sharing(theirs) == ([], [])
+    assert _saved(model, ours, str(tmp_path / "ours")) == _saved(
+        model, theirs, str(tmp_path / "theirs")
+    )
+
+
+def _on_rank_save_pretrained(kind: str, root: str) -> dict[str, dict[str, bytes]]:
+    """A tiny tied GPT-2 saved as a trainer saves it, through PyTorch's names.
+
+    accelerate's ``get_state_dict`` for FSDP2 calls
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` with these options
+    and hands the result to ``save_pretrained``; under ``patch_torch()`` that name is ours.
+    """
+    warnings.simplefilter("ignore")
+    model = _tiny_tied_gpt2()
+    if kind == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = _mesh((dist.get_world_size(),))
+        for block in model.transformer.h:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the tied embedding and head: the root's unit
+    opts = T.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    files: dict[str, dict[str, bytes]] = {}
+    for name in ("pytorch", "sdict_ext"):
+        if name == "sdict_ext":
+            with sdict_ext.patch_torch():
+                sd = T.get_model_state_dict(model, options=opts)
+        else:
+            sd = T.get_model_state_dict(model, options=opts)
+        if dist.get_rank() == 0:
+            files[name] = _saved(model, sd, os.path.join(root, f"{kind}-{name}"))
+    return files
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["plain", "fsdp2"])
+def test_save_pretrained_of_a_tied_model_writes_the_same_safetensors_as_pytorch(
+    kind, tmp_path, monkeypatch
+):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = run_on_ranks(2, _on_rank_save_pretrained, kind, str(tmp_path), timeout=TIMEOUT_S)[0]
+    theirs, ours = files["pytorch"], files["sdict_ext"]
+    assert sorted(ours) == sorted(theirs)
+    assert ours == theirs
+    if kind == "fsdp2":
+        # PyTorch's gathered head is a tensor of its own, and transformers writes it.
+        assert "lm_head.weight" in theirs
