@@ -20,7 +20,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 from sdict_ext._sd_common import (
     BUCKET_BYTES,
     Info,
+    failure_reaches_the_gather,
     full_or_offload,
+    model_tensors,
     state_dict_fn,
     storage_ptrs,
 )
@@ -55,7 +57,7 @@ def get_model(model: nn.Module, info: Info) -> dict[str, Any]:
     """The model state dict keyed by canonical FQNs, gathered / offloaded per ``info``."""
     if not info.handle_model:
         return {}
-    with info.fsdp_context():
+    with info.fsdp_context(), failure_reaches_the_gather(info, lambda: model_tensors(info)):
         state_dict = state_dict_fn(model, "state_dict")()
 
     # Renamed in place (pop + re-insert, as PyTorch does) so the result keeps the type,

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint import state_dict as T
 from torch.distributed.tensor import DTensor
 
 from sdict_ext import state_dict as S
-from tests.mp import run_on_ranks
+from tests.mp import run_fresh, run_on_ranks
 
 # --------------------------------------------------------------------------- models
 
@@ -847,3 +847,72 @@ def test_rank0_only_offloaded_state_dict_loads_with_broadcast_and_not_without(ki
     assert messages[0] == messages[1]
     assert "ranks [1] passed empty state dicts" in messages[0]
     assert "broadcast_from_rank0=True" in messages[0]
+
+
+# ------------------------------------------------- faults: every rank raises, nothing written
+
+# Collective timeout of the fresh groups below: a rank left waiting in a collective that
+# another rank never joins fails with DistBackendError after this long, not with ours.
+_FAULT_PG_TIMEOUT_S = 20
+
+
+class Notes(nn.Module):
+    """A module with extra state (a dict); its ``get_extra_state`` raises on ``broken_on``."""
+
+    def __init__(self, broken_on: int | None = None) -> None:
+        super().__init__()
+        self.note = {"epoch": 0}
+        self.broken_on = broken_on
+
+    def get_extra_state(self) -> Any:
+        if dist.get_rank() == self.broken_on:
+            raise RuntimeError(f"Notes.get_extra_state: broken on rank {self.broken_on}")
+        return dict(self.note)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.note = dict(state)
+
+
+def _raise_on_rank_1(optimizer: torch.optim.Optimizer) -> None:
+    if dist.get_rank() == 1:
+        raise RuntimeError("optimizer state_dict hook: broken on rank 1")
+
+
+def _on_rank_state_dict_raises_on_rank_1(kind: str) -> list[tuple[str, str]]:
+    """get_state_dict(full_state_dict, cpu_offload) while rank 1's model.state_dict()
+    raises, then while its optimizer.state_dict() does: (exception type, message)."""
+    _quiet()
+    model = make(kind, 0)
+    options = S.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    seen = []
+    for part in ("model", "optimizer"):
+        notes = Notes(broken_on=1 if part == "model" else None)
+        model.forward_module.add_module("notes", notes)
+        hook = None
+        if part == "optimizer":
+            hook = model.optim.register_state_dict_pre_hook(_raise_on_rank_1)
+        try:
+            S.get_state_dict(model.wrapped, model.optim, options=options)
+        except Exception as exc:  # noqa: BLE001
+            seen.append((type(exc).__name__, str(exc)))
+        else:
+            seen.append(("nothing", ""))
+        if hook is not None:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["fsdp2", "tp"])
+def test_get_full_state_dict_raises_on_every_rank_when_state_dict_raises_on_one(kind):
+    rank0, rank1 = run_fresh(
+        2, _on_rank_state_dict_raises_on_rank_1, kind,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=CALL_TIMEOUT_S,
+    )
+    for (kind0, text0), (kind1, text1), broken in zip(
+        rank0, rank1, ["Notes.get_extra_state", "optimizer state_dict hook"], strict=True
+    ):
+        # Rank 1 raises its own error; rank 0 learns it in the gather's agreement.
+        assert (kind0, kind1) == ("RankFailure", "RuntimeError"), (text0, text1)
+        assert f"rank 1: RuntimeError: {broken}: broken on rank 1" in text0
+        assert text1 == f"{broken}: broken on rank 1"
