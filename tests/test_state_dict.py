@@ -935,15 +935,16 @@ def _missing_line(message: str) -> str:
 
 def _on_rank_broadcast_load_faults(kind: str) -> list[tuple[str, str, bool, str]]:
     """set_state_dict(full_state_dict, broadcast_from_rank0) of a good source state dict
-    that rank 0 alone passes, with one fault each: rank 1's model has one layer more;
-    rank 0's model state dict holds a value that cannot be pickled; or a meta tensor.
+    that rank 0 alone passes, with one fault each: rank 1's model has one layer more, or
+    one of another shape; rank 0's model state dict holds a value that cannot be
+    pickled, or a meta tensor.
     Returns per fault (exception type, message, every local tensor unchanged,
     PyTorch's message for the same load of the model or "")."""
     _quiet()
     rank = dist.get_rank()
     options = S.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     seen = []
-    for fault in ("extra_layer", "unpicklable", "meta"):
+    for fault in ("extra_layer", "other_shape", "unpicklable", "meta"):
         source = make(kind, 0)
         source.forward_module.add_module("notes", Notes())
         msd, osd = _full(source)
@@ -953,6 +954,8 @@ def _on_rank_broadcast_load_faults(kind: str) -> list[tuple[str, str, bool, str]
             target.forward_module.add_module("notes", Notes())
             if fault == "extra_layer" and rank == 1:
                 target.forward_module.add_module("extra", nn.Linear(2, 2))
+            if fault == "other_shape" and rank == 1:
+                target.forward_module.add_module("l2", nn.Linear(16, 9))
             copies.append(target)
         ours, theirs = copies
         if rank == 0 and fault == "unpicklable":
@@ -997,7 +1000,7 @@ def test_broadcast_load_faults_raise_on_every_rank_and_load_neither_model_nor_op
         2, _on_rank_broadcast_load_faults, kind,
         pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=2 * CALL_TIMEOUT_S,
     )
-    (extra0, unpicklable0, meta0), (extra1, unpicklable1, meta1) = rank0, rank1
+    (extra0, shape0, unpicklable0, meta0), (extra1, *_) = rank0, rank1
     for (kind0, text0, untouched0, _), (kind1, text1, untouched1, _) in zip(rank0, rank1):
         assert (kind0, kind1) == ("RuntimeError", "RuntimeError"), (text0, text1)
         assert text0 == text1 and text0.startswith("state dict load rejected, nothing was loaded")
@@ -1007,6 +1010,10 @@ def test_broadcast_load_faults_raise_on_every_rank_and_load_neither_model_nor_op
     assert "rank 1: set_model_state_dict: " in extra0[1]
     assert _missing_line(extra0[1]) == _missing_line(extra1[3]), (extra0[1], extra1[3])
     assert 'Missing key(s) in state_dict: "extra.weight", "extra.bias".' in extra0[1]
+    assert (
+        "rank 1: set_model_state_dict: 'l2.weight': shape (8, 16) does not match the "
+        "model's (9, 16); 'l2.bias': shape (8,) does not match the model's (9,)"
+    ) in shape0[1]
     assert (
         "rank 0: set_model_state_dict: broadcast_state_dict: "
         "full_state_dict['notes._extra_state'] (a function) cannot be pickled"
