@@ -328,10 +328,10 @@ def model_tensors(info: Info) -> Iterator[torch.Tensor]:
     """The model tensors ``get_model_state_dict`` keeps under ``info``'s filters."""
     prefixes = info.submodule_prefixes
     for tensor, fqns in info.fqns_of.items():
-        if info.ignore_frozen_params and isinstance(tensor, nn.Parameter):
-            if not tensor.requires_grad:
-                continue
-        if prefixes and not any(f.startswith(p) for f in fqns for p in prefixes):
+        frozen = isinstance(tensor, nn.Parameter) and not tensor.requires_grad
+        if (info.ignore_frozen_params and frozen) or (
+            prefixes and not any(f.startswith(p) for f in fqns for p in prefixes)
+        ):
             continue
         yield tensor
 
