@@ -19,8 +19,8 @@ from sdict_ext._copies import view_key
 from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
 
 __all__ = [
-    "HEAD_BYTES", "Announced", "TensorInfo", "announce", "from_wire", "post_metadata_receive",
-    "receive_metadata", "send_metadata", "to_wire", "wait_sent",
+    "HEAD_BYTES", "Announced", "TensorInfo", "announce", "check_source", "from_wire",
+    "post_metadata_receive", "receive_metadata", "send_metadata", "to_wire", "wait_sent",
 ]
 
 # A tensor rank 0 is about to send, as it travels: (position of its key, shape, index
@@ -74,6 +74,37 @@ def announce(full_state_dict: dict[str, Any]) -> Announced:
     return keys, objects, tensors, dtypes
 
 
+def check_source(full_state_dict: dict[str, Any]) -> None:
+    """Raises what ``broadcast_state_dict`` would raise on rank 0 about its full state
+    dict (a value that is no plain tensor or cannot be sent, a value that cannot be
+    pickled), for a caller that must check several inputs before loading any of them
+    (``set_state_dict``: the model's is loaded after the optimizers')."""
+    keys, objects, _, _ = announce(full_state_dict)
+    # Tensors pickle (0-dim ones travel so); only other values can fail.
+    plain = {pos: v for pos, v in objects.items() if not torch.is_tensor(v)}
+    try:
+        pickle.dumps(plain, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # noqa: BLE001 (whatever the value's pickling raises)
+        raise _unpicklable(exc, keys, plain) from exc
+
+
+def _unpicklable(exc: BaseException, keys: list[str], objects: dict[int, Any]) -> ValueError:
+    """The error for metadata that cannot be pickled, naming the first value that cannot."""
+    for pos, value in objects.items():
+        try:
+            pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as value_exc:  # noqa: BLE001
+            return ValueError(
+                f"broadcast_state_dict: full_state_dict[{keys[pos]!r}] (a "
+                f"{type(value).__name__}) cannot be pickled to reach the other ranks: "
+                f"{type(value_exc).__name__}: {value_exc}"
+            )
+    return ValueError(
+        f"broadcast_state_dict: the full state dict's non-tensor values must be "
+        f"picklable to reach the other ranks: {type(exc).__name__}: {exc}"
+    )
+
+
 def _describe(values: list[Any]) -> list[Any]:
     """(shape, dtype, address, readable in place) of each plain CPU / CUDA tensor of at
     least one dim, in one C++ call; None for the others (and for all of them without
@@ -85,7 +116,10 @@ def _describe(values: list[Any]) -> list[Any]:
 def _facts_of(value: Any, key: str) -> tuple[Any, ...] | None:
     """:func:`_describe`'s facts of one value it left out, in Python; None for what
     travels as an object (a non-tensor, a 0-dim tensor). Raises for a tensor that is
-    no plain tensor (a DTensor, a ShardedTensor)."""
+    no plain tensor (a DTensor, a ShardedTensor) or that cannot be sent (see
+    :func:`_unsendable`): found here, the error reaches every rank with the metadata,
+    before any rank receives a byte (found while sending, it would leave the others
+    waiting in a receive, half written)."""
     if not torch.is_tensor(value):
         return None
     if type(value) is not torch.Tensor and leaf_kind(value) != LEAF_TENSOR:
@@ -93,13 +127,36 @@ def _facts_of(value: Any, key: str) -> tuple[Any, ...] | None:
             f"broadcast_state_dict: full_state_dict[{key!r}] is a "
             f"{type(value).__name__}; the full state dict must hold plain tensors"
         )
-    shape = tuple(value.shape)
-    if not shape:
+    problem = _unsendable(value)
+    if problem is not None:
+        raise ValueError(
+            f"broadcast_state_dict: full_state_dict[{key!r}] is {problem}; the full state "
+            "dict must hold dense tensors with data (materialise or convert it first)"
+        )
+    if value.dim() == 0:
         return None
+    shape = tuple(value.shape)
     readable = (
         value.is_cpu and value.is_contiguous() and not value.is_conj() and not value.is_neg()
     )
     return shape, value.dtype, value.data_ptr(), readable
+
+
+def _unsendable(value: torch.Tensor) -> str | None:
+    """What makes a source tensor impossible to pack and send, or None: no data (meta),
+    no strided bytes (sparse, mkldnn, nested) or no dtype a receiver can allocate
+    (quantized). A 0-dim tensor travels pickled, so only its data matters."""
+    if value.is_meta:
+        return "a meta tensor (it has no data)"
+    if value.dim() == 0:
+        return None
+    if value.is_nested:
+        return "a nested tensor"
+    if value.layout != torch.strided:
+        return f"a {value.layout} tensor"
+    if value.is_quantized:
+        return f"a quantized tensor ({value.dtype})"
+    return None
 
 
 class _Scalar(NamedTuple):
@@ -200,10 +257,7 @@ def send_metadata(
         )
     except Exception as exc:  # noqa: BLE001 (an unpicklable value of the state dict)
         if error is None:
-            error = ValueError(
-                f"broadcast_state_dict: the full state dict's non-tensor values must be "
-                f"picklable to reach the other ranks: {type(exc).__name__}: {exc}"
-            )
+            error = _unpicklable(exc, wire[0], wire[1])
         data = pickle.dumps((None, f"{type(error).__name__}: {error}"))
     fits = HEAD_BYTES - 8
     head = bytearray(HEAD_BYTES)

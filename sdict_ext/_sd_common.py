@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from sdict_ext import _collectives
 from sdict_ext._collectives import dtensor_of
 from sdict_ext._sd_fqn import FqnResolver, param_fqn_maps
 from sdict_ext._traverse import LEAF_DTENSOR, LEAF_TENSOR, flatten
@@ -296,6 +297,43 @@ def full_or_offload(
     if info.cpu_offload and result:
         result = _unshare(result, live())
     return result
+
+
+@contextlib.contextmanager
+def failure_reaches_the_gather(info: Info, tensors: Callable[[], Iterable[Any]]) -> Iterator[None]:
+    """Raises an error of the body (``state_dict()``) on every rank at once.
+
+    With ``full_state_dict`` the other ranks take their state dicts into
+    :func:`gather_state_dict`, whose first collective is its agreement: a rank whose
+    ``state_dict()`` raised would leave them waiting there until the process group
+    times out. That rank joins the agreement with its error instead, so the others
+    raise :class:`RankFailure` naming it. ``tensors``: the tensors the state dict would
+    hold; only where one is sharded do the others gather (else they run no collective,
+    and this rank just raises).
+    """
+    try:
+        yield
+    except Exception as exc:
+        if (
+            info.full_state_dict
+            and is_multi_rank()
+            and any(isinstance(t, (DTensor, ShardedTensor)) for t in tensors())
+        ):
+            group = dist.distributed_c10d._get_default_group()
+            _collectives.agree(group, exc, 0, "get_state_dict")  # raises exc here
+        raise
+
+
+def model_tensors(info: Info) -> Iterator[torch.Tensor]:
+    """The model tensors ``get_model_state_dict`` keeps under ``info``'s filters."""
+    prefixes = info.submodule_prefixes
+    for tensor, fqns in info.fqns_of.items():
+        frozen = isinstance(tensor, nn.Parameter) and not tensor.requires_grad
+        if (info.ignore_frozen_params and frozen) or (
+            prefixes and not any(f.startswith(p) for f in fqns for p in prefixes)
+        ):
+            continue
+        yield tensor
 
 
 def _unshare(obj: Any, live: set[int]) -> Any:

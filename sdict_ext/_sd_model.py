@@ -8,7 +8,7 @@ data (broadcast / distribute) and calls ``load_state_dict``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,10 +17,15 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import _IncompatibleKeys
 
+from sdict_ext._broadcast_meta import check_source
+from sdict_ext._collectives import digest
 from sdict_ext._sd_common import (
     BUCKET_BYTES,
     Info,
+    agree,
+    failure_reaches_the_gather,
     full_or_offload,
+    model_tensors,
     state_dict_fn,
     storage_ptrs,
 )
@@ -56,7 +61,7 @@ def get_model(model: nn.Module, info: Info) -> dict[str, Any]:
     """The model state dict keyed by canonical FQNs, gathered / offloaded per ``info``."""
     if not info.handle_model:
         return {}
-    with info.fsdp_context():
+    with info.fsdp_context(), failure_reaches_the_gather(info, lambda: model_tensors(info)):
         state_dict = state_dict_fn(model, "state_dict")()
 
     # Renamed in place (pop + re-insert, as PyTorch does) so the result keeps the type,
@@ -142,6 +147,8 @@ class ModelLoad:
 
     state_dict: dict[str, Any]
     local: dict[str, Any]
+    # Raw key -> the canonical FQN the caller knows it by (for messages).
+    clean_of: dict[str, str] = field(default_factory=dict)
 
 
 def tensor_problem(
@@ -189,7 +196,7 @@ def prepare_model_load(
             local[raw_fqn] = value
             clean_of[raw_fqn] = fqn
     if not is_source:
-        return ModelLoad(state_dict, local), None
+        return ModelLoad(state_dict, local, clean_of), None
 
     problems: list[str] = []
     for key in state_dict:
@@ -212,9 +219,69 @@ def prepare_model_load(
             problem = tensor_problem(clean_of.get(key, key), given, expected, check_dtype=True)
             if problem:
                 problems.append(problem)
+    if info.broadcast_from_rank0 and not problems:
+        # What the broadcast would refuse: refused here, before the optimizers load.
+        try:
+            check_source(state_dict)
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         return None, "set_model_state_dict: " + "; ".join(problems)
-    return ModelLoad(state_dict, local), None
+    return ModelLoad(state_dict, local, clean_of), None
+
+
+def _facts(value: Any, info: Info) -> Any:
+    # FSDP1's local tensors are flat-parameter shards: only their keys say anything.
+    if isinstance(value, torch.Tensor) and not info.fsdp_modules:
+        return tuple(value.shape), value.dtype
+    return None
+
+
+def model_signature(plan: ModelLoad | None, info: Info) -> int:
+    """A digest of the model's keys, global shapes and dtypes (0: nothing to load).
+
+    With ``broadcast_from_rank0`` only rank 0 checks the input against its model; a
+    rank whose model has the same signature would find the same, so only ranks whose
+    signature differs from rank 0's need :func:`agree_with_source`.
+    """
+    if plan is None:
+        return 0
+    return digest(sorted((k, repr(_facts(v, info))) for k, v in plan.local.items()))
+
+
+def agree_with_source(model: nn.Module, plan: ModelLoad | None, info: Info) -> None:
+    """Checks every rank's model against rank 0's input; raises on every rank if any
+    fails, before anything is written (all ranks must call it).
+
+    Rank 0 has checked its input against its own model; here it shares the input's
+    keys, shapes and dtypes, and each other rank checks them as a strict load on that
+    rank fails in PyTorch: its model's keys the input lacks (``strict``), and shape or
+    dtype mismatches. Keys only the input has are dropped on such a rank, as PyTorch's
+    broadcast drops them.
+    """
+    table: list[Any] = [None]
+    if dist.get_rank() == 0 and plan is not None:
+        table[0] = {k: _facts(v, info) for k, v in plan.state_dict.items()}
+    dist.broadcast_object_list(table, src=0)
+    problems: list[str] = []
+    if dist.get_rank() != 0 and plan is not None and table[0] is not None:
+        given = table[0]
+        if info.strict:
+            missing = [plan.clean_of[k] for k in plan.local if k not in given]
+            if missing:
+                problems.append(_key_errors(model, missing, []))
+        for key, facts in given.items():
+            expected = plan.local.get(key)
+            if facts is None or expected is None or isinstance(expected, ExtraState):
+                continue
+            shape, dtype = facts
+            problem = tensor_problem(
+                plan.clean_of.get(key, key), torch.empty(shape, dtype=dtype, device="meta"),
+                expected, check_dtype=True,
+            )
+            if problem:
+                problems.append(problem)
+    agree("set_model_state_dict: " + "; ".join(problems) if problems else None, ())
 
 
 def collective_device() -> torch.device:

@@ -23,6 +23,7 @@ from sdict_ext._sd_common import (
     PARAMS,
     STATE,
     Info,
+    failure_reaches_the_gather,
     fsdp_process_group,
     full_or_offload,
     state_dict_fn,
@@ -117,8 +118,10 @@ def get_optim(
     if not info.handle_optim:
         return {}
     combined: dict[str, Any] = {STATE: {}, PARAM_GROUPS: []}
+    params = lambda: (p for o in optims for g in o.param_groups for p in g[PARAMS])  # noqa: E731
     for optim in optims:
-        osd = _fqn_keyed(model, optim, info)
+        with failure_reaches_the_gather(info, params):
+            osd = _fqn_keyed(model, optim, info)
         if osd is None:
             continue
         combined[STATE].update(osd[STATE])

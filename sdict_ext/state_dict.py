@@ -12,7 +12,11 @@ Where PyTorch 2.13 misbehaves, these functions do not:
   runs the model broadcast on every rank (whether to load the model is rank 0's call).
 * Every load is checked first, on every rank: missing / unexpected keys (``strict``),
   shape and dtype mismatches are reported together, naming the keys, raised on all
-  ranks, and nothing is loaded. The caller's dicts are never modified.
+  ranks, and nothing is loaded. With ``broadcast_from_rank0`` each rank's model is
+  checked against rank 0's input, and rank 0's input against what the broadcast can
+  send, before the optimizers are loaded. The caller's dicts are never modified.
+* A rank whose ``state_dict()`` raises in a ``full_state_dict`` get makes every rank
+  raise, instead of leaving the others waiting in the gather.
 * ``cpu_offload`` results are fresh copies, never the live parameters or optimizer
   ``step`` tensors; loaded optimizers never adopt the caller's tensors.
 * FSDP1 with ``full_state_dict`` and ``cpu_offload`` on a CPU compute device works
@@ -21,6 +25,7 @@ Where PyTorch 2.13 misbehaves, these functions do not:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -42,7 +47,13 @@ from sdict_ext._sd_common import (
     storage_ptrs,
 )
 from sdict_ext._sd_fqn import FqnResolver
-from sdict_ext._sd_model import get_model, prepare_model_load, run_model_load
+from sdict_ext._sd_model import (
+    agree_with_source,
+    get_model,
+    model_signature,
+    prepare_model_load,
+    run_model_load,
+)
 from sdict_ext._sd_optim import get_optim, prepare_optim_load, run_optim_load
 
 __all__ = [
@@ -190,6 +201,9 @@ def _load(
 ) -> _IncompatibleKeys:
     """Check both inputs on every rank, then load the optimizers, then the model.
 
+    Whatever can make the model load fail (keys, shapes, what the broadcast can send)
+    is checked before the optimizers load, so a failure loads neither.
+
     With ``broadcast_from_rank0`` only rank 0 reads its inputs, and rank 0 alone decides
     whether the model is loaded: every rank then joins the model broadcast, whatever it
     passed (PyTorch lets a rank that passed ``{}`` skip it, so collectives mismatch).
@@ -207,6 +221,11 @@ def _load(
         if is_source and not errors:
             model_plan, error = prepare_model_load(model, model_sd, info)
             errors += [error] if error else []
+        elif not is_source:
+            # This rank's own keys, whatever it passed: checked against rank 0's below.
+            model_plan, _ = prepare_model_load(
+                model, {}, dataclasses.replace(info, handle_model=True)
+            )
         optim_plans, error = prepare_optim_load(optims, optim_sd, info)
         errors += [error] if error else []
     except Exception as exc:
@@ -219,7 +238,14 @@ def _load(
         if error:
             raise RuntimeError(error)
     elif info.broadcast_from_rank0:
-        info.handle_model = agree(error, (info.handle_model,))[0][0]
+        loads = agree(error, (info.handle_model, model_signature(model_plan, info)))
+        info.handle_model = loads[0][0]
+        if not info.handle_model:
+            model_plan = None
+        elif len({signature for _, signature in loads}) > 1:
+            # A rank's model differs from rank 0's: its keys are checked against rank
+            # 0's input, on every rank, before anything is written.
+            agree_with_source(model, model_plan, info)
     else:
         # Every rank must load the same parts, or the FSDP / DTensor collectives of the
         # load would not match (a rank-0-only cpu_offload state dict needs the broadcast).
@@ -232,8 +258,6 @@ def _load(
                 "holds (e.g. from full_state_dict with cpu_offload), pass "
                 "broadcast_from_rank0=True"
             )
-    if not is_source:
-        model_plan, _ = prepare_model_load(model, {}, info)
     run_optim_load(model, optims, optim_plans, storage_ptrs(optim_sd) if is_source else set(), info)
     return run_model_load(model, model_plan, info)
 
@@ -290,7 +314,9 @@ def set_state_dict(
     canonical FQNs and sharded tensors must be DTensors or ShardedTensors. Both inputs
     are checked on every rank before anything is written; a problem on any rank raises
     ``RuntimeError`` on all of them, naming the keys, with nothing loaded. With
-    ``broadcast_from_rank0`` only rank 0's inputs are read (other ranks may pass ``{}``).
+    ``broadcast_from_rank0`` only rank 0's inputs are read (other ranks may pass ``{}``);
+    every rank's model is checked against them (a rank whose model has keys they lack
+    fails a strict load, as in PyTorch, but on every rank and before any write).
     Call it before ``backward()`` or after ``step()``.
 
     Returns:

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint import state_dict as T
 from torch.distributed.tensor import DTensor
 
 from sdict_ext import state_dict as S
-from tests.mp import run_on_ranks
+from tests.mp import run_fresh, run_on_ranks
 
 # --------------------------------------------------------------------------- models
 
@@ -955,3 +955,175 @@ def test_non_strict_load_reports_pytorchs_missing_and_unexpected_keys(kind):
     assert sharded[1] == ["extra.weight"] and len(sharded[0]) == 2, sharded
     if kind == "ddp":
         assert sharded[0] == ["module.l1.bias", "module.scale"]
+
+
+# ------------------------------------------------- faults: every rank raises, nothing written
+
+# Collective timeout of the fresh groups below: a rank left waiting in a collective that
+# another rank never joins fails with DistBackendError after this long, not with ours.
+_FAULT_PG_TIMEOUT_S = 20
+
+
+class Notes(nn.Module):
+    """A module with extra state (a dict); its ``get_extra_state`` raises on ``broken_on``."""
+
+    def __init__(self, broken_on: int | None = None) -> None:
+        super().__init__()
+        self.note = {"epoch": 0}
+        self.broken_on = broken_on
+
+    def get_extra_state(self) -> Any:
+        if dist.get_rank() == self.broken_on:
+            raise RuntimeError(f"Notes.get_extra_state: broken on rank {self.broken_on}")
+        return dict(self.note)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.note = dict(state)
+
+
+def _raise_on_rank_1(optimizer: torch.optim.Optimizer) -> None:
+    if dist.get_rank() == 1:
+        raise RuntimeError("optimizer state_dict hook: broken on rank 1")
+
+
+def _on_rank_state_dict_raises_on_rank_1(kind: str) -> list[tuple[str, str]]:
+    """get_state_dict(full_state_dict, cpu_offload) while rank 1's model.state_dict()
+    raises, then while its optimizer.state_dict() does: (exception type, message)."""
+    _quiet()
+    model = make(kind, 0)
+    options = S.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    seen = []
+    for part in ("model", "optimizer"):
+        notes = Notes(broken_on=1 if part == "model" else None)
+        model.forward_module.add_module("notes", notes)
+        hook = None
+        if part == "optimizer":
+            hook = model.optim.register_state_dict_pre_hook(_raise_on_rank_1)
+        try:
+            S.get_state_dict(model.wrapped, model.optim, options=options)
+        except Exception as exc:  # noqa: BLE001
+            seen.append((type(exc).__name__, str(exc)))
+        else:
+            seen.append(("nothing", ""))
+        if hook is not None:
+            hook.remove()
+    return seen
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["fsdp2", "tp"])
+def test_get_full_state_dict_raises_on_every_rank_when_state_dict_raises_on_one(kind):
+    rank0, rank1 = run_fresh(
+        2, _on_rank_state_dict_raises_on_rank_1, kind,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=CALL_TIMEOUT_S,
+    )
+    for (kind0, text0), (kind1, text1), broken in zip(
+        rank0, rank1, ["Notes.get_extra_state", "optimizer state_dict hook"], strict=True
+    ):
+        # Rank 1 raises its own error; rank 0 learns it in the gather's agreement.
+        assert (kind0, kind1) == ("RankFailure", "RuntimeError"), (text0, text1)
+        assert f"rank 1: RuntimeError: {broken}: broken on rank 1" in text0
+        assert text1 == f"{broken}: broken on rank 1"
+
+
+def _local_tensors(model: Model) -> list[torch.Tensor]:
+    """Every tensor this rank holds of the model and its optimizer (DTensors: shards)."""
+    net = model.forward_module
+    held = [*net.parameters(), *net.buffers()]
+    held += [v for state in model.optim.state.values() for v in state.values()]
+    return [
+        (v.to_local() if isinstance(v, DTensor) else v).detach()
+        for v in held if isinstance(v, torch.Tensor)
+    ]
+
+
+def _missing_line(message: str) -> str:
+    return next(line.strip() for line in message.splitlines() if "Missing key(s)" in line)
+
+
+def _on_rank_broadcast_load_faults(kind: str) -> list[tuple[str, str, bool, str]]:
+    """set_state_dict(full_state_dict, broadcast_from_rank0) of a good source state dict
+    that rank 0 alone passes, with one fault each: rank 1's model has one layer more, or
+    one of another shape; rank 0's model state dict holds a value that cannot be
+    pickled, or a meta tensor.
+    Returns per fault (exception type, message, every local tensor unchanged,
+    PyTorch's message for the same load of the model or "")."""
+    _quiet()
+    rank = dist.get_rank()
+    options = S.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    seen = []
+    for fault in ("extra_layer", "other_shape", "unpicklable", "meta"):
+        source = make(kind, 0)
+        source.forward_module.add_module("notes", Notes())
+        msd, osd = _full(source)
+        copies = []
+        for _ in range(2):  # ours, PyTorch's
+            target = make(kind, 1)
+            target.forward_module.add_module("notes", Notes())
+            if fault == "extra_layer" and rank == 1:
+                target.forward_module.add_module("extra", nn.Linear(2, 2))
+            if fault == "other_shape" and rank == 1:
+                target.forward_module.add_module("l2", nn.Linear(16, 9))
+            copies.append(target)
+        ours, theirs = copies
+        if rank == 0 and fault == "unpicklable":
+            msd["notes._extra_state"] = lambda: None
+        if rank == 0 and fault == "meta":
+            msd["l2.weight"] = torch.empty(msd["l2.weight"].shape, device="meta")
+        given = (msd, osd) if rank == 0 else ({}, {})
+        before = [t.clone() for t in _local_tensors(ours)]
+        try:
+            S.set_state_dict(
+                ours.wrapped, ours.optim, model_state_dict=clone(given[0]),
+                optim_state_dict=clone(given[1]), options=options,
+            )
+        except Exception as exc:  # noqa: BLE001
+            kind_seen, message = type(exc).__name__, str(exc)
+        else:
+            kind_seen, message = "nothing", ""
+        after = _local_tensors(ours)
+        untouched = len(after) == len(before) and all(
+            torch.equal(a, b) for a, b in zip(after, before, strict=True)
+        )
+        reference = ""
+        if fault == "extra_layer":
+            # PyTorch's model load raises on rank 1 only (after writing it), and returns
+            # on rank 0; its optimizer load would then mismatch collectives.
+            try:
+                T.set_model_state_dict(
+                    theirs.wrapped, clone(given[0]), options=T.StateDictOptions(
+                        full_state_dict=True, broadcast_from_rank0=True
+                    )
+                )
+            except RuntimeError as exc:
+                reference = str(exc)
+        seen.append((kind_seen, message, untouched, reference))
+    return seen
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["plain", "fsdp2"])
+def test_broadcast_load_faults_raise_on_every_rank_and_load_neither_model_nor_optimizer(kind):
+    rank0, rank1 = run_fresh(
+        2, _on_rank_broadcast_load_faults, kind,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=2 * CALL_TIMEOUT_S,
+    )
+    (extra0, shape0, unpicklable0, meta0), (extra1, *_) = rank0, rank1
+    for (kind0, text0, untouched0, _), (kind1, text1, untouched1, _) in zip(rank0, rank1):
+        assert (kind0, kind1) == ("RuntimeError", "RuntimeError"), (text0, text1)
+        assert text0 == text1 and text0.startswith("state dict load rejected, nothing was loaded")
+        assert untouched0 and untouched1, text0
+    # Rank 1's extra layer: the keys PyTorch's strict load on rank 1 reports missing.
+    assert extra0[3] == "" and "Missing key(s)" in extra1[3]
+    assert "rank 1: set_model_state_dict: " in extra0[1]
+    assert _missing_line(extra0[1]) == _missing_line(extra1[3]), (extra0[1], extra1[3])
+    assert 'Missing key(s) in state_dict: "extra.weight", "extra.bias".' in extra0[1]
+    assert (
+        "rank 1: set_model_state_dict: 'l2.weight': shape (8, 16) does not match the "
+        "model's (9, 16); 'l2.bias': shape (8,) does not match the model's (9,)"
+    ) in shape0[1]
+    assert (
+        "rank 0: set_model_state_dict: broadcast_state_dict: "
+        "full_state_dict['notes._extra_state'] (a function) cannot be pickled"
+    ) in unpicklable0[1]
+    assert "full_state_dict['l2.weight'] is a meta tensor" in meta0[1]

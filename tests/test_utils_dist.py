@@ -30,7 +30,7 @@ from torch.distributed.tensor import (
 import sdict_ext._box_route as _box_route_mod
 import sdict_ext._broadcast as _broadcast_mod
 from sdict_ext import ops, utils
-from tests.mp import run_on_ranks
+from tests.mp import run_fresh, run_on_ranks
 
 # The in-place all-gather the gather issues per bucket: all_gather_single where torch
 # has it (2.13), all_gather_into_tensor before (2.11, the GPU machine's torch).
@@ -567,6 +567,79 @@ def test_broadcast_failure_on_one_rank_raises_on_every_rank_before_loading(route
         ("ValueError", True), ("RankFailure", True)]
     assert run_on_ranks(2, _broadcast_failure, "local_shape", route, timeout=60) == [
         ("RankFailure", True), ("ValueError", True)]
+
+
+def _unsendable_source(kind: str) -> torch.Tensor:
+    """A tensor rank 0 cannot pack and send, of one kind."""
+    if kind == "meta":
+        return torch.empty(4, 3, device="meta")
+    if kind == "meta_scalar":
+        return torch.empty((), device="meta")
+    if kind == "sparse_coo":
+        return torch.eye(3).to_sparse()
+    if kind == "sparse_csr":
+        return torch.eye(3).to_sparse_csr()
+    if kind == "nested":
+        return torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    if kind == "jagged":
+        return torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+    if kind == "quantized":
+        return torch.quantize_per_tensor(torch.ones(3), 0.5, 0, torch.qint8)
+    return torch.ones(2, 2).to_mkldnn()
+
+
+UNSENDABLE = {
+    "meta": "a meta tensor", "meta_scalar": "a meta tensor",
+    "sparse_coo": "a torch.sparse_coo tensor", "sparse_csr": "a torch.sparse_csr tensor",
+    "nested": "a nested tensor", "jagged": "a nested tensor",
+    "quantized": "a quantized tensor", "mkldnn": "a torch._mkldnn tensor",
+}
+
+
+def _broadcast_unsendable_sources(route: str):
+    """Per kind of UNSENDABLE: rank 0's full state dict holds such a tensor after the
+    good ones, and every rank has a plain local tensor for it (so every route would
+    send it). Returns (kind, exception type, message, every local tensor unchanged)."""
+    rank = dist.get_rank()
+    seen = []
+    for kind in UNSENDABLE:
+        if kind == "mkldnn" and not torch.backends.mkldnn.is_available():
+            continue
+        full, local = _load_inputs(meta_ok=False)
+        bad = _unsendable_source(kind)
+        full["zz_bad"] = bad
+        local["zz_bad"] = torch.zeros(() if kind == "meta_scalar" else (3, 3))
+        before = dict(local)
+        held = {
+            k: (v.to_local() if isinstance(v, DTensor) else v).clone()
+            for k, v in local.items() if isinstance(v, torch.Tensor)
+        }
+        try:
+            with box_route(route):
+                utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+        except Exception as exc:  # noqa: BLE001
+            untouched = all(local[k] is v for k, v in before.items()) and all(
+                torch.equal(local[k].to_local() if isinstance(local[k], DTensor) else local[k], v)
+                for k, v in held.items()
+            )
+            seen.append((kind, type(exc).__name__, str(exc), untouched))
+        else:
+            seen.append((kind, None, "", False))
+    return seen
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_broadcast_raises_on_every_rank_for_unsendable_source_naming_its_key(route):
+    # A fresh group with a short collective timeout: a rank left receiving what rank 0
+    # fails to send times out (DistBackendError) instead of raising our error.
+    ranks = run_fresh(2, _broadcast_unsendable_sources, route, pg_timeout=20, timeout=120)
+    expected = [k for k in UNSENDABLE if k != "mkldnn" or torch.backends.mkldnn.is_available()]
+    assert [kind for kind, *_ in ranks[0]] == [kind for kind, *_ in ranks[1]] == expected
+    for (kind, kind0, text0, untouched0), (_, kind1, text1, untouched1) in zip(*ranks):
+        assert (kind0, kind1) == ("ValueError", "RankFailure"), (kind, text0, text1)
+        for text in (text0, text1):
+            assert "full_state_dict['zz_bad']" in text and UNSENDABLE[kind] in text, text
+        assert untouched0 and untouched1, kind
 
 
 def _broadcast_some_ranks_read(unreadable: int):
