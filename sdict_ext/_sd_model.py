@@ -19,6 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from sdict_ext._broadcast_meta import check_source
 from sdict_ext._collectives import digest
+from sdict_ext._copies import view_key
 from sdict_ext._sd_common import (
     BUCKET_BYTES,
     Info,
@@ -29,7 +30,6 @@ from sdict_ext._sd_common import (
     state_dict_fn,
     storage_ptrs,
 )
-from sdict_ext._copies import view_key
 from sdict_ext._sd_fqn import ExtraState, iter_model_state
 from sdict_ext.utils import broadcast_state_dict, distribute_state_dict
 
