@@ -81,7 +81,11 @@ _DEVICE = attrgetter("device")
 
 
 def _kind(obj: Any) -> int:
-    cls = type(obj)
+    kind = _KINDS.get(type(obj))
+    return _type_kind(type(obj)) if kind is None else kind
+
+
+def _type_kind(cls: type) -> int:
     kind = _KINDS.get(cls)
     if kind is None:
         if issubclass(cls, (dict, list, tuple)):
@@ -183,9 +187,11 @@ class _Walk:
                 sig.append(("d", keys))
                 values = list(obj.values())
                 # A level of plain tensors (a model's parameters) in a few C-level
-                # passes instead of a call per leaf; the signature it records depends
-                # only on the layout, so the two paths never mix for one layout.
-                if values and all(_KINDS.get(t) == _TENSOR for t in set(map(type, values))):
+                # passes instead of a call per leaf. The signature it records depends
+                # only on the layout, so the two paths never mix for one layout: the
+                # types are classified here, not only looked up, or a process's first
+                # walk (which fills the cache) would sign the layout differently.
+                if values and all(_type_kind(t) == _TENSOR for t in set(map(type, values))):
                     return self._tensor_level(keys, values)
                 if not self.build:
                     for k in keys:

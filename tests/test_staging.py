@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from sdict_ext import staging
 from sdict_ext.staging import PinnedStager
-from tests.mp import run_on_ranks
+from tests.mp import run_fresh, run_on_ranks
 
 CALL_TIMEOUT_S = 120
 
@@ -634,3 +634,32 @@ def test_all_ranks_true_needs_torch_distributed():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="all_ranks=True needs torch.distributed"):
         PinnedStager(pin_memory=False, all_ranks=True)
+
+
+def _on_fresh_process_three_stages() -> dict:
+    """Three stagings of one layout in a process that has never staged before."""
+    assert not staging._KINDS, "this process has staged before; the test needs a fresh one"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    state_dict = {"model": model.state_dict(), "step": 3}
+    pointers, equal = [], []
+    with PinnedStager(pin_memory=False) as stager:
+        for _ in range(3):
+            staged = _stage_now(stager, state_dict)
+            pointers.append([t.data_ptr() for t in _tensors(staged)])
+            equal.append(all(
+                torch.equal(staged["model"][k], v) for k, v in state_dict["model"].items()
+            ))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1)
+        return {"allocations": stager.stats.allocations, "pointers": pointers, "equal": equal}
+
+
+@pytest.mark.dist
+def test_fresh_process_reuses_the_slab_from_its_second_staging_on():
+    # The first walk of a process must sign the layout as every later walk does, even
+    # though it is the walk that first sees these leaf types.
+    (result,) = run_fresh(1, _on_fresh_process_three_stages, timeout=CALL_TIMEOUT_S)
+    assert result["equal"] == [True, True, True]
+    assert result["allocations"] == 1
+    assert result["pointers"][0] == result["pointers"][1] == result["pointers"][2]
