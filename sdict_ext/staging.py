@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import threading
 import time
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from multiprocessing.reduction import ForkingPickler
 from operator import attrgetter
 from typing import Any
 
@@ -127,6 +129,44 @@ def _snapshot(value: Any) -> Any:
     if isinstance(value, io.BytesIO):
         return io.BytesIO(value.getvalue())
     return copy.deepcopy(value)
+
+
+# The DTensors a stager made (id -> weak reference; an entry leaves with its DTensor).
+# Their local tensors are views of one slab, which PyTorch 2.13's own DTensor pickling
+# cannot send to another process: DCP's PROCESS upload pickles the staged state dict, and
+# the second DTensor on an already shared storage crashes in ``_share_fd_cpu_``.
+_STAGED_DTENSORS: dict[int, weakref.ref] = {}
+
+
+def _mark_staged(dtensor: DTensor) -> DTensor:
+    key = id(dtensor)
+    _STAGED_DTENSORS[key] = weakref.ref(dtensor, lambda _, key=key: _STAGED_DTENSORS.pop(key, None))
+    return dtensor
+
+
+def _rebuild_staged_dtensor(local: torch.Tensor, spec: Any, requires_grad: bool) -> DTensor:
+    """The receiving side of :func:`_reduce_dtensor`: the local shard, re-wrapped."""
+    return DTensor(local, spec, requires_grad=requires_grad)
+
+
+def _reduce_dtensor(dtensor: DTensor) -> tuple[Any, ...]:
+    """How ``multiprocessing`` pickles a DTensor: a staged one as its local shard and spec.
+
+    The local shard goes through PyTorch's own tensor reduction, which sends a storage
+    once per pickle however many views of it follow (the pickler's memo), as an offset,
+    shape and stride per view: a slab's thousands of tensors cost one shared segment and
+    one file descriptor, and the receiver maps the slab instead of copying it. Every
+    other DTensor pickles as PyTorch pickles it.
+    """
+    ref = _STAGED_DTENSORS.get(id(dtensor))
+    if ref is not None and ref() is dtensor:
+        return _rebuild_staged_dtensor, (dtensor._local_tensor, dtensor._spec, False)
+    return dtensor.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+
+
+# Only multiprocessing's pickler (connections and queues: DCP's PROCESS upload) is
+# changed; pickle.dumps, torch.save and copy.deepcopy keep PyTorch's DTensor reduction.
+ForkingPickler.register(DTensor, _reduce_dtensor)
 
 
 @dataclass
@@ -648,8 +688,9 @@ class PinnedStager(AsyncStager):
         for key, staged in template.items():
             i = int(key)
             leaf = walk.leaves[i]
-            dtensor = _kind(leaf) == _DTENSOR
-            out_leaves[i] = DTensor(staged, leaf._spec, requires_grad=False) if dtensor else staged
+            if _kind(leaf) == _DTENSOR:
+                staged = _mark_staged(DTensor(staged, leaf._spec, requires_grad=False))
+            out_leaves[i] = staged
         for i, j in aliases:
             out_leaves[i] = out_leaves[j]
         out = _Walk([], build=False)
