@@ -294,20 +294,46 @@ class _Walk:
         return dict(zip(keys, staged))
 
 
-def _leaf_paths(obj: Any, prefix: str = "") -> list[str]:
-    """Key paths of the tensor leaves, in the order :class:`_Walk` visits them (for errors)."""
+def _leaf_paths(obj: Any, prefix: str = "", values: bool = False) -> list[str]:
+    """Key paths of the tensor leaves (``values``: of the plain values), in the order
+    :class:`_Walk` visits them (for errors)."""
     kind = _kind(obj)
     if kind == _CONTAINER:
         items = obj.items() if isinstance(obj, dict) else enumerate(obj)
         paths: list[str] = []
         for key, value in items:
-            paths.extend(_leaf_paths(value, f"{prefix}.{key}" if prefix else str(key)))
+            paths.extend(_leaf_paths(value, f"{prefix}.{key}" if prefix else str(key), values))
         return paths
-    if kind == _VALUE:
+    if (kind == _VALUE) != values:
         return []
     if kind == _SHARDED:
         return [f"{prefix} (local shard {i})" for i in range(len(obj.local_shards()))]
     return [prefix]
+
+
+def _check_picklable(state_dict: dict[str, Any], snapshots: list[Any]) -> None:
+    """Raises, naming the key path, if a plain value cannot go to another process.
+
+    A process-based upload pickles the staged state dict in DCP's upload thread, where
+    a failure surfaces late, on the failing rank only, with no key path, while the other
+    ranks' checkpoint processes wait in the save's collectives. Checked at staging, it
+    fails the staging (on every rank, with ``all_ranks``) before anything is copied or
+    sent. Immutable values and BytesIO always pickle; other values are rare (snapshots
+    of custom objects), so trying them costs nothing in the usual state dict.
+    """
+    for i, value in enumerate(snapshots):
+        if isinstance(value, _IMMUTABLE) or type(value) is io.BytesIO:
+            continue
+        try:
+            ForkingPickler.dumps(value)
+        except Exception as exc:
+            path = _leaf_paths(state_dict, values=True)[i]
+            raise TypeError(
+                f"PinnedStager(share_memory=True): cannot stage {path!r} for a process-based "
+                f"upload: its {type(value).__name__} value cannot be pickled "
+                f"({type(exc).__name__}: {exc}); make it picklable, or leave it out of the "
+                "state dict"
+            ) from exc
 
 
 @dataclass
@@ -380,7 +406,13 @@ class PinnedStager(AsyncStager):
         pin_memory: pin the slab so CUDA copies run asynchronously at full bandwidth.
             Ignored, with a warning, when CUDA is unavailable (as ``DefaultStager`` does).
         share_memory: put the slab in shared memory, for
-            ``AsyncCheckpointerType.PROCESS`` uploads.
+            ``AsyncCheckpointerType.PROCESS`` uploads: DCP's checkpoint process then
+            maps the slab (one descriptor per upload, whatever the number of tensors)
+            instead of receiving a copy, and each staging first checks that its plain
+            values can be pickled (an error naming the key path, before anything is
+            copied). Without it a PROCESS upload still works, but its first pickling
+            moves the slab into shared memory (one copy; a pinned slab would lose its
+            pinning there).
         async_staging: stage in a background thread and return a ``Future``; otherwise
             ``stage`` returns the staged state dict once the copy is complete.
         bucket_bytes: most bytes one ``batched_copy_`` call moves (a larger tensor goes
@@ -644,6 +676,8 @@ class PinnedStager(AsyncStager):
             layout = self._build_layout(state_dict, walk)
             walk = _Walk(layout.out_leaves, values=walk.values if walk.build else None)
             staged = walk.visit(state_dict)
+        if self._share_memory:
+            _check_picklable(state_dict, walk.values)
         self._copy(layout, walk.locals, events)
         with self._lock:
             self._stats.stages += 1

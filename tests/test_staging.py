@@ -900,3 +900,52 @@ def test_process_async_save_of_20000_tensors_passes_one_descriptor_for_the_slab(
     # The process-group and pipe descriptors of the checkpoint process, not thousands.
     assert result["sender"] < 64, result
     assert result["receiver"] < 64, result
+
+
+def _on_rank_process_async_save_with_unpicklable_value(root: str) -> dict:
+    """Rank 1's state dict holds a value no pickler can send; then both save a good one."""
+    import os
+
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    _start_checkpoint_processes_here()
+    rank = dist.get_rank()
+    state_dict = {"w": torch.arange(4.0), "extra": {"step": 3, "hook": None}}
+    outcomes = []
+    with PinnedStager(pin_memory=False, share_memory=True) as stager:
+        try:
+            for attempt, path in enumerate((f"{root}/bad", f"{root}/good")):
+                state_dict["extra"]["hook"] = (lambda: rank) if attempt == 0 and rank == 1 else None
+                response = dcp.async_save(
+                    state_dict, checkpoint_id=path, async_stager=stager,
+                    async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                )
+                exc = response.upload_completion.exception(timeout=120)
+                outcomes.append("ok" if exc is None else f"{type(exc).__name__}: {exc}")
+        finally:
+            _end_checkpoint_process()
+    loaded = {"w": torch.zeros(4), "extra": {"step": 0, "hook": 1}}
+    dcp.load(loaded, checkpoint_id=f"{root}/good")
+    return {
+        "outcomes": outcomes,
+        "bad_written": os.path.exists(f"{root}/bad/.metadata"),
+        "good_loaded": torch.equal(loaded["w"], state_dict["w"]) and loaded["extra"]["step"] == 3,
+    }
+
+
+@pytest.mark.dist
+def test_process_async_save_of_an_unpicklable_value_fails_staging_on_every_rank(tmp_path):
+    results = run_fresh(2, _on_rank_process_async_save_with_unpicklable_value, str(tmp_path),
+                        timeout=300, pg_timeout=60)
+    bad, failed_elsewhere = results[1]["outcomes"][0], results[0]["outcomes"][0]
+    assert bad.startswith("TypeError: PinnedStager(share_memory=True): cannot stage "
+                          "'extra.hook' for a process-based upload: its function value "
+                          "cannot be pickled"), bad
+    assert failed_elsewhere.startswith(
+        "RuntimeError: PinnedStager.stage: staging failed on rank(s) [1]"
+    ), failed_elsewhere
+    for result in results:
+        assert result["outcomes"][1] == "ok"
+        assert not result["bad_written"]
+        assert result["good_loaded"]
