@@ -949,3 +949,102 @@ def test_process_async_save_of_an_unpicklable_value_fails_staging_on_every_rank(
         assert result["outcomes"][1] == "ok"
         assert not result["bad_written"]
         assert result["good_loaded"]
+
+
+class _StatefulDict:
+    """A Stateful stand-in for torchtitan's dataloader and LR schedulers."""
+
+    def __init__(self, **state) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state = dict(state_dict)
+
+
+class _Optimizers:
+    """What torchtitan's OptimizersContainer is to DCP: the optimizer's FQN-keyed state."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+def _titan_manager(root: str, model, optimizer, async_mode: str):
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    config = CheckpointManager.Config(
+        enable=True, folder="checkpoint", interval=1, async_mode=async_mode, keep_latest_k=0
+    )
+    return CheckpointManager(
+        config,
+        dataloader=_StatefulDict(sample_index=0),
+        model_parts=[model],
+        optimizers=_Optimizers(model, optimizer),
+        lr_schedulers=_StatefulDict(last_epoch=0),
+        states={},
+        sd_adapter=None,
+        base_folder=root,
+    )
+
+
+def _titan_state(manager) -> dict:
+    """What a torchtitan checkpoint holds: model entries, then each Stateful's state."""
+    return _local_values({
+        key: value.state_dict() if hasattr(value, "state_dict") else value
+        for key, value in manager._flattened_model_states_sd().items()
+    })
+
+
+def _on_rank_torchtitan_pinned_mem_saves(root: str) -> dict:
+    """torchtitan's CheckpointManager in async_with_pinned_mem mode with a PinnedStager
+    (two saves, a training step between them); a fresh model and optimizer resumed from
+    each, compared with the state at its save."""
+    import os
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    _start_checkpoint_processes_here()
+    model, optimizer = _fsdp2_training_state(seed=0)
+    manager = _titan_manager(root, model, optimizer, "async_with_pinned_mem")
+    # What a trainer does to use sdict_ext: hand the manager its stager before saving
+    # (torchtitan makes a DefaultStager only when it has none).
+    manager.stager = PinnedStager(pin_memory=False, share_memory=True)
+    expected = {}
+    try:
+        for step in (1, 2):
+            _train_step(model, optimizer)
+            manager.states["lr_scheduler"].state["last_epoch"] = step
+            expected[step] = _titan_state(manager)
+            assert manager.save(curr_step=step)
+            manager.maybe_wait_for_saving()
+        allocations = manager.stager.stats.allocations
+    finally:
+        manager.close()
+        _end_checkpoint_process()
+    resumed = {}
+    for step in (1, 2):
+        fresh_model, fresh_optimizer = _fsdp2_training_state(seed=1)
+        reader = _titan_manager(root, fresh_model, fresh_optimizer, "disabled")
+        assert reader.load(step=step)
+        resumed[step] = _equal_trees(_titan_state(reader), expected[step])
+        reader.close()
+    return {"allocations": allocations, "resumed": resumed}
+
+
+@pytest.mark.dist
+def test_torchtitan_checkpoint_manager_async_with_pinned_mem_resumes_bit_exactly(tmp_path):
+    pytest.importorskip("torchtitan.components.checkpoint", reason="torchtitan is not installed")
+    results = run_fresh(2, _on_rank_torchtitan_pinned_mem_saves, str(tmp_path), timeout=300,
+                        pg_timeout=60)
+    assert results == [{"allocations": 1, "resumed": {1: True, 2: True}}] * 2
