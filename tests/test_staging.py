@@ -2,7 +2,9 @@
 
 Staged results are compared bit-exactly with a snapshot of the source taken at staging
 time and with what PyTorch's ``_create_cpu_state_dict`` + ``_copy_state_dict`` produce;
-checkpoints written through ``async_save`` are read back with ``dcp.load``.
+checkpoints written through ``async_save`` are read back with ``dcp.load``, and those of
+DCP's process-based upload (and torchtitan's ``CheckpointManager``, which uses it) are
+compared with what ``DefaultStager`` writes.
 """
 
 from __future__ import annotations
