@@ -140,13 +140,13 @@ _STAGED_DTENSORS: dict[int, weakref.ref] = {}
 
 def _mark_staged(dtensor: DTensor) -> DTensor:
     key = id(dtensor)
-    _STAGED_DTENSORS[key] = weakref.ref(dtensor, lambda _, key=key: _STAGED_DTENSORS.pop(key, None))
+    _STAGED_DTENSORS[key] = weakref.ref(dtensor, lambda _: _STAGED_DTENSORS.pop(key, None))
     return dtensor
 
 
-def _rebuild_staged_dtensor(local: torch.Tensor, spec: Any, requires_grad: bool) -> DTensor:
+def _rebuild_staged_dtensor(local: torch.Tensor, spec: Any) -> DTensor:
     """The receiving side of :func:`_reduce_dtensor`: the local shard, re-wrapped."""
-    return DTensor(local, spec, requires_grad=requires_grad)
+    return DTensor(local, spec, requires_grad=False)
 
 
 def _reduce_dtensor(dtensor: DTensor) -> tuple[Any, ...]:
@@ -160,7 +160,7 @@ def _reduce_dtensor(dtensor: DTensor) -> tuple[Any, ...]:
     """
     ref = _STAGED_DTENSORS.get(id(dtensor))
     if ref is not None and ref() is dtensor:
-        return _rebuild_staged_dtensor, (dtensor._local_tensor, dtensor._spec, False)
+        return _rebuild_staged_dtensor, (dtensor._local_tensor, dtensor._spec)
     return dtensor.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
 
 
@@ -319,13 +319,15 @@ def _check_picklable(state_dict: dict[str, Any], snapshots: list[Any]) -> None:
     ranks' checkpoint processes wait in the save's collectives. Checked at staging, it
     fails the staging (on every rank, with ``all_ranks``) before anything is copied or
     sent. Immutable values and BytesIO always pickle; other values are rare (snapshots
-    of custom objects), so trying them costs nothing in the usual state dict.
+    of custom objects), so trying them costs nothing in the usual state dict. The plain
+    pickler tries them: multiprocessing's would share any tensor inside and leave its
+    descriptor waiting for a receiver that never comes.
     """
     for i, value in enumerate(snapshots):
         if isinstance(value, _IMMUTABLE) or type(value) is io.BytesIO:
             continue
         try:
-            ForkingPickler.dumps(value)
+            pickle.dumps(value)
         except Exception as exc:
             path = _leaf_paths(state_dict, values=True)[i]
             raise TypeError(

@@ -844,6 +844,46 @@ def test_process_async_save_of_fsdp2_state_writes_what_default_stager_writes(tmp
         }
 
 
+def _on_rank_pickle_staged_dtensors_for_a_process() -> dict:
+    """multiprocessing's pickling (what DCP's PROCESS upload sends) of a staged state dict
+    with DTensors on one slab, unpickled here; and of a DTensor no stager made."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    source = {
+        "a": DTensor.from_local(_rank_values((2, 3), dist.get_rank()), mesh, [Shard(0)]),
+        "b": DTensor.from_local(_rank_values((4,)), mesh, [Replicate()]),
+        "p": _rank_values((5,)),
+    }
+    with PinnedStager(pin_memory=False, share_memory=True) as stager:
+        staged = _stage_now(stager, source)
+        back = pickle.loads(ForkingPickler.dumps(staged))
+    user = DTensor.from_local(torch.ones(2), mesh, [Replicate()])
+    return {
+        "types": {k: type(v).__name__ for k, v in back.items()},
+        "placements": [str(back[k].placements) for k in ("a", "b")],
+        "equal": all(torch.equal(_local(back[k]), _local(source[k])) for k in source),
+        "one_storage": len({_local(v).untyped_storage().data_ptr() for v in back.values()}),
+        "user_reduction": staging._reduce_dtensor(user)[0] is user.__reduce_ex__(2)[0],
+    }
+
+
+@pytest.mark.dist
+def test_staged_dtensors_pickle_for_a_process_as_views_of_one_shared_slab():
+    for result in run_on_ranks(2, _on_rank_pickle_staged_dtensors_for_a_process,
+                               timeout=CALL_TIMEOUT_S):
+        assert result == {
+            "types": {"a": "DTensor", "b": "DTensor", "p": "Tensor"},
+            "placements": ["(Shard(dim=0),)", "(Replicate(),)"],
+            "equal": True,
+            "one_storage": 1,
+            "user_reduction": True,
+        }
+
+
 def _open_descriptors(pid: int | str = "self") -> int:
     import os
 
