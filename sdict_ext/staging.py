@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import threading
 import time
 import warnings
@@ -52,6 +53,7 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from multiprocessing.reduction import ForkingPickler
 from operator import attrgetter
 from typing import Any
 
@@ -87,7 +89,11 @@ _DEVICE = attrgetter("device")
 
 
 def _kind(obj: Any) -> int:
-    cls = type(obj)
+    kind = _KINDS.get(type(obj))
+    return _type_kind(type(obj)) if kind is None else kind
+
+
+def _type_kind(cls: type) -> int:
     kind = _KINDS.get(cls)
     if kind is None:
         if issubclass(cls, (dict, list, tuple)):
@@ -129,6 +135,44 @@ def _snapshot(value: Any) -> Any:
     if isinstance(value, io.BytesIO):
         return io.BytesIO(value.getvalue())
     return copy.deepcopy(value)
+
+
+# The DTensors a stager made (id -> weak reference; an entry leaves with its DTensor).
+# Their local tensors are views of one slab, which PyTorch 2.13's own DTensor pickling
+# cannot send to another process: DCP's PROCESS upload pickles the staged state dict, and
+# the second DTensor on an already shared storage crashes in ``_share_fd_cpu_``.
+_STAGED_DTENSORS: dict[int, weakref.ref] = {}
+
+
+def _mark_staged(dtensor: DTensor) -> DTensor:
+    key = id(dtensor)
+    _STAGED_DTENSORS[key] = weakref.ref(dtensor, lambda _: _STAGED_DTENSORS.pop(key, None))
+    return dtensor
+
+
+def _rebuild_staged_dtensor(local: torch.Tensor, spec: Any) -> DTensor:
+    """The receiving side of :func:`_reduce_dtensor`: the local shard, re-wrapped."""
+    return DTensor(local, spec, requires_grad=False)
+
+
+def _reduce_dtensor(dtensor: DTensor) -> tuple[Any, ...]:
+    """How ``multiprocessing`` pickles a DTensor: a staged one as its local shard and spec.
+
+    The local shard goes through PyTorch's own tensor reduction, which sends a storage
+    once per pickle however many views of it follow (the pickler's memo), as an offset,
+    shape and stride per view: a slab's thousands of tensors cost one shared segment and
+    one file descriptor, and the receiver maps the slab instead of copying it. Every
+    other DTensor pickles as PyTorch pickles it.
+    """
+    ref = _STAGED_DTENSORS.get(id(dtensor))
+    if ref is not None and ref() is dtensor:
+        return _rebuild_staged_dtensor, (dtensor._local_tensor, dtensor._spec)
+    return dtensor.__reduce_ex__(pickle.DEFAULT_PROTOCOL)
+
+
+# Only multiprocessing's pickler (connections and queues: DCP's PROCESS upload) is
+# changed; pickle.dumps, torch.save and copy.deepcopy keep PyTorch's DTensor reduction.
+ForkingPickler.register(DTensor, _reduce_dtensor)
 
 
 @dataclass
@@ -189,9 +233,11 @@ class _Walk:
                 sig.append(("d", keys))
                 values = list(obj.values())
                 # A level of plain tensors (a model's parameters) in a few C-level
-                # passes instead of a call per leaf; the signature it records depends
-                # only on the layout, so the two paths never mix for one layout.
-                if values and all(_KINDS.get(t) == _TENSOR for t in set(map(type, values))):
+                # passes instead of a call per leaf. The signature it records depends
+                # only on the layout, so the two paths never mix for one layout: the
+                # types are classified here, not only looked up, or a process's first
+                # walk (which fills the cache) would sign the layout differently.
+                if values and all(_type_kind(t) == _TENSOR for t in set(map(type, values))):
                     return self._tensor_level(keys, values)
                 if not self.build:
                     for k in keys:
@@ -254,20 +300,48 @@ class _Walk:
         return dict(zip(keys, staged))
 
 
-def _leaf_paths(obj: Any, prefix: str = "") -> list[str]:
-    """Key paths of the tensor leaves, in the order :class:`_Walk` visits them (for errors)."""
+def _leaf_paths(obj: Any, prefix: str = "", values: bool = False) -> list[str]:
+    """Key paths of the tensor leaves (``values``: of the plain values), in the order
+    :class:`_Walk` visits them (for errors)."""
     kind = _kind(obj)
     if kind == _CONTAINER:
         items = obj.items() if isinstance(obj, dict) else enumerate(obj)
         paths: list[str] = []
         for key, value in items:
-            paths.extend(_leaf_paths(value, f"{prefix}.{key}" if prefix else str(key)))
+            paths.extend(_leaf_paths(value, f"{prefix}.{key}" if prefix else str(key), values))
         return paths
-    if kind == _VALUE:
+    if (kind == _VALUE) != values:
         return []
     if kind == _SHARDED:
         return [f"{prefix} (local shard {i})" for i in range(len(obj.local_shards()))]
     return [prefix]
+
+
+def _check_picklable(state_dict: dict[str, Any], snapshots: list[Any]) -> None:
+    """Raises, naming the key path, if a plain value cannot go to another process.
+
+    A process-based upload pickles the staged state dict in DCP's upload thread, where
+    a failure surfaces late, on the failing rank only, with no key path, while the other
+    ranks' checkpoint processes wait in the save's collectives. Checked at staging, it
+    fails the staging (on every rank, with ``all_ranks``) before anything is copied or
+    sent. Immutable values and BytesIO always pickle; other values are rare (snapshots
+    of custom objects), so trying them costs nothing in the usual state dict. The plain
+    pickler tries them: multiprocessing's would share any tensor inside and leave its
+    descriptor waiting for a receiver that never comes.
+    """
+    for i, value in enumerate(snapshots):
+        if isinstance(value, _IMMUTABLE) or type(value) is io.BytesIO:
+            continue
+        try:
+            pickle.dumps(value)
+        except Exception as exc:
+            path = _leaf_paths(state_dict, values=True)[i]
+            raise TypeError(
+                f"PinnedStager(share_memory=True): cannot stage {path!r} for a process-based "
+                f"upload: its {type(value).__name__} value cannot be pickled "
+                f"({type(exc).__name__}: {exc}); make it picklable, or leave it out of the "
+                "state dict"
+            ) from exc
 
 
 @dataclass
@@ -361,7 +435,13 @@ class PinnedStager(AsyncStager):
         pin_memory: pin the slab so CUDA copies run asynchronously at full bandwidth.
             Ignored, with a warning, when CUDA is unavailable (as ``DefaultStager`` does).
         share_memory: put the slab in shared memory, for
-            ``AsyncCheckpointerType.PROCESS`` uploads.
+            ``AsyncCheckpointerType.PROCESS`` uploads: DCP's checkpoint process then
+            maps the slab (one descriptor per upload, whatever the number of tensors)
+            instead of receiving a copy, and each staging first checks that its plain
+            values can be pickled (an error naming the key path, before anything is
+            copied). Without it a PROCESS upload still works, but its first pickling
+            moves the slab into shared memory (one copy; a pinned slab would lose its
+            pinning there).
         async_staging: stage in a background thread and return a ``Future``; otherwise
             ``stage`` returns the staged state dict once the copy is complete.
         bucket_bytes: most bytes one ``batched_copy_`` call moves (a larger tensor goes
@@ -675,6 +755,8 @@ class PinnedStager(AsyncStager):
             layout = self._build_layout(state_dict, walk)
             walk = _Walk(layout.out_leaves, values=walk.values if walk.build else None)
             staged = walk.visit(state_dict)
+        if self._share_memory:
+            _check_picklable(state_dict, walk.values)
         self._copy(layout, walk.locals, events)
         with self._lock:
             self._stats.stages += 1
@@ -719,8 +801,9 @@ class PinnedStager(AsyncStager):
         for key, staged in template.items():
             i = int(key)
             leaf = walk.leaves[i]
-            dtensor = _kind(leaf) == _DTENSOR
-            out_leaves[i] = DTensor(staged, leaf._spec, requires_grad=False) if dtensor else staged
+            if _kind(leaf) == _DTENSOR:
+                staged = _mark_staged(DTensor(staged, leaf._spec, requires_grad=False))
+            out_leaves[i] = staged
         for i, j in aliases:
             out_leaves[i] = out_leaves[j]
         out = _Walk([], build=False)

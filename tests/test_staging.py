@@ -2,7 +2,9 @@
 
 Staged results are compared bit-exactly with a snapshot of the source taken at staging
 time and with what PyTorch's ``_create_cpu_state_dict`` + ``_copy_state_dict`` produce;
-checkpoints written through ``async_save`` are read back with ``dcp.load``.
+checkpoints written through ``async_save`` are read back with ``dcp.load``, and those of
+DCP's process-based upload (and torchtitan's ``CheckpointManager``, which uses it) are
+compared with what ``DefaultStager`` writes.
 """
 
 from __future__ import annotations
@@ -812,3 +814,457 @@ def test_staging_on_device_one_makes_no_context_on_device_zero():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-3:] == ["GPU0", "0", "0"], done.stdout
+
+
+def _on_fresh_process_three_stages() -> dict:
+    """Three stagings of one layout in a process that has never staged before."""
+    assert not staging._KINDS, "this process has staged before; the test needs a fresh one"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
+    state_dict = {"model": model.state_dict(), "step": 3}
+    pointers, equal = [], []
+    with PinnedStager(pin_memory=False) as stager:
+        for _ in range(3):
+            staged = _stage_now(stager, state_dict)
+            pointers.append([t.data_ptr() for t in _tensors(staged)])
+            equal.append(all(
+                torch.equal(staged["model"][k], v) for k, v in state_dict["model"].items()
+            ))
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1)
+        return {"allocations": stager.stats.allocations, "pointers": pointers, "equal": equal}
+
+
+@pytest.mark.dist
+def test_fresh_process_reuses_the_slab_from_its_second_staging_on():
+    # The first walk of a process must sign the layout as every later walk does, even
+    # though it is the walk that first sees these leaf types.
+    (result,) = run_fresh(1, _on_fresh_process_three_stages, timeout=CALL_TIMEOUT_S)
+    assert result["equal"] == [True, True, True]
+    assert result["allocations"] == 1
+    assert result["pointers"][0] == result["pointers"][1] == result["pointers"][2]
+
+
+# ------------------------------------------------ process-based async_save (DCP's PROCESS)
+
+
+def _start_checkpoint_processes_here() -> None:
+    """Lets this rank worker (a daemonic process of tests.mp) start DCP's checkpoint process.
+
+    multiprocessing refuses children to daemonic processes; the checkpoint process still
+    ends with this rank: :func:`_end_checkpoint_process` stops it, and without that it
+    exits when its pipe to this process closes.
+    """
+    import multiprocessing
+
+    multiprocessing.current_process()._config["daemon"] = False
+
+
+def _end_checkpoint_process() -> None:
+    """Stops DCP's checkpoint process of this rank (one per trainer process, kept by DCP)."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    process = executor._CHECKPOINT_PROCESS
+    executor._CHECKPOINT_PROCESS = None
+    if process is not None and process._save_process.is_alive():
+        process._send(executor._CheckpointSaveProcessControlOpts.TERMINATE)
+        process._save_process.join(timeout=30)
+        if process._save_process.is_alive():
+            process._save_process.kill()
+            process._save_process.join(timeout=30)
+
+
+def _fsdp2_training_state(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import init_device_mesh
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 8), torch.nn.Linear(8, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 5, bias=False),
+    )
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in (model[0], model[1], model[3]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(
+        [{"params": [model[0].weight]}, {"params": list(model[1:].parameters()), "lr": 0.01}]
+    )
+    return model, optimizer
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model(torch.arange(6).view(2, 3) % 10).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _training_state_dict(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd, "step": 7, "note": "process route"}
+
+
+def _local_values(obj):
+    """Every leaf of a state dict, DTensors as clones of their local shards, in order."""
+    if isinstance(obj, dict):
+        return {k: _local_values(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_local_values(v) for v in obj)
+    if isinstance(obj, torch.Tensor):
+        return _local(obj).detach().clone()
+    return obj
+
+
+def _load_local_values(path: str, like: dict) -> dict:
+    """``dcp.load`` of ``path`` into zeros shaped (and sharded) like ``like``; local values."""
+    def zeros(obj):
+        if isinstance(obj, dict):
+            return {k: zeros(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [zeros(v) for v in obj]
+        if isinstance(obj, torch.Tensor):
+            return torch.zeros_like(obj)
+        return obj
+
+    target = zeros(like)
+    dcp.load(target, checkpoint_id=path)
+    return _local_values(target)
+
+
+def _checkpoint_layout(path: str) -> dict:
+    """Each key's chunks (offsets and sizes) and dtype as written in ``path``'s metadata."""
+    layout = {}
+    for key, meta in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items():
+        chunks = getattr(meta, "chunks", None)
+        layout[key] = (
+            type(meta).__name__,
+            str(getattr(getattr(meta, "properties", None), "dtype", None)),
+            sorted((tuple(c.offsets), tuple(c.sizes)) for c in chunks) if chunks else None,
+        )
+    return layout
+
+
+def _on_rank_process_async_save(root: str) -> dict:
+    """Two process-based async saves of one FSDP2 training state (a training step between
+    them) by DefaultStager and by PinnedStagers with and without shared memory; what each
+    wrote, loaded back."""
+    import os
+
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"  # where DCP's checkpoint processes meet
+    _start_checkpoint_processes_here()
+    model, optimizer = _fsdp2_training_state(seed=0)
+    _train_step(model, optimizer)
+    stagers = {
+        "default": DefaultStager(StagingOptions(
+            use_pinned_memory=False, use_shared_memory=True, use_non_blocking_copy=False
+        )),
+        "shared": PinnedStager(pin_memory=False, share_memory=True),
+        "private": PinnedStager(pin_memory=False, share_memory=False),
+    }
+    expected = []
+    try:
+        for step in range(2):
+            state_dict = _training_state_dict(model, optimizer)
+            expected.append(_local_values(state_dict))
+            for name, stager in stagers.items():
+                response = dcp.async_save(
+                    state_dict, checkpoint_id=f"{root}/{name}{step}", async_stager=stager,
+                    async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                )
+                response.upload_completion.result(timeout=120)
+            _train_step(model, optimizer)
+        allocations = {name: stagers[name].stats.allocations for name in ("shared", "private")}
+    finally:
+        for stager in stagers.values():
+            stager.close()
+        _end_checkpoint_process()
+    like = _training_state_dict(model, optimizer)
+    out = {"allocations": allocations, "same_layout": [], "same_values": [], "as_staged": []}
+    for step in range(2):
+        default = f"{root}/default{step}"
+        reference = _load_local_values(default, like)
+        for name in ("shared", "private"):
+            written = f"{root}/{name}{step}"
+            loaded = _load_local_values(written, like)
+            out["same_layout"].append(_checkpoint_layout(written) == _checkpoint_layout(default))
+            out["same_values"].append(_equal_trees(loaded, reference))
+            out["as_staged"].append(_equal_trees(loaded, expected[step]))
+    return out
+
+
+def _equal_trees(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_equal_trees(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal_trees(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.dist
+def test_process_async_save_of_fsdp2_state_writes_what_default_stager_writes(tmp_path):
+    results = run_fresh(2, _on_rank_process_async_save, str(tmp_path), timeout=300,
+                        pg_timeout=60)
+    for result in results:
+        assert result == {
+            "allocations": {"shared": 1, "private": 1},
+            "same_layout": [True] * 4,
+            "same_values": [True] * 4,
+            "as_staged": [True] * 4,
+        }
+
+
+def _on_rank_pickle_staged_dtensors_for_a_process() -> dict:
+    """multiprocessing's pickling (what DCP's PROCESS upload sends) of a staged state dict
+    with DTensors on one slab, unpickled here; and of a DTensor no stager made."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from torch.distributed.tensor import DTensor, Replicate, Shard, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    source = {
+        "a": DTensor.from_local(_rank_values((2, 3), dist.get_rank()), mesh, [Shard(0)]),
+        "b": DTensor.from_local(_rank_values((4,)), mesh, [Replicate()]),
+        "p": _rank_values((5,)),
+    }
+    with PinnedStager(pin_memory=False, share_memory=True) as stager:
+        staged = _stage_now(stager, source)
+        back = pickle.loads(ForkingPickler.dumps(staged))
+    user = DTensor.from_local(torch.ones(2), mesh, [Replicate()])
+    return {
+        "types": {k: type(v).__name__ for k, v in back.items()},
+        "placements": [str(back[k].placements) for k in ("a", "b")],
+        "equal": all(torch.equal(_local(back[k]), _local(source[k])) for k in source),
+        "one_storage": len({_local(v).untyped_storage().data_ptr() for v in back.values()}),
+        "user_reduction": staging._reduce_dtensor(user)[0] is user.__reduce_ex__(2)[0],
+    }
+
+
+@pytest.mark.dist
+def test_staged_dtensors_pickle_for_a_process_as_views_of_one_shared_slab():
+    for result in run_on_ranks(2, _on_rank_pickle_staged_dtensors_for_a_process,
+                               timeout=CALL_TIMEOUT_S):
+        assert result == {
+            "types": {"a": "DTensor", "b": "DTensor", "p": "Tensor"},
+            "placements": ["(Shard(dim=0),)", "(Replicate(),)"],
+            "equal": True,
+            "one_storage": 1,
+            "user_reduction": True,
+        }
+
+
+def _open_descriptors(pid: int | str = "self") -> int:
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _on_rank_process_async_save_of_many_tensors(root: str, count: int) -> dict:
+    """A process-based async save of ``count`` tensors (half DTensors) staged by a
+    PinnedStager; the descriptors it took, and what it wrote, loaded back."""
+    import os
+
+    from torch.distributed.checkpoint import _async_process_executor as executor
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    _start_checkpoint_processes_here()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    base = torch.arange(4 * count, dtype=torch.float32).view(count, 4)
+    state_dict = {
+        "dt": {
+            str(i): DTensor.from_local(base[i].clone(), mesh, [Shard(0)])
+            for i in range(count // 2)
+        },
+        "plain": {str(i): base[i, :3] * 2 for i in range(count // 2, count)},
+    }
+    expected = _local_values(state_dict)
+    before = _open_descriptors()
+    with PinnedStager(pin_memory=False, share_memory=True) as stager:
+        try:
+            response = dcp.async_save(
+                state_dict, checkpoint_id=root, async_stager=stager,
+                async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+            )
+            response.upload_completion.result(timeout=240)
+            # DCP's checkpoint process still holds the request it just wrote, and with
+            # it whatever it mapped to receive the staged state dict.
+            receiver = _open_descriptors(executor._CHECKPOINT_PROCESS._save_process.pid)
+            sender = _open_descriptors() - before
+        finally:
+            _end_checkpoint_process()
+    loaded = _load_local_values(root, state_dict)
+    return {"sender": sender, "receiver": receiver, "equal": _equal_trees(loaded, expected)}
+
+
+@pytest.mark.dist
+def test_process_async_save_of_20000_tensors_passes_one_descriptor_for_the_slab(tmp_path):
+    # PyTorch's own route shares each tensor's storage: one descriptor per tensor on
+    # both sides (20,000 is this machine's limit of open files). One rank: the 2-rank
+    # process route is covered above, and 20,000 tensors take DCP minutes per rank here.
+    (result,) = run_fresh(
+        1, _on_rank_process_async_save_of_many_tensors, str(tmp_path), 20_000,
+        timeout=400, pg_timeout=120,
+    )
+    assert result["equal"]
+    # The process-group and pipe descriptors of the checkpoint process, not thousands.
+    assert result["sender"] < 64, result
+    assert result["receiver"] < 64, result
+
+
+def _on_rank_process_async_save_with_unpicklable_value(root: str) -> dict:
+    """Rank 1's state dict holds a value no pickler can send; then both save a good one."""
+    import os
+
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    _start_checkpoint_processes_here()
+    rank = dist.get_rank()
+    state_dict = {"w": torch.arange(4.0), "extra": {"step": 3, "hook": None}}
+    outcomes = []
+    with PinnedStager(pin_memory=False, share_memory=True) as stager:
+        try:
+            for attempt, path in enumerate((f"{root}/bad", f"{root}/good")):
+                state_dict["extra"]["hook"] = (lambda: rank) if attempt == 0 and rank == 1 else None
+                response = dcp.async_save(
+                    state_dict, checkpoint_id=path, async_stager=stager,
+                    async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+                )
+                exc = response.upload_completion.exception(timeout=120)
+                outcomes.append("ok" if exc is None else f"{type(exc).__name__}: {exc}")
+        finally:
+            _end_checkpoint_process()
+    loaded = {"w": torch.zeros(4), "extra": {"step": 0, "hook": 1}}
+    dcp.load(loaded, checkpoint_id=f"{root}/good")
+    return {
+        "outcomes": outcomes,
+        "bad_written": os.path.exists(f"{root}/bad/.metadata"),
+        "good_loaded": torch.equal(loaded["w"], state_dict["w"]) and loaded["extra"]["step"] == 3,
+    }
+
+
+@pytest.mark.dist
+def test_process_async_save_of_an_unpicklable_value_fails_staging_on_every_rank(tmp_path):
+    results = run_fresh(2, _on_rank_process_async_save_with_unpicklable_value, str(tmp_path),
+                        timeout=300, pg_timeout=60)
+    bad, failed_elsewhere = results[1]["outcomes"][0], results[0]["outcomes"][0]
+    assert bad.startswith("TypeError: PinnedStager(share_memory=True): cannot stage "
+                          "'extra.hook' for a process-based upload: its function value "
+                          "cannot be pickled"), bad
+    assert failed_elsewhere.startswith(
+        "RuntimeError: PinnedStager.stage: staging failed on rank(s) [1]"
+    ), failed_elsewhere
+    for result in results:
+        assert result["outcomes"][1] == "ok"
+        assert not result["bad_written"]
+        assert result["good_loaded"]
+
+
+class _StatefulDict:
+    """A Stateful stand-in for torchtitan's dataloader and LR schedulers."""
+
+    def __init__(self, **state) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.state = dict(state_dict)
+
+
+class _Optimizers:
+    """What torchtitan's OptimizersContainer is to DCP: the optimizer's FQN-keyed state."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+def _titan_manager(root: str, model, optimizer, async_mode: str):
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    config = CheckpointManager.Config(
+        enable=True, folder="checkpoint", interval=1, async_mode=async_mode, keep_latest_k=0
+    )
+    return CheckpointManager(
+        config,
+        dataloader=_StatefulDict(sample_index=0),
+        model_parts=[model],
+        optimizers=_Optimizers(model, optimizer),
+        lr_schedulers=_StatefulDict(last_epoch=0),
+        states={},
+        sd_adapter=None,
+        base_folder=root,
+    )
+
+
+def _titan_state(manager) -> dict:
+    """What a torchtitan checkpoint holds: model entries, then each Stateful's state."""
+    return _local_values({
+        key: value.state_dict() if hasattr(value, "state_dict") else value
+        for key, value in manager._flattened_model_states_sd().items()
+    })
+
+
+def _on_rank_torchtitan_pinned_mem_saves(root: str) -> dict:
+    """torchtitan's CheckpointManager in async_with_pinned_mem mode with a PinnedStager
+    (two saves, a training step between them); a fresh model and optimizer resumed from
+    each, compared with the state at its save."""
+    import os
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    _start_checkpoint_processes_here()
+    model, optimizer = _fsdp2_training_state(seed=0)
+    manager = _titan_manager(root, model, optimizer, "async_with_pinned_mem")
+    # What a trainer does to use sdict_ext: hand the manager its stager before saving
+    # (torchtitan makes a DefaultStager only when it has none).
+    manager.stager = PinnedStager(pin_memory=False, share_memory=True)
+    expected = {}
+    try:
+        for step in (1, 2):
+            _train_step(model, optimizer)
+            manager.states["lr_scheduler"].state["last_epoch"] = step
+            expected[step] = _titan_state(manager)
+            assert manager.save(curr_step=step)
+            manager.maybe_wait_for_saving()
+        allocations = manager.stager.stats.allocations
+    finally:
+        manager.close()
+        _end_checkpoint_process()
+    resumed = {}
+    for step in (1, 2):
+        fresh_model, fresh_optimizer = _fsdp2_training_state(seed=1)
+        reader = _titan_manager(root, fresh_model, fresh_optimizer, "disabled")
+        assert reader.load(step=step)
+        resumed[step] = _equal_trees(_titan_state(reader), expected[step])
+        reader.close()
+    return {"allocations": allocations, "resumed": resumed}
+
+
+@pytest.mark.dist
+def test_torchtitan_checkpoint_manager_async_with_pinned_mem_resumes_bit_exactly(tmp_path):
+    pytest.importorskip("torchtitan.components.checkpoint", reason="torchtitan is not installed")
+    results = run_fresh(2, _on_rank_torchtitan_pinned_mem_saves, str(tmp_path), timeout=300,
+                        pg_timeout=60)
+    assert results == [{"allocations": 1, "resumed": {1: True, 2: True}}] * 2
