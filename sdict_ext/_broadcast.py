@@ -256,12 +256,16 @@ def broadcast_state_dict(
     of at most ``min(bucket_bytes / 2, 8 MiB)`` (one ``isend`` each, up to four in
     flight; a box of a quarter of that or more travels alone, from the source itself
     where its bytes are contiguous, and into the destination itself where that holds
-    the whole box), and copies its own boxes straight from the source. A rank on rank
-    0's host (it reads back a probe rank 0 announces) reads the boxes of contiguous
-    source tensors straight out of rank 0's memory into its own shards instead
-    (``process_vm_readv``: no message, one copy per byte; ``SDICT_EXT_DIRECT_READ=0``
-    turns this off), and a last agreement after the reads keeps rank 0 until they are
-    done; a read refused then (rare: the probe passed) is raised on every rank. The other
+    the whole box), and copies its own boxes straight from the source. With
+    ``SDICT_EXT_DIRECT_READ=1`` (opt-in, read at each call on every rank), a rank on
+    rank 0's host (it reads back a probe rank 0 announces) reads the boxes of contiguous
+    source tensors whose announced address it validates (sample windows rank 0 took of
+    each) straight out of rank 0's memory into its own shards instead
+    (``process_vm_readv``: no message, one copy per byte; a tensor that fails the check
+    travels as a message), and a last agreement after the reads keeps rank 0 until they
+    are done; a read refused then (rare: the probe passed) is raised on every rank. Every
+    rank checks every needs row as user input (a row that is no box of its tensor raises
+    on every rank). The other
     tensors (and on a device group all of them) are broadcast in packed slices of the
     same size, one asynchronous broadcast each, the next slice packed and the previous
     one unpacked while one travels (two slice buffers), a tensor of a quarter slice or

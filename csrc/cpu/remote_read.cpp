@@ -27,16 +27,16 @@ std::string cause_of(int err) {
   switch (err) {
     case EPERM:
       return "this process may not read the source's memory (ptrace access: a different user, "
-             "or Yama ptrace_scope); set SDICT_EXT_DIRECT_READ=0 to send the bytes through the "
-             "process group instead";
+             "or Yama ptrace_scope); unset SDICT_EXT_DIRECT_READ (direct reads are opt-in) to send "
+             "the bytes through the process group instead";
     case ESRCH:
       return "the source process is gone";
     case EFAULT:
       return "an address is not mapped in the source process (its tensor was freed or moved "
              "while being read)";
     case ENOSYS:
-      return "process_vm_readv is not available here (kernel or seccomp); set "
-             "SDICT_EXT_DIRECT_READ=0";
+      return "process_vm_readv is not available here (kernel or seccomp); unset "
+             "SDICT_EXT_DIRECT_READ";
     default:
       return std::strerror(err);
   }
