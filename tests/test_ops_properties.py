@@ -286,19 +286,53 @@ def _prop_batched_copy(data) -> None:
     before = [d.clone() for d in dsts]
     refs = [d.clone() for d in dsts]
     valid = mismatch is None or (mismatch == "alias" and not srcs[0].numel())
+    # The wrapper (the C++ fast path for plain CPU tensors) or the registered op.
+    copy = data.draw(st.sampled_from([ops.batched_copy_, torch.ops.sdict_ext.batched_copy_]))
     if valid:
         for r, s in zip(refs, srcs):
             r.copy_(s)
-        ops.batched_copy_(dsts, srcs)
+        copy(dsts, srcs)
         assert all(_same(d, r) for d, r in zip(dsts, refs))
         return
-    assert _refused(lambda: ops.batched_copy_(dsts, srcs))
+    assert _refused(lambda: copy(dsts, srcs))
     assert all(_same(d, b) for d, b in zip(dsts, before))
+
+
+@PROPERTY
+@given(st.lists(st.tuples(st.lists(_small_or_extreme(0, 9), max_size=3), DTYPES), max_size=4),
+       st.sampled_from([1, 16, 4096]))
+def _prop_pack_layout(specs, alignment) -> None:
+    offsets, total = ops.pack_layout([(tuple(s), dt) for s, dt in specs], alignment)
+    end = 0
+    for offset, (shape, dtype) in zip(offsets, specs):
+        # Aligned, in order, each slot after the last one: Python ints never wrap.
+        assert offset % alignment == 0 and offset >= end
+        end = offset + math.prod(shape) * dtype.itemsize
+    assert total >= end and total % alignment == 0
+
+
+@PROPERTY
+@given(_small_or_extreme(-2, 1 << 20), _small_or_extreme(-2, 1 << 20))
+def _prop_copy_thresholds(d2h, h2d) -> None:
+    before = ops.copy_thresholds()
+    try:
+        if d2h < 0 or h2d < 0:
+            try:
+                ops.copy_thresholds(d2h, h2d)
+            except ValueError:
+                assert ops.copy_thresholds() == before  # nothing set
+                return
+            raise AssertionError("a negative threshold was accepted")
+        assert ops.copy_thresholds(d2h, h2d) == before
+        assert ops.copy_thresholds() == (d2h, h2d)
+    finally:
+        ops.copy_thresholds(*before)
 
 
 PROPERTIES = [
     "_prop_pack", "_prop_unpack", "_prop_box_views", "_prop_carve_views",
     "_prop_gather_concat", "_prop_gather_concat_into", "_prop_batched_copy",
+    "_prop_pack_layout", "_prop_copy_thresholds",
 ]
 
 
