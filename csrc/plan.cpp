@@ -299,7 +299,8 @@ void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, co
 void check_not_inference(const at::Tensor& t, const char* op, const char* what, int64_t index) {
   TORCH_CHECK(
       !t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", what,
-      index >= 0 ? " " + std::to_string(index) : std::string(), " is an inference tensor, which may not be updated in place outside inference mode "
+      index >= 0 ? " " + std::to_string(index) : std::string(),
+      " is an inference tensor, which may not be updated in place outside inference mode "
       "(Tensor.copy_ refuses it too); call this under torch.inference_mode(), or write into a "
       "clone of it made outside inference mode");
 }

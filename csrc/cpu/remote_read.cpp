@@ -159,7 +159,8 @@ std::vector<bool> read_samples(pid_t pid, const std::vector<std::uint64_t>& addr
     for (; first < n && members.size() < kPerCall; ++first) {
       const int64_t len = nbytes[first];
       std::uint64_t end = 0;
-      if (len <= 0 || addrs[first] == 0 || __builtin_add_overflow(addrs[first], static_cast<std::uint64_t>(len), &end)) {
+      if (len <= 0 || addrs[first] == 0 ||
+          __builtin_add_overflow(addrs[first], static_cast<std::uint64_t>(len), &end)) {
         continue;
       }
       const auto w = static_cast<size_t>(std::min<int64_t>(len, 8));

@@ -272,7 +272,8 @@ void test_bounds_near_int64_max_are_refused() {
   auto out = at::full({64}, 7, at::kByte);
   const std::vector<at::Tensor> src = {at::ones({2})};
   const std::vector<int64_t> off_pack = {kMax - 3};
-  expect_throws([&] { sdict_ext::plan_pack(src, off_pack, out); }, "does not fit in out", "pack offset whose end wraps");
+  expect_throws([&] { sdict_ext::plan_pack(src, off_pack, out); }, "does not fit in out",
+                "pack offset whose end wraps");
   auto gathered = at::arange(8, at::kByte);
   auto gc_out = at::empty({8}, at::kByte);
   expect_throws([&] { sdict_ext::plan_gather_concat(gathered, int64_t{1} << 62, 4, gc_out, 0); },

@@ -135,9 +135,10 @@ void add_dense_copy(
 // `op` is used in messages.
 void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, const char* op);
 
-// Raises when `t` (the op's `what` `index`; index -1: `what` alone names it) is an inference tensor and inference mode is
-// off: at::Tensor::copy_ refuses that in-place update, and so does every op here. (Such a
-// call skips the autograd kernel, which only sees tensors with autograd keys.)
+// Raises when `t` (the op's `what` `index`; index -1: `what` alone names it) is an
+// inference tensor and inference mode is off: at::Tensor::copy_ refuses that in-place
+// update, and so does every op here. (Such a call skips the autograd kernel, which only
+// sees tensors with autograd keys.)
 void check_not_inference(const at::Tensor& t, const char* op, const char* what, int64_t index);
 
 // Layout of the k-th of `world_size` chunks along `dim` of a tensor of size
