@@ -16,9 +16,10 @@ PYTEST_ARGS ?=
 
 .PHONY: setup build test bench cpptest cudahosttest clean
 
-# matplotlib (the [bench] extra: `make bench`'s plot) and accelerate (a patch_torch
-# test) are optional: where no package index answers, they are skipped, not fatal; a
-# python3 that has torch already (the GPU machine) downloads nothing for them.
+# matplotlib (the [bench] extra: `make bench`'s plot), accelerate (a patch_torch test)
+# and hypothesis (the ops' property tests) are optional: where no package index answers,
+# they are skipped, not fatal; a python3 that has torch already (the GPU machine)
+# downloads nothing for them.
 setup:
 ifneq ($(HAVE_TORCH),yes)
 	@test -x .venv/bin/python || python3 -m venv .venv
@@ -28,6 +29,8 @@ ifneq ($(HAVE_TORCH),yes)
 	  || echo "matplotlib not installed: make bench writes no plot"
 	@$(PY) -c "import accelerate" 2>/dev/null || $(PY) -m pip install -q --retries 1 --timeout 10 accelerate \
 	  || echo "accelerate not installed: its patch_torch test is skipped"
+	@$(PY) -c "import hypothesis" 2>/dev/null || $(PY) -m pip install -q --retries 1 --timeout 10 hypothesis \
+	  || echo "hypothesis not installed: the ops' property tests are skipped"
 endif
 # A python3 that has torch (the GPU machine, often without network) needs nothing more
 # to build: without ninja the build is slower, without pytest only `make test` fails.

@@ -3,6 +3,7 @@
 #include "sdict_ext/copy_plan.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
 
 #include <algorithm>
 #include <sstream>
@@ -42,7 +43,9 @@ Layout Layout::dense(char* ptr, int64_t elem_size, c10::IntArrayRef sizes) {
   int64_t stride = 1;
   for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {
     l.strides[d] = stride;
-    stride *= std::max<int64_t>(sizes[d], 1);
+    // Callers bound the extent of every non-empty block, so only an empty one (a size
+    // 0 elsewhere) can overflow here; its strides are never used.
+    if (__builtin_mul_overflow(stride, std::max<int64_t>(sizes[d], 1), &stride)) stride = 0;
   }
   return l;
 }
@@ -290,11 +293,23 @@ void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, co
           same_elements(dst, src),
       op, ": destination ", i,
       " overlaps itself (an expanded view); pass a tensor with distinct elements");
+  check_not_inference(dst, op, "destination", i);
+}
+
+void check_not_inference(const at::Tensor& t, const char* op, const char* what, int64_t index) {
+  TORCH_CHECK(
+      !t.is_inference() || c10::InferenceMode::is_enabled(), op, ": ", what,
+      index >= 0 ? " " + std::to_string(index) : std::string(),
+      " is an inference tensor, which may not be updated in place outside inference mode "
+      "(Tensor.copy_ refuses it too); call this under torch.inference_mode(), or write into a "
+      "clone of it made outside inference mode");
 }
 
 std::pair<int64_t, int64_t> chunk_range(int64_t dim_size, int64_t world_size, int64_t k) {
-  const int64_t chunk = (dim_size + world_size - 1) / world_size;
-  const int64_t start = std::min(k * chunk, dim_size);
+  // ceil(dim_size / world_size) and min(k * chunk, dim_size), neither able to wrap.
+  const int64_t chunk = dim_size / world_size + (dim_size % world_size != 0 ? 1 : 0);
+  const int64_t past = checked_mul(k, chunk);
+  const int64_t start = past < 0 ? dim_size : std::min(past, dim_size);
   const int64_t len = std::max<int64_t>(0, std::min(chunk, dim_size - start));
   return {start, len};
 }
@@ -480,6 +495,7 @@ std::vector<CopyEntry> plan_pack(at::TensorList tensors, c10::IntArrayRef offset
   std::vector<Region> regions;
   regions.reserve(n + 1);
   regions.push_back(region(out, true, "out", -1));
+  check_not_inference(out, op, "out", -1);
   std::vector<int64_t> nbytes(n);
   std::vector<size_t> slots;  // tensors with bytes, in the order they lie in out
   slots.reserve(n);
@@ -488,10 +504,11 @@ std::vector<CopyEntry> plan_pack(at::TensorList tensors, c10::IntArrayRef offset
     TORCH_CHECK(
         t.layout() == at::kStrided, op, ": tensor ", i, ": only strided tensors can be packed, found ",
         t.layout());
-    nbytes[i] = t.numel() * static_cast<int64_t>(t.element_size());
+    nbytes[i] = checked_mul(t.numel(), static_cast<int64_t>(t.element_size()));
     TORCH_CHECK(
-        offsets[i] >= 0 && offsets[i] + nbytes[i] <= out.numel(), op, ": tensor ", i, " (", nbytes[i],
-        " bytes at offset ", offsets[i], ") does not fit in out of ", out.numel(), " bytes");
+        range_fits(offsets[i], nbytes[i], out.numel()), op, ": tensor ", i, " (", nbytes[i],
+        " bytes at offset ", offsets[i], ") does not fit in out of ", out.numel(),
+        " bytes; compute the offsets with sdict_ext.ops.pack_layout and size out to fit");
     regions.push_back(region(t, false, "tensor", static_cast<int64_t>(i)));
     if (nbytes[i] > 0) slots.push_back(i);
   }
@@ -567,21 +584,27 @@ std::vector<CopyEntry> plan_unpack(
     c10::SmallVector<int64_t, 6> zero(nd, 0);
     c10::IntArrayRef start = starts.has_value() ? starts->slice(pos, nd) : c10::IntArrayRef(zero);
     pos += nd;
-    int64_t packed_numel = 1;
     for (int64_t k = 0; k < nd; ++k) {
       TORCH_CHECK(
-          start[k] >= 0 && start[k] + d.size(k) <= full[k], op, ": destination ", i, " of shape ",
+          range_fits(start[k], d.size(k), full[k]), op, ": destination ", i, " of shape ",
           sizes_str(d.sizes()), " at start ", sizes_str(start), " does not fit in the packed shape ",
           sizes_str(full));
-      packed_numel *= full[k];
     }
-    const int64_t nbytes = packed_numel * static_cast<int64_t>(d.element_size());
+    const int64_t nbytes = checked_extent(full, static_cast<int64_t>(d.element_size()));
     TORCH_CHECK(
-        offsets[i] >= 0 && offsets[i] + nbytes <= flat.numel(), op, ": destination ", i, " (",
-        nbytes, " packed bytes at offset ", offsets[i], ") lies outside flat of ", flat.numel(),
+        nbytes >= 0, op, ": destination ", i, ": the packed shape ", sizes_str(full),
+        " holds more bytes than an int64 counts; pass the packed tensor's real shape");
+    TORCH_CHECK(
+        range_fits(offsets[i], nbytes, flat.numel()), op, ": destination ", i, " (", nbytes,
+        " packed bytes at offset ", offsets[i], ") lies outside flat of ", flat.numel(),
         " bytes");
-    Layout whole = Layout::dense(base == nullptr ? nullptr : base + offsets[i], d.element_size(), full);
-    srcs.push_back(whole.box(start, d.sizes()));
+    check_not_inference(d, op, "destination", static_cast<int64_t>(i));
+    if (d.numel() == 0) {
+      srcs.emplace_back();  // nothing to copy (add_copy drops it): no box offset to compute
+    } else {
+      Layout whole = Layout::dense(base + offsets[i], d.element_size(), full);
+      srcs.push_back(whole.box(start, d.sizes()));
+    }
     regions.push_back(region(d, true, "destination", static_cast<int64_t>(i)));
   }
   check_no_overlap(regions, op);
@@ -607,6 +630,9 @@ void add_shard_copies(
     const char* op,
     int64_t index,
     RankBase rank_base) {
+  // Nothing to copy, and world_size may be anything that passed the size checks (a
+  // gathered buffer of no bytes fits any): no walk over the ranks.
+  if (out.numel() == 0) return;
   c10::SmallVector<int64_t, 6> starts(out.sizes.size(), 0);
   c10::SmallVector<int64_t, 6> shard(out.sizes.begin(), out.sizes.end());
   const int64_t full = chunk_range(out.sizes[dim], world_size, 0).second;
@@ -721,14 +747,17 @@ std::vector<CopyEntry> plan_gather_concat(
       gathered.dim() == 1 && gathered.is_contiguous(), op,
       ": gathered must be the contiguous 1-D all-gather buffer, found shape ",
       sizes_str(gathered.sizes()));
+  const int64_t needed = checked_mul(world_size, chunk_numel);
+  const int64_t esz = gathered.element_size();
   TORCH_CHECK(
-      gathered.numel() >= world_size * chunk_numel, op, ": gathered has ", gathered.numel(),
-      " elements, fewer than world_size * chunk_numel = ", world_size * chunk_numel);
+      needed >= 0 && checked_mul(needed, esz) >= 0 && gathered.numel() >= needed, op, ": gathered has ",
+      gathered.numel(), " elements, fewer than world_size * chunk_numel = ", world_size, " * ",
+      chunk_numel, "; chunk_numel is one rank's padded shard (gathered.numel() / world_size)");
   const int64_t dim = wrap_dim(shard_dim, out.dim(), op, 0);
   std::vector<CopyEntry> plan;
-  plan.reserve(world_size);
+  // (One copy per rank holding a row of the shard dim at most: world_size may be huge.)
+  plan.reserve(static_cast<size_t>(std::min<int64_t>(world_size, out.numel())));
   char* base = static_cast<char*>(gathered.numel() == 0 ? nullptr : gathered.data_ptr());
-  const int64_t esz = gathered.element_size();
   add_shard_copies(
       plan, Layout::of(out), dim, world_size, chunk_numel * esz, op, 0,
       [&](int64_t r) { return base == nullptr ? nullptr : base + r * chunk_numel * esz; });
@@ -766,11 +795,12 @@ std::vector<CopyEntry> plan_gather_concat_into(
     TORCH_CHECK(
         at::has_internal_overlap(outs[j]) != at::MemOverlap::Yes, op, ": output ", j,
         " overlaps itself (an expanded view)");
+    check_not_inference(outs[j], op, "output", static_cast<int64_t>(j));
     regions.push_back(region(outs[j], true, "output", static_cast<int64_t>(j)));
   }
   check_no_overlap(regions, op);
   std::vector<CopyEntry> plan;
-  plan.reserve(outs.size() * world_size);
+  plan.reserve(outs.size() * static_cast<size_t>(std::min<int64_t>(world_size, 64)));
   for (size_t j = 0; j < outs.size(); ++j) {
     const int64_t dim = wrap_dim(shard_dims[j], outs[j].dim(), op, static_cast<int64_t>(j));
     const int64_t off = offsets[j];

@@ -10,15 +10,26 @@ by ``irecv`` and unpacks them into its shards. Rank 0 copies its own boxes strai
 from the source while its messages travel. Nothing depends on the ranks laying out
 a tensor alike: each rank asks for what its own local value needs.
 
-A rank on rank 0's host needs no message at all: rank 0 announces its pid, the address
-of each contiguous source tensor, and a 16-byte random probe; a rank that reads those
-exact bytes back (``process_vm_readv``: same host, same pid namespace, ptrace access)
-marks the transfers it will read itself (negative bytes in its needs row), and after
-the agreement reads each of its boxes straight out of rank 0's tensors into its own
-shards, one system call per ~1,000 runs of bytes. That is one copy per byte, made by
-the receiver while rank 0 copies its own boxes, where a message costs four (pack,
-socket in, socket out, unpack). Rank 0's tensors must outlive the reads: one more
-agreement after them keeps rank 0 in the call, and raises a refused read on every rank.
+Direct reads (opt-in: ``SDICT_EXT_DIRECT_READ=1``, read at every call, on rank 0 and on
+each reader). A rank on rank 0's host then needs no message: rank 0 announces its pid,
+the address of each contiguous source tensor, a 16-byte random probe, and two sampled
+8-byte windows of each of those tensors, taken from the tensor itself at a position
+drawn per call. A rank that reads the probe back (``process_vm_readv``: same host, same
+pid namespace, ptrace access) reads the sample windows at the announced addresses;
+only the transfers whose windows match (the address is rank 0's tensor, mapped, with
+those bytes) are marked as read by the rank itself (negative bytes in its needs row);
+any other transfer falls back to a message. After the agreement it reads each of its
+boxes straight out of rank 0's tensors into its own shards, every read inside a tensor
+rank 0 announced for this call, one system call per ~1,000 runs of bytes. That is one
+copy per byte, made by the receiver while rank 0 copies its own boxes, where a message
+costs four (pack, socket in, socket out, unpack). Rank 0's tensors must outlive the
+reads: one more agreement after them keeps rank 0 in the call, and raises a refused
+read on every rank. It is off by default: it needs ptrace access to rank 0 and trusts
+rank 0's announced addresses as far as the samples can check them, and its gain is on
+CPU ranks of one host only.
+
+Every needs row a rank receives from a peer is checked as user input
+(:func:`check_needs_table`) before rank 0 cuts a box from it.
 
 Used for CPU groups (gloo): there every byte that travels is copied by both CPUs,
 so bytes not sent are the time saved. On the 2-core dev VM, 105 MB in 8 MiB messages
@@ -44,44 +55,125 @@ from sdict_ext import ops
 from sdict_ext._collectives import buckets_with_solos
 
 __all__ = [
-    "DIRECT_READ", "Message", "ReceivePlan", "SendPlan", "can_read", "decode_row",
-    "encode_needs", "flat_bytes", "plan_messages", "read_plan", "readable", "receive",
-    "row_positions", "send", "source_probe",
+    "ENV_DIRECT_READ", "Message", "ReceivePlan", "SendPlan", "can_read", "check_needs_table",
+    "decode_row", "direct_read_enabled", "direct_transfers", "encode_needs", "flat_bytes",
+    "plan_messages", "read_plan", "readable", "receive", "row_positions", "send",
+    "source_probe",
 ]
 
 # Buffers rank 0 may have in flight: packing runs ahead of the sends by this much.
 SEND_BUFFERS = 4
 
-#: Whether a rank on rank 0's host reads its boxes straight out of rank 0's memory
-#: (``SDICT_EXT_DIRECT_READ=0`` turns it off: every box then travels as a message).
-DIRECT_READ = os.environ.get("SDICT_EXT_DIRECT_READ", "1") != "0"
+#: The setting that turns direct reads on (``1``); read at every call, on every rank.
+ENV_DIRECT_READ = "SDICT_EXT_DIRECT_READ"
 
-# What rank 0 announces so that ranks can read its tensors: (pid, probe address, probe).
-Source = tuple[int, int, bytes]
+# Bytes of sample windows per announced tensor (csrc: kSampleBytes).
+_SAMPLE_BYTES = 16
+
+# What rank 0 announces so that ranks can read its tensors: (pid, probe address, probe,
+# sample seed, the sample windows of every tensor announced with an address, in order).
+Source = tuple[int, int, bytes, int, bytes]
 
 
-def source_probe() -> tuple[torch.Tensor, Source]:
-    """Rank 0's probe: 16 random bytes in a tensor it keeps alive during the call, and
-    their address and value, which travel with the metadata. A rank that reads exactly
-    these bytes at that address in that pid is on rank 0's host, in its pid namespace,
-    and allowed to read its memory."""
+def direct_read_enabled() -> bool:
+    """Whether this process takes part in direct reads: ``SDICT_EXT_DIRECT_READ=1`` in
+    its environment now (rank 0 then announces its tensors; another rank reads them).
+    Off by default: the messages route needs no access to another process."""
+    return os.environ.get(ENV_DIRECT_READ, "0") == "1"
+
+
+def _read_boxes(pid: int, addrs: list[int], full_shapes: list[tuple[int, ...]],
+                starts: list[tuple[int, ...]], dsts: list[torch.Tensor]) -> int:
+    """Box ``i`` (``dsts[i]``'s shape from index ``starts[i]``) of the C-contiguous tensor
+    of ``full_shapes[i]`` at ``addrs[i]`` in process ``pid``, read into ``dsts[i]`` (see
+    csrc/cpu/remote_read.cpp); every box is checked to lie in its tensor before any
+    byte is read. Private: only this route's validated reads call it."""
+    entry = ops.extension_entry("_read_process_boxes")
+    if entry is None:
+        raise ImportError("sdict_ext: the compiled extension has no direct reads")
+    return entry(int(pid), addrs, full_shapes, starts, dsts)
+
+
+def _read_samples(
+    pid: int, addrs: list[int], nbytes: list[int], ids: list[int], seed: int
+) -> tuple[bytes, list[bool]]:
+    """The sample windows of each range ``[addrs[i], addrs[i] + nbytes[i])`` of process
+    ``pid`` (``_SAMPLE_BYTES`` each, at a position drawn from ``(seed, ids[i])``), and
+    whether each could be read."""
+    entry = ops.extension_entry("_read_samples")
+    if entry is None:
+        return bytes(_SAMPLE_BYTES * len(addrs)), [False] * len(addrs)
+    return entry(int(pid), addrs, nbytes, ids, seed)
+
+
+def _announced(tensors: list[Any]) -> list[int]:
+    """Positions (in ``tensors``, rank 0's TensorInfo list) of the tensors announced with
+    an address, in order: the i-th of them owns sample window i."""
+    return [i for i, t in enumerate(tensors) if t[4] != 0]
+
+
+def source_probe(full_state_dict: dict[str, Any], keys: list[str],
+                 tensors: list[Any]) -> tuple[torch.Tensor | None, Source | None]:
+    """Rank 0's probe: 16 random bytes in a tensor it keeps alive during the call, their
+    address and value, and sample windows of every tensor announced with an address,
+    taken from the tensor itself (its ``data_ptr``, not the announced address) at
+    positions drawn from a per-call seed. A rank that reads exactly the probe's bytes at
+    that address in that pid is on rank 0's host, in its pid namespace, and allowed to
+    read its memory; it then reads only tensors whose samples it finds at the announced
+    address. ``(None, None)`` when rank 0 cannot sample its own tensors."""
     nonce = os.urandom(16)
+    seed = int.from_bytes(os.urandom(8), "little")
     probe = torch.tensor(list(nonce), dtype=torch.uint8)
-    return probe, (os.getpid(), probe.data_ptr(), nonce)
+    values = [full_state_dict[keys[tensors[i][0]]] for i in _announced(tensors)]
+    samples, ok = _read_samples(
+        os.getpid(), [v.data_ptr() for v in values],
+        [v.numel() * v.element_size() for v in values], list(range(len(values))), seed,
+    )
+    if not all(ok):
+        return None, None
+    return probe, (os.getpid(), probe.data_ptr(), nonce, seed, samples)
 
 
 def can_read(source: Source | None) -> bool:
-    """Whether this rank can read rank 0's memory (see :func:`source_probe`); False,
-    never an error, when it cannot (another host, no permission, no extension)."""
-    if not DIRECT_READ or source is None:
+    """Whether this rank reads rank 0's memory directly: it opted in
+    (:func:`direct_read_enabled`), rank 0 announced a source, and the probe reads back
+    (see :func:`source_probe`); False, never an error, when it cannot (another host, no
+    permission, no extension)."""
+    if not direct_read_enabled() or source is None:
         return False
-    pid, addr, nonce = source
+    pid, addr, nonce = source[:3]
     got = torch.zeros(len(nonce), dtype=torch.uint8)
     try:
-        ops.read_process_boxes(pid, [addr], [(len(nonce),)], [(0,)], [got])
+        _read_boxes(pid, [addr], [(len(nonce),)], [(0,)], [got])
     except (RuntimeError, ImportError):
         return False
     return got.numpy().tobytes() == nonce
+
+
+def direct_transfers(
+    source: Source, tensors: list[Any], src_of: list[int],
+    specs: list[tuple[tuple[int, ...], torch.dtype]], candidates: list[bool],
+) -> list[bool]:
+    """Which transfers this rank reads directly: of the ``candidates`` (it needs a box and
+    its destinations can take a read), those rank 0 announced with an address whose two
+    sample windows this rank reads back at that address exactly as rank 0 sampled them
+    from its tensor. A window that differs (an address off by a page) or that cannot be
+    read (not mapped) leaves the transfer to a message: a read that cannot be validated
+    is never made."""
+    pid, _, _, seed, samples = source
+    window = {i: k for k, i in enumerate(_announced(tensors))}
+    picked = [j for j, ok in enumerate(candidates) if ok and src_of[j] in window]
+    nbytes = [math.prod(specs[j][0]) * specs[j][1].itemsize for j in picked]
+    got, readable_now = _read_samples(
+        pid, [tensors[src_of[j]][4] for j in picked], nbytes, [window[src_of[j]] for j in picked],
+        seed,
+    )
+    direct = [False] * len(candidates)
+    for k, j in enumerate(picked):
+        w = window[src_of[j]] * _SAMPLE_BYTES
+        mine = got[k * _SAMPLE_BYTES:(k + 1) * _SAMPLE_BYTES]
+        direct[j] = readable_now[k] and mine == samples[w:w + _SAMPLE_BYTES]
+    return direct
 
 
 def readable(dests: list[Any]) -> bool:
@@ -125,6 +217,53 @@ def encode_needs(
 def row_positions(shapes: list[tuple[int, ...]]) -> list[int]:
     """Where each transfer's entry starts in a needs row (after the row's flag)."""
     return list(accumulate((1 + 2 * len(s) for s in shapes), initial=1))
+
+
+def check_needs_table(
+    table: torch.Tensor, shapes: list[tuple[int, ...]], itemsizes: list[int], at: list[int],
+    keys: list[str], readable: list[bool],
+) -> None:
+    """Raises ``ValueError`` unless every row of the all-gathered needs table (one per
+    rank, each ``[flag, *per transfer [bytes, *start, *shape]]``) is what
+    :func:`encode_needs` makes for this call: per transfer all zeros, or a box that lies
+    in the tensor (no negative start or size, start + size within each dim) and bytes
+    equal to the box's (negated only where rank 0 announced the tensor for direct
+    reads, ``readable[j]``). The rows come from peers: rank 0 cuts each rank's boxes
+    from its row, so a crafted one would make it read outside a tensor. Every rank
+    checks the same table, so every rank raises the same error. ``keys[j]`` names
+    transfer ``j``."""
+    by_dims: dict[int, list[int]] = {}
+    for j, shape in enumerate(shapes):
+        by_dims.setdefault(len(shape), []).append(j)
+    bad: list[tuple[int, int]] = []
+    for nd, js in by_dims.items():
+        pos = torch.tensor([at[j] for j in js], dtype=torch.int64)
+        n = table[:, pos]  # (ranks, transfers)
+        entries = table[:, pos[:, None] + 1 + torch.arange(2 * nd)]  # (ranks, transfers, 2 nd)
+        starts, sizes = entries[..., :nd], entries[..., nd:]
+        full = torch.tensor([shapes[j] for j in js], dtype=torch.int64).view(len(js), nd)
+        # (Sizes clamped first, so that full - size cannot wrap.)
+        inside = ((starts >= 0) & (sizes >= 0) & (starts <= full - sizes.clamp(min=0))).all(-1)
+        # Within the tensor, the box's bytes count no more than the tensor's own.
+        box_bytes = torch.where(inside[..., None], sizes, 0).prod(-1)
+        box_bytes *= torch.tensor([itemsizes[j] for j in js], dtype=torch.int64)
+        direct = torch.tensor([readable[j] for j in js], dtype=torch.bool)
+        asked = inside & (box_bytes > 0) & ((n == box_bytes) | ((n == -box_bytes) & direct))
+        nothing = (n == 0) & (entries == 0).all(-1)
+        for r, k in (~(asked | nothing)).nonzero().tolist():
+            bad.append((r, js[k]))
+    if not bad:
+        return
+    r, j = min(bad)
+    p, nd = at[j], len(shapes[j])
+    row = table[r].tolist()
+    raise ValueError(
+        f"broadcast_state_dict: rank {r}'s needs row asks for bytes {row[p]} of key "
+        f"{keys[j]!r} at start {tuple(row[p + 1:p + 1 + nd])} with shape "
+        f"{tuple(row[p + 1 + nd:p + 1 + 2 * nd])}, which is no box of its tensor of shape "
+        f"{shapes[j]}; every rank's row must be made from this call's metadata (a peer sent "
+        "a corrupted or crafted row)"
+    )
 
 
 def decode_row(
@@ -282,8 +421,9 @@ class ReceivePlan:
 
 def read_plan(pid: int, js: list[int], addrs: list[int], shapes: list[tuple[int, ...]],
               slot_dests: list[list[Any]]) -> Any:
-    """The direct reads of transfers ``js``: each destination's own box of its source
-    tensor at ``addrs[j]`` in process ``pid``."""
+    """The direct reads of transfers ``js`` (validated by :func:`direct_transfers`):
+    each destination's own box of its source tensor at ``addrs[j]`` in process ``pid``,
+    which the read checks to lie in that tensor of ``shapes[j]``."""
     picked = [(addrs[j], shapes[j], d) for j in js for d in slot_dests[j]]
     return (pid, [a for a, _, _ in picked], [s for _, s, _ in picked],
             [d.box_start for _, _, d in picked], [d.unpack_into for _, _, d in picked])
@@ -325,7 +465,7 @@ def _read(reads: Any) -> BaseException | None:
     if not reads or not reads[1]:
         return None
     try:
-        ops.read_process_boxes(*reads)
+        _read_boxes(*reads)
     except RuntimeError as exc:
         return exc
     return None

@@ -256,12 +256,16 @@ def broadcast_state_dict(
     of at most ``min(bucket_bytes / 2, 8 MiB)`` (one ``isend`` each, up to four in
     flight; a box of a quarter of that or more travels alone, from the source itself
     where its bytes are contiguous, and into the destination itself where that holds
-    the whole box), and copies its own boxes straight from the source. A rank on rank
-    0's host (it reads back a probe rank 0 announces) reads the boxes of contiguous
-    source tensors straight out of rank 0's memory into its own shards instead
-    (``process_vm_readv``: no message, one copy per byte; ``SDICT_EXT_DIRECT_READ=0``
-    turns this off), and a last agreement after the reads keeps rank 0 until they are
-    done; a read refused then (rare: the probe passed) is raised on every rank. The other
+    the whole box), and copies its own boxes straight from the source. With
+    ``SDICT_EXT_DIRECT_READ=1`` (opt-in, read at each call on every rank), a rank on
+    rank 0's host (it reads back a probe rank 0 announces) reads the boxes of contiguous
+    source tensors whose announced address it validates (sample windows rank 0 took of
+    each) straight out of rank 0's memory into its own shards instead
+    (``process_vm_readv``: no message, one copy per byte; a tensor that fails the check
+    travels as a message), and a last agreement after the reads keeps rank 0 until they
+    are done; a read refused then (rare: the probe passed) is raised on every rank. Every
+    rank checks every needs row as user input (a row that is no box of its tensor raises
+    on every rank). The other
     tensors (and on a device group all of them) are broadcast in packed slices of the
     same size, one asynchronous broadcast each, the next slice packed and the previous
     one unpacked while one travels (two slice buffers), a tensor of a quarter slice or
@@ -299,9 +303,11 @@ def broadcast_state_dict(
     if is_src:
         try:
             announced_source = None
-            if by_box and _box_route.DIRECT_READ:
-                probe, announced_source = _box_route.source_probe()
             announced = announce(full_state_dict)
+            if by_box and _box_route.direct_read_enabled():
+                probe, announced_source = _box_route.source_probe(
+                    full_state_dict, announced[0], announced[2]
+                )
             wire = to_wire(*announced, announced_source)
         except Exception as exc:  # shipped to every rank below
             error = exc
@@ -318,7 +324,8 @@ def broadcast_state_dict(
         src_error = None if error is None else ""
     else:
         wire, src_error = receive_metadata(posted, group, flat_device)
-    # (pid, probe address, probe) where rank 0's tensors may be read directly, or None.
+    # (pid, probe address, probe, sample seed, samples) where rank 0's tensors may be
+    # read directly (it opted in), or None.
     source = None if wire is None else wire[-2]
     if src_error is not None:
         if error is not None:
@@ -366,10 +373,10 @@ def broadcast_state_dict(
             # A rank on rank 0's host reads what it can out of rank 0's memory itself.
             direct = None
             if _box_route.can_read(source):
-                direct = [
-                    tensors[i][4] != 0 and need is not None and _box_route.readable(ds)
-                    for i, need, ds in zip(src_of, needs, slot_dests)
-                ]
+                direct = _box_route.direct_transfers(source, tensors, src_of, specs, [
+                    need is not None and _box_route.readable(ds)
+                    for need, ds in zip(needs, slot_dests)
+                ])
             row = [0] + _box_route.encode_needs(
                 [s for s, _ in specs], [dt.itemsize for _, dt in specs], needs, direct
             )
@@ -401,7 +408,7 @@ def broadcast_state_dict(
             routed, broadcast, sending, receiving, own, direct_reads = _plan_box_route(
                 group, table, row, is_src, srcs, specs, slot_dests, flat_device, cut,
                 bucket_bytes, [tensors[i][4] for i in src_of],
-                0 if source is None else source[0],
+                0 if source is None else source[0], [keys[tensors[i][0]] for i in src_of],
             )
         runs, layouts, in_place, flats = _plan_broadcasts(
             broadcast, is_src, srcs, specs, slot_dests, flat_device, cut
@@ -490,13 +497,20 @@ def _plan_box_route(
     bucket_bytes: int,
     addrs: list[int],
     pid: int,
+    keys: list[str],
 ) -> tuple[list[int], list[int], Any, Any, list[_Dest], bool]:
     """Which transfers take the point-to-point route (every rank decides the same from
     the table), this rank's side of it (rank 0: also its own keys of them), and whether
     any rank reads some directly. ``row`` is this rank's own row of the table, as it
-    sent it; ``addrs`` the transfers' addresses in rank 0's memory, ``pid`` its process."""
+    sent it; ``addrs`` the transfers' addresses in rank 0's memory (0: not announced for
+    direct reads), ``pid`` its process (0: none announced), ``keys`` name the transfers.
+    Raises, on every rank alike, when a rank's row is not one of this call's."""
     shapes = [s for s, _ in specs]
     at = _box_route.row_positions(shapes)
+    _box_route.check_needs_table(
+        table, shapes, [dt.itemsize for _, dt in specs], at, keys,
+        [pid != 0 and a != 0 for a in addrs],
+    )
     nbytes = table[:, torch.tensor(at[:-1], dtype=torch.int64)]  # (ranks, transfers)
     # What rank 0 must send: a rank that reads a transfer itself says so by -bytes.
     sent = nbytes.clamp(min=0)

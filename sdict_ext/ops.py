@@ -38,7 +38,6 @@ __all__ = [
     "is_compiled",
     "pack",
     "pack_layout",
-    "read_process_boxes",
     "unpack",
 ]
 
@@ -298,32 +297,6 @@ def box_views(
                 t = t.narrow(d, lo, n)
         out.append(t)
     return out
-
-
-def read_process_boxes(
-    pid: int,
-    addrs: Sequence[int],
-    full_shapes: Sequence[tuple[int, ...]],
-    starts: Sequence[tuple[int, ...]],
-    dsts: Sequence[torch.Tensor],
-) -> int:
-    """Reads box ``i`` of a C-contiguous tensor of ``full_shapes[i]`` whose first byte is
-    at ``addrs[i]`` in process ``pid`` (``dsts[i]``'s shape, from index ``starts[i]``)
-    into ``dsts[i]``, with Linux ``process_vm_readv``: the kernel copies straight from
-    the other process's pages, which that process need not take part in.
-
-    Each destination must be a contiguous CPU tensor whose item size is the remote
-    tensor's; its bytes are overwritten (version counter bumped). Runs of all boxes go
-    in as few system calls as fit (adjacent runs merged); the GIL is released meanwhile.
-    Every box is checked before the first byte is read; a refused read (no permission,
-    the process gone, an unmapped address) raises ``RuntimeError`` naming the likely
-    cause. The caller must keep the remote tensors alive and unchanged until this
-    returns. Returns the bytes read.
-    """
-    return _extension().read_process_boxes(
-        int(pid), list(addrs), [tuple(s) for s in full_shapes], [tuple(s) for s in starts],
-        list(dsts),
-    )
 
 
 def pack(

@@ -76,7 +76,7 @@ def _source(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tens
 
 def _read(srcs, starts, shapes):
     dsts = [torch.empty(shape, dtype=src.dtype) for src, shape in zip(srcs, shapes)]
-    n = ops.read_process_boxes(
+    n = route._read_boxes(
         os.getpid(), [s.data_ptr() for s in srcs], [tuple(s.shape) for s in srcs], starts,
         dsts,
     )
@@ -132,14 +132,14 @@ def test_read_process_boxes_with_one_side_merging_past_iov_max():
     # the reverse: one side fills its 1,024 iovecs while the other keeps merging.
     src = _source((1100, 4), torch.float32, 7)
     buf = torch.zeros(2200, 4)
-    n = ops.read_process_boxes(os.getpid(), [src.data_ptr()] * 1100, [(1100, 4)] * 1100,
+    n = route._read_boxes(os.getpid(), [src.data_ptr()] * 1100, [(1100, 4)] * 1100,
                                [(i, 0) for i in range(1100)],
                                [buf[2 * i].view(1, 4) for i in range(1100)])
     assert n == 1100 * 16
     assert _same_bytes(buf[::2], src) and not buf[1::2].any()
     wide = _source((2200, 4), torch.float32, 8)
     out = torch.zeros(1100, 4)
-    ops.read_process_boxes(os.getpid(), [wide.data_ptr()] * 1100, [(2200, 4)] * 1100,
+    route._read_boxes(os.getpid(), [wide.data_ptr()] * 1100, [(2200, 4)] * 1100,
                            [(2 * i, 0) for i in range(1100)],
                            [out[i].view(1, 4) for i in range(1100)])
     assert _same_bytes(out, wide[::2].contiguous())
@@ -149,36 +149,137 @@ def test_read_process_boxes_checks_every_box_before_reading_any():
     src = _source((4, 4), torch.float32, 5)
     first = torch.zeros(2, 4)
     with pytest.raises(RuntimeError, match="leaves dim 0 of size 4"):
-        ops.read_process_boxes(os.getpid(), [src.data_ptr()] * 2, [(4, 4)] * 2,
+        route._read_boxes(os.getpid(), [src.data_ptr()] * 2, [(4, 4)] * 2,
                                [(0, 0), (3, 0)], [first, torch.zeros(2, 4)])
     assert not first.any() and first._version == 0
     with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
-        ops.read_process_boxes(os.getpid(), [src.data_ptr()], [(4, 4)], [(0, 0)],
+        route._read_boxes(os.getpid(), [src.data_ptr()], [(4, 4)], [(0, 0)],
                                [torch.zeros(4, 4).t()])
     with pytest.raises(RuntimeError, match="one address, full shape and start"):
-        ops.read_process_boxes(os.getpid(), [src.data_ptr()], [], [(0, 0)], [first])
+        route._read_boxes(os.getpid(), [src.data_ptr()], [], [(0, 0)], [first])
+
+
+def test_read_process_boxes_refuses_boxes_whose_bounds_overflow():
+    src = _source((16,), torch.uint8, 6)
+    dst = torch.zeros(1, dtype=torch.uint8)
+    # start + size wraps: before the check was overflow-safe, this read 2**63 - 1 bytes on.
+    with pytest.raises(RuntimeError, match="start 9223372036854775807, size 1.* leaves dim 0"):
+        route._read_boxes(os.getpid(), [src.data_ptr()], [(16,)], [(2**63 - 1,)], [dst])
+    # A tensor of more bytes than an int64 counts (its strides would wrap).
+    with pytest.raises(RuntimeError, match="does not fit in the address space"):
+        route._read_boxes(os.getpid(), [src.data_ptr()], [(2**62, 2**62)], [(0, 0)],
+                          [dst.view(1, 1)])
+    assert not dst.any()
 
 
 def test_read_process_boxes_names_the_cause_when_the_kernel_refuses():
     dst = torch.zeros(4)
     with pytest.raises(RuntimeError, match="not mapped in the source process"):
-        ops.read_process_boxes(os.getpid(), [4096], [(4,)], [(0,)], [dst])
+        route._read_boxes(os.getpid(), [4096], [(4,)], [(0,)], [dst])
     with pytest.raises(RuntimeError, match="the source process is gone"):
-        ops.read_process_boxes(2**22 + 7, [4096], [(4,)], [(0,)], [dst])
+        route._read_boxes(2**22 + 7, [4096], [(4,)], [(0,)], [dst])
     assert not dst.any()
 
 
-def test_can_read_only_the_announced_probe_bytes():
-    probe, source = route.source_probe()
+def _announce(values: dict[str, torch.Tensor]) -> list[tuple]:
+    """A TensorInfo list as rank 0 announces ``values`` (every one readable, none tied)."""
+    return [(pos, tuple(v.shape), 0, -1, v.data_ptr()) for pos, v in enumerate(values.values())]
+
+
+def test_can_read_only_the_announced_probe_bytes(monkeypatch):
+    monkeypatch.setenv(route.ENV_DIRECT_READ, "1")
+    probe, source = route.source_probe({}, [], [])
     assert route.can_read(source)
-    pid, addr, nonce = source
-    assert not route.can_read((pid, addr, bytes(16)))  # the wrong bytes: not rank 0
-    assert not route.can_read((2**22 + 7, addr, nonce))  # no such process
+    pid, addr, nonce = source[:3]
+    assert not route.can_read((pid, addr, bytes(16), *source[3:]))  # the wrong bytes
+    assert not route.can_read((2**22 + 7, addr, nonce, *source[3:]))  # no such process
     assert not route.can_read(None)
-    before = route.DIRECT_READ
-    route.DIRECT_READ = False
-    try:
-        assert not route.can_read(source)
-    finally:
-        route.DIRECT_READ = before
     del probe
+
+
+def test_direct_reads_are_off_unless_the_environment_opts_in_at_call_time(monkeypatch):
+    monkeypatch.delenv(route.ENV_DIRECT_READ, raising=False)
+    assert not route.direct_read_enabled()
+    probe, source = route.source_probe({}, [], [])
+    assert not route.can_read(source)  # read at the call: no opt-in, no read
+    monkeypatch.setenv(route.ENV_DIRECT_READ, "0")
+    assert not route.can_read(source)
+    monkeypatch.setenv(route.ENV_DIRECT_READ, "1")
+    assert route.direct_read_enabled() and route.can_read(source)
+    del probe
+
+
+def test_the_process_read_primitive_is_not_public():
+    assert "read_process_boxes" not in ops.__all__
+    assert not hasattr(ops, "read_process_boxes")
+    assert ops.extension_entry("read_process_boxes") is None
+
+
+def test_direct_transfers_reads_only_announced_tensors_whose_samples_match():
+    values = {f"t{i}": _source((64, 64 + i), torch.float32, i) for i in range(4)}
+    values["small"] = _source((3,), torch.uint8, 9)
+    keys = list(values)
+    tensors = _announce(values)
+    _, source = route.source_probe(values, keys, tensors)
+    specs = [(tuple(v.shape), v.dtype) for v in values.values()]
+    src_of = list(range(len(values)))
+    everything = [True] * len(values)
+    assert route.direct_transfers(source, tensors, src_of, specs, everything) == everything
+    # A rank that wants a few of them draws each one's sample position as rank 0 did.
+    some = [False, True, False, True, False]
+    assert route.direct_transfers(source, tensors, src_of, specs, some) == some
+    # Announced a page off (inside the same tensor: mapped, other bytes), not mapped, not
+    # announced for reading at all; and a transfer this rank does not want.
+    tensors[2] = (*tensors[2][:4], 0)
+    _, source = route.source_probe(values, keys, tensors)
+    tensors[0] = (*tensors[0][:4], tensors[0][4] + 4096)
+    tensors[1] = (*tensors[1][:4], 4096)
+    wanted = [True, True, True, False, True]
+    assert route.direct_transfers(source, tensors, src_of, specs, wanted) == [
+        False, False, False, False, True]
+    tensors = _announce(values)
+    # Samples are drawn per call: another call's do not validate this one's tensors.
+    _, other = route.source_probe(values, keys, tensors)
+    assert other[3] != source[3]
+    forged = (*source[:3], other[3], source[4])
+    assert not any(route.direct_transfers(forged, tensors, src_of, specs, everything)[:4])
+
+
+def _table(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ([24, 2**63 - 1, 0, 1, 4], "start (9223372036854775807, 0)"),  # the item 11 row
+        ([24, 0, 2**62, 1, 2**62], "shape (1, 4611686018427387904)"),
+        ([24, -1, 0, 1, 4], "start (-1, 0)"),
+        ([-16, 4, 0, 1, 4], "bytes -16"),  # a direct read of a tensor not announced
+        ([24, 0, 0, 1, 4], "bytes 24"),  # the box holds 16 bytes
+        ([16, 5, 0, 1, 4], "start (5, 0)"),
+        ([0, 1, 0, 1, 4], "bytes 0"),  # nothing asked, yet a box
+        ([16, 0, 0, 1, -4], "shape (1, -4)"),
+    ],
+)
+def test_check_needs_table_raises_for_a_row_that_is_no_box_of_its_tensor(entry, why):
+    shapes, itemsizes, keys = [(5, 4), (3,)], [4, 8], ["w", "b"]
+    at = route.row_positions(shapes)
+    good = [0] + route.encode_needs(shapes, itemsizes, [((1, 4), (4, 0)), ((2,), (1,))])
+    route.check_needs_table(_table([[0] * len(good), good]), shapes, itemsizes, at, keys,
+                            [False, False])
+    crafted = [0] + entry + good[at[1]:]
+    with pytest.raises(ValueError, match=r"rank 1's needs row .*key 'w'") as info:
+        route.check_needs_table(_table([[0] * len(good), crafted]), shapes, itemsizes, at,
+                                keys, [False, False])
+    assert why in str(info.value)
+
+
+def test_check_needs_table_accepts_direct_reads_only_of_announced_tensors():
+    shapes, itemsizes, keys = [(5, 4)], [4], ["w"]
+    at = route.row_positions(shapes)
+    row = [0] + route.encode_needs(shapes, itemsizes, [((1, 4), (4, 0))], [True])
+    table = _table([[0] * len(row), row])
+    route.check_needs_table(table, shapes, itemsizes, at, keys, [True])
+    with pytest.raises(ValueError, match="bytes -16"):
+        route.check_needs_table(table, shapes, itemsizes, at, keys, [False])

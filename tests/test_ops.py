@@ -1069,6 +1069,29 @@ def _check_versions_and_grad_leaves(device: str) -> None:
         assert target.is_inference() and target.any(), name
 
 
+def test_ops_refuse_to_write_an_inference_tensor_outside_inference_mode_like_copy_():
+    for name, call, like in _writing_op_calls():
+        with torch.inference_mode():
+            target, theirs = torch.zeros_like(like), torch.zeros_like(like)
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+            theirs.copy_(torch.ones_like(like))
+        # (copy_ raises only after writing; here nothing is written.)
+        with pytest.raises(RuntimeError, match=rf"sdict_ext.{name}: .* inference tensor.*"
+                                               "torch.inference_mode"):
+            call(target)
+        assert not target.any(), name
+    # Through the Python wrapper too, and reading an inference tensor is allowed, as
+    # copy_ allows it.
+    with torch.inference_mode():
+        frozen = torch.arange(3.0)
+    with pytest.raises(RuntimeError, match="destination 0 is an inference tensor"):
+        ops.batched_copy_([frozen], [torch.ones(3)])
+    assert torch.equal(frozen, torch.arange(3.0))
+    normal = torch.zeros(3)
+    ops.batched_copy_([normal], [frozen])
+    assert torch.equal(normal, frozen)
+
+
 def test_ops_bump_the_version_of_what_they_write_and_refuse_grad_leaves():
     _check_versions_and_grad_leaves("cpu")
 
@@ -1146,3 +1169,79 @@ def test_unbuilt_checkout_uses_the_installed_builds_extension(tmp_path):
     assert Path(extension).parent == site
     assert out.stdout.splitlines()[1] == "[0.0, 1.0, 2.0]"
     assert "which has no compiled extension; using the installed build's kernels" in out.stderr
+
+
+# Bounds near 2^63: each bound below wrapped before it was overflow-checked (a segfault,
+# or a read / write outside the buffer with no error). Each runs in a child process, so
+# a crash fails the test instead of ending the run.
+
+def _refused_in_child(code: str) -> str:
+    """Runs ``code`` (after ``import os, torch`` and ``from sdict_ext import ops``) in a
+    child; requires it to raise ``RuntimeError``; returns the message."""
+    prelude = "import os, torch\nfrom sdict_ext import ops\n"
+    script = prelude + "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + (
+        "except RuntimeError as e:\n    print(e)\nelse:\n    print('NO ERROR')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, f"crashed ({out.returncode}): {out.stderr[-2000:]}"
+    assert "NO ERROR" not in out.stdout, f"returned without an error: {out.stdout}"
+    return out.stdout
+
+
+def test_unpack_refuses_an_offset_whose_end_overflows():
+    text = _refused_in_child(
+        "ops.unpack(torch.zeros(64, dtype=torch.uint8), [torch.zeros(2)], offsets=[2**63 - 8])")
+    assert "sdict_ext.unpack: destination 0 (8 packed bytes at offset 9223372036854775800)" in text
+
+
+def test_unpack_refuses_a_start_whose_end_overflows():
+    text = _refused_in_child(
+        "ops.unpack(torch.arange(64, dtype=torch.uint8), [torch.zeros(1, 2, dtype=torch.uint8)],\n"
+        "           offsets=[0], full_shapes=[(2, 2)], starts=[(2**63 - 1, 0)])")
+    assert "at start [9223372036854775807, 0] does not fit in the packed shape [2, 2]" in text
+
+
+def test_unpack_refuses_a_packed_shape_whose_size_overflows():
+    text = _refused_in_child(
+        "ops.unpack(torch.arange(64, dtype=torch.uint8), [torch.zeros(1, 1, dtype=torch.uint8)],\n"
+        "           offsets=[0], full_shapes=[(2**62, 2**62)], starts=[(0, 0)])")
+    assert "holds more bytes than an int64 counts" in text
+
+
+def test_box_views_refuses_a_start_whose_end_overflows():
+    text = _refused_in_child(
+        "ops.box_views([torch.arange(16.0).reshape(4, 4)], [(2**63 - 1, 0)], [(1, 4)])")
+    assert "(start 9223372036854775807, size 1) leaves dim 0 of size 4" in text
+
+
+def test_pack_refuses_an_offset_whose_end_overflows_and_leaves_out_as_it_was():
+    text = _refused_in_child(
+        "out = torch.full((64,), 7, dtype=torch.uint8)\n"
+        "try:\n"
+        "    ops.pack([torch.ones(2)], out=out, offsets=[2**63 - 4])\n"
+        "finally:\n"
+        "    assert bool(out.eq(7).all()), 'out was written'")
+    assert "tensor 0 (8 bytes at offset 9223372036854775804) does not fit in out of 64" in text
+
+
+def test_gather_concat_refuses_a_world_size_times_chunk_that_wraps():
+    # 4 * 2**62 wraps to 0 elements, which "fit" in any buffer; rank 1 would be 2**62
+    # bytes away.
+    text = _refused_in_child(
+        "ops.gather_concat(torch.arange(8, dtype=torch.uint8), 2**62, 4, [8], 0)")
+    assert "fewer than world_size * chunk_numel = 4 * 4611686018427387904" in text
+
+
+def test_gather_concat_of_nothing_with_a_huge_world_size_returns_at_once():
+    # No rank has a row of an empty output: the ranks are not walked one by one.
+    out = ops.gather_concat(torch.zeros(0), 0, 2**62, [0, 3], 0)
+    assert out.shape == (0, 3)
+    dst = torch.zeros(0, 3)
+    ops.gather_concat_into(torch.zeros(0, dtype=torch.uint8), 2**62, [0], [dst], [0])
+
+
+def test_carve_views_refuses_a_view_whose_last_byte_overflows():
+    text = _refused_in_child(
+        "ops.carve_views(torch.zeros(64, dtype=torch.uint8), [torch.float32], [(2, 2)],\n"
+        "                [(2**62, 1)], [0])")
+    assert "reaches past the slab's 64 bytes" in text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import sys
 from typing import Any
 
@@ -448,7 +449,8 @@ def test_broadcast_cpu_offload_skips_keys_only_in_the_full_state_dict():
 
 
 #: The routes a CPU broadcast_state_dict can take: the point-to-point route with direct
-#: reads of rank 0's memory (the default on one host), with messages only, or none.
+#: reads of rank 0's memory (opt-in, SDICT_EXT_DIRECT_READ=1), with messages only (the
+#: default), or none.
 ROUTES = ["direct", "messages", "broadcast"]
 
 
@@ -456,13 +458,18 @@ ROUTES = ["direct", "messages", "broadcast"]
 def box_route(route: str):
     """Makes CPU broadcasts take ``route`` (one of ROUTES); the workers are pooled, so
     the switches are put back."""
-    before = _broadcast_mod._BOX_ROUTE, _box_route_mod.DIRECT_READ
+    env = _box_route_mod.ENV_DIRECT_READ
+    before = _broadcast_mod._BOX_ROUTE, os.environ.get(env)
     _broadcast_mod._BOX_ROUTE = route != "broadcast"
-    _box_route_mod.DIRECT_READ = route == "direct"
+    os.environ[env] = "1" if route == "direct" else "0"
     try:
         yield
     finally:
-        _broadcast_mod._BOX_ROUTE, _box_route_mod.DIRECT_READ = before
+        _broadcast_mod._BOX_ROUTE = before[0]
+        if before[1] is None:
+            del os.environ[env]
+        else:
+            os.environ[env] = before[1]
 
 
 def _broadcast_thousand(bucket: int, mixed: bool = False, route: str = "messages"):
@@ -655,7 +662,8 @@ def _broadcast_some_ranks_read(unreadable: int):
         _box_route_mod.can_read = lambda source: False
     counts, originals = _count_calls(["isend", "irecv"])
     try:
-        utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096)
+        with box_route("direct"):
+            utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096)
     finally:
         _box_route_mod.can_read = before
         for name, fn in originals.items():
@@ -679,7 +687,7 @@ def _broadcast_read_refused():
     vanishing mid-call would look so): every rank must raise, none may hang."""
     full, local = _load_inputs(meta_ok=False)
     rank = dist.get_rank()
-    before = ops.read_process_boxes
+    before = _box_route_mod._read_boxes
     calls = []
 
     def refuse(pid, addrs, *args):
@@ -689,13 +697,14 @@ def _broadcast_read_refused():
         return before(pid, addrs, *args)
 
     if rank == 1:
-        _box_route_mod.ops.read_process_boxes = refuse
+        _box_route_mod._read_boxes = refuse
     try:
-        utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+        with box_route("direct"):
+            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc)[:200], calls
     finally:
-        _box_route_mod.ops.read_process_boxes = before
+        _box_route_mod._read_boxes = before
     return None, "", calls
 
 
@@ -706,6 +715,139 @@ def test_broadcast_direct_read_refused_raises_on_every_rank():
     assert calls and calls[0] == 1 and calls[-1] > 1
     assert (kind0, kind1) == ("RankFailure", "RuntimeError")
     assert "refused for the test" in text0 and "refused for the test" in text1
+
+
+def _count_direct_reads() -> tuple[list[int], Any]:
+    """Wraps the route's read primitive: the box counts of its calls, and the original."""
+    before = _box_route_mod._read_boxes
+    calls: list[int] = []
+
+    def counted(pid, addrs, *args):
+        calls.append(len(addrs))
+        return before(pid, addrs, *args)
+
+    _box_route_mod._read_boxes = counted
+    return calls, before
+
+
+def _broadcast_default_route():
+    """No opt-in in the environment: the route must read nothing out of rank 0."""
+    full, local = _load_inputs()
+    rank = dist.get_rank()
+    ours, theirs = _two_copies(local)
+    env = _box_route_mod.ENV_DIRECT_READ
+    before = os.environ.pop(env, None)
+    calls, read = _count_direct_reads()
+    counts, originals = _count_calls(["isend", "irecv"])
+    try:
+        utils.broadcast_state_dict(full if rank == 0 else {}, ours, torch.device("cpu"))
+    finally:
+        _box_route_mod._read_boxes = read
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        if before is not None:
+            os.environ[env] = before
+    ref._broadcast_state_dict(full if rank == 0 else {}, theirs, torch.device("cpu"))
+    return _describe(ours) == _describe(theirs), calls, counts
+
+
+def test_broadcast_reads_nothing_out_of_rank0_unless_opted_in():
+    results = run_on_ranks(2, _broadcast_default_route, timeout=60)
+    for same, calls, _ in results:
+        assert same and calls == []
+    # Rank 1's boxes came as messages.
+    assert results[0][2]["isend"] == results[1][2]["irecv"] > 0
+
+
+def _broadcast_with_bad_address(kind: str):
+    """Rank 0 announces the address of key "big" a page off (inside the tensor: mapped,
+    other bytes) or unmapped; the other ranks read everything else directly."""
+    ws = dist.get_world_size()
+    full, local = _load_inputs(meta_ok=False)
+    full["big"] = _full((64 * ws, 64), torch.float32, 11)
+    local["big"] = distribute_tensor(torch.zeros(64 * ws, 64), _mesh((ws,)), [Shard(0)],
+                                     src_data_rank=None)
+    rank = dist.get_rank()
+    ours, theirs = _two_copies(local)
+    announce = _broadcast_mod.announce
+
+    def misannounce(full_state_dict):
+        keys, objects, tensors, dtypes = announce(full_state_dict)
+        big = keys.index("big")
+        tensors = [
+            (pos, shape, code, same, (addr + 4096 if kind == "off_by_page" else 4096))
+            if pos == big else (pos, shape, code, same, addr)
+            for pos, shape, code, same, addr in tensors
+        ]
+        return keys, objects, tensors, dtypes
+
+    if rank == 0:
+        _broadcast_mod.announce = misannounce
+    calls, read = _count_direct_reads()
+    counts, originals = _count_calls(["isend", "irecv"])
+    try:
+        with box_route("direct"):
+            utils.broadcast_state_dict(full if rank == 0 else {}, ours, torch.device("cpu"))
+    finally:
+        _broadcast_mod.announce = announce
+        _box_route_mod._read_boxes = read
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    ref._broadcast_state_dict(full if rank == 0 else {}, theirs, torch.device("cpu"))
+    return _describe(ours), _describe(theirs), calls, counts
+
+
+@pytest.mark.parametrize("kind", ["off_by_page", "unmapped"])
+def test_broadcast_direct_read_of_a_misannounced_address_falls_back_to_a_message(kind):
+    results = run_on_ranks(2, _broadcast_with_bad_address, kind, timeout=60)
+    for rank, (ours, theirs, _, _) in enumerate(results):
+        assert ours == theirs, f"rank {rank}"
+    _, _, calls, counts = results[1]
+    # Rank 1 read its other boxes (the probe, then the reads), and was sent "big".
+    assert calls[0] == 1 and len(calls) == 2 and calls[1] > 0
+    assert counts["irecv"] == results[0][3]["isend"] == 1
+
+
+def _broadcast_crafted_needs_row():
+    """Rank 1 sends a needs row whose box of one tensor starts at 2**63 - 1."""
+    full, local = _load_inputs(meta_ok=False)
+    rank = dist.get_rank()
+    held = {
+        k: (v.to_local() if isinstance(v, DTensor) else v).clone()
+        for k, v in local.items() if isinstance(v, torch.Tensor)
+    }
+    encode = _box_route_mod.encode_needs
+
+    def crafted(shapes, itemsizes, boxes, direct=None):
+        row = encode(shapes, itemsizes, boxes, direct)
+        p = 0
+        for shape in shapes:
+            if row[p] != 0:
+                row[p + 1] = 2**63 - 1
+                break
+            p += 1 + 2 * len(shape)
+        return row
+
+    if rank == 1:
+        _box_route_mod.encode_needs = crafted
+    try:
+        with box_route("messages"):
+            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+    except Exception as exc:  # noqa: BLE001
+        untouched = all(
+            torch.equal(local[k].to_local() if isinstance(local[k], DTensor) else local[k], v)
+            for k, v in held.items()
+        )
+        return type(exc).__name__, str(exc), untouched
+    finally:
+        _box_route_mod.encode_needs = encode
+    return None
+
+
+def test_broadcast_raises_on_every_rank_for_a_crafted_needs_row():
+    for kind, text, untouched in run_on_ranks(2, _broadcast_crafted_needs_row, timeout=60):
+        assert kind == "ValueError" and untouched
+        assert "rank 1's needs row" in text and "9223372036854775807" in text
 
 
 def _dtensor_boxes_agree_with_local_box():

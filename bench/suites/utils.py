@@ -13,6 +13,8 @@ and ``distribute_state_dict`` from a full state dict present on every rank.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed._state_dict_utils as tsu
 from torch.distributed.device_mesh import init_device_mesh
@@ -308,19 +310,23 @@ def _run_broadcast(spec: CaseSpec, ctx: Ctx) -> None:
     )
     if fn is None or ctx.device.type != "cpu":
         return
-    # Ranks on rank 0's host read their boxes out of its memory; ranks elsewhere are
-    # sent them as messages: this row is what they get (SDICT_EXT_DIRECT_READ=0).
+    # Ranks on rank 0's host may read their boxes out of its memory (opt-in:
+    # SDICT_EXT_DIRECT_READ=1); this row is what they get then.
     from sdict_ext import _box_route
 
-    def by_messages(d: dict) -> None:
-        before, _box_route.DIRECT_READ = _box_route.DIRECT_READ, False
+    def by_direct_reads(d: dict) -> None:
+        before = os.environ.get(_box_route.ENV_DIRECT_READ)
+        os.environ[_box_route.ENV_DIRECT_READ] = "1"
         try:
             fn(mine, d, ctx.device)
         finally:
-            _box_route.DIRECT_READ = before
+            if before is None:
+                del os.environ[_box_route.ENV_DIRECT_READ]
+            else:
+                os.environ[_box_route.ENV_DIRECT_READ] = before
 
     ctx.measure(
-        "sdict_ext.broadcast_state_dict (messages only)", ROLE_VARIANT, by_messages,
+        "sdict_ext.broadcast_state_dict (direct reads)", ROLE_VARIANT, by_direct_reads,
         setup=lambda: (dict(local),), nbytes=nbytes, tensors=n,
     )
 

@@ -255,16 +255,20 @@ PyObject* carve_views(PyObject* /*self*/, PyObject* args) {
     TORCH_CHECK(sizes[i].size() == steps[i].size(), "sdict_ext.carve_views: tensor ", i,
                 " has ", sizes[i].size(), " sizes but ", steps[i].size(), " strides");
     const auto itemsize = static_cast<int64_t>(c10::elementSize(types[i]));
-    int64_t last = starts[i];  // the last element's index, when there are elements
+    TORCH_CHECK(starts[i] >= 0, "sdict_ext.carve_views: tensor ", i, " has a negative offset ", starts[i]);
+    int64_t last = starts[i];  // the last element's index, when there are elements (-1: overflow)
     bool empty = false;
     for (size_t d = 0; d < sizes[i].size(); ++d) {
       TORCH_CHECK(sizes[i][d] >= 0 && steps[i][d] >= 0, "sdict_ext.carve_views: tensor ", i,
                   " has a negative size or stride");
       if (sizes[i][d] == 0) empty = true;
-      last += (sizes[i][d] - 1) * steps[i][d];
     }
+    for (size_t d = 0; d < sizes[i].size() && !empty && last >= 0; ++d) {
+      last = checked_add(last, checked_mul(sizes[i][d] - 1, steps[i][d]));
+    }
+    const int64_t end = last < 0 ? -1 : checked_mul(checked_add(last, 1), itemsize);
     TORCH_CHECK(
-        starts[i] >= 0 && (empty || (last + 1) * itemsize <= capacity), "sdict_ext.carve_views: tensor ", i,
+        empty || (end >= 0 && end <= capacity), "sdict_ext.carve_views: tensor ", i,
         " reaches past the slab's ", capacity, " bytes");
   }
   THPObjectPtr out(PyList_New(n));
@@ -316,12 +320,22 @@ PyObject* box_views(PyObject* /*self*/, PyObject* args) {
     int64_t offset = t.storage_offset();
     bool same = true;
     for (size_t d = 0; d < dims; ++d) {
-      TORCH_CHECK(start[d] >= 0 && sizes[i][d] >= 0 && start[d] + sizes[i][d] <= t.size(d),
+      TORCH_CHECK(range_fits(start[d], sizes[i][d], t.size(d)),
                   "sdict_ext.box_views: the box of tensor ", i, " (start ", start[d], ", size ", sizes[i][d],
                   ") leaves dim ", d, " of size ", t.size(d));
-      offset += start[d] * t.stride(d);
       same = same && sizes[i][d] == t.size(d);
     }
+    // Where narrow() puts the box: start * stride further on in each dim. Inside a tensor
+    // with elements that stays in its storage; checked all the same, for an empty tensor's
+    // strides and any stride torch may let through.
+    for (size_t d = 0; d < dims && offset >= 0; ++d) {
+      int64_t step = 0;
+      if (__builtin_mul_overflow(start[d], t.stride(d), &step) || __builtin_add_overflow(offset, step, &offset)) {
+        offset = -1;
+      }
+    }
+    TORCH_CHECK(offset >= 0, "sdict_ext.box_views: the box of tensor ", i,
+                " starts outside its storage (strides ", t.strides(), "); narrow the tensor instead");
     offsets[i] = offset;
     whole[i] = same;
   }
@@ -395,6 +409,54 @@ PyObject* read_process_boxes_py(PyObject* /*self*/, PyObject* args) {
   }
   for (c10::TensorImpl* impl : written) impl->bump_version();
   return PyLong_FromLongLong(bytes);
+  END_HANDLE_TH_ERRORS
+}
+
+// _read_samples(pid, addrs, nbytes, ids, seed) -> (bytes, [bool]): read_samples
+// (remote_read.h) of each range [addrs[i], addrs[i] + nbytes[i]) of process `pid`, its
+// position drawn from (seed, ids[i]), kSampleBytes per range, and whether each range's
+// windows could be read; without the GIL.
+PyObject* read_samples_py(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  long long pid = 0;
+  PyObject* addr_list = nullptr;
+  PyObject* nbyte_list = nullptr;
+  PyObject* id_list = nullptr;
+  unsigned long long seed = 0;
+  if (!PyArg_ParseTuple(args, "LO!O!O!K", &pid, &PyList_Type, &addr_list, &PyList_Type, &nbyte_list,
+                        &PyList_Type, &id_list, &seed)) {
+    return nullptr;
+  }
+  constexpr const char* op = "sdict_ext.read_samples";
+  const Py_ssize_t n = PyList_GET_SIZE(addr_list);
+  TORCH_CHECK(PyList_GET_SIZE(nbyte_list) == n && PyList_GET_SIZE(id_list) == n, op,
+              ": pass one byte count and one id per address");
+  std::vector<std::uint64_t> addrs(static_cast<size_t>(n));
+  std::vector<int64_t> nbytes(static_cast<size_t>(n));
+  std::vector<std::uint64_t> ids(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const int64_t addr = as_int(PyList_GET_ITEM(addr_list, i), "address", i, op);
+    // (A negative one cannot be an address: it reads as refused.)
+    addrs[static_cast<size_t>(i)] = addr < 0 ? 0 : static_cast<std::uint64_t>(addr);
+    nbytes[static_cast<size_t>(i)] = as_int(PyList_GET_ITEM(nbyte_list, i), "byte count", i, op);
+    ids[static_cast<size_t>(i)] = static_cast<std::uint64_t>(as_int(PyList_GET_ITEM(id_list, i), "id", i, op));
+  }
+  std::string out(static_cast<size_t>(n) * kSampleBytes, '\0');
+  std::vector<bool> ok;
+  {
+    pybind11::gil_scoped_release no_gil;
+    ok = read_samples(static_cast<pid_t>(pid), addrs, nbytes, ids, seed, out.data());
+  }
+  THPObjectPtr flags(PyList_New(n));
+  if (!flags) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* flag = ok[static_cast<size_t>(i)] ? Py_True : Py_False;
+    Py_INCREF(flag);
+    PyList_SET_ITEM(flags.get(), i, flag);
+  }
+  THPObjectPtr samples(PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size())));
+  if (!samples) return nullptr;
+  return PyTuple_Pack(2, samples.get(), flags.get());
   END_HANDLE_TH_ERRORS
 }
 
@@ -517,10 +579,17 @@ PyObject* dtensor_boxes(PyObject* /*self*/, PyObject* args) {
         const int64_t size = box[d];
         const int64_t k = facts->shape[md];
         const int64_t r = facts->coord[md];
-        const int64_t chunk = size == 0 ? 0 : (size + k - 1) / k;
-        const int64_t lo = std::min(chunk * r, size);
+        // (An announced shape comes from a peer: a negative size is left to the caller.)
+        if (size < 0 || k < 1 || r < 0) {
+          plain = false;
+          break;
+        }
+        // torch.chunk's ceil(size / k) and min(r * chunk, size), neither able to wrap.
+        const int64_t chunk = size / k + (size % k != 0 ? 1 : 0);
+        const int64_t past = checked_mul(chunk, r);
+        const int64_t lo = past < 0 ? size : std::min(past, size);
         start[d] += lo;
-        box[d] = std::max<int64_t>(0, std::min(size, lo + chunk) - lo);
+        box[d] = std::min(size - lo, chunk);
         continue;
       }
       const int replicated = PyObject_IsInstance(p, replicate_cls);
@@ -636,8 +705,12 @@ PyMethodDef methods[] = {
      "Tensors viewing a slab's storage: (slab, dtypes, shapes, strides, element offsets)."},
     {"box_views", box_views, METH_VARARGS,
      "Box views sharing each tensor's storage: (tensors, starts, shapes); None: narrow them yourself."},
-    {"read_process_boxes", read_process_boxes_py, METH_VARARGS,
-     "Boxes of another process's contiguous tensors into ours: (pid, addrs, full_shapes, starts, dsts) -> bytes."},
+    {"_read_process_boxes", read_process_boxes_py, METH_VARARGS,
+     "Private (broadcast_state_dict's direct reads): boxes of another process's contiguous tensors into "
+     "ours: (pid, addrs, full_shapes, starts, dsts) -> bytes."},
+    {"_read_samples", read_samples_py, METH_VARARGS,
+     "Private: two sample windows of each byte range of a process: (pid, addrs, nbytes, ids, seed) -> "
+     "(bytes, list of bool)."},
     {"dtensor_boxes", dtensor_boxes, METH_VARARGS,
      "This rank's box of each plain-placement DTensor: (values, shapes, dtypes, classes, mesh_facts) -> list."},
     {"describe_tensors", describe_tensors, METH_VARARGS,

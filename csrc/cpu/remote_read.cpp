@@ -27,16 +27,16 @@ std::string cause_of(int err) {
   switch (err) {
     case EPERM:
       return "this process may not read the source's memory (ptrace access: a different user, "
-             "or Yama ptrace_scope); set SDICT_EXT_DIRECT_READ=0 to send the bytes through the "
-             "process group instead";
+             "or Yama ptrace_scope); unset SDICT_EXT_DIRECT_READ (direct reads are opt-in) to send "
+             "the bytes through the process group instead";
     case ESRCH:
       return "the source process is gone";
     case EFAULT:
       return "an address is not mapped in the source process (its tensor was freed or moved "
              "while being read)";
     case ENOSYS:
-      return "process_vm_readv is not available here (kernel or seccomp); set "
-             "SDICT_EXT_DIRECT_READ=0";
+      return "process_vm_readv is not available here (kernel or seccomp); unset "
+             "SDICT_EXT_DIRECT_READ";
     default:
       return std::strerror(err);
   }
@@ -118,7 +118,79 @@ class Batch {
   int64_t bytes_ = 0;
 };
 
+// A 64-bit mix of (seed, i) (splitmix64's finaliser): a sample position rank 0 and the
+// reader both draw, which no fixed offset error lines up with.
+std::uint64_t mix(std::uint64_t seed, std::uint64_t i) {
+  std::uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// One readv of iovs[0:count] on each side; whether it moved every byte.
+bool read_all(pid_t pid, iovec* local, iovec* remote, size_t count, size_t total) {
+  ssize_t got = -1;
+  do {
+    got = process_vm_readv(pid, local, count, remote, count, 0);
+  } while (got < 0 && errno == EINTR);
+  return got >= 0 && static_cast<size_t>(got) == total;
+}
+
 }  // namespace
+
+std::vector<bool> read_samples(pid_t pid, const std::vector<std::uint64_t>& addrs,
+                               const std::vector<int64_t>& nbytes, const std::vector<std::uint64_t>& ids,
+                               std::uint64_t seed, char* out) {
+  TORCH_CHECK(addrs.size() == nbytes.size() && ids.size() == addrs.size(),
+              "sdict_ext.read_samples: one byte count and one id per address");
+  const size_t n = addrs.size();
+  std::memset(out, 0, n * kSampleBytes);
+  std::vector<bool> ok(n, false);
+  constexpr size_t kPerCall = kMaxIov / 2;  // two windows a range
+  std::vector<iovec> local(kMaxIov);
+  std::vector<iovec> remote(kMaxIov);
+  std::vector<size_t> members;  // the ranges of this call
+  std::vector<size_t> bytes;    // and their window bytes
+  for (size_t first = 0; first < n;) {
+    members.clear();
+    bytes.clear();
+    size_t count = 0;
+    size_t total = 0;
+    for (; first < n && members.size() < kPerCall; ++first) {
+      const int64_t len = nbytes[first];
+      std::uint64_t end = 0;
+      if (len <= 0 || addrs[first] == 0 ||
+          __builtin_add_overflow(addrs[first], static_cast<std::uint64_t>(len), &end)) {
+        continue;
+      }
+      const auto w = static_cast<size_t>(std::min<int64_t>(len, 8));
+      const std::uint64_t span = static_cast<std::uint64_t>(len) - w + 1;
+      const std::uint64_t at[2] = {static_cast<std::uint64_t>(len) - w, mix(seed, ids[first]) % span};
+      char* dst = out + first * kSampleBytes;
+      for (int k = 0; k < 2; ++k) {
+        local[count] = {dst + 8 * k, w};
+        remote[count] = {reinterpret_cast<void*>(addrs[first] + at[k]), w};
+        ++count;
+      }
+      members.push_back(first);
+      bytes.push_back(2 * w);
+      total += 2 * w;
+    }
+    if (members.empty()) continue;
+    if (read_all(pid, local.data(), remote.data(), count, total)) {
+      for (size_t m : members) ok[m] = true;
+      continue;
+    }
+    // Some window was refused: find which range's, one range at a time (an error path).
+    size_t at = 0;
+    for (size_t k = 0; k < members.size(); ++k) {
+      ok[members[k]] = read_all(pid, local.data() + at, remote.data() + at, 2, bytes[k]);
+      if (!ok[members[k]]) std::memset(out + members[k] * kSampleBytes, 0, kSampleBytes);
+      at += 2;
+    }
+  }
+  return ok;
+}
 
 int64_t read_process_boxes(pid_t pid, const std::vector<RemoteBox>& boxes) {
   // Every box is checked before anything is read.

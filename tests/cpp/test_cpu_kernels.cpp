@@ -5,6 +5,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -232,9 +235,101 @@ void test_read_process_boxes_matches_narrow() {
                 "read_process_boxes rejects a box outside its tensor");
 }
 
+// Bounds near 2^63 (offsets, starts, packed shapes, world sizes, strides): every plan
+// raises instead of letting a sum or product wrap (UBSan flags any that still does).
+void test_bounds_near_int64_max_are_refused() {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  using sdict_ext::checked_extent;
+  using sdict_ext::range_fits;
+  expect(range_fits(0, 8, 8) && range_fits(8, 0, 8) && !range_fits(kMax - 7, 8, 64) &&
+             !range_fits(-1, 1, 8) && !range_fits(kMax, kMax, kMax),
+         "range_fits");
+  const std::vector<int64_t> huge = {int64_t{1} << 62, int64_t{1} << 62};
+  const std::vector<int64_t> empty = {0, kMax, kMax};
+  const std::vector<int64_t> four = {2, 2};
+  expect(checked_extent(huge) == -1 && checked_extent(empty) == 0 && checked_extent(four, 8) == 32,
+         "checked_extent");
+  auto [start, len] = sdict_ext::chunk_range(kMax, kMax, kMax - 1);
+  expect(start == kMax - 1 && len == 1, "chunk_range at int64 max");
+  std::tie(start, len) = sdict_ext::chunk_range(kMax, 2, 5);
+  expect(start == kMax && len == 0, "chunk_range past the end");
+
+  const auto flat = at::arange(64, at::kByte);
+  std::vector<at::Tensor> dst = {at::zeros({2})};
+  const std::vector<int64_t> off_end = {kMax - 7};
+  expect_throws([&] { sdict_ext::plan_unpack(flat, off_end, dst, c10::nullopt, c10::nullopt); }, "lies outside flat",
+                "unpack offset whose end wraps");
+  std::vector<at::Tensor> box = {at::zeros({1, 2}, at::kByte)};
+  const std::vector<int64_t> zero = {0};
+  const std::vector<int64_t> full = {2, 2};
+  const std::vector<int64_t> far = {kMax, 0};
+  expect_throws([&] { sdict_ext::plan_unpack(flat, zero, box, full, far); }, "does not fit in the packed shape",
+                "unpack start whose end wraps");
+  std::vector<at::Tensor> one = {at::zeros({1, 1}, at::kByte)};
+  const std::vector<int64_t> origin = {0, 0};
+  expect_throws([&] { sdict_ext::plan_unpack(flat, zero, one, huge, origin); }, "more bytes than an int64",
+                "unpack packed shape whose size wraps");
+  auto out = at::full({64}, 7, at::kByte);
+  const std::vector<at::Tensor> src = {at::ones({2})};
+  const std::vector<int64_t> off_pack = {kMax - 3};
+  expect_throws([&] { sdict_ext::plan_pack(src, off_pack, out); }, "does not fit in out",
+                "pack offset whose end wraps");
+  auto gathered = at::arange(8, at::kByte);
+  auto gc_out = at::empty({8}, at::kByte);
+  expect_throws([&] { sdict_ext::plan_gather_concat(gathered, int64_t{1} << 62, 4, gc_out, 0); },
+                "fewer than world_size * chunk_numel", "gather_concat world_size * chunk_numel wraps");
+  // An empty output with a world size no loop could walk: nothing to plan, at once.
+  auto none = at::empty({0, 3}, at::kByte);
+  expect(sdict_ext::plan_gather_concat(at::empty({0}, at::kByte), 0, kMax, none, 0).empty(),
+         "gather_concat of nothing over int64-max ranks");
+
+  sdict_ext::RemoteBox rb;
+  rb.addr = 4096;
+  rb.full = {16};
+  rb.start = {kMax};
+  rb.size = {1};
+  rb.itemsize = 1;
+  char byte = 0;
+  rb.dst = &byte;
+  expect_throws([&] { sdict_ext::read_process_boxes(getpid(), {rb}); }, "leaves dim 0", "remote box start wraps");
+  rb.full = huge;
+  rb.start = origin;
+  rb.size = {1, 1};
+  expect_throws([&] { sdict_ext::read_process_boxes(getpid(), {rb}); }, "address space", "remote tensor size wraps");
+  rb.full = {16};
+  rb.start = {0};
+  rb.size = {1};
+  rb.addr = ~std::uint64_t{0} - 4;
+  expect_throws([&] { sdict_ext::read_process_boxes(getpid(), {rb}); }, "address space", "remote address wraps");
+}
+
+// read_samples: windows of our own tensors read back as they are; an address a page
+// off, or unmapped, reads other bytes or is refused, and never raises.
+void test_read_samples_tells_refused_ranges() {
+  const at::Tensor a = at::arange(4096, at::kInt);
+  const at::Tensor b = at::arange(3, at::kByte);
+  const auto pa = reinterpret_cast<std::uint64_t>(a.data_ptr());
+  const auto pb = reinterpret_cast<std::uint64_t>(b.data_ptr());
+  std::vector<char> first(4 * sdict_ext::kSampleBytes);
+  std::vector<char> second(4 * sdict_ext::kSampleBytes);
+  const std::vector<std::uint64_t> ids = {0, 1, 2, 3};
+  // (The first range stops a page short of a's end, so that a page further it stays in a.)
+  const auto n = static_cast<int64_t>(a.nbytes()) - 4096;
+  const auto ok1 = sdict_ext::read_samples(getpid(), {pa, pb, 4096, pa}, {n, 3, 64, 0}, ids, 7, first.data());
+  expect(ok1 == std::vector<bool>({true, true, false, false}), "read_samples flags");
+  const auto ok2 = sdict_ext::read_samples(getpid(), {pa + 4096, pb}, {n, 3}, {0, 1}, 7, second.data());
+  expect(ok2 == std::vector<bool>({true, true}), "read_samples of a shifted range");
+  expect(std::memcmp(first.data(), second.data(), sdict_ext::kSampleBytes) != 0, "a page off reads other bytes");
+  expect(std::memcmp(first.data() + sdict_ext::kSampleBytes, second.data() + sdict_ext::kSampleBytes,
+                     sdict_ext::kSampleBytes) == 0,
+         "the same range reads the same samples");
+}
+
 }  // namespace
 
 int main() {
+  test_bounds_near_int64_max_are_refused();
+  test_read_samples_tells_refused_ranges();
   test_read_process_boxes_matches_narrow();
   test_dense_overlap_sweep();
   test_strided_and_dense_copies();

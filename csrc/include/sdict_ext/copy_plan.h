@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/SmallVector.h>
 
+#include "sdict_ext/checked.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -129,8 +131,15 @@ void add_dense_copy(
 
 // Per-pair argument checks for batched_copy_: same dtype and shape, no
 // self-overlapping destination (unless the pair is same_elements: a no-op, as in
-// at::Tensor::copy_). `op` is used in messages.
+// at::Tensor::copy_), no inference-tensor destination outside inference mode.
+// `op` is used in messages.
 void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, const char* op);
+
+// Raises when `t` (the op's `what` `index`; index -1: `what` alone names it) is an
+// inference tensor and inference mode is off: at::Tensor::copy_ refuses that in-place
+// update, and so does every op here. (Such a call skips the autograd kernel, which only
+// sees tensors with autograd keys.)
+void check_not_inference(const at::Tensor& t, const char* op, const char* what, int64_t index);
 
 // Layout of the k-th of `world_size` chunks along `dim` of a tensor of size
 // `dim_size`, with torch.chunk semantics: chunk length ceil(dim_size / world_size),

@@ -36,6 +36,20 @@ void visit_box_runs(const RemoteBox& box, Visit&& visit);
 // the box and the errno's likely cause, when the kernel refuses. Returns the bytes read.
 int64_t read_process_boxes(pid_t pid, const std::vector<RemoteBox>& boxes);
 
+// Bytes sampled from each range by read_samples: two windows of up to 8 bytes, zero-padded.
+constexpr int64_t kSampleBytes = 16;
+
+// Reads, from process `pid`, two windows of each range [addrs[i], addrs[i] + nbytes[i]):
+// its last (up to) 8 bytes, and 8 at a position drawn from (seed, ids[i]), into
+// out[kSampleBytes * i ...]. Rank 0 samples its own tensors so; a rank about to read
+// them reads the same windows at the addresses rank 0 announced, and reads directly only
+// the ranges whose samples match (an address that is off, or not mapped, falls back to
+// messages). Never raises for what the kernel refuses: returns, per range, whether its
+// windows could be read (a range of no bytes, or that leaves the address space, cannot).
+std::vector<bool> read_samples(pid_t pid, const std::vector<std::uint64_t>& addrs,
+                               const std::vector<int64_t>& nbytes, const std::vector<std::uint64_t>& ids,
+                               std::uint64_t seed, char* out);
+
 }  // namespace sdict_ext
 
 #include "sdict_ext/remote_read_inl.h"

@@ -3,6 +3,8 @@
 
 #include <c10/util/Exception.h>
 
+#include "sdict_ext/checked.h"
+
 #include <cstddef>
 
 namespace sdict_ext {
@@ -15,11 +17,18 @@ inline bool check_box(const RemoteBox& box) {
   TORCH_CHECK(box.itemsize > 0, "sdict_ext.read_process_boxes: itemsize must be positive");
   bool empty = false;
   for (size_t d = 0; d < dims; ++d) {
-    TORCH_CHECK(box.start[d] >= 0 && box.size[d] >= 0 && box.start[d] + box.size[d] <= box.full[d],
+    TORCH_CHECK(range_fits(box.start[d], box.size[d], box.full[d]),
                 "sdict_ext.read_process_boxes: the box (start ", box.start[d], ", size ", box.size[d],
                 ") leaves dim ", d, " of size ", box.full[d]);
     empty = empty || box.size[d] == 0;
   }
+  // Every byte read lies in [addr, addr + the tensor's bytes): that range must be counted
+  // in int64 and must not wrap the address space.
+  const int64_t nbytes = checked_extent(box.full, box.itemsize);
+  std::uint64_t end = 0;
+  TORCH_CHECK(nbytes >= 0 && !__builtin_add_overflow(box.addr, static_cast<std::uint64_t>(nbytes), &end),
+              "sdict_ext.read_process_boxes: a tensor of shape ", c10::IntArrayRef(box.full), " and item size ",
+              box.itemsize, " at 0x", std::hex, box.addr, std::dec, " does not fit in the address space");
   return empty;
 }
 
