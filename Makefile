@@ -16,10 +16,12 @@ PYTEST_ARGS ?=
 
 .PHONY: setup build test bench cpptest cudahosttest clean
 
-# matplotlib (the [bench] extra: `make bench`'s plot), accelerate (a patch_torch test)
-# and hypothesis (the ops' property tests) are optional: where no package index answers,
-# they are skipped, not fatal; a python3 that has torch already (the GPU machine)
-# downloads nothing for them.
+# matplotlib (the [bench] extra: `make bench`'s plot), accelerate (a patch_torch test),
+# hypothesis (the ops' property tests), transformers (save_pretrained of tied models) and
+# torchtitan (its CheckpointManager with our stager; --no-deps: only its checkpoint
+# component is used, and its full dependencies pull wandb, datasets, ...) are optional:
+# where no package index answers, they are skipped, not fatal; a python3 that has torch
+# already (the GPU machine) downloads nothing for them.
 setup:
 ifneq ($(HAVE_TORCH),yes)
 	@test -x .venv/bin/python || python3 -m venv .venv
@@ -31,6 +33,12 @@ ifneq ($(HAVE_TORCH),yes)
 	  || echo "accelerate not installed: its patch_torch test is skipped"
 	@$(PY) -c "import hypothesis" 2>/dev/null || $(PY) -m pip install -q --retries 1 --timeout 10 hypothesis \
 	  || echo "hypothesis not installed: the ops' property tests are skipped"
+	@$(PY) -c "import transformers" 2>/dev/null || $(PY) -m pip install -q --retries 1 --timeout 10 transformers \
+	  || echo "transformers not installed: its save_pretrained tests are skipped"
+	@$(PY) -c "import torchtitan.components.checkpoint" 2>/dev/null || ( \
+	  $(PY) -m pip install -q --retries 1 --timeout 10 tyro einops \
+	  && $(PY) -m pip install -q --retries 1 --timeout 10 --no-deps torchtitan==0.3.0 ) \
+	  || echo "torchtitan not installed: its CheckpointManager test is skipped"
 endif
 # A python3 that has torch (the GPU machine, often without network) needs nothing more
 # to build: without ninja the build is slower, without pytest only `make test` fails.
