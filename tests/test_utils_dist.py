@@ -13,6 +13,7 @@ import copy
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -536,6 +537,24 @@ def test_broadcast_of_1000_tensors_uses_one_message_per_slice(mixed, route):
             assert sent == limit
 
 
+def _hold(local: dict) -> Callable[[], bool]:
+    """Snapshots ``local``; the returned check says whether it still holds the same
+    objects with the same bytes (nothing may be written when a rank fails)."""
+    before = dict(local)
+    held = {
+        k: (v.to_local() if isinstance(v, DTensor) else v).clone()
+        for k, v in local.items() if isinstance(v, torch.Tensor) and not v.is_meta
+    }
+
+    def untouched() -> bool:
+        return all(local[k] is v for k, v in before.items()) and all(
+            torch.equal(local[k].to_local() if isinstance(local[k], DTensor) else local[k], v)
+            for k, v in held.items()
+        )
+
+    return untouched
+
+
 def _broadcast_failure(kind: str, route: str):
     full, local = _load_inputs(meta_ok=False)
     rank = dist.get_rank()
@@ -548,21 +567,12 @@ def _broadcast_failure(kind: str, route: str):
             torch.zeros(2 * dist.get_world_size(), 3), _mesh((dist.get_world_size(),)),
             [Shard(0)], src_data_rank=None,
         )
-    before = dict(local)
-    # What every local tensor holds: nothing may be written when a rank fails.
-    held = {
-        k: (v.to_local() if isinstance(v, DTensor) else v).clone()
-        for k, v in local.items() if isinstance(v, torch.Tensor) and not v.is_meta
-    }
+    untouched = _hold(local)
     try:
         with box_route(route):
             utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
     except Exception as exc:  # noqa: BLE001
-        untouched = all(local[k] is v for k, v in before.items()) and all(
-            torch.equal(local[k].to_local() if isinstance(local[k], DTensor) else local[k], v)
-            for k, v in held.items()
-        )
-        return type(exc).__name__, untouched
+        return type(exc).__name__, untouched()
     return None
 
 
@@ -616,20 +626,12 @@ def _broadcast_unsendable_sources(route: str):
         bad = _unsendable_source(kind)
         full["zz_bad"] = bad
         local["zz_bad"] = torch.zeros(() if kind == "meta_scalar" else (3, 3))
-        before = dict(local)
-        held = {
-            k: (v.to_local() if isinstance(v, DTensor) else v).clone()
-            for k, v in local.items() if isinstance(v, torch.Tensor)
-        }
+        untouched = _hold(local)
         try:
             with box_route(route):
                 utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
         except Exception as exc:  # noqa: BLE001
-            untouched = all(local[k] is v for k, v in before.items()) and all(
-                torch.equal(local[k].to_local() if isinstance(local[k], DTensor) else local[k], v)
-                for k, v in held.items()
-            )
-            seen.append((kind, type(exc).__name__, str(exc), untouched))
+            seen.append((kind, type(exc).__name__, str(exc), untouched()))
         else:
             seen.append((kind, None, "", False))
     return seen
@@ -812,10 +814,7 @@ def _broadcast_crafted_needs_row():
     """Rank 1 sends a needs row whose box of one tensor starts at 2**63 - 1."""
     full, local = _load_inputs(meta_ok=False)
     rank = dist.get_rank()
-    held = {
-        k: (v.to_local() if isinstance(v, DTensor) else v).clone()
-        for k, v in local.items() if isinstance(v, torch.Tensor)
-    }
+    untouched = _hold(local)
     encode = _box_route_mod.encode_needs
 
     def crafted(shapes, itemsizes, boxes, direct=None):
@@ -834,11 +833,7 @@ def _broadcast_crafted_needs_row():
         with box_route("messages"):
             utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
     except Exception as exc:  # noqa: BLE001
-        untouched = all(
-            torch.equal(local[k].to_local() if isinstance(local[k], DTensor) else local[k], v)
-            for k, v in held.items()
-        )
-        return type(exc).__name__, str(exc), untouched
+        return type(exc).__name__, str(exc), untouched()
     finally:
         _box_route_mod.encode_needs = encode
     return None
