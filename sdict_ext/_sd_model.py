@@ -149,6 +149,10 @@ class ModelLoad:
     local: dict[str, Any]
     # Raw key -> the canonical FQN the caller knows it by (for messages).
     clean_of: dict[str, str] = field(default_factory=dict)
+    # Full / broadcast loads: the device the data travels to, and whether the model is
+    # on the meta device (filled by assigning the received tensors).
+    device: torch.device | None = None
+    assign: bool = False
 
 
 def tensor_problem(
@@ -195,8 +199,24 @@ def prepare_model_load(
                 state_dict[raw_fqn] = state_dict.pop(fqn)
             local[raw_fqn] = value
             clean_of[raw_fqn] = fqn
+    device, assign = None, False
+    if info.broadcast_from_rank0 or info.full_state_dict:
+        # Decided here, not at the load: a rank that failed only then would leave rank 0
+        # waiting in the broadcast, with the optimizers already loaded.
+        devices = {v.device for v in local.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+        # A model built on the meta device (e.g. LoRA-style partial materialisation) is
+        # filled by assigning the received tensors instead of copying into them.
+        if torch.device("meta") in devices:
+            devices.discard(torch.device("meta"))
+            assign = True
+        if len(devices) > 1:
+            return None, (
+                "set_model_state_dict: the model's tensors are on several devices "
+                f"{sorted(map(str, devices))}"
+            )
+        device = devices.pop() if devices else collective_device()
     if not is_source:
-        return ModelLoad(state_dict, local, clean_of), None
+        return ModelLoad(state_dict, local, clean_of, device, assign), None
 
     problems: list[str] = []
     for key in state_dict:
@@ -227,7 +247,7 @@ def prepare_model_load(
             problems.append(str(exc))
     if problems:
         return None, "set_model_state_dict: " + "; ".join(problems)
-    return ModelLoad(state_dict, local, clean_of), None
+    return ModelLoad(state_dict, local, clean_of, device, assign), None
 
 
 def _facts(value: Any, info: Info) -> Any:
@@ -295,20 +315,8 @@ def run_model_load(model: nn.Module, plan: ModelLoad | None, info: Info) -> _Inc
     """Move the checked data to the model's tensors and call ``load_state_dict``."""
     if plan is None:
         return _IncompatibleKeys([], [])
-    state_dict, local = plan.state_dict, plan.local
-    assign = False
+    state_dict, local, device, assign = plan.state_dict, plan.local, plan.device, plan.assign
     if info.broadcast_from_rank0 or info.full_state_dict:
-        devices = {v.device for v in local.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-        # A model built on the meta device (e.g. LoRA-style partial materialisation) is
-        # filled by assigning the received tensors instead of copying into them.
-        if torch.device("meta") in devices:
-            devices.discard(torch.device("meta"))
-            assign = True
-        if len(devices) > 1:
-            raise ValueError(
-                f"the model's tensors are on several devices {sorted(map(str, devices))}"
-            )
-        device = devices.pop() if devices else collective_device()
         if info.broadcast_from_rank0:
             broadcast_state_dict(
                 state_dict,

@@ -1127,3 +1127,50 @@ def test_broadcast_load_faults_raise_on_every_rank_and_load_neither_model_nor_op
         "full_state_dict['notes._extra_state'] (a function) cannot be pickled"
     ) in unpicklable0[1]
     assert "full_state_dict['l2.weight'] is a meta tensor" in meta0[1]
+
+
+def _on_rank_broadcast_load_into_a_model_on_two_devices() -> tuple[str, str, bool]:
+    """Rank 1's model spans the CPU and a GPU; rank 0 broadcasts a full state dict."""
+    _quiet()
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    if rank == 1:
+        model[1].to("cuda")
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optim.step()
+    model_sd, optim_sd = ({}, {})
+    if rank == 0:
+        model_sd, optim_sd = T.get_state_dict(
+            model, optim, options=T.StateDictOptions(full_state_dict=True)
+        )
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [t.clone() for s in optim.state.values() for t in s.values()]
+    try:
+        S.set_state_dict(
+            model, optim, model_state_dict=model_sd, optim_state_dict=optim_sd,
+            options=S.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+    except Exception as exc:  # noqa: BLE001
+        untouched = all(torch.equal(a, b) for a, b in zip(params, model.parameters())) and all(
+            torch.equal(a, b) for a, b in zip(state, [t for s in optim.state.values()
+                                                      for t in s.values()])
+        )
+        return type(exc).__name__, str(exc), untouched
+    return "nothing", "", False
+
+
+@pytest.mark.dist
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_broadcast_load_into_a_model_on_two_devices_fails_on_every_rank_loading_nothing():
+    # The device check runs with the other checks, before the agreement: a rank that
+    # found it only at the load left rank 0 waiting in the broadcast.
+    for kind, text, untouched in run_fresh(
+        2, _on_rank_broadcast_load_into_a_model_on_two_devices,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=CALL_TIMEOUT_S,
+    ):
+        assert kind == "RuntimeError" and untouched
+        assert "several devices" in text
