@@ -43,6 +43,7 @@ garbage-collected (each gloo group holds sockets and threads).
 
 from __future__ import annotations
 
+import bisect
 import copy
 import io
 import pickle
@@ -62,6 +63,7 @@ import torch.distributed as dist
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
+from torch.multiprocessing.reductions import reduce_tensor as _torch_reduce_tensor
 from torch.utils.hooks import RemovableHandle
 
 from sdict_ext import ops
@@ -173,6 +175,118 @@ def _reduce_dtensor(dtensor: DTensor) -> tuple[Any, ...]:
 # Only multiprocessing's pickler (connections and queues: DCP's PROCESS upload) is
 # changed; pickle.dumps, torch.save and copy.deepcopy keep PyTorch's DTensor reduction.
 ForkingPickler.register(DTensor, _reduce_dtensor)
+
+
+# Host slabs that stagers carved, by start address: what the tensor reduction below
+# looks up (a staged tensor's storage is a slice of its slab, see _own_storage).
+_slab_lock = threading.Lock()
+_slabs: dict[int, _Slab] = {}
+_slab_starts: list[int] = []  # sorted
+
+
+@dataclass(eq=False)
+class _Slab:
+    """A registered slab: its byte range, a weak reference to it, and how it is held.
+
+    ``pinned`` and ``not shared`` together mean that sending a staged tensor to another
+    process would have to move it into shared memory out of pinned memory, which the
+    copies into it rely on (see :func:`_reduce_tensor`).
+    """
+
+    start: int
+    end: int
+    storage: weakref.ref
+    pinned: bool
+    shared: bool
+
+
+def _register_slab(storage: torch.UntypedStorage, pinned: bool, shared: bool) -> _Slab:
+    """Records ``storage`` as a slab until it dies (a parameter-free fake for tests:
+    register any CPU storage with the flags to try)."""
+    start = storage.data_ptr()
+    slab = _Slab(start, start + storage.nbytes(), weakref.ref(storage), pinned, shared)
+    with _slab_lock:
+        _slabs[start] = slab
+        bisect.insort(_slab_starts, start)
+    weakref.finalize(storage, _forget_slab, slab)
+    return slab
+
+
+def _forget_slab(slab: _Slab) -> None:
+    with _slab_lock:
+        if _slabs.get(slab.start) is slab:
+            del _slabs[slab.start]
+            _slab_starts.remove(slab.start)
+
+
+def _slab_at(ptr: int) -> _Slab | None:
+    with _slab_lock:
+        k = bisect.bisect_right(_slab_starts, ptr) - 1
+        if k < 0:
+            return None
+        slab = _slabs[_slab_starts[k]]
+    return slab if ptr < slab.end else None
+
+
+def _own_storage(view: torch.Tensor) -> torch.Tensor:
+    """``view`` (a contiguous slab view) on a storage of its own: a slice of the slab's.
+
+    A slice keeps the slab alive and adds no copy, and gives each staged tensor the
+    ``untyped_storage()`` that DefaultStager's per-storage copies give it: consumers
+    that tell tensors apart by storage (transformers' shared-tensor detection, DCP's
+    "clone unless the storage is exactly the tensor" before writing) then treat the
+    staged state dict as they treat PyTorch's.
+    """
+    lo = view.storage_offset() * view.element_size()
+    piece = view.untyped_storage()[lo : lo + view.numel() * view.element_size()]
+    return torch.empty(0, dtype=view.dtype).set_(piece, 0, view.shape, view.stride())
+
+
+def _rebuild_slab_tensor(
+    slab: torch.UntypedStorage, lo: int, nbytes: int, dtype: torch.dtype, offset: int,
+    size: torch.Size, stride: tuple[int, ...],
+) -> torch.Tensor:
+    """The receiving side of :func:`_reduce_tensor`: the tensor on its slice of the slab."""
+    return torch.empty(0, dtype=dtype).set_(slab[lo : lo + nbytes], offset, size, stride)
+
+
+def _reduce_tensor(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """How ``multiprocessing`` pickles a tensor: a staged one by reference to its slab.
+
+    A staged tensor's storage is a slice of its slab, which PyTorch's reduction would
+    move into shared memory on its own (a copy and a file descriptor per tensor). In a
+    shared slab, the slab storage goes instead (once per pickle, however many tensors
+    follow: the pickler's memo), with each tensor's place in it. In a pinned slab that
+    is not shared, the move would take the tensor out of pinned memory, under copies
+    that write it as pinned: refused, before anything moves. Every other tensor (an
+    unpinned, unshared slab's included, moved as PyTorch moves any tensor) goes
+    through PyTorch's reduction.
+    """
+    if _slab_starts and tensor.layout == torch.strided and tensor.device.type == "cpu":
+        storage = tensor.untyped_storage()
+        slab = _slab_at(storage.data_ptr())
+        if slab is not None and (slab.shared or slab.pinned):
+            if not slab.shared:
+                raise RuntimeError(
+                    "PinnedStager(pin_memory=True, share_memory=False): a staged tensor "
+                    "cannot be sent to another process (DCP's "
+                    "AsyncCheckpointerType.PROCESS upload): that would move it out of "
+                    "the pinned slab into shared memory. Construct the stager with "
+                    "share_memory=True for process-based uploads"
+                )
+            whole = slab.storage()
+            if whole is not None:
+                lo = storage.data_ptr() - slab.start
+                return _rebuild_slab_tensor, (
+                    whole, lo, storage.nbytes(), tensor.dtype, tensor.storage_offset(),
+                    tensor.size(), tensor.stride(),
+                )
+    return _torch_reduce_tensor(tensor)
+
+
+# After torch.multiprocessing's own registration (made when torch is imported), which
+# this one delegates to for every tensor no stager made.
+ForkingPickler.register(torch.Tensor, _reduce_tensor)
 
 
 @dataclass
@@ -360,6 +474,90 @@ class _CopyGroup:
 
 
 @dataclass
+class _ViewGroup:
+    """Distinct source tensors that are views of one storage (as in FSDP's state dicts):
+    staged as views of one staged storage, as DefaultStager stages them, and copied as
+    the one byte range ``[lo, lo + span)`` of the source storage that they cover."""
+
+    members: tuple[int, ...]  # indices into the walk's locals
+    leaves: tuple[int, ...]  # the members' leaf indices
+    geometry: tuple[tuple[int, tuple[int, ...]], ...]  # (storage_offset, stride) each
+    lo: int
+    span: int
+
+    def source(self, srcs: list[torch.Tensor]) -> torch.Tensor:
+        first = srcs[self.members[0]]
+        return torch.empty(0, dtype=torch.uint8, device=first.device).set_(
+            first.untyped_storage(), self.lo, (self.span,)
+        )
+
+
+_STORAGE_PTR = lambda t: t.untyped_storage().data_ptr()  # noqa: E731 - a C-level map's function
+
+
+def _storage_partition(tensors: list[torch.Tensor]) -> list[int]:
+    """For each tensor, the index of the first tensor on the same storage (itself if none):
+    which tensors share storage, independent of where the storages are."""
+    ptrs = list(map(_STORAGE_PTR, tensors))
+    if 0 in ptrs:  # no bytes (zero elements): shares nothing
+        ptrs = [p or -i - 1 for i, p in enumerate(ptrs)]
+    first: dict[int, int] = {}
+    return list(map(first.setdefault, ptrs, range(len(ptrs))))
+
+
+def _view_group(
+    members: list[int], leaves: list[int], srcs: list[torch.Tensor]
+) -> _ViewGroup | None:
+    """The group of ``members`` (views of one storage), or None when one staged storage
+    cannot hold them all (an offset between them that is not a whole element)."""
+    starts, ends = [], []
+    for m in members:
+        t = srcs[m]
+        start = t.storage_offset() * t.element_size()
+        extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        starts.append(start)
+        ends.append(start + extent * t.element_size())
+    lo = min(starts)
+    if any((s - lo) % srcs[m].element_size() for s, m in zip(starts, members)):
+        return None
+    return _ViewGroup(
+        tuple(members),
+        tuple(leaves),
+        tuple((srcs[m].storage_offset(), srcs[m].stride()) for m in members),
+        lo,
+        max(ends) - lo,
+    )
+
+
+def _plan_views(walk: _Walk, partition: list[int], first: dict[int, int]) -> tuple[_ViewGroup, ...]:
+    """The view groups of a walk: distinct tensor / DTensor leaves on one storage.
+
+    A leaf repeated (one object twice) is an alias, not a group member; ShardedTensor
+    shards and zero-element tensors are staged on their own.
+    """
+    if partition == list(range(len(partition))):  # the usual case: nothing shared
+        return ()
+    leaf_of: list[int] = []  # local index -> leaf index (-1: a ShardedTensor's shard)
+    for i, leaf in enumerate(walk.leaves):
+        if _kind(leaf) == _SHARDED:
+            leaf_of += [-1] * len(leaf.local_shards())
+        else:
+            leaf_of.append(i)
+    by_root: dict[int, list[int]] = {}
+    for m, root in enumerate(partition):
+        i = leaf_of[m]
+        if i >= 0 and first[id(walk.leaves[i])] == i and walk.locals[m].numel():
+            by_root.setdefault(root, []).append(m)
+    views = []
+    for members in by_root.values():
+        if len(members) > 1:
+            group = _view_group(members, [leaf_of[m] for m in members], walk.locals)
+            if group is not None:
+                views.append(group)
+    return tuple(views)
+
+
+@dataclass
 class _Layout:
     """Everything cached for one state-dict layout: the slab and the copy plan."""
 
@@ -371,10 +569,27 @@ class _Layout:
     # (leaf, earlier leaf) pairs that are one tensor object (tied weights): staged once,
     # both places get the staged tensor. The layout holds only while they still are.
     aliases: tuple[tuple[int, int], ...] = ()
+    # Which source tensors share a storage (see _storage_partition), and the groups of
+    # distinct views among them; the layout holds only while both stay as they were.
+    partition: list[int] | None = None
+    views: tuple[_ViewGroup, ...] = ()
 
     def fits(self, walk: _Walk) -> bool:
         leaves = walk.leaves
-        return walk.sig == self.sig and all(leaves[i] is leaves[j] for i, j in self.aliases)
+        if walk.sig != self.sig or not all(leaves[i] is leaves[j] for i, j in self.aliases):
+            return False
+        srcs = walk.locals
+        return _storage_partition(srcs) == self.partition and all(
+            all((srcs[m].storage_offset(), srcs[m].stride()) == g
+                for m, g in zip(group.members, group.geometry))
+            for group in self.views
+        )
+
+    def sources(self, walk: _Walk) -> list[torch.Tensor]:
+        """What the copy plan reads: the tensors, then each view group's byte range."""
+        if not self.views:
+            return walk.locals
+        return walk.locals + [group.source(walk.locals) for group in self.views]
 
 
 def _job_timeout() -> timedelta:
@@ -426,6 +641,12 @@ class PinnedStager(AsyncStager):
     thread and ``stage`` returns a ``Future`` at once; ``async_save`` then returns an
     ``AsyncSaveResponse`` whose ``staging_completion`` resolves when the copy is done.
 
+    Ties and views are staged as ``DefaultStager`` stages them: one tensor object under
+    several keys comes back as one staged object; distinct tensors on one storage (FSDP's
+    views of a flat parameter) come back as views of one staged storage, copied once as
+    the byte range they cover; every other tensor has a storage of its own (a slice of
+    the slab: ``untyped_storage()`` tells staged tensors apart as it tells the sources).
+
     DTensor and ShardedTensor leaves are staged as their local shards inside a DTensor /
     ShardedTensor with the same metadata, so DCP writes a sharded checkpoint.
 
@@ -439,9 +660,10 @@ class PinnedStager(AsyncStager):
             maps the slab (one descriptor per upload, whatever the number of tensors)
             instead of receiving a copy, and each staging first checks that its plain
             values can be pickled (an error naming the key path, before anything is
-            copied). Without it a PROCESS upload still works, but its first pickling
-            moves the slab into shared memory (one copy; a pinned slab would lose its
-            pinning there).
+            copied). Without it a PROCESS upload of an unpinned slab still
+            works (PyTorch moves each staged tensor into shared memory: a copy and a
+            descriptor per tensor, as with DefaultStager); with ``pin_memory`` it
+            raises, naming ``share_memory=True``, before anything is moved.
         async_staging: stage in a background thread and return a ``Future``; otherwise
             ``stage`` returns the staged state dict once the copy is complete.
         bucket_bytes: most bytes one ``batched_copy_`` call moves (a larger tensor goes
@@ -757,7 +979,7 @@ class PinnedStager(AsyncStager):
             staged = walk.visit(state_dict)
         if self._share_memory:
             _check_picklable(state_dict, walk.values)
-        self._copy(layout, walk.locals, events)
+        self._copy(layout, layout.sources(walk), events)
         with self._lock:
             self._stats.stages += 1
             self._stats.staged_bytes = layout.nbytes
@@ -784,26 +1006,41 @@ class PinnedStager(AsyncStager):
             for i, leaf in enumerate(walk.leaves)
             if (j := first.setdefault(id(leaf), i)) != i
         )
+        partition = _storage_partition(srcs)
+        views = _plan_views(walk, partition, first)
+        grouped = {i for group in views for i in group.leaves}
         # Only the tensor leaves go to the allocator, flat and in visiting order, each
         # object once: plain values need no slab (and would be deep-copied). DTensors go
         # as their local tensors, re-wrapped below with the source's spec, so a 0-dim
         # DTensor gets slab memory too instead of coming back as the source itself.
+        # A view group goes as its byte range, whose views are made below.
+        spans = {f"g{k}": torch.zeros((), dtype=torch.uint8).expand(group.span)
+                 for k, group in enumerate(views)}
         template = create_cpu_state_dict(
             {
-                str(i): leaf._local_tensor if _kind(leaf) == _DTENSOR else leaf
-                for i, leaf in enumerate(walk.leaves)
-                if first[id(leaf)] == i
+                **{
+                    str(i): leaf._local_tensor if _kind(leaf) == _DTENSOR else leaf
+                    for i, leaf in enumerate(walk.leaves)
+                    if first[id(leaf)] == i and i not in grouped
+                },
+                **spans,
             },
             pin_memory=self._pin_memory,
             share_memory=self._share_memory,
         )
+        span_dsts = [template.pop(key) for key in spans]
+        self._register_slab([template, span_dsts])
         out_leaves = [None] * len(walk.leaves)
+        for group, span in zip(views, span_dsts):
+            storage = _own_storage(span).untyped_storage()
+            for m, i, (offset, stride) in zip(group.members, group.leaves, group.geometry):
+                src = srcs[m]
+                start = (offset * src.element_size() - group.lo) // src.element_size()
+                staged = torch.empty(0, dtype=src.dtype).set_(storage, start, src.shape, stride)
+                out_leaves[i] = self._wrap(walk.leaves[i], staged, carved=False)
         for key, staged in template.items():
             i = int(key)
-            leaf = walk.leaves[i]
-            if _kind(leaf) == _DTENSOR:
-                staged = _mark_staged(DTensor(staged, leaf._spec, requires_grad=False))
-            out_leaves[i] = staged
+            out_leaves[i] = self._wrap(walk.leaves[i], staged)
         for i, j in aliases:
             out_leaves[i] = out_leaves[j]
         out = _Walk([], build=False)
@@ -816,8 +1053,12 @@ class PinnedStager(AsyncStager):
             )
         groups: dict[tuple[torch.device, bool], list[int]] = {}
         nbytes = 0
-        copied: set[int] = set()
-        for i, (dst, src) in enumerate(zip(dsts, srcs)):
+        # Group members are copied as their group's byte range (the entries after the
+        # tensors), each once.
+        copied: set[int] = {id(dsts[m]) for group in views for m in group.members}
+        for i, (dst, src) in enumerate(zip(dsts + span_dsts, srcs + [
+            group.source(srcs) for group in views
+        ])):
             if dst.shape != src.shape or dst.dtype != src.dtype or dst.device.type != "cpu":
                 paths = paths or _leaf_paths(state_dict)
                 raise RuntimeError(
@@ -834,7 +1075,7 @@ class PinnedStager(AsyncStager):
             groups.setdefault((src.device, non_blocking), []).append(i)
             nbytes += src.numel() * src.element_size()
         plan = [
-            _CopyGroup(device, non_blocking, self._cut_buckets(indices, dsts))
+            _CopyGroup(device, non_blocking, self._cut_buckets(indices, dsts + span_dsts))
             for (device, non_blocking), indices in groups.items()
         ]
         layout = _Layout(
@@ -844,11 +1085,38 @@ class PinnedStager(AsyncStager):
             cuda_devices=frozenset(d for d, _ in groups if d.type == "cuda"),
             nbytes=nbytes,
             aliases=aliases,
+            partition=partition,
+            views=views,
         )
         self._layout = layout
         with self._lock:
             self._stats.allocations += 1
         return layout
+
+    def _register_slab(self, carved: Any) -> None:
+        """Registers the slab that ``carved`` (create_cpu_state_dict's tensors) lie in."""
+        found = _Walk([], build=False)
+        found.visit(carved)
+        for tensor in found.locals:
+            if tensor.numel():
+                _register_slab(tensor.untyped_storage(), self._pin_memory, self._share_memory)
+                return
+
+    @staticmethod
+    def _wrap(leaf: Any, staged: Any, carved: bool = True) -> Any:
+        """The staged leaf for source ``leaf`` from its tensor (or ShardedTensor); a
+        ``carved`` one (a plain slab view) is first put on a storage of its own."""
+        kind = _kind(leaf)
+        if kind == _SHARDED:
+            for shard in staged.local_shards():
+                if shard.tensor.numel():
+                    shard.tensor = _own_storage(shard.tensor)
+            return staged
+        if carved and staged.numel():
+            staged = _own_storage(staged)
+        if kind == _DTENSOR:
+            return _mark_staged(DTensor(staged, leaf._spec, requires_grad=False))
+        return staged
 
     def _cut_buckets(self, indices: list[int], dsts: list[torch.Tensor]) -> list[_Bucket]:
         buckets: list[_Bucket] = []

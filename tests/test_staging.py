@@ -195,7 +195,9 @@ def test_three_stages_of_one_layout_allocate_one_slab(monkeypatch):
             _mutate(state_dict)
         assert calls == [{"pin_memory": False, "share_memory": False}]
         assert pointers[0] == pointers[1] == pointers[2]
-        slabs = {t.untyped_storage().data_ptr() for t in _tensors(staged) if t.numel()}
+        # Each tensor has a storage of its own (as with DefaultStager), a slice of one slab.
+        slabs = {staging._slab_at(t.untyped_storage().data_ptr()).start
+                 for t in _tensors(staged) if t.numel()}
         assert len(slabs) == 1
         stats = stager.stats
         assert (stats.stages, stats.allocations) == (3, 1)
@@ -380,7 +382,13 @@ def test_shared_memory_staging():
     state_dict = _sample_state_dict()
     with PinnedStager(pin_memory=False, share_memory=True) as stager:
         staged = _stage_now(stager, state_dict)
-        assert all(t.is_shared() for t in _tensors(staged) if t.dim() and t.numel())
+        # Storages of their own, sliced from one shared segment (which is what goes to
+        # another process, see _reduce_tensor).
+        slabs = {staging._slab_at(t.untyped_storage().data_ptr())
+                 for t in _tensors(staged) if t.dim() and t.numel()}
+        assert len(slabs) == 1
+        (slab,) = slabs
+        assert slab.shared and slab.storage().is_shared()
         _assert_equal(staged, _snapshot(state_dict))
 
 
@@ -1044,7 +1052,10 @@ def _on_rank_pickle_staged_dtensors_for_a_process() -> dict:
         "types": {k: type(v).__name__ for k, v in back.items()},
         "placements": [str(back[k].placements) for k in ("a", "b")],
         "equal": all(torch.equal(_local(back[k]), _local(source[k])) for k in source),
-        "one_storage": len({_local(v).untyped_storage().data_ptr() for v in back.values()}),
+        # A storage of its own each (as staged), all within the one segment received.
+        "own_storages": len({_local(v).untyped_storage().data_ptr() for v in back.values()}),
+        "one_segment": max(_local(v).untyped_storage().data_ptr() for v in back.values())
+        - min(_local(v).untyped_storage().data_ptr() for v in back.values()) < 4096,
         "user_reduction": staging._reduce_dtensor(user)[0] is user.__reduce_ex__(2)[0],
     }
 
@@ -1057,7 +1068,8 @@ def test_staged_dtensors_pickle_for_a_process_as_views_of_one_shared_slab():
             "types": {"a": "DTensor", "b": "DTensor", "p": "Tensor"},
             "placements": ["(Shard(dim=0),)", "(Replicate(),)"],
             "equal": True,
-            "one_storage": 1,
+            "own_storages": 3,
+            "one_segment": True,
             "user_reduction": True,
         }
 
@@ -1268,3 +1280,204 @@ def test_torchtitan_checkpoint_manager_async_with_pinned_mem_resumes_bit_exactly
     results = run_fresh(2, _on_rank_torchtitan_pinned_mem_saves, str(tmp_path), timeout=300,
                         pg_timeout=60)
     assert results == [{"allocations": 1, "resumed": {1: True, 2: True}}] * 2
+
+
+# ---------------------------------------------------------------- tied tensors and views
+
+
+def _tied_state_dict(mesh) -> dict:
+    """Ties (one object under several keys), views of one storage (distinct objects, as
+    FSDP's state dicts have), and the same for DTensors, beside unrelated tensors."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    # Plain tensors are replicated for DCP (one rank writes each): equal on every rank.
+    rank = dist.get_rank()
+    weight = _rank_values((4, 3))
+    flat = _rank_values((10,), 100)
+    local = _rank_values((8,), 200 + rank)
+    dtensor = DTensor.from_local(_rank_values((4, 2), 300 + rank), mesh, [Shard(0)])
+    # DefaultStager cannot stage a DTensor whose local tensor starts past its storage's
+    # first element (it reads the wrapper's data_ptr), so these views start at 0.
+    return {
+        "embed": weight,
+        "head": weight,
+        "first": flat[:5],
+        "second": flat[5:],
+        "grid": flat.view(2, 5),
+        "alone": _rank_values((2,), 400),
+        "d": dtensor,
+        "d_tied": dtensor,
+        "dv": DTensor.from_local(local, mesh, [Shard(0)], run_check=False),
+        "dv_grid": DTensor.from_local(local.view(2, 4), mesh, [Shard(0)], run_check=False),
+        "nested": {"w": weight, "pair": [weight, dtensor]},
+        "step": torch.tensor(3.0),
+    }
+
+
+def _flat_tensors(obj, prefix="") -> dict:
+    if isinstance(obj, (dict, list, tuple)):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        out = {}
+        for key, value in items:
+            out.update(_flat_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj} if isinstance(obj, torch.Tensor) else {}
+
+
+def _sharing_pattern(state_dict) -> dict:
+    """Which keys hold one object, and which keys' (local) tensors share a storage."""
+    flat = _flat_tensors(state_dict)
+    keys = sorted(flat)
+    pairs = [(a, b) for a in keys for b in keys if a < b]
+    storage = {k: _local_data(flat[k]).untyped_storage().data_ptr() for k in keys}
+    return {
+        "same_object": [(a, b) for a, b in pairs if flat[a] is flat[b]],
+        "same_storage": [(a, b) for a, b in pairs if storage[a] == storage[b]],
+        "types": {k: type(v).__name__ for k, v in flat.items()},
+    }
+
+
+def _zeros_like_tree(obj):
+    """Separate zero tensors (DTensors) of the same structure: a load target."""
+    if isinstance(obj, dict):
+        return {k: _zeros_like_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_zeros_like_tree(v) for v in obj)
+    return obj * 0 if isinstance(obj, torch.Tensor) else obj
+
+
+def _local_data(value):
+    return value._local_tensor if hasattr(value, "_local_tensor") else value
+
+
+def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.tensor import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    source = _tied_state_dict(mesh)
+    default = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                           use_async_staging=False,
+                                           use_non_blocking_copy=False))
+    expected = default.stage(source)
+    default.close()
+    with PinnedStager(pin_memory=False) as stager:
+        first = _stage_now(stager, source)
+        pointers = {k: _local_data(v).data_ptr() for k, v in _flat_tensors(first).items()}
+        with torch.no_grad():
+            for value in (source["embed"], source["grid"], source["d"]._local_tensor,
+                          source["dv"]._local_tensor):
+                value.add_(1000)
+        staged = _stage_now(stager, source)
+        after = {k: _local_data(v).clone() for k, v in _flat_tensors(staged).items()}
+        stable = (stager.stats.allocations == 1 and pointers == {
+            k: _local_data(v).data_ptr() for k, v in _flat_tensors(staged).items()
+        })
+        dcp.save(staged, checkpoint_id=root)
+        flat_source = _flat_tensors(source)
+        equal = all(torch.equal(after[k], _local_data(flat_source[k])) for k in after)
+        pattern = _sharing_pattern(staged)
+    back = _zeros_like_tree(source)
+    dcp.load(back, checkpoint_id=root)
+    back = _flat_tensors(back)
+    return {
+        "pattern": pattern,
+        "default_pattern": _sharing_pattern(expected),
+        "equal": equal,
+        "stable_slab": stable,
+        "not_loaded_back": [
+            k for k in back if not torch.equal(_local_data(back[k]), _local_data(flat_source[k]))
+        ],
+    }
+
+
+@pytest.mark.dist
+def test_tied_and_view_tensors_stage_with_default_stagers_object_and_storage_sharing(tmp_path):
+    for result in run_on_ranks(2, _on_rank_tied_staging_against_default_stager,
+                               str(tmp_path), timeout=CALL_TIMEOUT_S):
+        assert result["pattern"] == result["default_pattern"]
+        # The pattern is not trivial: ties, views and separate storages all occur.
+        assert ("embed", "head") in result["pattern"]["same_object"]
+        assert ("first", "second") in result["pattern"]["same_storage"]
+        assert ("dv", "dv_grid") in result["pattern"]["same_storage"]
+        assert ("dv", "dv_grid") not in result["pattern"]["same_object"]
+        assert ("alone", "embed") not in result["pattern"]["same_storage"]
+        assert result["equal"] and result["stable_slab"]
+        assert result["not_loaded_back"] == []
+
+
+def test_view_group_copies_only_its_range_once_and_keeps_views_apart():
+    flat = torch.arange(12, dtype=torch.float32)
+    source = {"a": flat[2:6], "b": flat[4:10], "t": flat[2:10].view(2, 4).t()}
+    with PinnedStager(pin_memory=False) as stager:
+        staged = _stage_now(stager, source)
+        layout = stager._layout
+        assert [(g.lo, g.span) for g in layout.views] == [(8, 32)]
+        assert layout.nbytes == 32
+        for key, value in source.items():
+            assert torch.equal(staged[key], value)
+            assert staged[key].stride() == value.stride()
+        staged["a"][2] = -1.0  # overlapping views stay views of one storage
+        assert staged["b"][0].item() == -1.0
+        # A source that is no longer a view of the others is a new layout.
+        source["b"] = source["b"].clone()
+        again = _stage_now(stager, source)
+        assert stager.stats.allocations == 2
+        assert again["a"].untyped_storage().data_ptr() != again["b"].untyped_storage().data_ptr()
+
+
+# ---------------------------------------------------------------- sending to a process
+
+
+def test_pickling_a_tensor_of_a_pinned_unshared_slab_for_a_process_raises_before_moving():
+    from multiprocessing.reduction import ForkingPickler
+
+    # A pinned slab is a property of the slab record; register a CPU storage as one.
+    slab = torch.arange(64, dtype=torch.uint8)
+    record = staging._register_slab(slab.untyped_storage(), pinned=True, shared=False)
+    staged = staging._own_storage(slab[16:32].view(torch.float32))
+    before = slab.untyped_storage().data_ptr(), staged.untyped_storage().data_ptr()
+    with pytest.raises(RuntimeError, match=r"share_memory=True"):
+        ForkingPickler.dumps({"w": staged})
+    assert (slab.untyped_storage().data_ptr(), staged.untyped_storage().data_ptr()) == before
+    assert not staged.is_shared() and not slab.is_shared()
+    # Not pinned: PyTorch's reduction moves the tensor's own storage, not the slab.
+    record.pinned = False
+    back = pickle_round_trip(staged)
+    assert torch.equal(back, staged) and slab.untyped_storage().data_ptr() == before[0]
+    # An unrelated tensor is PyTorch's business.
+    assert torch.equal(pickle_round_trip(torch.ones(3)), torch.ones(3))
+
+
+def pickle_round_trip(value):
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    return pickle.loads(ForkingPickler.dumps(value))
+
+
+def test_shared_stager_tensors_go_to_a_process_as_one_slab():
+    source = {"a": torch.randn(5), "b": torch.randn(2, 3), "c": torch.randn(7)}
+    with PinnedStager(pin_memory=False, share_memory=True) as stager:
+        staged = _stage_now(stager, source)
+        back = pickle_round_trip(staged)
+        for key, value in source.items():
+            assert torch.equal(back[key], value)
+        slab = staging._slab_at(staged["a"].untyped_storage().data_ptr())
+        reduced = [staging._reduce_tensor(t)[1][0] for t in staged.values()]
+        assert all(storage is slab.storage() for storage in reduced)
+
+
+@needs_cuda
+def test_pinned_unshared_stager_refuses_a_process_upload_and_keeps_its_pinning():
+    from multiprocessing.reduction import ForkingPickler
+
+    source = {"w": torch.randn(64, device="cuda"), "b": torch.randn(3, device="cuda")}
+    with PinnedStager(pin_memory=True, share_memory=False) as stager:
+        staged = _stage_now(stager, source)
+        with pytest.raises(RuntimeError, match=r"share_memory=True"):
+            ForkingPickler.dumps(staged)
+        assert all(t.is_pinned() for t in staged.values())
+        again = _stage_now(stager, source)
+        for key, value in source.items():
+            assert torch.equal(again[key], value.cpu())
