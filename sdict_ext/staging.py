@@ -160,11 +160,11 @@ def _rebuild_staged_dtensor(local: torch.Tensor, spec: Any) -> DTensor:
 def _reduce_dtensor(dtensor: DTensor) -> tuple[Any, ...]:
     """How ``multiprocessing`` pickles a DTensor: a staged one as its local shard and spec.
 
-    The local shard goes through PyTorch's own tensor reduction, which sends a storage
-    once per pickle however many views of it follow (the pickler's memo), as an offset,
-    shape and stride per view: a slab's thousands of tensors cost one shared segment and
-    one file descriptor, and the receiver maps the slab instead of copying it. Every
-    other DTensor pickles as PyTorch pickles it.
+    The local shard goes through :func:`_reduce_tensor`, which sends a shared slab's
+    storage once per pickle however many tensors on it follow (the pickler's memo),
+    with each tensor's place in it: a slab's thousands of tensors cost one shared
+    segment and one file descriptor, and the receiver maps the slab instead of copying
+    it. Every other DTensor pickles as PyTorch pickles it.
     """
     ref = _STAGED_DTENSORS.get(id(dtensor))
     if ref is not None and ref() is dtensor:
@@ -579,7 +579,11 @@ class _Layout:
         if walk.sig != self.sig or not all(leaves[i] is leaves[j] for i, j in self.aliases):
             return False
         srcs = walk.locals
-        return _storage_partition(srcs) == self.partition and all(
+        try:
+            partition = _storage_partition(srcs)
+        except (RuntimeError, NotImplementedError):
+            return False  # a tensor without storage: re-planning names it
+        return partition == self.partition and all(
             all((srcs[m].storage_offset(), srcs[m].stride()) == g
                 for m, g in zip(group.members, group.geometry))
             for group in self.views

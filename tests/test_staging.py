@@ -1481,3 +1481,10 @@ def test_pinned_unshared_stager_refuses_a_process_upload_and_keeps_its_pinning()
         again = _stage_now(stager, source)
         for key, value in source.items():
             assert torch.equal(again[key], value.cpu())
+
+
+def test_a_sparse_tensor_in_place_of_a_dense_one_of_one_shape_is_refused_by_key():
+    with PinnedStager(pin_memory=False) as stager:
+        _stage_now(stager, {"w": torch.ones(3, 3)})
+        with pytest.raises(ValueError, match=r"cannot stage 'w': a torch.sparse_coo tensor"):
+            _stage_now(stager, {"w": torch.ones(3, 3).to_sparse()})
