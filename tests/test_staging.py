@@ -1488,3 +1488,26 @@ def test_a_sparse_tensor_in_place_of_a_dense_one_of_one_shape_is_refused_by_key(
         _stage_now(stager, {"w": torch.ones(3, 3)})
         with pytest.raises(ValueError, match=r"cannot stage 'w': a torch.sparse_coo tensor"):
             _stage_now(stager, {"w": torch.ones(3, 3).to_sparse()})
+
+
+@needs_cuda
+def test_tied_and_view_cuda_tensors_stage_pinned_with_default_stagers_sharing():
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    weight = torch.randn(4, 3, device="cuda")
+    flat = torch.randn(10, device="cuda")
+    source = {"embed": weight, "head": weight, "first": flat[:5], "second": flat[5:],
+              "grid": flat.view(2, 5), "alone": torch.randn(7, device="cuda")}
+    default = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                           use_async_staging=False,
+                                           use_non_blocking_copy=False))
+    expected = default.stage(source)
+    default.close()
+    with PinnedStager(pin_memory=True) as stager:
+        for _ in range(2):
+            staged = _stage_now(stager, source)
+            assert _sharing_pattern(staged) == _sharing_pattern(expected)
+            for key, value in source.items():
+                assert torch.equal(staged[key], value.cpu()) and staged[key].is_pinned()
+            flat.add_(1)
+        assert stager.stats.allocations == 1
