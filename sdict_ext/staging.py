@@ -201,8 +201,11 @@ class _Slab:
 
 
 def _register_slab(storage: torch.UntypedStorage, pinned: bool, shared: bool) -> _Slab:
-    """Records ``storage`` as a slab until it dies (a parameter-free fake for tests:
-    register any CPU storage with the flags to try)."""
+    """Records ``storage`` as a slab, with how it is held, until it dies.
+
+    The flags are the stager's; a test can register any CPU storage with the flags it
+    needs (a pinned slab without a GPU).
+    """
     start = storage.data_ptr()
     slab = _Slab(start, start + storage.nbytes(), weakref.ref(storage), pinned, shared)
     with _slab_lock:
@@ -492,13 +495,14 @@ class _ViewGroup:
         )
 
 
-_STORAGE_PTR = lambda t: t.untyped_storage().data_ptr()  # noqa: E731 - a C-level map's function
+def _storage_ptr(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
 
 
 def _storage_partition(tensors: list[torch.Tensor]) -> list[int]:
     """For each tensor, the index of the first tensor on the same storage (itself if none):
     which tensors share storage, independent of where the storages are."""
-    ptrs = list(map(_STORAGE_PTR, tensors))
+    ptrs = list(map(_storage_ptr, tensors))
     if 0 in ptrs:  # no bytes (zero elements): shares nothing
         ptrs = [p or -i - 1 for i, p in enumerate(ptrs)]
     first: dict[int, int] = {}
@@ -1032,11 +1036,15 @@ class PinnedStager(AsyncStager):
             pin_memory=self._pin_memory,
             share_memory=self._share_memory,
         )
-        span_dsts = [template.pop(key) for key in spans]
-        self._register_slab([template, span_dsts])
+        carved_spans = [template.pop(key) for key in spans]
+        self._register_slab([template, carved_spans])
+        # The copies write each range through its own storage, as the tensors of a view
+        # group see it: should PyTorch move that storage into shared memory (pickling
+        # an unshared slab for a process), the copies follow it there.
+        span_dsts = list(map(_own_storage, carved_spans))
         out_leaves = [None] * len(walk.leaves)
         for group, span in zip(views, span_dsts):
-            storage = _own_storage(span).untyped_storage()
+            storage = span.untyped_storage()
             for m, i, (offset, stride) in zip(group.members, group.leaves, group.geometry):
                 src = srcs[m]
                 start = (offset * src.element_size() - group.lo) // src.element_size()

@@ -1511,3 +1511,21 @@ def test_tied_and_view_cuda_tensors_stage_pinned_with_default_stagers_sharing():
                 assert torch.equal(staged[key], value.cpu()) and staged[key].is_pinned()
             flat.add_(1)
         assert stager.stats.allocations == 1
+
+
+def test_unshared_slab_tensors_moved_to_shared_memory_by_pickling_keep_receiving_stages():
+    # PyTorch's reduction moves each staged tensor's own storage into shared memory; the
+    # copies of later stages (a view group's included) must land where they moved.
+    flat = torch.arange(10, dtype=torch.float32)
+    source = {"first": flat[:5], "second": flat[5:], "alone": torch.zeros(3)}
+    with PinnedStager(pin_memory=False, share_memory=False) as stager:
+        staged = _stage_now(stager, source)
+        back = pickle_round_trip(staged)
+        assert all(t.is_shared() for t in staged.values())
+        flat.add_(100)
+        source["alone"].fill_(7)
+        again = _stage_now(stager, source)
+        assert stager.stats.allocations == 1
+        for key, value in source.items():
+            assert torch.equal(again[key], value)
+            assert torch.equal(back[key], value)  # the receiver maps the same memory
