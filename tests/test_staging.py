@@ -1337,6 +1337,10 @@ def _sharing_pattern(state_dict) -> dict:
     }
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
 def _zeros_like_tree(obj):
     """Separate zero tensors (DTensors) of the same structure: a load target."""
     if isinstance(obj, dict):
@@ -1364,6 +1368,11 @@ def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
     with PinnedStager(pin_memory=False) as stager:
         first = _stage_now(stager, source)
         pointers = {k: _local_data(v).data_ptr() for k, v in _flat_tensors(first).items()}
+        flat_expected = _flat_tensors(expected)
+        as_default = sorted(flat_expected) == sorted(_flat_tensors(first)) and all(
+            _same(_local_data(v), _local_data(flat_expected[k]))
+            for k, v in _flat_tensors(first).items()
+        )
         with torch.no_grad():
             for value in (source["embed"], source["grid"], source["d"]._local_tensor,
                           source["dv"]._local_tensor):
@@ -1375,7 +1384,7 @@ def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
         })
         dcp.save(staged, checkpoint_id=root)
         flat_source = _flat_tensors(source)
-        equal = all(torch.equal(after[k], _local_data(flat_source[k])) for k in after)
+        equal = all(_same(after[k], _local_data(flat_source[k])) for k in after)
         pattern = _sharing_pattern(staged)
     back = _zeros_like_tree(source)
     dcp.load(back, checkpoint_id=root)
@@ -1383,6 +1392,7 @@ def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
     return {
         "pattern": pattern,
         "default_pattern": _sharing_pattern(expected),
+        "as_default": as_default,
         "equal": equal,
         "stable_slab": stable,
         "not_loaded_back": [
@@ -1402,7 +1412,7 @@ def test_tied_and_view_tensors_stage_with_default_stagers_object_and_storage_sha
         assert ("dv", "dv_grid") in result["pattern"]["same_storage"]
         assert ("dv", "dv_grid") not in result["pattern"]["same_object"]
         assert ("alone", "embed") not in result["pattern"]["same_storage"]
-        assert result["equal"] and result["stable_slab"]
+        assert result["as_default"] and result["equal"] and result["stable_slab"]
         assert result["not_loaded_back"] == []
 
 
