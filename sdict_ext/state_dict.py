@@ -227,7 +227,7 @@ def _load(
                 model, {}, dataclasses.replace(info, handle_model=True)
             )
             errors += [error] if error else []
-        optim_plans, error = prepare_optim_load(optims, optim_sd, info)
+        optim_plans, error = prepare_optim_load(model, optims, optim_sd, info)
         errors += [error] if error else []
     except Exception as exc:
         if not must_agree:
