@@ -371,6 +371,15 @@ def prepare_optim_load(
                 f"the optimizer has {len(optim.param_groups)}"
             )
         if not info.fsdp_modules:
+            for number, (saved, group) in enumerate(zip(per[PARAM_GROUPS], optim.param_groups)):
+                given, held = len(saved[PARAMS]), len(group[PARAMS])
+                # load_state_dict refuses groups of other sizes; a full load first merges
+                # the saved names into the optimizer's own, one per parameter.
+                if given > held or (given < held and not info.full_state_dict):
+                    problems.append(
+                        f"optimizer {index}: saved parameter group {number} has {given} "
+                        f"parameters, the optimizer's has {held}"
+                    )
             for fqn, values in per[STATE].items():
                 current = (
                     optim.state.get(info.tensor_of.get(fqn), {}) if fqn in info.tensor_of else {}

@@ -1193,7 +1193,7 @@ def _two_optimizers(kind: str, seed: int) -> tuple[Model, list[torch.optim.Optim
     """``make(kind, seed)``'s model under two AdamW (embedding and l1; the rest) with
     different hyperparameters, stepped once: ``set_state_dict(model, [a, b], ...)``."""
     model = make(kind, seed, lazy=True)
-    net = model.forward_module
+    net = model.wrapped.module if kind == "ddp" else model.forward_module
     first = [*net.emb.parameters(), *net.l1.parameters()]
     rest = [p for m in (net.l2, net.head) for p in m.parameters() if all(p is not q for q in first)]
     optims = [
@@ -1201,7 +1201,7 @@ def _two_optimizers(kind: str, seed: int) -> tuple[Model, list[torch.optim.Optim
         torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.1, betas=(0.8, 0.9)),
     ]
     g = torch.Generator().manual_seed(200 + seed)
-    net(torch.randint(0, 10, (4, 3), generator=g)).pow(2).mean().backward()
+    model.forward_module(torch.randint(0, 10, (4, 3), generator=g)).pow(2).mean().backward()
     for optim in optims:
         optim.step()
         optim.zero_grad()
@@ -1309,6 +1309,42 @@ def test_a_fault_in_the_second_optimizers_state_raises_on_every_rank_loading_no_
                 "optimizer's (8, 16)",
             }[fault]
             assert f"{origin}set_optimizer_state_dict: optimizer 1: {expected}" in text, text
+
+
+def _on_rank_positional_state_dict_for_two_optimizers(kind: str) -> list[tuple[str, str, bool]]:
+    """set_optimizer_state_dict(model, [a, b], a.state_dict()): a plain positional
+    torch.optim state dict goes to both optimizers as it is, and b's parameter group is
+    smaller. (exception type, message, nothing changed) for ours, then PyTorch's."""
+    _quiet()
+    source, (source_a, _) = _two_optimizers(kind, 0)
+    seen = []
+    for api in (S, T):
+        target, optims = _two_optimizers(kind, 1)
+        untouched = _hold_all(target, optims)
+        seen.append((*_outcome(lambda: api.set_optimizer_state_dict(
+            target.wrapped, optims, optim_state_dict=clone(source_a.state_dict()),
+        )), untouched()))
+    return seen
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["plain", "ddp"])
+def test_a_state_dict_whose_group_does_not_fit_the_second_optimizer_loads_no_optimizer(kind):
+    # PyTorch's load_state_dict refuses the second optimizer's group after the first
+    # optimizer was loaded; ours compares every group's size first.
+    for (ours, text, untouched), (theirs, their_text, theirs_untouched) in run_fresh(
+        2, _on_rank_positional_state_dict_for_two_optimizers, kind,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=CALL_TIMEOUT_S,
+    ):
+        assert ours == "RuntimeError" and untouched, text
+        assert (
+            "set_optimizer_state_dict: optimizer 1: saved parameter group 0 has 3 parameters, "
+            "the optimizer's has 2"
+        ) in text
+        if kind == "ddp":  # replicas must agree: every rank's verdict reaches every rank
+            assert text.startswith("state dict load rejected, nothing was loaded"), text
+        assert theirs == "ValueError" and "doesn't match the size" in their_text
+        assert not theirs_untouched
 
 
 def _on_rank_load_with_a_meta_model_tensor(
