@@ -305,7 +305,8 @@ class OptimLoad:
 
 
 def _state_devices(local: dict[str, Any]) -> set[torch.device]:
-    """The devices of an FQN-keyed optimizer state dict's tensors (0-dim ones aside)."""
+    """The devices of an FQN-keyed optimizer state dict's tensors; 0-dim ones (``step``)
+    are left out, as optimizers keep them on the CPU whatever the parameters' device."""
     return {
         t.device
         for values in local[STATE].values()
