@@ -386,6 +386,20 @@ def agree(error: str | None, flags: tuple[bool, ...]) -> list[tuple[bool, ...]]:
     return [tuple(f) for _, f in replies]
 
 
+def meta_problems(state_dict: dict[str, Any], name: Callable[[str], str] = str) -> list[str]:
+    """The keys of a state dict to load whose tensor is on the meta device, as messages.
+
+    No load can copy out of one; found only at the load, it would fail after the other
+    part (model or optimizers) was loaded. ``name``: the key as the caller knows it.
+    """
+    return [
+        f"{name(key)!r} is a meta tensor (it has no data); a state dict to load must hold "
+        "tensors with data (materialise it first)"
+        for key, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_meta
+    ]
+
+
 def _storage_ptr(t: torch.Tensor) -> int | None:
     if t.device.type == "meta":
         return None

@@ -26,6 +26,7 @@ from sdict_ext._sd_common import (
     agree,
     failure_reaches_the_gather,
     full_or_offload,
+    meta_problems,
     model_tensors,
     state_dict_fn,
     storage_ptrs,
@@ -245,6 +246,8 @@ def prepare_model_load(
             check_source(state_dict)
         except ValueError as exc:
             problems.append(str(exc))
+    elif not problems:
+        problems += meta_problems(state_dict, lambda key: clean_of.get(key, key))
     if problems:
         return None, "set_model_state_dict: " + "; ".join(problems)
     return ModelLoad(state_dict, local, clean_of, device, assign), None

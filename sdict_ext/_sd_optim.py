@@ -9,6 +9,7 @@ initialisation PyTorch also does) then :func:`run_optim_load` (collectives and w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from sdict_ext._broadcast_meta import check_source
 from sdict_ext._sd_common import (
     BUCKET_BYTES,
     PARAM_GROUPS,
@@ -26,6 +28,7 @@ from sdict_ext._sd_common import (
     failure_reaches_the_gather,
     fsdp_process_group,
     full_or_offload,
+    meta_problems,
     state_dict_fn,
     storage_ptrs,
 )
@@ -289,25 +292,71 @@ def split_optim(optim: torch.optim.Optimizer, osd: dict[str, Any], info: Info) -
     return {STATE: state, PARAM_GROUPS: groups}
 
 
+@dataclass
+class OptimLoad:
+    """One optimizer's checked load, ready for :func:`run_optim_load`."""
+
+    # FQN-keyed state dict of this optimizer ({} on ranks that only receive).
+    state_dict: dict[str, Any]
+    # Full loads (not FSDP1): the optimizer's own FQN-keyed state dict, which the
+    # broadcast / distribute fills, and the device the data travels to.
+    local: dict[str, Any] | None = None
+    device: torch.device | None = None
+
+
+def _state_devices(local: dict[str, Any]) -> set[torch.device]:
+    """The devices of an FQN-keyed optimizer state dict's tensors; 0-dim ones (``step``)
+    are left out, as optimizers keep them on the CPU whatever the parameters' device."""
+    return {
+        t.device
+        for values in local[STATE].values()
+        for t in (values.values() if isinstance(values, dict) else ())
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    }
+
+
 def prepare_optim_load(
-    optims: tuple[torch.optim.Optimizer, ...], osd: dict[str, Any], info: Info
-) -> tuple[list[dict[str, Any]], str | None]:
+    model: nn.Module,
+    optims: tuple[torch.optim.Optimizer, ...],
+    osd: dict[str, Any],
+    info: Info,
+) -> tuple[list[OptimLoad], str | None]:
     """Split ``osd`` per optimizer and check it against each optimizer's state.
 
+    Everything that would make one optimizer's load fail is found here, for all of
+    them, before the first is written: a failure at the load of the second optimizer
+    would leave the first loaded (and, on one rank only, the others waiting in its
+    broadcast).
+
     Returns:
-        ``(per-optimizer state dicts, error)``; ``error`` names every problem found.
+        ``(per-optimizer loads, error)``; ``error`` names every problem found.
     """
     if not info.handle_optim:
         return [], None
     is_source = not info.broadcast_from_rank0 or dist.get_rank() == 0
     if is_source and osd and not isinstance(osd, dict):
         return [], f"optim_state_dict must be a dict, got {type(osd).__name__}"
-    plans: list[dict[str, Any]] = []
+    full = info.full_state_dict and not info.fsdp_modules
+    plans: list[OptimLoad] = []
     problems: list[str] = []
     for index, optim in enumerate(optims):
         init_optim_state(optim)
+        found = len(problems)
+        local, device = None, None
+        if full:
+            # Every rank, whatever it passed: a rank that failed only at the load would
+            # leave the others waiting in the broadcast.
+            local = _fqn_keyed(model, optim, info) or {STATE: {}, PARAM_GROUPS: []}
+            devices = _state_devices(local)
+            if len(devices) > 1:
+                problems.append(
+                    f"optimizer {index}: the optimizer state is on several devices "
+                    f"{sorted(map(str, devices))}"
+                )
+                continue
+            device = devices.pop() if devices else collective_device()
         if not (is_source and osd):
-            plans.append({})
+            plans.append(OptimLoad({}, local, device))
             continue
         try:
             if STATE in osd:
@@ -323,6 +372,15 @@ def prepare_optim_load(
                 f"the optimizer has {len(optim.param_groups)}"
             )
         if not info.fsdp_modules:
+            for number, (saved, group) in enumerate(zip(per[PARAM_GROUPS], optim.param_groups)):
+                given, held = len(saved[PARAMS]), len(group[PARAMS])
+                # load_state_dict refuses groups of other sizes; a full load first merges
+                # the saved names into the optimizer's own, one per parameter.
+                if given > held or (given < held and not info.full_state_dict):
+                    problems.append(
+                        f"optimizer {index}: saved parameter group {number} has {given} "
+                        f"parameters, the optimizer's has {held}"
+                    )
             for fqn, values in per[STATE].items():
                 current = (
                     optim.state.get(info.tensor_of.get(fqn), {}) if fqn in info.tensor_of else {}
@@ -340,10 +398,24 @@ def prepare_optim_load(
                     )
                     if problem:
                         problems.append(f"optimizer {index}: {problem}")
-        plans.append(per)
+        if len(problems) == found:
+            problems += [f"optimizer {index}: {p}" for p in _unloadable(per, info)]
+        plans.append(OptimLoad(per, local, device))
     if problems:
         return [], "set_optimizer_state_dict: " + "; ".join(problems)
     return plans, None
+
+
+def _unloadable(per: dict[str, Any], info: Info) -> list[str]:
+    """What the broadcast would refuse in rank 0's source, or (other loads) a meta tensor."""
+    flat, _ = flatten_state_dict(per)
+    if not info.broadcast_from_rank0:
+        return meta_problems(flat)
+    try:
+        check_source(flat)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def _compile_renames(model: nn.Module, info: Info) -> dict[str, str]:
@@ -357,20 +429,9 @@ def _compile_renames(model: nn.Module, info: Info) -> dict[str, str]:
     return renames
 
 
-def _distribute_full(
-    model: nn.Module, optim: torch.optim.Optimizer, per: dict[str, Any], info: Info
-) -> dict[str, Any]:
-    """Turn a full (or, on non-source ranks, empty) state dict into ``optim``'s local one."""
-    local = _fqn_keyed(model, optim, info) or {STATE: {}, PARAM_GROUPS: []}
-    devices = {
-        t.device
-        for values in local[STATE].values()
-        for t in (values.values() if isinstance(values, dict) else ())
-        if isinstance(t, torch.Tensor) and t.dim() > 0
-    }
-    if len(devices) > 1:
-        raise ValueError(f"the optimizer state is on several devices {sorted(map(str, devices))}")
-    device = devices.pop() if devices else collective_device()
+def _distribute_full(plan: OptimLoad, info: Info) -> dict[str, Any]:
+    """Turn a full (or, on non-source ranks, empty) state dict into the optimizer's local one."""
+    per, local, device = plan.state_dict, plan.local, plan.device
     flat, mapping = flatten_state_dict(per)
     flat_local, local_mapping = flatten_state_dict(local)
     if info.broadcast_from_rank0:
@@ -410,7 +471,7 @@ def _own_copies(value: Any, foreign: set[int]) -> Any:
 def run_optim_load(
     model: nn.Module,
     optims: tuple[torch.optim.Optimizer, ...],
-    plans: list[dict[str, Any]],
+    plans: list[OptimLoad],
     caller_ptrs: set[int],
     info: Info,
 ) -> None:
@@ -423,7 +484,8 @@ def run_optim_load(
     if not info.handle_optim:
         return
     renames = _compile_renames(model, info) if info.fsdp_modules else {}
-    for optim, per in zip(optims, plans, strict=True):
+    for optim, plan in zip(optims, plans, strict=True):
+        per = plan.state_dict
         if info.fsdp_modules:
             if per and renames:
                 per = {
@@ -438,7 +500,7 @@ def run_optim_load(
                     model, optim, per, group=fsdp_process_group(model, info)
                 )
         elif info.full_state_dict:
-            per = _distribute_full(model, optim, per, info)
+            per = _distribute_full(plan, info)
         foreign = caller_ptrs - storage_ptrs(optim.state)
         if foreign:
             per = {STATE: _own_copies(per[STATE], foreign), PARAM_GROUPS: per[PARAM_GROUPS]}

@@ -14,7 +14,8 @@ Where PyTorch 2.13 misbehaves, these functions do not:
   shape and dtype mismatches are reported together, naming the keys, raised on all
   ranks, and nothing is loaded. With ``broadcast_from_rank0`` each rank's model is
   checked against rank 0's input, and rank 0's input against what the broadcast can
-  send, before the optimizers are loaded. The caller's dicts are never modified.
+  send, before the optimizers are loaded; with several optimizers, every optimizer's
+  part is checked before the first is loaded. The caller's dicts are never modified.
 * A rank whose ``state_dict()`` raises in a ``full_state_dict`` get makes every rank
   raise, instead of leaving the others waiting in the gather.
 * ``cpu_offload`` results are fresh copies, never the live parameters or optimizer
@@ -227,7 +228,7 @@ def _load(
                 model, {}, dataclasses.replace(info, handle_model=True)
             )
             errors += [error] if error else []
-        optim_plans, error = prepare_optim_load(optims, optim_sd, info)
+        optim_plans, error = prepare_optim_load(model, optims, optim_sd, info)
         errors += [error] if error else []
     except Exception as exc:
         if not must_agree:

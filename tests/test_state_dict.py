@@ -1041,6 +1041,19 @@ def _missing_line(message: str) -> str:
     return next(line.strip() for line in message.splitlines() if "Missing key(s)" in line)
 
 
+def _replace_layer(model: Model, name: str, layer: nn.Module) -> None:
+    """Put ``layer`` in place of ``name``, its parameters (with their state) in place of
+    the old one's in the optimizer, so that only the model differs from the source."""
+    old = model.forward_module.get_submodule(name)
+    model.forward_module.add_module(name, layer)
+    new_of = {id(o): n for o, n in zip(old.parameters(), layer.parameters(), strict=True)}
+    for group in model.optim.param_groups:
+        group["params"] = [new_of.get(id(p), p) for p in group["params"]]
+    for param in old.parameters():
+        if param in model.optim.state:
+            model.optim.state[new_of[id(param)]] = model.optim.state.pop(param)
+
+
 def _on_rank_broadcast_load_faults(kind: str) -> list[tuple[str, str, bool, str]]:
     """set_state_dict(full_state_dict, broadcast_from_rank0) of a good source state dict
     that rank 0 alone passes, with one fault each: rank 1's model has one layer more, or
@@ -1063,7 +1076,7 @@ def _on_rank_broadcast_load_faults(kind: str) -> list[tuple[str, str, bool, str]
             if fault == "extra_layer" and rank == 1:
                 target.forward_module.add_module("extra", nn.Linear(2, 2))
             if fault == "other_shape" and rank == 1:
-                target.forward_module.add_module("l2", nn.Linear(16, 9))
+                _replace_layer(target, "l2", nn.Linear(16, 9))
             copies.append(target)
         ours, theirs = copies
         if rank == 0 and fault == "unpicklable":
@@ -1174,3 +1187,256 @@ def test_broadcast_load_into_a_model_on_two_devices_fails_on_every_rank_loading_
     ):
         assert kind == "RuntimeError" and untouched
         assert "several devices" in text
+
+
+def _two_optimizers(kind: str, seed: int) -> tuple[Model, list[torch.optim.Optimizer]]:
+    """``make(kind, seed)``'s model under two AdamW (embedding and l1; the rest) with
+    different hyperparameters, stepped once: ``set_state_dict(model, [a, b], ...)``."""
+    model = make(kind, seed, lazy=True)
+    net = model.wrapped.module if kind == "ddp" else model.forward_module
+    first = [*net.emb.parameters(), *net.l1.parameters()]
+    rest = [p for m in (net.l2, net.head) for p in m.parameters() if all(p is not q for q in first)]
+    optims = [
+        torch.optim.AdamW(first, lr=1e-2),
+        torch.optim.AdamW(rest, lr=1e-3, weight_decay=0.1, betas=(0.8, 0.9)),
+    ]
+    g = torch.Generator().manual_seed(200 + seed)
+    model.forward_module(torch.randint(0, 10, (4, 3), generator=g)).pow(2).mean().backward()
+    for optim in optims:
+        optim.step()
+        optim.zero_grad()
+    return model, optims
+
+
+def _hold_all(model: Model, optims: list[torch.optim.Optimizer]) -> Any:
+    """Snapshots every tensor of the model and the optimizers (DTensors: this rank's
+    shard) and every optimizer's hyperparameters; the returned check says whether all
+    still hold the same values (a failed load may write nothing, on any rank)."""
+
+    def now() -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+        net = model.forward_module
+        held = [*net.parameters(), *net.buffers()]
+        held += [v for o in optims for s in o.state.values() for v in s.values()]
+        tensors = [
+            (v.to_local() if isinstance(v, DTensor) else v).detach().clone()
+            for v in held if isinstance(v, torch.Tensor)
+        ]
+        groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                  for o in optims]
+        return tensors, copy.deepcopy(groups)
+
+    tensors, groups = now()
+
+    def untouched() -> bool:
+        tensors_after, groups_after = now()
+        return groups_after == groups and len(tensors_after) == len(tensors) and all(
+            (a.is_meta and b.is_meta and a.shape == b.shape) if a.is_meta or b.is_meta
+            else torch.equal(a, b)
+            for a, b in zip(tensors_after, tensors, strict=True)
+        )
+
+    return untouched
+
+
+def _outcome(call: Any) -> tuple[str, str]:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, str(exc)
+    return "nothing", ""
+
+
+def _on_rank_second_optimizer_faults(kind: str, mode: str) -> list[tuple[str, str, str, bool]]:
+    """set_state_dict(model, [a, b]) of a full state dict with one fault in rank 0's
+    state for the second optimizer: a value that cannot be pickled (broadcast only), a
+    meta tensor, a tensor of another shape. Returns per fault (fault, exception type,
+    message, every local tensor and hyperparameter unchanged)."""
+    _quiet()
+    rank = dist.get_rank()
+    options = S.StateDictOptions(**_MODE_OPTIONS[mode])
+    faults = ("unpicklable",) * (mode == "broadcast") + ("meta", "other_shape")
+    seen = []
+    for fault in faults:
+        source, source_optims = _two_optimizers(kind, 0)
+        msd, osd = T.get_state_dict(
+            source.wrapped, source_optims,
+            options=T.StateDictOptions(**_MODE_OPTIONS["sharded" if mode == "sharded" else "full"]),
+        )
+        state = osd["state"]["l2.weight"]
+        if fault == "unpicklable":
+            state["note"] = lambda: None
+        if fault == "meta":
+            state["exp_avg"] = torch.empty(state["exp_avg"].shape, device="meta")
+        if fault == "other_shape":
+            state["exp_avg_sq"] = torch.zeros(3, 16)
+        target, optims = _two_optimizers(kind, 1)
+        untouched = _hold_all(target, optims)
+        given = (msd, osd) if rank == 0 or mode != "broadcast" else ({}, {})
+        seen.append((fault, *_outcome(lambda: S.set_state_dict(
+            target.wrapped, optims, model_state_dict=clone(given[0]),
+            optim_state_dict=clone(given[1]), options=options,
+        )), untouched()))
+    return seen
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["plain", "fsdp2"])
+@pytest.mark.parametrize("mode", ["broadcast", "full", "sharded"])
+def test_a_fault_in_the_second_optimizers_state_raises_on_every_rank_loading_no_optimizer(
+    kind, mode
+):
+    # Each optimizer's source is checked before the first optimizer loads: found at the
+    # second one's broadcast / distribute, the first was already loaded.
+    ranks = run_fresh(
+        2, _on_rank_second_optimizer_faults, kind, mode,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=2 * CALL_TIMEOUT_S,
+    )
+    agreed = mode == "broadcast" or kind == "fsdp2"  # else each rank checks its own input
+    for rank, seen in enumerate(ranks):
+        for fault, kind_seen, text, untouched in seen:
+            assert kind_seen == "RuntimeError" and untouched, (rank, fault, text)
+            if agreed:
+                assert text.startswith("state dict load rejected, nothing was loaded"), text
+                assert text == ranks[0][[f for f, *_ in ranks[0]].index(fault)][2]
+            origin = "rank 0: " if agreed else ""
+            expected = {
+                "unpicklable": "broadcast_state_dict: full_state_dict['state.l2.weight.note'] "
+                "(a function) cannot be pickled",
+                "meta": "broadcast_state_dict: full_state_dict['state.l2.weight.exp_avg'] is a "
+                "meta tensor" if mode == "broadcast" else "'state.l2.weight.exp_avg' is a meta "
+                "tensor (it has no data); a state dict to load must hold tensors with data",
+                "other_shape": "'state.l2.weight.exp_avg_sq': shape (3, 16) does not match the "
+                "optimizer's (8, 16)",
+            }[fault]
+            assert f"{origin}set_optimizer_state_dict: optimizer 1: {expected}" in text, text
+
+
+def _on_rank_positional_state_dict_for_two_optimizers(kind: str) -> list[tuple[str, str, bool]]:
+    """set_optimizer_state_dict(model, [a, b], a.state_dict()): a plain positional
+    torch.optim state dict goes to both optimizers as it is, and b's parameter group is
+    smaller. (exception type, message, nothing changed) for ours, then PyTorch's."""
+    _quiet()
+    source, (source_a, _) = _two_optimizers(kind, 0)
+    seen = []
+    for api in (S, T):
+        target, optims = _two_optimizers(kind, 1)
+        untouched = _hold_all(target, optims)
+        seen.append((*_outcome(lambda: api.set_optimizer_state_dict(
+            target.wrapped, optims, optim_state_dict=clone(source_a.state_dict()),
+        )), untouched()))
+    return seen
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["plain", "ddp"])
+def test_a_state_dict_whose_group_does_not_fit_the_second_optimizer_loads_no_optimizer(kind):
+    # PyTorch's load_state_dict refuses the second optimizer's group after the first
+    # optimizer was loaded; ours compares every group's size first.
+    for (ours, text, untouched), (theirs, their_text, theirs_untouched) in run_fresh(
+        2, _on_rank_positional_state_dict_for_two_optimizers, kind,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=CALL_TIMEOUT_S,
+    ):
+        assert ours == "RuntimeError" and untouched, text
+        assert (
+            "set_optimizer_state_dict: optimizer 1: saved parameter group 0 has 3 parameters, "
+            "the optimizer's has 2"
+        ) in text
+        if kind == "ddp":  # replicas must agree: every rank's verdict reaches every rank
+            assert text.startswith("state dict load rejected, nothing was loaded"), text
+        assert theirs == "ValueError" and "doesn't match the size" in their_text
+        assert not theirs_untouched
+
+
+def _on_rank_load_with_a_meta_model_tensor(
+    kind: str, mode: str
+) -> list[tuple[str, str, bool]]:
+    """set_state_dict of a state dict (every rank passes its own) whose model part holds
+    a meta tensor: (exception type, message, every local tensor and hyperparameter
+    unchanged) for ours, then for PyTorch's."""
+    _quiet()
+    source = make(kind, 0)
+    msd, osd = T.get_state_dict(
+        source.wrapped, source.optim, options=T.StateDictOptions(**_MODE_OPTIONS[mode])
+    )
+    msd["l2.weight"] = torch.empty(msd["l2.weight"].shape, device="meta")
+    seen = []
+    for api in (S, T):
+        target = make(kind, 1)
+        untouched = _hold_all(target, [target.optim])
+        seen.append((*_outcome(lambda: api.set_state_dict(
+            target.wrapped, target.optim, model_state_dict=clone(msd),
+            optim_state_dict=clone(osd), options=api.StateDictOptions(**_MODE_OPTIONS[mode]),
+        )), untouched()))
+    return seen
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["plain", "fsdp2"])
+@pytest.mark.parametrize("mode", ["full", "sharded"])
+def test_load_of_a_meta_model_tensor_raises_before_the_optimizer_loads(kind, mode):
+    # PyTorch fails too, on every rank, but only in the model load: after its optimizer
+    # was loaded. Ours finds the tensor with the other checks and loads neither.
+    for (ours, text, untouched), (theirs, _, theirs_untouched) in run_fresh(
+        2, _on_rank_load_with_a_meta_model_tensor, kind, mode,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=CALL_TIMEOUT_S,
+    ):
+        assert ours == "RuntimeError" and untouched, text
+        assert "set_model_state_dict: 'l2.weight' is a meta tensor (it has no data)" in text
+        assert theirs != "nothing" and not theirs_untouched
+
+
+def _on_rank_broadcast_optimizer_load_into_state_on_two_devices(
+    second: str,
+) -> tuple[str, str, bool]:
+    """set_optimizer_state_dict(broadcast_from_rank0) where rank 1's optimizer state is
+    on the CPU and on ``second`` (e.g. partly moved off the model's device)."""
+    _quiet()
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optim.step()
+    if rank == 1:
+        # "meta" stands in for a second device that any machine has.
+        state = optim.state[model[1].weight]
+        state["exp_avg"] = state["exp_avg"].to(second)
+    optim_sd = {}
+    if rank == 0:
+        optim_sd = T.get_optimizer_state_dict(
+            model, optim, options=T.StateDictOptions(full_state_dict=True)
+        )
+    untouched = _hold_all(Model(model, model, optim), [optim])
+    return (*_outcome(lambda: S.set_optimizer_state_dict(
+        model, optim, optim_state_dict=optim_sd,
+        options=S.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )), untouched())
+
+
+def _assert_every_rank_refuses_state_on_two_devices(second: str) -> None:
+    devices = ["cpu", "cuda:0" if second == "cuda" else second]
+    for rank, (kind, text, untouched) in enumerate(run_fresh(
+        2, _on_rank_broadcast_optimizer_load_into_state_on_two_devices, second,
+        pg_timeout=_FAULT_PG_TIMEOUT_S, timeout=CALL_TIMEOUT_S,
+    )):
+        assert kind == "RuntimeError" and untouched, (rank, text)
+        assert text.startswith("state dict load rejected, nothing was loaded"), text
+        assert (
+            "rank 1: set_optimizer_state_dict: optimizer 0: the optimizer state is on several "
+            f"devices {devices}"
+        ) in text, text
+
+
+@pytest.mark.dist
+def test_broadcast_optimizer_load_into_state_on_two_devices_fails_on_every_rank():
+    # Checked with the other checks, before the agreement: found at the load, on rank 1
+    # only, it left rank 0 waiting in the broadcast until the group timed out.
+    _assert_every_rank_refuses_state_on_two_devices("meta")
+
+
+@pytest.mark.dist
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_broadcast_optimizer_load_into_state_on_cpu_and_gpu_fails_on_every_rank():
+    _assert_every_rank_refuses_state_on_two_devices("cuda")
