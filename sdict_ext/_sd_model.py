@@ -154,6 +154,9 @@ class ModelLoad:
     # on the meta device (filled by assigning the received tensors).
     device: torch.device | None = None
     assign: bool = False
+    # A rank other than rank 0 (broadcast_from_rank0) that cannot take the model load:
+    # raised only if rank 0 loads the model (see agree_with_source).
+    problem: str | None = None
 
 
 def tensor_problem(
@@ -211,10 +214,10 @@ def prepare_model_load(
             devices.discard(torch.device("meta"))
             assign = True
         if len(devices) > 1:
-            return None, (
-                "set_model_state_dict: the model's tensors are on several devices "
-                f"{sorted(map(str, devices))}"
-            )
+            problem = f"the model's tensors are on several devices {sorted(map(str, devices))}"
+            if not is_source:
+                return ModelLoad(state_dict, local, clean_of, problem=problem), None
+            return None, f"set_model_state_dict: {problem}"
         device = devices.pop() if devices else collective_device()
     if not is_source:
         return ModelLoad(state_dict, local, clean_of, device, assign), None
@@ -265,11 +268,14 @@ def model_signature(plan: ModelLoad | None, info: Info) -> int:
 
     With ``broadcast_from_rank0`` only rank 0 checks the input against its model; a
     rank whose model has the same signature would find the same, so only ranks whose
-    signature differs from rank 0's need :func:`agree_with_source`.
+    signature differs from rank 0's need :func:`agree_with_source`. A rank's own
+    ``problem`` is part of its signature, so it reaches that check, and only when rank 0
+    loads the model.
     """
     if plan is None:
         return 0
-    return digest(sorted((k, repr(_facts(v, info))) for k, v in plan.local.items()))
+    facts = sorted((k, repr(_facts(v, info))) for k, v in plan.local.items())
+    return digest([*facts, plan.problem] if plan.problem else facts)
 
 
 def agree_with_source(model: nn.Module, plan: ModelLoad | None, info: Info) -> None:
@@ -287,6 +293,8 @@ def agree_with_source(model: nn.Module, plan: ModelLoad | None, info: Info) -> N
         table[0] = {k: _facts(v, info) for k, v in plan.state_dict.items()}
     dist.broadcast_object_list(table, src=0)
     problems: list[str] = []
+    if dist.get_rank() != 0 and plan is not None and plan.problem:
+        problems.append(plan.problem)
     if dist.get_rank() != 0 and plan is not None and table[0] is not None:
         given = table[0]
         if info.strict:

@@ -224,10 +224,9 @@ def _load(
             errors += [error] if error else []
         elif not is_source:
             # This rank's own keys, whatever it passed: checked against rank 0's below.
-            model_plan, error = prepare_model_load(
+            model_plan, _ = prepare_model_load(
                 model, {}, dataclasses.replace(info, handle_model=True)
             )
-            errors += [error] if error else []
         optim_plans, error = prepare_optim_load(model, optims, optim_sd, info)
         errors += [error] if error else []
     except Exception as exc:

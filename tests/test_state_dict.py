@@ -1272,10 +1272,13 @@ def _on_rank_second_optimizer_faults(kind: str, mode: str) -> list[tuple[str, st
         target, optims = _two_optimizers(kind, 1)
         untouched = _hold_all(target, optims)
         given = (msd, osd) if rank == 0 or mode != "broadcast" else ({}, {})
-        seen.append((fault, *_outcome(lambda: S.set_state_dict(
-            target.wrapped, optims, model_state_dict=clone(given[0]),
-            optim_state_dict=clone(given[1]), options=options,
-        )), untouched()))
+        def load(target=target, optims=optims, given=given):
+            return S.set_state_dict(
+                target.wrapped, optims, model_state_dict=clone(given[0]),
+                optim_state_dict=clone(given[1]), options=options,
+            )
+
+        seen.append((fault, *_outcome(load), untouched()))
     return seen
 
 
@@ -1321,9 +1324,12 @@ def _on_rank_positional_state_dict_for_two_optimizers(kind: str) -> list[tuple[s
     for api in (S, T):
         target, optims = _two_optimizers(kind, 1)
         untouched = _hold_all(target, optims)
-        seen.append((*_outcome(lambda: api.set_optimizer_state_dict(
-            target.wrapped, optims, optim_state_dict=clone(source_a.state_dict()),
-        )), untouched()))
+        def load(api=api, target=target, optims=optims):
+            return api.set_optimizer_state_dict(
+                target.wrapped, optims, optim_state_dict=clone(source_a.state_dict()),
+            )
+
+        seen.append((*_outcome(load), untouched()))
     return seen
 
 
@@ -1363,7 +1369,7 @@ def _on_rank_load_with_a_meta_model_tensor(
     for api in (S, T):
         target = make(kind, 1)
         untouched = _hold_all(target, [target.optim])
-        seen.append((*_outcome(lambda: api.set_state_dict(
+        seen.append((*_outcome(lambda api=api, target=target: api.set_state_dict(
             target.wrapped, target.optim, model_state_dict=clone(msd),
             optim_state_dict=clone(osd), options=api.StateDictOptions(**_MODE_OPTIONS[mode]),
         )), untouched()))
