@@ -1354,17 +1354,26 @@ def _local_data(value):
     return value._local_tensor if hasattr(value, "_local_tensor") else value
 
 
-def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
+def _default_stage(source: dict) -> dict:
+    """What PyTorch's DefaultStager stages from ``source``: synchronous, private memory."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    default = DefaultStager(StagingOptions(
+        use_pinned_memory=False, use_shared_memory=False, use_async_staging=False,
+        use_non_blocking_copy=False,
+    ))
+    try:
+        return default.stage(source)
+    finally:
+        default.close()
+
+
+def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
     from torch.distributed.tensor import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     source = _tied_state_dict(mesh)
-    default = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                                           use_async_staging=False,
-                                           use_non_blocking_copy=False))
-    expected = default.stage(source)
-    default.close()
+    expected = _default_stage(source)
     with PinnedStager(pin_memory=False) as stager:
         first = _stage_now(stager, source)
         pointers = {k: _local_data(v).data_ptr() for k, v in _flat_tensors(first).items()}
@@ -1502,17 +1511,11 @@ def test_a_sparse_tensor_in_place_of_a_dense_one_of_one_shape_is_refused_by_key(
 
 @needs_cuda
 def test_tied_and_view_cuda_tensors_stage_pinned_with_default_stagers_sharing():
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
     weight = torch.randn(4, 3, device="cuda")
     flat = torch.randn(10, device="cuda")
     source = {"embed": weight, "head": weight, "first": flat[:5], "second": flat[5:],
               "grid": flat.view(2, 5), "alone": torch.randn(7, device="cuda")}
-    default = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                                           use_async_staging=False,
-                                           use_non_blocking_copy=False))
-    expected = default.stage(source)
-    default.close()
+    expected = _default_stage(source)
     with PinnedStager(pin_memory=True) as stager:
         for _ in range(2):
             staged = _stage_now(stager, source)
