@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "RangeTable",
     "check_fits",
     "device_guard",
     "fit_limits",
@@ -285,9 +286,57 @@ class _Pinned:
         self.events: dict[tuple[int, int], Any] = {}
 
 
-_pinned_lock = threading.Lock()
-_pinned: dict[int, _Pinned] = {}  # by start address
-_pinned_starts: list[int] = []  # sorted
+class RangeTable:
+    """Host byte ranges by start address (each record has ``.end``), thread-safe.
+
+    Shared by the pinned ranges here and the stager's slab registry, which both look a
+    pointer up among the live slabs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_start: dict[int, Any] = {}
+        self._starts: list[int] = []  # sorted
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __contains__(self, start: int) -> bool:
+        return start in self._by_start
+
+    def __getitem__(self, start: int) -> Any:
+        return self._by_start[start]
+
+    def add(self, start: int, record: Any) -> None:
+        with self._lock:
+            self._by_start[start] = record
+            bisect.insort(self._starts, start)
+
+    def discard(self, start: int, record: Any) -> None:
+        """Removes ``record`` (not a newer record at the same start)."""
+        with self._lock:
+            if self._by_start.get(start) is record:
+                del self._by_start[start]
+                self._starts.remove(start)
+
+    def at(self, ptr: int) -> Any:
+        """The record whose range holds ``ptr``, or None."""
+        with self._lock:
+            k = bisect.bisect_right(self._starts, ptr) - 1
+            if k < 0:
+                return None
+            record = self._by_start[self._starts[k]]
+        return record if ptr < record.end else None
+
+    def overlapping(self, lo: int, hi: int) -> list[Any]:
+        """The records whose ranges meet ``[lo, hi]``."""
+        with self._lock:
+            below = self._starts[: bisect.bisect_right(self._starts, hi)]
+            return [r for r in map(self._by_start.__getitem__, below) if r.end > lo]
+
+
+_pinned_lock = threading.Lock()  # guards the records' events
+_pinned = RangeTable()
 
 
 def device_guard(device: int | None) -> contextlib.AbstractContextManager:
@@ -346,9 +395,7 @@ def pin_storage(
             f"cudaError {err}"
         )
     pinned = _Pinned(ptr, nbytes, device)
-    with _pinned_lock:
-        _pinned[ptr] = pinned
-        bisect.insort(_pinned_starts, ptr)
+    _pinned.add(ptr, pinned)
     # The storage object is preserved while any view of it lives, so this fires exactly
     # when the last tensor on it is gone, and the range can be registered again later.
     weakref.finalize(storage, _release, pinned, unregister, device_guard)
@@ -359,10 +406,8 @@ def _release(
     unregister: Callable[[int], int],
     device_guard: Callable[[int | None], contextlib.AbstractContextManager],
 ) -> None:
+    _pinned.discard(pinned.ptr, pinned)
     with _pinned_lock:
-        if _pinned.get(pinned.ptr) is pinned:
-            del _pinned[pinned.ptr]
-            _pinned_starts.remove(pinned.ptr)
         events = list(pinned.events.values())
         pinned.events.clear()
     # Runs from a finalizer, where a raise is swallowed: warnings at least surface.
@@ -423,15 +468,10 @@ def note_async_access(
     if not _pinned:
         return
     hit: list[_Pinned] = []
-    with _pinned_lock:
-        for tensors in tensor_lists:
-            if not tensors:
-                continue
+    for tensors in tensor_lists:
+        if tensors:
             ptrs = list(map(_DATA_PTR, tensors))
-            lo, hi = min(ptrs), max(ptrs)
-            for start in _pinned_starts[: bisect.bisect_right(_pinned_starts, hi)]:
-                if _pinned[start].end > lo:
-                    hit.append(_pinned[start])
+            hit += _pinned.overlapping(min(ptrs), max(ptrs))
     if not hit:
         return
     marks = record(_cuda_device(tensor_lists))

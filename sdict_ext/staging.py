@@ -43,7 +43,6 @@ garbage-collected (each gloo group holds sockets and threads).
 
 from __future__ import annotations
 
-import bisect
 import copy
 import io
 import pickle
@@ -67,7 +66,7 @@ from torch.multiprocessing.reductions import reduce_tensor as _torch_reduce_tens
 from torch.utils.hooks import RemovableHandle
 
 from sdict_ext import ops
-from sdict_ext._hostmem import device_guard
+from sdict_ext._hostmem import RangeTable, device_guard
 from sdict_ext.utils import create_cpu_state_dict
 
 __all__ = ["PinnedStager", "StagingStats"]
@@ -179,9 +178,7 @@ ForkingPickler.register(DTensor, _reduce_dtensor)
 
 # Host slabs that stagers carved, by start address: what the tensor reduction below
 # looks up (a staged tensor's storage is a slice of its slab, see _own_storage).
-_slab_lock = threading.Lock()
-_slabs: dict[int, _Slab] = {}
-_slab_starts: list[int] = []  # sorted
+_slabs = RangeTable()
 
 
 @dataclass(eq=False)
@@ -208,27 +205,9 @@ def _register_slab(storage: torch.UntypedStorage, pinned: bool, shared: bool) ->
     """
     start = storage.data_ptr()
     slab = _Slab(start, start + storage.nbytes(), weakref.ref(storage), pinned, shared)
-    with _slab_lock:
-        _slabs[start] = slab
-        bisect.insort(_slab_starts, start)
-    weakref.finalize(storage, _forget_slab, slab)
+    _slabs.add(start, slab)
+    weakref.finalize(storage, _slabs.discard, start, slab)
     return slab
-
-
-def _forget_slab(slab: _Slab) -> None:
-    with _slab_lock:
-        if _slabs.get(slab.start) is slab:
-            del _slabs[slab.start]
-            _slab_starts.remove(slab.start)
-
-
-def _slab_at(ptr: int) -> _Slab | None:
-    with _slab_lock:
-        k = bisect.bisect_right(_slab_starts, ptr) - 1
-        if k < 0:
-            return None
-        slab = _slabs[_slab_starts[k]]
-    return slab if ptr < slab.end else None
 
 
 def _own_storage(view: torch.Tensor) -> torch.Tensor:
@@ -265,9 +244,9 @@ def _reduce_tensor(tensor: torch.Tensor) -> tuple[Any, ...]:
     unpinned, unshared slab's included, moved as PyTorch moves any tensor) goes
     through PyTorch's reduction.
     """
-    if _slab_starts and tensor.layout == torch.strided and tensor.device.type == "cpu":
+    if _slabs and tensor.layout == torch.strided and tensor.device.type == "cpu":
         storage = tensor.untyped_storage()
-        slab = _slab_at(storage.data_ptr())
+        slab = _slabs.at(storage.data_ptr())
         if slab is not None and (slab.shared or slab.pinned):
             if not slab.shared:
                 raise RuntimeError(

@@ -196,7 +196,7 @@ def test_three_stages_of_one_layout_allocate_one_slab(monkeypatch):
         assert calls == [{"pin_memory": False, "share_memory": False}]
         assert pointers[0] == pointers[1] == pointers[2]
         # Each tensor has a storage of its own (as with DefaultStager), a slice of one slab.
-        slabs = {staging._slab_at(t.untyped_storage().data_ptr()).start
+        slabs = {staging._slabs.at(t.untyped_storage().data_ptr()).start
                  for t in _tensors(staged) if t.numel()}
         assert len(slabs) == 1
         stats = stager.stats
@@ -384,7 +384,7 @@ def test_shared_memory_staging():
         staged = _stage_now(stager, state_dict)
         # Storages of their own, sliced from one shared segment (which is what goes to
         # another process, see _reduce_tensor).
-        slabs = {staging._slab_at(t.untyped_storage().data_ptr())
+        slabs = {staging._slabs.at(t.untyped_storage().data_ptr())
                  for t in _tensors(staged) if t.dim() and t.numel()}
         assert len(slabs) == 1
         (slab,) = slabs
@@ -1482,7 +1482,7 @@ def test_shared_stager_tensors_go_to_a_process_as_one_slab():
         back = pickle_round_trip(staged)
         for key, value in source.items():
             assert torch.equal(back[key], value)
-        slab = staging._slab_at(staged["a"].untyped_storage().data_ptr())
+        slab = staging._slabs.at(staged["a"].untyped_storage().data_ptr())
         reduced = [staging._reduce_tensor(t)[1][0] for t in staged.values()]
         assert all(storage is slab.storage() for storage in reduced)
 
