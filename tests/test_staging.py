@@ -927,16 +927,7 @@ def _local_values(obj):
 
 def _load_local_values(path: str, like: dict) -> dict:
     """``dcp.load`` of ``path`` into zeros shaped (and sharded) like ``like``; local values."""
-    def zeros(obj):
-        if isinstance(obj, dict):
-            return {k: zeros(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [zeros(v) for v in obj]
-        if isinstance(obj, torch.Tensor):
-            return torch.zeros_like(obj)
-        return obj
-
-    target = zeros(like)
+    target = _zeros_like_tree(like)
     dcp.load(target, checkpoint_id=path)
     return _local_values(target)
 
@@ -1329,7 +1320,7 @@ def _sharing_pattern(state_dict) -> dict:
     flat = _flat_tensors(state_dict)
     keys = sorted(flat)
     pairs = [(a, b) for a in keys for b in keys if a < b]
-    storage = {k: _local_data(flat[k]).untyped_storage().data_ptr() for k in keys}
+    storage = {k: _local(flat[k]).untyped_storage().data_ptr() for k in keys}
     return {
         "same_object": [(a, b) for a, b in pairs if flat[a] is flat[b]],
         "same_storage": [(a, b) for a, b in pairs if storage[a] == storage[b]],
@@ -1347,11 +1338,7 @@ def _zeros_like_tree(obj):
         return {k: _zeros_like_tree(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_zeros_like_tree(v) for v in obj)
-    return obj * 0 if isinstance(obj, torch.Tensor) else obj
-
-
-def _local_data(value):
-    return value._local_tensor if hasattr(value, "_local_tensor") else value
+    return torch.zeros_like(obj) if isinstance(obj, torch.Tensor) else obj
 
 
 def _default_stage(source: dict) -> dict:
@@ -1376,10 +1363,10 @@ def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
     expected = _default_stage(source)
     with PinnedStager(pin_memory=False) as stager:
         first = _stage_now(stager, source)
-        pointers = {k: _local_data(v).data_ptr() for k, v in _flat_tensors(first).items()}
+        pointers = {k: _local(v).data_ptr() for k, v in _flat_tensors(first).items()}
         flat_expected = _flat_tensors(expected)
         as_default = sorted(flat_expected) == sorted(_flat_tensors(first)) and all(
-            _same(_local_data(v), _local_data(flat_expected[k]))
+            _same(_local(v), _local(flat_expected[k]))
             for k, v in _flat_tensors(first).items()
         )
         with torch.no_grad():
@@ -1387,13 +1374,13 @@ def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
                           source["dv"]._local_tensor):
                 value.add_(1000)
         staged = _stage_now(stager, source)
-        after = {k: _local_data(v).clone() for k, v in _flat_tensors(staged).items()}
+        after = {k: _local(v).clone() for k, v in _flat_tensors(staged).items()}
         stable = (stager.stats.allocations == 1 and pointers == {
-            k: _local_data(v).data_ptr() for k, v in _flat_tensors(staged).items()
+            k: _local(v).data_ptr() for k, v in _flat_tensors(staged).items()
         })
         dcp.save(staged, checkpoint_id=root)
         flat_source = _flat_tensors(source)
-        equal = all(_same(after[k], _local_data(flat_source[k])) for k in after)
+        equal = all(_same(after[k], _local(flat_source[k])) for k in after)
         pattern = _sharing_pattern(staged)
     back = _zeros_like_tree(source)
     dcp.load(back, checkpoint_id=root)
@@ -1405,7 +1392,7 @@ def _on_rank_tied_staging_against_default_stager(root: str) -> dict:
         "equal": equal,
         "stable_slab": stable,
         "not_loaded_back": [
-            k for k in back if not torch.equal(_local_data(back[k]), _local_data(flat_source[k]))
+            k for k in back if not torch.equal(_local(back[k]), _local(flat_source[k]))
         ],
     }
 
