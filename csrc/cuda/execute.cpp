@@ -124,34 +124,33 @@ void copy_via_buckets(const std::vector<EngineCopy>& copies, bool to_host, const
   for (int64_t b = 0; b < std::min<int64_t>(count, 2); ++b) {
     buffers[b] = at::empty({capacity}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   }
-  const auto engines = [&](int64_t b) {
+  // Bucket b's pieces as copies between their slots in buffer b % 2 and their device
+  // (`device_side`) or host side, built by `make(dst, src, bytes)`: the engines fill the
+  // slots from the device and the CPU empties them into the host for device->host, and
+  // the other way round for host->device.
+  const auto bucket_copies = [&](int64_t b, bool device_side, auto make) {
     char* base = static_cast<char*>(buffers[b % 2].mutable_data_ptr());
-    std::vector<EngineCopy> batch;
-    batch.reserve(starts[b + 1] - starts[b]);
+    std::vector<decltype(make(base, base, int64_t{0}))> out;
+    out.reserve(starts[b + 1] - starts[b]);
     for (size_t i = starts[b]; i < starts[b + 1]; ++i) {
       const BucketPiece& p = pieces[i];
-      if (to_host) {
-        batch.push_back(EngineCopy{base + p.offset, p.device, static_cast<size_t>(p.bytes)});
-      } else {
-        batch.push_back(EngineCopy{p.device, base + p.offset, static_cast<size_t>(p.bytes)});
-      }
+      char* slot = base + p.offset;
+      char* far = device_side ? p.device : p.host;
+      out.push_back(to_host == device_side ? make(slot, far, p.bytes) : make(far, slot, p.bytes));
     }
+    return out;
+  };
+  const auto engines = [&](int64_t b) {
+    const std::vector<EngineCopy> batch = bucket_copies(b, /*device_side=*/true, [](char* dst, char* src, int64_t n) {
+      return EngineCopy{dst, src, static_cast<size_t>(n)};
+    });
     C10_CUDA_CHECK(copy_engine_async(batch.data(), batch.size(), /*batch=*/true, stream.stream()));
     drained[b % 2].record(stream.stream());
   };
   const auto cpu = [&](int64_t b) {
-    char* base = static_cast<char*>(buffers[b % 2].mutable_data_ptr());
-    std::vector<DenseCopy> plan;
-    plan.reserve(starts[b + 1] - starts[b]);
-    for (size_t i = starts[b]; i < starts[b + 1]; ++i) {
-      const BucketPiece& p = pieces[i];
-      if (to_host) {
-        plan.push_back(DenseCopy{base + p.offset, p.host, p.bytes});
-      } else {
-        plan.push_back(DenseCopy{p.host, base + p.offset, p.bytes});
-      }
-    }
-    execute_plan_cpu(plan);
+    execute_plan_cpu(bucket_copies(b, /*device_side=*/false, [](char* dst, char* src, int64_t n) {
+      return DenseCopy{src, dst, n};
+    }));
   };
   if (to_host) {
     engines(0);
