@@ -75,8 +75,6 @@ bool row_major(const CopyEntry& e, c10::IntArrayRef strides) {
   return true;
 }
 
-int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
-
 // A CUDA event created on first record (ATen's CUDAEvent header pulls in the CUDA
 // math libraries' headers, which the glue does not otherwise need).
 class Event {
