@@ -24,9 +24,13 @@ struct CudaCall::Routes {
   std::vector<CopyEntry> host;           // the CPU backend
   std::vector<size_t> fallback;          // plan indices for at::Tensor::copy_
   // Strided copies whose host side is one contiguous run of mapped pinned memory, too
-  // big for the kernel to move across PCIe element by element: plan index and offset
-  // in a device temporary (see run).
-  std::vector<std::pair<size_t, int64_t>> staged;
+  // big for the kernel to move across PCIe element by element (see run).
+  struct Staged {
+    size_t index;    // in the plan
+    int64_t offset;  // in the device temporary
+    bool to_host;
+  };
+  std::vector<Staged> staged;
   int64_t staged_bytes = 0;
   int64_t kernel_pcie = 0;  // kernel copies that read or write mapped host memory
   bool crosses = false;     // some copy moves data between host and device
@@ -317,7 +321,7 @@ CudaCall::Routes CudaCall::route(const std::vector<CopyEntry>& plan) {
     const bool small = e.nbytes() < mapped_max;
     if (h.mapped != nullptr && !e.dense() && !small && r.staged_bytes + e.nbytes() <= kStridedStagingMaxBytes &&
         row_major(e, dst_host != nullptr ? e.dst_strides : e.src_strides)) {
-      r.staged.emplace_back(i, r.staged_bytes);
+      r.staged.push_back(Routes::Staged{i, r.staged_bytes, dst_host != nullptr});
       r.staged_bytes += align16(e.nbytes());
     } else if (h.mapped != nullptr && (!e.dense() || small)) {
       const auto alias = [&](const char* p) {
@@ -374,10 +378,10 @@ void CudaCall::run(const std::vector<CopyEntry>& plan, bool non_blocking) {
   if (!r.staged.empty()) {
     temp = at::empty({r.staged_bytes}, at::TensorOptions().dtype(at::kByte).device(*device_));
     char* base = static_cast<char*>(temp.mutable_data_ptr());
-    for (const auto& [i, offset] : r.staged) {
+    for (const auto& [i, offset, to_host] : r.staged) {
       const CopyEntry& e = plan[i];
       const size_t bytes = static_cast<size_t>(e.nbytes());
-      if (find_host(e.dst) != nullptr) {
+      if (to_host) {
         // Laid out with the host side's (row-major) strides: a dense image of it.
         r.kernel.push_back(kernel_copy(e, e.src, base + offset));
         r.pinned.push_back(EngineCopy{e.dst, base + offset, bytes});
