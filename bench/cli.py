@@ -8,7 +8,6 @@ is an error or any sdict_ext result differs from PyTorch's on the same inputs (s
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import os
 import shlex
@@ -171,13 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import launch, report, runner
+    from bench.harness import print_stacks_on_fatal_signal
 
-    # Single-process cases and torchrun ranks run here: a fatal signal prints the Python
-    # stacks and torch's native one, and the running case is on the progress line.
-    # (The process's own stderr: a caller may have swapped sys.stderr for an object
-    # with no file descriptor.)
-    faulthandler.enable(file=sys.__stderr__, all_threads=True)
-    torch._C._set_print_stack_traces_on_fatal_signal(True)
+    # Single-process cases and torchrun ranks run here; the running case is on the
+    # progress line.
+    print_stacks_on_fatal_signal()
     warnings.filterwarnings("ignore", category=FutureWarning)
     settings = _settings(args, size)
     trun = launch.torchrun_env()

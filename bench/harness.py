@@ -19,10 +19,12 @@ time of a run is the slowest rank's, i.e. the wall time of the distributed opera
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import gc
 import importlib
 import os
 import re
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -49,6 +51,7 @@ __all__ = [
     "Row",
     "load_sdict",
     "note_running",
+    "print_stacks_on_fatal_signal",
     "record_running_in",
     "summarize",
 ]
@@ -70,6 +73,17 @@ ROLES = (ROLE_SDICT, ROLE_TORCH, ROLE_BOUND, ROLE_CASE, ROLE_VARIANT)
 # Where this process writes what it is running (a shared ``c_char`` array that a
 # spawned rank's parent reads once the rank died), or None.
 _running: Any = None
+
+
+def print_stacks_on_fatal_signal() -> None:
+    """Makes a fatal signal (a segfault or an abort in native code), which leaves no
+    exception to report, print the Python stack of every thread and torch's native one.
+
+    They go to the process's own stderr: a caller may have swapped ``sys.stderr`` for an
+    object with no file descriptor.
+    """
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
 
 
 def record_running_in(buffer: Any) -> None:

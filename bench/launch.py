@@ -13,7 +13,6 @@ place on the default process group.
 
 from __future__ import annotations
 
-import faulthandler
 import multiprocessing
 import os
 import pickle
@@ -82,18 +81,16 @@ def _worker_main(
     pg_timeout_s: float, conn: Any, running: Any,
 ) -> None:
     warnings.filterwarnings("ignore")
-    # A fatal signal (a segfault or an abort in native code) leaves no
-    # exception to send back: print the Python stack of every thread and, through
-    # torch's handler, the native one, onto the stderr the bench shares.
-    faulthandler.enable(all_threads=True)
     try:
         import torch
         import torch.distributed as dist
 
-        from bench.harness import record_running_in
+        from bench.harness import print_stacks_on_fatal_signal, record_running_in
         from bench.runner import run_case_here
 
-        torch._C._set_print_stack_traces_on_fatal_signal(True)
+        # A fatal signal leaves no exception to send back: the stacks go onto the
+        # stderr the bench shares.
+        print_stacks_on_fatal_signal()
         record_running_in(running)
 
         torch.set_num_threads(threads)

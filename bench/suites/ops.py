@@ -182,31 +182,69 @@ def _run_copy(spec: CaseSpec, ctx: Ctx) -> None:
     nbytes, n = total_bytes(srcs), len(srcs)
     nb = p["pair"] != "h2h"
 
-    def per_tensor():
-        for d, s in zip(dsts, srcs, strict=True):
-            d.copy_(s, non_blocking=nb)
-
-    ctx.measure("torch copy_ per tensor", ROLE_TORCH, per_tensor, nbytes=nbytes, tensors=n)
+    ctx.measure("torch copy_ per tensor", ROLE_TORCH, _per_tensor_copy(dsts, srcs, nb),
+                nbytes=nbytes, tensors=n)
     ctx.measure(
         "torch._foreach_copy_", ROLE_TORCH,
         lambda: torch._foreach_copy_(dsts, srcs, non_blocking=nb), nbytes=nbytes, tensors=n,
     )
+    call, verify = _measure_batched_copy(ctx, dsts, srcs, nb, nbytes, n)
+    if call is not None and ctx.device.type == "cuda" and pin:
+        _measure_routes(ctx, call, verify, nbytes, n)
+
+
+def _per_tensor_copy(dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool):
+    """torch's baseline for a batch of copies: one ``copy_`` per pair."""
+
+    def per_tensor():
+        for d, s in zip(dsts, srcs, strict=True):
+            d.copy_(s, non_blocking=non_blocking)
+
+    return per_tensor
+
+
+def _measure_batched_copy(
+    ctx: Ctx, dsts: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool,
+    nbytes: int, n: int,
+):
+    """Measures ``sdict_ext.batched_copy_(dsts, srcs)``, checked bit-exact against srcs.
+
+    Returns the call and its check, for variants of the same copy, or ``(None, None)``
+    where the op cannot run here (the row then says why).
+    """
     fn, why = _sdict_op(ctx, "batched_copy_")
+    if fn is None:
+        ctx.measure("sdict_ext.batched_copy_", ROLE_SDICT, None, nbytes=nbytes, tensors=n,
+                    missing=why)
+        return None, None
+
+    def call():
+        fn(dsts, srcs, non_blocking=non_blocking)
 
     def verify() -> bool:
+        # Zeroed first, so a copy that wrote nothing fails.
         for d in dsts:
             d.zero_()
-        fn(dsts, srcs, non_blocking=nb)
+        call()
         ctx.sync()
         return all(torch.equal(d.cpu(), s.cpu()) for d, s in zip(dsts, srcs, strict=True))
 
-    ctx.measure(
-        "sdict_ext.batched_copy_", ROLE_SDICT,
-        (lambda: fn(dsts, srcs, non_blocking=nb)) if fn else None,
-        nbytes=nbytes, tensors=n, missing=why, verify=verify if fn else None,
-    )
-    if fn is not None and ctx.device.type == "cuda" and pin:
-        _measure_routes(ctx, lambda: fn(dsts, srcs, non_blocking=nb), verify, nbytes, n)
+    ctx.measure("sdict_ext.batched_copy_", ROLE_SDICT, call, nbytes=nbytes, tensors=n,
+                verify=verify)
+    return call, verify
+
+
+def _measure_at_threshold(ctx: Ctx, label: str, limit: int, call, verify, nbytes: int,
+                          n: int) -> None:
+    """Measures ``call`` with both mapped-memory routing thresholds set to ``limit``."""
+    from sdict_ext.ops import copy_thresholds
+
+    before = copy_thresholds(limit, limit)
+    try:
+        ctx.measure(f"sdict_ext.batched_copy_ ({label})", ROLE_VARIANT, call,
+                    nbytes=nbytes, tensors=n, verify=verify)
+    finally:
+        copy_thresholds(*before)
 
 
 def _run_copy_strided(spec: CaseSpec, ctx: Ctx) -> None:
@@ -218,35 +256,14 @@ def _run_copy_strided(spec: CaseSpec, ctx: Ctx) -> None:
     dsts = [torch.empty(side, side, pin_memory=True) for _ in srcs]
     nbytes, n = total_bytes(srcs), len(srcs)
 
-    def per_tensor():
-        for d, s in zip(dsts, srcs, strict=True):
-            d.copy_(s, non_blocking=True)
-
-    ctx.measure("torch copy_ per tensor", ROLE_TORCH, per_tensor, nbytes=nbytes, tensors=n)
-    fn, why = _sdict_op(ctx, "batched_copy_")
-
-    def verify() -> bool:
-        for d in dsts:
-            d.zero_()
-        fn(dsts, srcs, non_blocking=True)
-        ctx.sync()
-        return all(torch.equal(d, s.cpu()) for d, s in zip(dsts, srcs, strict=True))
-
-    call = (lambda: fn(dsts, srcs, non_blocking=True)) if fn else None
-    ctx.measure("sdict_ext.batched_copy_", ROLE_SDICT, call, nbytes=nbytes, tensors=n,
-                missing=why, verify=verify if fn else None)
-    if fn is None:
+    ctx.measure("torch copy_ per tensor", ROLE_TORCH, _per_tensor_copy(dsts, srcs, True),
+                nbytes=nbytes, tensors=n)
+    call, verify = _measure_batched_copy(ctx, dsts, srcs, True, nbytes, n)
+    if call is None:
         return
     # Thresholds out of reach: every strided copy read element by element over PCIe
     # by the kernel, as before the device-side gather.
-    from sdict_ext.ops import copy_thresholds
-
-    before = copy_thresholds(1 << 62, 1 << 62)
-    try:
-        ctx.measure("sdict_ext.batched_copy_ (kernel over PCIe)", ROLE_VARIANT, call,
-                    nbytes=nbytes, tensors=n, verify=verify)
-    finally:
-        copy_thresholds(*before)
+    _measure_at_threshold(ctx, "kernel over PCIe", 1 << 62, call, verify, nbytes, n)
 
 
 def _run_copy_beside_matmul(spec: CaseSpec, ctx: Ctx) -> None:
@@ -271,12 +288,9 @@ def _run_copy_beside_matmul(spec: CaseSpec, ctx: Ctx) -> None:
             compute.synchronize()
         return run_both
 
-    def per_tensor():
-        for d, s in zip(dsts, srcs, strict=True):
-            d.copy_(s, non_blocking=True)
-
     ctx.measure("matmul alone", ROLE_VARIANT, beside(None), nbytes=nbytes, tensors=n)
-    ctx.measure("matmul + torch copy_ per tensor", ROLE_TORCH, beside(per_tensor),
+    ctx.measure("matmul + torch copy_ per tensor", ROLE_TORCH,
+                beside(_per_tensor_copy(dsts, srcs, True)),
                 nbytes=nbytes, tensors=n)
     fn, why = _sdict_op(ctx, "batched_copy_")
     ctx.measure("matmul + sdict_ext.batched_copy_", ROLE_SDICT,
@@ -290,8 +304,6 @@ def _measure_routes(ctx: Ctx, call, verify, nbytes: int, n: int) -> None:
     Where the kernel's and the copy engines' rows cross along the sweep is where the
     mapped-memory thresholds (sdict_ext/tuning.h, ``ops.copy_thresholds``) belong.
     """
-    from sdict_ext.ops import copy_thresholds
-
     side = torch.cuda.Stream(ctx.device)
 
     def on_side_stream():
@@ -308,12 +320,7 @@ def _measure_routes(ctx: Ctx, call, verify, nbytes: int, n: int) -> None:
         ("copy engines only, side stream", 0, on_side_stream),
     )
     for label, limit, fn in variants:
-        before = copy_thresholds(limit, limit)
-        try:
-            ctx.measure(f"sdict_ext.batched_copy_ ({label})", ROLE_VARIANT, fn,
-                        nbytes=nbytes, tensors=n, verify=verify)
-        finally:
-            copy_thresholds(*before)
+        _measure_at_threshold(ctx, label, limit, fn, verify, nbytes, n)
 
 
 def _packed_inputs(spec: CaseSpec, ctx: Ctx) -> list[torch.Tensor]:

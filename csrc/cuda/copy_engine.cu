@@ -85,7 +85,7 @@ std::vector<BucketPiece> plan_buckets(const EngineCopy* copies, size_t count, bo
       }
       const int64_t n = bytes - done < capacity - used ? bytes - done : capacity - used;
       pieces.push_back(BucketPiece{host + done, device + done, n, bucket, used});
-      used = (used + n + 15) / 16 * 16;
+      used = align16(used + n);
       done += n;
     }
   }

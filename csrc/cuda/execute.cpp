@@ -24,9 +24,13 @@ struct CudaCall::Routes {
   std::vector<CopyEntry> host;           // the CPU backend
   std::vector<size_t> fallback;          // plan indices for at::Tensor::copy_
   // Strided copies whose host side is one contiguous run of mapped pinned memory, too
-  // big for the kernel to move across PCIe element by element: plan index and offset
-  // in a device temporary (see run).
-  std::vector<std::pair<size_t, int64_t>> staged;
+  // big for the kernel to move across PCIe element by element (see run).
+  struct Staged {
+    size_t index;    // in the plan
+    int64_t offset;  // in the device temporary
+    bool to_host;
+  };
+  std::vector<Staged> staged;
   int64_t staged_bytes = 0;
   int64_t kernel_pcie = 0;  // kernel copies that read or write mapped host memory
   bool crosses = false;     // some copy moves data between host and device
@@ -75,8 +79,6 @@ bool row_major(const CopyEntry& e, c10::IntArrayRef strides) {
   return true;
 }
 
-int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
-
 // A CUDA event created on first record (ATen's CUDAEvent header pulls in the CUDA
 // math libraries' headers, which the glue does not otherwise need).
 class Event {
@@ -124,34 +126,33 @@ void copy_via_buckets(const std::vector<EngineCopy>& copies, bool to_host, const
   for (int64_t b = 0; b < std::min<int64_t>(count, 2); ++b) {
     buffers[b] = at::empty({capacity}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   }
-  const auto engines = [&](int64_t b) {
+  // Bucket b's pieces as copies between their slots in buffer b % 2 and their device
+  // (`device_side`) or host side, built by `make(dst, src, bytes)`: the engines fill the
+  // slots from the device and the CPU empties them into the host for device->host, and
+  // the other way round for host->device.
+  const auto bucket_copies = [&](int64_t b, bool device_side, auto make) {
     char* base = static_cast<char*>(buffers[b % 2].mutable_data_ptr());
-    std::vector<EngineCopy> batch;
-    batch.reserve(starts[b + 1] - starts[b]);
+    std::vector<decltype(make(base, base, int64_t{0}))> out;
+    out.reserve(starts[b + 1] - starts[b]);
     for (size_t i = starts[b]; i < starts[b + 1]; ++i) {
       const BucketPiece& p = pieces[i];
-      if (to_host) {
-        batch.push_back(EngineCopy{base + p.offset, p.device, static_cast<size_t>(p.bytes)});
-      } else {
-        batch.push_back(EngineCopy{p.device, base + p.offset, static_cast<size_t>(p.bytes)});
-      }
+      char* slot = base + p.offset;
+      char* far = device_side ? p.device : p.host;
+      out.push_back(to_host == device_side ? make(slot, far, p.bytes) : make(far, slot, p.bytes));
     }
+    return out;
+  };
+  const auto engines = [&](int64_t b) {
+    const std::vector<EngineCopy> batch = bucket_copies(b, /*device_side=*/true, [](char* dst, char* src, int64_t n) {
+      return EngineCopy{dst, src, static_cast<size_t>(n)};
+    });
     C10_CUDA_CHECK(copy_engine_async(batch.data(), batch.size(), /*batch=*/true, stream.stream()));
     drained[b % 2].record(stream.stream());
   };
   const auto cpu = [&](int64_t b) {
-    char* base = static_cast<char*>(buffers[b % 2].mutable_data_ptr());
-    std::vector<DenseCopy> plan;
-    plan.reserve(starts[b + 1] - starts[b]);
-    for (size_t i = starts[b]; i < starts[b + 1]; ++i) {
-      const BucketPiece& p = pieces[i];
-      if (to_host) {
-        plan.push_back(DenseCopy{base + p.offset, p.host, p.bytes});
-      } else {
-        plan.push_back(DenseCopy{p.host, base + p.offset, p.bytes});
-      }
-    }
-    execute_plan_cpu(plan);
+    execute_plan_cpu(bucket_copies(b, /*device_side=*/false, [](char* dst, char* src, int64_t n) {
+      return DenseCopy{src, dst, n};
+    }));
   };
   if (to_host) {
     engines(0);
@@ -320,7 +321,7 @@ CudaCall::Routes CudaCall::route(const std::vector<CopyEntry>& plan) {
     const bool small = e.nbytes() < mapped_max;
     if (h.mapped != nullptr && !e.dense() && !small && r.staged_bytes + e.nbytes() <= kStridedStagingMaxBytes &&
         row_major(e, dst_host != nullptr ? e.dst_strides : e.src_strides)) {
-      r.staged.emplace_back(i, r.staged_bytes);
+      r.staged.push_back(Routes::Staged{i, r.staged_bytes, dst_host != nullptr});
       r.staged_bytes += align16(e.nbytes());
     } else if (h.mapped != nullptr && (!e.dense() || small)) {
       const auto alias = [&](const char* p) {
@@ -377,10 +378,10 @@ void CudaCall::run(const std::vector<CopyEntry>& plan, bool non_blocking) {
   if (!r.staged.empty()) {
     temp = at::empty({r.staged_bytes}, at::TensorOptions().dtype(at::kByte).device(*device_));
     char* base = static_cast<char*>(temp.mutable_data_ptr());
-    for (const auto& [i, offset] : r.staged) {
+    for (const auto& [i, offset, to_host] : r.staged) {
       const CopyEntry& e = plan[i];
       const size_t bytes = static_cast<size_t>(e.nbytes());
-      if (find_host(e.dst) != nullptr) {
+      if (to_host) {
         // Laid out with the host side's (row-major) strides: a dense image of it.
         r.kernel.push_back(kernel_copy(e, e.src, base + offset));
         r.pinned.push_back(EngineCopy{e.dst, base + offset, bytes});

@@ -94,6 +94,10 @@ struct EngineCopy {
 // returns once the data landed; H2D once the source was staged).
 cudaError_t copy_engine_async(const EngineCopy* copies, size_t count, bool batch, cudaStream_t stream);
 
+// `n` rounded up to 16: where the next copy starts in a pinned bucket or a device
+// temporary, so that every copy there begins on a 16-byte boundary.
+constexpr int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+
 // One piece of a copy with pageable host memory staged through a pinned bucket: the
 // bytes [host, host + bytes) and [device, device + bytes) go through bytes
 // [offset, offset + bytes) of bucket `bucket`.
