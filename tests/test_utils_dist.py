@@ -456,6 +456,19 @@ ROUTES = ["direct", "messages", "broadcast"]
 
 
 @contextlib.contextmanager
+def _swapped(module: Any, name: str, replacement: Any):
+    """``module.name`` is ``replacement`` inside the block (left alone when it is None);
+    the workers are pooled, so the original is put back."""
+    before = getattr(module, name)
+    if replacement is not None:
+        setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, before)
+
+
+@contextlib.contextmanager
 def box_route(route: str):
     """Makes CPU broadcasts take ``route`` (one of ROUTES); the workers are pooled, so
     the switches are put back."""
@@ -659,15 +672,12 @@ def _broadcast_some_ranks_read(unreadable: int):
     if rank != 0:
         full = {}
     ours, theirs = _two_copies(local)
-    before = _box_route_mod.can_read
-    if rank == unreadable:
-        _box_route_mod.can_read = lambda source: False
+    refused = (lambda source: False) if rank == unreadable else None
     counts, originals = _count_calls(["isend", "irecv"])
     try:
-        with box_route("direct"):
+        with _swapped(_box_route_mod, "can_read", refused), box_route("direct"):
             utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096)
     finally:
-        _box_route_mod.can_read = before
         for name, fn in originals.items():
             setattr(dist, name, fn)
     ref._broadcast_state_dict(full, theirs, torch.device("cpu"))
@@ -698,15 +708,12 @@ def _broadcast_read_refused():
             raise RuntimeError("sdict_ext.read_process_boxes: refused for the test")
         return before(pid, addrs, *args)
 
-    if rank == 1:
-        _box_route_mod._read_boxes = refuse
     try:
-        with box_route("direct"):
+        with _swapped(_box_route_mod, "_read_boxes", refuse if rank == 1 else None), \
+                box_route("direct"):
             utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc)[:200], calls
-    finally:
-        _box_route_mod._read_boxes = before
     return None, "", calls
 
 
@@ -783,15 +790,13 @@ def _broadcast_with_bad_address(kind: str):
         ]
         return keys, objects, tensors, dtypes
 
-    if rank == 0:
-        _broadcast_mod.announce = misannounce
     calls, read = _count_direct_reads()
     counts, originals = _count_calls(["isend", "irecv"])
     try:
-        with box_route("direct"):
+        with _swapped(_broadcast_mod, "announce", misannounce if rank == 0 else None), \
+                box_route("direct"):
             utils.broadcast_state_dict(full if rank == 0 else {}, ours, torch.device("cpu"))
     finally:
-        _broadcast_mod.announce = announce
         _box_route_mod._read_boxes = read
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -827,15 +832,12 @@ def _broadcast_crafted_needs_row():
             p += 1 + 2 * len(shape)
         return row
 
-    if rank == 1:
-        _box_route_mod.encode_needs = crafted
     try:
-        with box_route("messages"):
+        with _swapped(_box_route_mod, "encode_needs", crafted if rank == 1 else None), \
+                box_route("messages"):
             utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc), untouched()
-    finally:
-        _box_route_mod.encode_needs = encode
     return None
 
 

@@ -329,10 +329,7 @@ PyObject* box_views(PyObject* /*self*/, PyObject* args) {
     // with elements that stays in its storage; checked all the same, for an empty tensor's
     // strides and any stride torch may let through.
     for (size_t d = 0; d < dims && offset >= 0; ++d) {
-      int64_t step = 0;
-      if (__builtin_mul_overflow(start[d], t.stride(d), &step) || __builtin_add_overflow(offset, step, &offset)) {
-        offset = -1;
-      }
+      offset = checked_add(offset, checked_mul(start[d], t.stride(d)));
     }
     TORCH_CHECK(offset >= 0, "sdict_ext.box_views: the box of tensor ", i,
                 " starts outside its storage (strides ", t.strides(), "); narrow the tensor instead");
