@@ -213,12 +213,11 @@ def prepare_model_load(
         if torch.device("meta") in devices:
             devices.discard(torch.device("meta"))
             assign = True
-        if len(devices) > 1:
-            problem = f"the model's tensors are on several devices {sorted(map(str, devices))}"
+        device, problem = target_device(devices, "the model's tensors are")
+        if problem:
             if not is_source:
                 return ModelLoad(state_dict, local, clean_of, problem=problem), None
             return None, f"set_model_state_dict: {problem}"
-        device = devices.pop() if devices else collective_device()
     if not is_source:
         return ModelLoad(state_dict, local, clean_of, device, assign), None
 
@@ -319,6 +318,20 @@ def collective_device() -> torch.device:
     if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def target_device(
+    devices: set[torch.device], what: str
+) -> tuple[torch.device | None, str | None]:
+    """The device a full load's data travels to, from the devices of the local tensors.
+
+    One device: that one; none: :func:`collective_device`. Several: ``(None, problem)``
+    naming them (``what``: whose tensors), as the model's and each optimizer's check
+    must report it before anything loads.
+    """
+    if len(devices) > 1:
+        return None, f"{what} on several devices {sorted(map(str, devices))}"
+    return (next(iter(devices)) if devices else collective_device()), None
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from sdict_ext._sd_common import (
     state_dict_fn,
     storage_ptrs,
 )
-from sdict_ext._sd_model import collective_device, tensor_problem
+from sdict_ext._sd_model import target_device, tensor_problem
 from sdict_ext.utils import (
     broadcast_state_dict,
     distribute_state_dict,
@@ -347,14 +347,10 @@ def prepare_optim_load(
             # Every rank, whatever it passed: a rank that failed only at the load would
             # leave the others waiting in the broadcast.
             local = _fqn_keyed(model, optim, info) or {STATE: {}, PARAM_GROUPS: []}
-            devices = _state_devices(local)
-            if len(devices) > 1:
-                problems.append(
-                    f"optimizer {index}: the optimizer state is on several devices "
-                    f"{sorted(map(str, devices))}"
-                )
+            device, problem = target_device(_state_devices(local), "the optimizer state is")
+            if problem:
+                problems.append(f"optimizer {index}: {problem}")
                 continue
-            device = devices.pop() if devices else collective_device()
         if not (is_source and osd):
             plans.append(OptimLoad({}, local, device))
             continue
