@@ -17,7 +17,6 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdict_ext._broadcast_meta import check_source
 from sdict_ext._collectives import digest
 from sdict_ext._copies import view_key
 from sdict_ext._sd_common import (
@@ -26,10 +25,10 @@ from sdict_ext._sd_common import (
     agree,
     failure_reaches_the_gather,
     full_or_offload,
-    meta_problems,
     model_tensors,
     state_dict_fn,
     storage_ptrs,
+    unloadable,
 )
 from sdict_ext._sd_fqn import ExtraState, iter_model_state
 from sdict_ext.utils import broadcast_state_dict, distribute_state_dict
@@ -242,14 +241,8 @@ def prepare_model_load(
             problem = tensor_problem(clean_of.get(key, key), given, expected, check_dtype=True)
             if problem:
                 problems.append(problem)
-    if info.broadcast_from_rank0 and not problems:
-        # What the broadcast would refuse: refused here, before the optimizers load.
-        try:
-            check_source(state_dict)
-        except ValueError as exc:
-            problems.append(str(exc))
-    elif not problems:
-        problems += meta_problems(state_dict, lambda key: clean_of.get(key, key))
+    if not problems:
+        problems = unloadable(state_dict, info, lambda key: clean_of.get(key, key))
     if problems:
         return None, "set_model_state_dict: " + "; ".join(problems)
     return ModelLoad(state_dict, local, clean_of, device, assign), None
