@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sdict_ext import _collectives
+from sdict_ext._broadcast_meta import check_source
 from sdict_ext._collectives import dtensor_of
 from sdict_ext._sd_fqn import FqnResolver, param_fqn_maps
 from sdict_ext._traverse import LEAF_DTENSOR, LEAF_TENSOR, flatten
@@ -384,6 +385,21 @@ def agree(error: str | None, flags: tuple[bool, ...]) -> list[tuple[bool, ...]]:
     if failures:
         raise RuntimeError("state dict load rejected, nothing was loaded:\n" + "\n".join(failures))
     return [tuple(f) for _, f in replies]
+
+
+def unloadable(
+    state_dict: dict[str, Any], info: Info, name: Callable[[str], str] = str
+) -> list[str]:
+    """What the broadcast would refuse in rank 0's flat source, or (other loads) a meta
+    tensor: found before the model or any optimizer loads. ``name`` as for
+    :func:`meta_problems`."""
+    if not info.broadcast_from_rank0:
+        return meta_problems(state_dict, name)
+    try:
+        check_source(state_dict)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def meta_problems(state_dict: dict[str, Any], name: Callable[[str], str] = str) -> list[str]:

@@ -17,7 +17,6 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdict_ext._broadcast_meta import check_source
 from sdict_ext._collectives import digest
 from sdict_ext._copies import view_key
 from sdict_ext._sd_common import (
@@ -26,10 +25,10 @@ from sdict_ext._sd_common import (
     agree,
     failure_reaches_the_gather,
     full_or_offload,
-    meta_problems,
     model_tensors,
     state_dict_fn,
     storage_ptrs,
+    unloadable,
 )
 from sdict_ext._sd_fqn import ExtraState, iter_model_state
 from sdict_ext.utils import broadcast_state_dict, distribute_state_dict
@@ -213,12 +212,11 @@ def prepare_model_load(
         if torch.device("meta") in devices:
             devices.discard(torch.device("meta"))
             assign = True
-        if len(devices) > 1:
-            problem = f"the model's tensors are on several devices {sorted(map(str, devices))}"
+        device, problem = target_device(devices, "the model's tensors are")
+        if problem:
             if not is_source:
                 return ModelLoad(state_dict, local, clean_of, problem=problem), None
             return None, f"set_model_state_dict: {problem}"
-        device = devices.pop() if devices else collective_device()
     if not is_source:
         return ModelLoad(state_dict, local, clean_of, device, assign), None
 
@@ -243,14 +241,8 @@ def prepare_model_load(
             problem = tensor_problem(clean_of.get(key, key), given, expected, check_dtype=True)
             if problem:
                 problems.append(problem)
-    if info.broadcast_from_rank0 and not problems:
-        # What the broadcast would refuse: refused here, before the optimizers load.
-        try:
-            check_source(state_dict)
-        except ValueError as exc:
-            problems.append(str(exc))
-    elif not problems:
-        problems += meta_problems(state_dict, lambda key: clean_of.get(key, key))
+    if not problems:
+        problems = unloadable(state_dict, info, lambda key: clean_of.get(key, key))
     if problems:
         return None, "set_model_state_dict: " + "; ".join(problems)
     return ModelLoad(state_dict, local, clean_of, device, assign), None
@@ -319,6 +311,20 @@ def collective_device() -> torch.device:
     if "nccl" in str(dist.get_backend()) and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def target_device(
+    devices: set[torch.device], what: str
+) -> tuple[torch.device | None, str | None]:
+    """The device a full load's data travels to, from the devices of the local tensors.
+
+    One device: that one; none: :func:`collective_device`. Several: ``(None, problem)``
+    naming them (``what``: whose tensors), as the model's and each optimizer's check
+    must report it before anything loads.
+    """
+    if len(devices) > 1:
+        return None, f"{what} on several devices {sorted(map(str, devices))}"
+    return (next(iter(devices)) if devices else collective_device()), None
 
 
 @torch.no_grad()

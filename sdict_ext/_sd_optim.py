@@ -18,7 +18,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from sdict_ext._broadcast_meta import check_source
 from sdict_ext._sd_common import (
     BUCKET_BYTES,
     PARAM_GROUPS,
@@ -28,11 +27,11 @@ from sdict_ext._sd_common import (
     failure_reaches_the_gather,
     fsdp_process_group,
     full_or_offload,
-    meta_problems,
     state_dict_fn,
     storage_ptrs,
+    unloadable,
 )
-from sdict_ext._sd_model import collective_device, tensor_problem
+from sdict_ext._sd_model import target_device, tensor_problem
 from sdict_ext.utils import (
     broadcast_state_dict,
     distribute_state_dict,
@@ -347,14 +346,10 @@ def prepare_optim_load(
             # Every rank, whatever it passed: a rank that failed only at the load would
             # leave the others waiting in the broadcast.
             local = _fqn_keyed(model, optim, info) or {STATE: {}, PARAM_GROUPS: []}
-            devices = _state_devices(local)
-            if len(devices) > 1:
-                problems.append(
-                    f"optimizer {index}: the optimizer state is on several devices "
-                    f"{sorted(map(str, devices))}"
-                )
+            device, problem = target_device(_state_devices(local), "the optimizer state is")
+            if problem:
+                problems.append(f"optimizer {index}: {problem}")
                 continue
-            device = devices.pop() if devices else collective_device()
         if not (is_source and osd):
             plans.append(OptimLoad({}, local, device))
             continue
@@ -399,23 +394,12 @@ def prepare_optim_load(
                     if problem:
                         problems.append(f"optimizer {index}: {problem}")
         if len(problems) == found:
-            problems += [f"optimizer {index}: {p}" for p in _unloadable(per, info)]
+            flat, _ = flatten_state_dict(per)
+            problems += [f"optimizer {index}: {p}" for p in unloadable(flat, info)]
         plans.append(OptimLoad(per, local, device))
     if problems:
         return [], "set_optimizer_state_dict: " + "; ".join(problems)
     return plans, None
-
-
-def _unloadable(per: dict[str, Any], info: Info) -> list[str]:
-    """What the broadcast would refuse in rank 0's source, or (other loads) a meta tensor."""
-    flat, _ = flatten_state_dict(per)
-    if not info.broadcast_from_rank0:
-        return meta_problems(flat)
-    try:
-        check_source(flat)
-    except ValueError as exc:
-        return [str(exc)]
-    return []
 
 
 def _compile_renames(model: nn.Module, info: Info) -> dict[str, str]:

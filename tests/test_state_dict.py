@@ -999,12 +999,7 @@ def _on_rank_state_dict_raises_on_rank_1(kind: str) -> list[tuple[str, str]]:
         hook = None
         if part == "optimizer":
             hook = model.optim.register_state_dict_pre_hook(_raise_on_rank_1)
-        try:
-            S.get_state_dict(model.wrapped, model.optim, options=options)
-        except Exception as exc:  # noqa: BLE001
-            seen.append((type(exc).__name__, str(exc)))
-        else:
-            seen.append(("nothing", ""))
+        seen.append(_outcome(lambda: S.get_state_dict(model.wrapped, model.optim, options=options)))
         if hook is not None:
             hook.remove()
     return seen
@@ -1026,15 +1021,42 @@ def test_get_full_state_dict_raises_on_every_rank_when_state_dict_raises_on_one(
         assert text1 == f"{broken}: broken on rank 1"
 
 
-def _local_tensors(model: Model) -> list[torch.Tensor]:
-    """Every tensor this rank holds of the model and its optimizer (DTensors: shards)."""
-    net = model.forward_module
-    held = [*net.parameters(), *net.buffers()]
-    held += [v for state in model.optim.state.values() for v in state.values()]
-    return [
-        (v.to_local() if isinstance(v, DTensor) else v).detach()
-        for v in held if isinstance(v, torch.Tensor)
-    ]
+def _hold_all(model: Model, optims: list[torch.optim.Optimizer]) -> Any:
+    """Snapshots every tensor of the model and the optimizers (DTensors: this rank's
+    shard) and every optimizer's hyperparameters; the returned check says whether all
+    still hold the same values (a failed load may write nothing, on any rank)."""
+
+    def now() -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
+        net = model.forward_module
+        held = [*net.parameters(), *net.buffers()]
+        held += [v for o in optims for s in o.state.values() for v in s.values()]
+        tensors = [
+            (v.to_local() if isinstance(v, DTensor) else v).detach().clone()
+            for v in held if isinstance(v, torch.Tensor)
+        ]
+        groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                  for o in optims]
+        return tensors, copy.deepcopy(groups)
+
+    tensors, groups = now()
+
+    def untouched() -> bool:
+        tensors_after, groups_after = now()
+        return groups_after == groups and len(tensors_after) == len(tensors) and all(
+            (a.is_meta and b.is_meta and a.shape == b.shape) if a.is_meta or b.is_meta
+            else torch.equal(a, b)
+            for a, b in zip(tensors_after, tensors, strict=True)
+        )
+
+    return untouched
+
+
+def _outcome(call: Any) -> tuple[str, str]:
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, str(exc)
+    return "nothing", ""
 
 
 def _missing_line(message: str) -> str:
@@ -1084,20 +1106,11 @@ def _on_rank_broadcast_load_faults(kind: str) -> list[tuple[str, str, bool, str]
         if rank == 0 and fault == "meta":
             msd["l2.weight"] = torch.empty(msd["l2.weight"].shape, device="meta")
         given = (msd, osd) if rank == 0 else ({}, {})
-        before = [t.clone() for t in _local_tensors(ours)]
-        try:
-            S.set_state_dict(
-                ours.wrapped, ours.optim, model_state_dict=clone(given[0]),
-                optim_state_dict=clone(given[1]), options=options,
-            )
-        except Exception as exc:  # noqa: BLE001
-            kind_seen, message = type(exc).__name__, str(exc)
-        else:
-            kind_seen, message = "nothing", ""
-        after = _local_tensors(ours)
-        untouched = len(after) == len(before) and all(
-            torch.equal(a, b) for a, b in zip(after, before, strict=True)
-        )
+        untouched = _hold_all(ours, [ours.optim])
+        kind_seen, message = _outcome(lambda ours=ours, given=given: S.set_state_dict(
+            ours.wrapped, ours.optim, model_state_dict=clone(given[0]),
+            optim_state_dict=clone(given[1]), options=options,
+        ))
         reference = ""
         if fault == "extra_layer":
             # PyTorch's model load raises on rank 1 only (after writing it), and returns
@@ -1110,7 +1123,7 @@ def _on_rank_broadcast_load_faults(kind: str) -> list[tuple[str, str, bool, str]
                 )
             except RuntimeError as exc:
                 reference = str(exc)
-        seen.append((kind_seen, message, untouched, reference))
+        seen.append((kind_seen, message, untouched(), reference))
     return seen
 
 
@@ -1159,20 +1172,11 @@ def _on_rank_broadcast_load_into_a_model_on_two_devices() -> tuple[str, str, boo
         model_sd, optim_sd = T.get_state_dict(
             model, optim, options=T.StateDictOptions(full_state_dict=True)
         )
-    params = [p.detach().clone() for p in model.parameters()]
-    state = [t.clone() for s in optim.state.values() for t in s.values()]
-    try:
-        S.set_state_dict(
-            model, optim, model_state_dict=model_sd, optim_state_dict=optim_sd,
-            options=S.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-        )
-    except Exception as exc:  # noqa: BLE001
-        untouched = all(torch.equal(a, b) for a, b in zip(params, model.parameters())) and all(
-            torch.equal(a, b) for a, b in zip(state, [t for s in optim.state.values()
-                                                      for t in s.values()])
-        )
-        return type(exc).__name__, str(exc), untouched
-    return "nothing", "", False
+    untouched = _hold_all(Model(model, model, optim), [optim])
+    return (*_outcome(lambda: S.set_state_dict(
+        model, optim, model_state_dict=model_sd, optim_state_dict=optim_sd,
+        options=S.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )), untouched())
 
 
 @pytest.mark.dist
@@ -1206,44 +1210,6 @@ def _two_optimizers(kind: str, seed: int) -> tuple[Model, list[torch.optim.Optim
         optim.step()
         optim.zero_grad()
     return model, optims
-
-
-def _hold_all(model: Model, optims: list[torch.optim.Optimizer]) -> Any:
-    """Snapshots every tensor of the model and the optimizers (DTensors: this rank's
-    shard) and every optimizer's hyperparameters; the returned check says whether all
-    still hold the same values (a failed load may write nothing, on any rank)."""
-
-    def now() -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
-        net = model.forward_module
-        held = [*net.parameters(), *net.buffers()]
-        held += [v for o in optims for s in o.state.values() for v in s.values()]
-        tensors = [
-            (v.to_local() if isinstance(v, DTensor) else v).detach().clone()
-            for v in held if isinstance(v, torch.Tensor)
-        ]
-        groups = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
-                  for o in optims]
-        return tensors, copy.deepcopy(groups)
-
-    tensors, groups = now()
-
-    def untouched() -> bool:
-        tensors_after, groups_after = now()
-        return groups_after == groups and len(tensors_after) == len(tensors) and all(
-            (a.is_meta and b.is_meta and a.shape == b.shape) if a.is_meta or b.is_meta
-            else torch.equal(a, b)
-            for a, b in zip(tensors_after, tensors, strict=True)
-        )
-
-    return untouched
-
-
-def _outcome(call: Any) -> tuple[str, str]:
-    try:
-        call()
-    except Exception as exc:  # noqa: BLE001
-        return type(exc).__name__, str(exc)
-    return "nothing", ""
 
 
 def _on_rank_second_optimizer_faults(kind: str, mode: str) -> list[tuple[str, str, str, bool]]:
