@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from sdict_ext._hostmem import note_async_access
+from sdict_ext.host.memory import note_async_access
 
 __all__ = [
     "ALIGNMENT",

@@ -66,7 +66,8 @@ from torch.multiprocessing.reductions import reduce_tensor as _torch_reduce_tens
 from torch.utils.hooks import RemovableHandle
 
 from sdict_ext import ops
-from sdict_ext._hostmem import RangeTable, device_guard
+from sdict_ext.collectives.agreement import agree
+from sdict_ext.host.memory import RangeTable, device_guard
 from sdict_ext.utils import create_cpu_state_dict
 
 __all__ = ["PinnedStager", "StagingStats"]
@@ -916,35 +917,20 @@ class PinnedStager(AsyncStager):
             staged, error = self._stage(state_dict, events, start), None
         except Exception as exc:
             staged, error = None, exc
-        flags = [torch.zeros(1, dtype=torch.int32) for _ in range(dist.get_world_size(group))]
-        lost: Exception | None = None
-        try:
-            dist.all_gather(flags, torch.tensor([int(error is not None)], dtype=torch.int32),
-                            group=group)
-        except Exception as exc:
-            lost = exc
-        if lost is not None:
-            if error is not None:  # this rank's own failure is the one to report
-                if hasattr(error, "add_note"):  # Python >= 3.11
-                    error.add_note(f"PinnedStager: the exchange with the other ranks "
-                                   f"failed too: {lost}")
-                raise error
-            raise RuntimeError(
+        agree(
+            group, error, what="PinnedStager",
+            blame=lambda failures: RuntimeError(
+                f"PinnedStager.stage: staging failed on rank(s) "
+                f"{[dist.get_global_rank(group, r) for r in sorted(failures)]} (this rank's "
+                "copy succeeded); failing here too, so that no rank writes a checkpoint the "
+                "others will not"
+            ),
+            lost=lambda _: RuntimeError(
                 "PinnedStager.stage: the other ranks did not report their staging within "
                 f"the stager's timeout ({self._timeout}): every rank must stage (call "
                 "async_save) with its stager, and a rank may have died"
-            ) from lost
-        failed = [dist.get_global_rank(group, r) for r, f in enumerate(flags) if f.item()]
-        if error is not None:
-            if len(failed) > 1 and hasattr(error, "add_note"):  # Python >= 3.11
-                error.add_note(f"PinnedStager: staging failed on ranks {failed}")
-            raise error
-        if failed:
-            raise RuntimeError(
-                f"PinnedStager.stage: staging failed on rank(s) {failed} (this rank's copy "
-                "succeeded); failing here too, so that no rank writes a checkpoint the "
-                "others will not"
-            )
+            ),
+        )
         return staged
 
     def _stage(

@@ -1,13 +1,13 @@
 """State-dict utilities: the counterpart of ``torch.distributed._state_dict_utils``.
 
 Same signatures and results as PyTorch's underscore functions, built on one traversal
-(:mod:`sdict_ext._traverse`) and batched ops instead of Python work and a collective per
+(:mod:`sdict_ext.tree`) and batched ops instead of Python work and a collective per
 tensor:
 
 * copies and offloads are one :func:`sdict_ext.ops.batched_copy_` call (one per
   device pair only when the pairs span several CUDA devices), and state dicts of
   plain tensors and values take a fast path with bulk work per dict level
-  (:func:`sdict_ext._traverse.pair_tensors`) instead of Python work per tensor;
+  (:func:`sdict_ext.tree.pair_tensors`) instead of Python work per tensor;
 * :func:`create_cpu_state_dict` carves every tensor out of one host slab (one
   allocation, one pin registration, one shared-memory segment);
 * :func:`gather_state_dict` and :func:`broadcast_state_dict` move packed slices (half
@@ -33,12 +33,12 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from sdict_ext import ops
-from sdict_ext._broadcast import broadcast_state_dict
-from sdict_ext._copies import batched_copy_pairs, offload_leaves
-from sdict_ext._cpu_slab import carve
-from sdict_ext._distribute import distribute_state_dict
-from sdict_ext._gather import gather_state_dict
-from sdict_ext._traverse import (
+from sdict_ext.collectives.broadcast.main import broadcast_state_dict
+from sdict_ext.collectives.distribute import distribute_state_dict
+from sdict_ext.collectives.gather import gather_state_dict
+from sdict_ext.host.copies import batched_copy_pairs, offload_leaves
+from sdict_ext.host.slab import carve
+from sdict_ext.tree import (
     LEAF_DTENSOR,
     LEAF_OTHER,
     LEAF_SHARDED,

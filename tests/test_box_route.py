@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from sdict_ext import _box_route as route
+import sdict_ext.collectives.broadcast.p2p as route
 from sdict_ext import ops
 
 CPU = torch.device("cpu")

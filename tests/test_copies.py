@@ -1,4 +1,4 @@
-"""Specs of ``sdict_ext._copies``: how batched copies are grouped by device, retried,
+"""Specs of ``sdict_ext.host.copies``: how batched copies are grouped by device, retried,
 and how a device argument is normalised. The grouping is checked with devices as data
 (and fake tensors), so it runs without GPUs; the copies between two real GPUs run where
 two are visible."""
@@ -9,8 +9,15 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from sdict_ext import _copies, ops
-from sdict_ext._copies import ROUTE_OP, ROUTE_PEER, batched_copy_pairs, copy_groups, indexed_device
+from sdict_ext import ops
+from sdict_ext.host import copies as _copies
+from sdict_ext.host.copies import (
+    ROUTE_OP,
+    ROUTE_PEER,
+    batched_copy_pairs,
+    copy_groups,
+    indexed_device,
+)
 from tests.mp import run_on_ranks
 
 TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 and ops.has_cuda()
@@ -135,7 +142,7 @@ def test_indexed_device_gives_a_bare_accelerator_the_current_index(monkeypatch):
 
 def _broadcast_device_seen(device: str) -> str:
     """The device broadcast_state_dict plans with, on a rank whose current GPU is 2."""
-    from sdict_ext import _broadcast
+    import sdict_ext.collectives.broadcast.main as _broadcast
 
     class Seen(Exception):
         pass

@@ -18,8 +18,11 @@ import pytest
 import torch
 from torch.distributed import _state_dict_utils as ref
 
-from sdict_ext import _hostmem, _traverse, utils
-from sdict_ext._collectives import box_of, buckets, buckets_with_solos
+from sdict_ext import tree as _traverse
+from sdict_ext import utils
+from sdict_ext.collectives.boxes import box_of
+from sdict_ext.collectives.buckets import buckets, buckets_with_solos
+from sdict_ext.host import memory as _hostmem
 
 
 def _nested() -> dict:
@@ -352,7 +355,7 @@ def test_create_cpu_share_memory_populates_the_segment_once():
 def test_create_cpu_share_memory_without_populate_or_out_of_memory(monkeypatch):
     import errno
 
-    from sdict_ext import _hostmem
+    import sdict_ext.host.memory as _hostmem
 
     sd = {"a": torch.randn(3, 4)}
     # An old kernel (no MADV_POPULATE_WRITE): the pages are touched instead.

@@ -29,8 +29,8 @@ from torch.distributed.tensor import (
     init_device_mesh,
 )
 
-import sdict_ext._box_route as _box_route_mod
-import sdict_ext._broadcast as _broadcast_mod
+import sdict_ext.collectives.broadcast.main as _broadcast_mod
+import sdict_ext.collectives.broadcast.p2p as _box_route_mod
 from sdict_ext import ops, utils
 from tests.mp import run_fresh, run_on_ranks
 
@@ -852,7 +852,7 @@ def _dtensor_boxes_agree_with_local_box():
     value it cannot box is left to the caller (None)."""
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    from sdict_ext._collectives import dtensor_boxes, local_box
+    from sdict_ext.collectives.boxes import dtensor_boxes, local_box
 
     rank = dist.get_rank()
     mesh1, mesh2 = _mesh((4,)), _mesh((2, 2))
@@ -912,7 +912,7 @@ def test_dtensor_boxes_match_local_box_on_1d_and_2d_meshes():
 
 def _broadcast_metadata_beyond_first_part():
     """Metadata larger than its first broadcast (HEAD_BYTES) arrives in two parts."""
-    from sdict_ext._broadcast_meta import HEAD_BYTES
+    from sdict_ext.collectives.broadcast.meta import HEAD_BYTES
 
     full, local = _load_inputs(meta_ok=False)
     full["notes"] = "x" * (HEAD_BYTES + 12345)
@@ -926,7 +926,7 @@ def _broadcast_metadata_beyond_first_part():
 
 
 def test_broadcast_metadata_larger_than_its_first_part_matches_pytorch():
-    from sdict_ext._broadcast_meta import HEAD_BYTES
+    from sdict_ext.collectives.broadcast.meta import HEAD_BYTES
 
     for rank, (ours, theirs, n) in enumerate(
         run_on_ranks(2, _broadcast_metadata_beyond_first_part, timeout=60)

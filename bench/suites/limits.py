@@ -148,7 +148,7 @@ def _run_shm_populate(nbytes: int, ctx: Ctx) -> None:
     ctx.measure(impl, ROLE_BOUND, populate, nbytes=nbytes, tensors=1)
     # A bound row too (as batched_copy_ is for memcpy): the same pages populated with
     # MADV_POPULATE_WRITE on all of torch's threads, the fastest way found here.
-    fn, why = load_sdict("_hostmem", "shared_storage")
+    fn, why = load_sdict("host.memory", "shared_storage")
     ctx.measure(
         "sdict_ext shared_storage (MADV_POPULATE_WRITE, all threads)", ROLE_BOUND,
         (lambda: fn(nbytes)) if fn else None, nbytes=nbytes, tensors=1, missing=why,

@@ -312,7 +312,7 @@ def _run_broadcast(spec: CaseSpec, ctx: Ctx) -> None:
         return
     # Ranks on rank 0's host may read their boxes out of its memory (opt-in:
     # SDICT_EXT_DIRECT_READ=1); this row is what they get then.
-    from sdict_ext import _box_route
+    import sdict_ext.collectives.broadcast.p2p as _box_route
 
     def by_direct_reads(d: dict) -> None:
         before = os.environ.get(_box_route.ENV_DIRECT_READ)

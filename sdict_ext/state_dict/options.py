@@ -33,12 +33,12 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from sdict_ext import _collectives
-from sdict_ext._broadcast_meta import check_source
-from sdict_ext._collectives import dtensor_of
-from sdict_ext._sd_fqn import FqnResolver, param_fqn_maps
-from sdict_ext._traverse import LEAF_DTENSOR, LEAF_TENSOR, flatten
+from sdict_ext.collectives import agreement as _collectives
+from sdict_ext.collectives.boxes import dtensor_of
+from sdict_ext.collectives.broadcast.meta import check_source
 from sdict_ext.ops import batched_copy_
+from sdict_ext.state_dict.fqn import FqnResolver, param_fqn_maps
+from sdict_ext.tree import LEAF_DTENSOR, LEAF_TENSOR, flatten
 from sdict_ext.utils import gather_state_dict, offload_state_dict_to_cpu
 
 __all__: list[str] = []
@@ -321,7 +321,7 @@ def failure_reaches_the_gather(info: Info, tensors: Callable[[], Iterable[Any]])
             and any(isinstance(t, (DTensor, ShardedTensor)) for t in tensors())
         ):
             group = dist.distributed_c10d._get_default_group()
-            _collectives.agree(group, exc, 0, "get_state_dict")  # raises exc here
+            _collectives.agree(group, exc, what="get_state_dict")  # raises exc here
         raise
 
 
@@ -372,19 +372,23 @@ def is_multi_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def agree(error: str | None, flags: tuple[bool, ...]) -> list[tuple[bool, ...]]:
+def agree_load(error: str | None, flags: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Raise on every rank if any rank found an error; else return every rank's ``flags``.
 
     Called before the first collective of a load, so a rank whose input is bad fails on
     all ranks instead of leaving the others blocked in a collective (and before anything
-    is written, so a failed load changes nothing anywhere). Only for multi-rank groups.
+    is written, so a failed load changes nothing anywhere). Every rank raises the same
+    message. Only for multi-rank groups. ``flags``: small integers (bools, digests).
     """
-    replies: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(replies, (error, flags))
-    failures = [f"rank {r}: {e}" for r, (e, _) in enumerate(replies) if e]
-    if failures:
-        raise RuntimeError("state dict load rejected, nothing was loaded:\n" + "\n".join(failures))
-    return [tuple(f) for _, f in replies]
+    table = _collectives.agree(
+        dist.distributed_c10d._get_default_group(), error, what="state dict load",
+        share=[int(f) for f in flags], share_len=len(flags), everyone_blamed=True,
+        blame=lambda failures: RuntimeError(
+            "state dict load rejected, nothing was loaded:\n"
+            + "\n".join(f"rank {r}: {e}" for r, e in sorted(failures.items()))
+        ),
+    )
+    return [tuple(row) for row in table.tolist()]
 
 
 def unloadable(

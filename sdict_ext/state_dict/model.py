@@ -17,12 +17,13 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.module import _IncompatibleKeys
 
-from sdict_ext._collectives import digest
-from sdict_ext._copies import view_key
-from sdict_ext._sd_common import (
+from sdict_ext.collectives.agreement import digest
+from sdict_ext.host.copies import view_key
+from sdict_ext.state_dict.fqn import ExtraState, iter_model_state
+from sdict_ext.state_dict.options import (
     BUCKET_BYTES,
     Info,
-    agree,
+    agree_load,
     failure_reaches_the_gather,
     full_or_offload,
     model_tensors,
@@ -30,7 +31,6 @@ from sdict_ext._sd_common import (
     storage_ptrs,
     unloadable,
 )
-from sdict_ext._sd_fqn import ExtraState, iter_model_state
 from sdict_ext.utils import broadcast_state_dict, distribute_state_dict
 
 __all__: list[str] = []
@@ -304,7 +304,7 @@ def agree_with_source(model: nn.Module, plan: ModelLoad | None, info: Info) -> N
             )
             if problem:
                 problems.append(problem)
-    agree("set_model_state_dict: " + "; ".join(problems) if problems else None, ())
+    agree_load("set_model_state_dict: " + "; ".join(problems) if problems else None, ())
 
 
 def collective_device() -> torch.device:

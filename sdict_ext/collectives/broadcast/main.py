@@ -14,7 +14,6 @@ first is built in ``_broadcast_meta``.
 from __future__ import annotations
 
 import math
-from array import array
 from itertools import accumulate, zip_longest
 from typing import Any
 
@@ -22,8 +21,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from sdict_ext import _box_route, ops
-from sdict_ext._broadcast_meta import (
+from sdict_ext import ops
+from sdict_ext._gc import gc_paused
+from sdict_ext.collectives.agreement import RankFailure, agree
+from sdict_ext.collectives.boxes import BoxCache, dtensor_boxes, dtensor_of, local_box
+from sdict_ext.collectives.broadcast import p2p as _box_route
+from sdict_ext.collectives.broadcast.meta import (
     Announced,
     TensorInfo,
     announce,
@@ -34,20 +37,9 @@ from sdict_ext._broadcast_meta import (
     to_wire,
     wait_sent,
 )
-from sdict_ext._collectives import (
-    DEFAULT_BUCKET_BYTES,
-    BoxCache,
-    RankFailure,
-    agree,
-    buckets_with_solos,
-    dtensor_boxes,
-    dtensor_of,
-    local_box,
-    slice_bytes,
-)
-from sdict_ext._copies import batched_copy_pairs, indexed_device, offload_leaves, view_key
-from sdict_ext._gc import gc_paused
-from sdict_ext._traverse import leaf_kind
+from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, buckets_with_solos, slice_bytes
+from sdict_ext.host.copies import batched_copy_pairs, indexed_device, offload_leaves, view_key
+from sdict_ext.tree import leaf_kind
 
 __all__ = ["broadcast_state_dict"]
 
@@ -393,7 +385,7 @@ def broadcast_state_dict(
     if by_box:
         # The needs table: the route's plan, and where every rank learns whether any
         # rank failed (all raise before anything is sent).
-        table = _exchange_needs(group, error, row, wire[-1])
+        table = agree(group, error, what="broadcast_state_dict", share=row, share_len=wire[-1])
     try:
         if is_src:
             # Plain tensors as they are (detach() costs ~1 us each); box views of them
@@ -417,7 +409,7 @@ def broadcast_state_dict(
         if error is None:
             error = exc
     # Every rank raises here if any failed, before anything is sent or written.
-    agree(group, error, 0, "broadcast_state_dict")
+    agree(group, error, what="broadcast_state_dict")
 
     # Loading writes parameters in place, as PyTorch's copy_ does under no_grad.
     read_error: BaseException | None = None
@@ -436,7 +428,7 @@ def broadcast_state_dict(
         if direct_reads:
             # Rank 0's tensors must outlive every read of them; a refused read (after
             # the probe succeeded: rare) is raised on every rank.
-            agree(group, read_error, 0, "broadcast_state_dict")
+            agree(group, read_error, what="broadcast_state_dict")
         _finish(dests)
 
     global_keys = set(keys)
@@ -455,33 +447,6 @@ def broadcast_state_dict(
     if strict:
         for key in [k for k in local_state_dict if k not in global_keys]:
             del local_state_dict[key]
-
-
-# torch 2.13 deprecates all_gather_into_tensor for all_gather_single.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _exchange_needs(
-    group: dist.ProcessGroup, error: BaseException | None, row: list[int] | None, row_len: int
-) -> torch.Tensor:
-    """Every rank's needs row (``[failed, *needs]``), all-gathered: the route's plan
-    and the agreement in one collective. Raises on every rank if any rank failed."""
-    if error is not None or row is None or len(row) != row_len:
-        if error is None:
-            error = RuntimeError(
-                "broadcast_state_dict: internal error: a needs row of "
-                f"{0 if row is None else len(row)} entries where the metadata gives {row_len}"
-            )
-        row = [1] + [0] * (row_len - 1)
-    mine = torch.frombuffer(array("q", row), dtype=torch.int64)
-    world = dist.get_world_size(group)
-    table = torch.empty(world * row_len, dtype=torch.int64)
-    _all_gather_single(table, mine, group=group)
-    table = table.view(world, row_len)
-    if bool(table[:, 0].any()):
-        agree(group, error, 0, "broadcast_state_dict")  # raises on every rank
-        raise AssertionError("unreachable: agree() raises when a rank failed")
-    return table
 
 
 def _plan_box_route(

@@ -14,9 +14,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from sdict_ext import ops
-from sdict_ext._collectives import BoxCache, dtensor_of, is_plain_placement, local_box
-from sdict_ext._copies import batched_copy_pairs, indexed_device
 from sdict_ext._gc import gc_paused
+from sdict_ext.collectives.boxes import BoxCache, dtensor_of, is_plain_placement, local_box
+from sdict_ext.host.copies import batched_copy_pairs, indexed_device
 
 __all__ = ["distribute_state_dict"]
 

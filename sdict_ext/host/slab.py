@@ -19,7 +19,7 @@ from operator import add, and_, floordiv, itemgetter, mul
 import torch
 
 from sdict_ext import ops
-from sdict_ext._hostmem import check_fits, fit_limits, pin_storage, shared_storage
+from sdict_ext.host.memory import check_fits, fit_limits, pin_storage, shared_storage
 
 __all__ = ["carve", "pinning_available"]
 

@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from sdict_ext import _box_route, ops
-from sdict_ext._copies import view_key
-from sdict_ext._traverse import LEAF_TENSOR, leaf_kind
+from sdict_ext import ops
+from sdict_ext.collectives.broadcast import p2p as _box_route
+from sdict_ext.host.copies import view_key
+from sdict_ext.tree import LEAF_TENSOR, leaf_kind
 
 __all__ = [
     "HEAD_BYTES", "Announced", "TensorInfo", "announce", "check_source", "from_wire",

@@ -37,25 +37,25 @@ import torch.nn as nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from sdict_ext._gc import gc_paused
-from sdict_ext._sd_common import (
-    PATCHED,
-    Info,
-    StateDictOptions,
-    agree,
-    as_optimizers,
-    build_info,
-    is_multi_rank,
-    storage_ptrs,
-)
-from sdict_ext._sd_fqn import FqnResolver
-from sdict_ext._sd_model import (
+from sdict_ext.state_dict.fqn import FqnResolver
+from sdict_ext.state_dict.model import (
     agree_with_source,
     get_model,
     model_signature,
     prepare_model_load,
     run_model_load,
 )
-from sdict_ext._sd_optim import get_optim, prepare_optim_load, run_optim_load
+from sdict_ext.state_dict.optim import get_optim, prepare_optim_load, run_optim_load
+from sdict_ext.state_dict.options import (
+    PATCHED,
+    Info,
+    StateDictOptions,
+    agree_load,
+    as_optimizers,
+    build_info,
+    is_multi_rank,
+    storage_ptrs,
+)
 
 __all__ = [
     "StateDictOptions",
@@ -239,8 +239,8 @@ def _load(
         if error:
             raise RuntimeError(error)
     elif info.broadcast_from_rank0:
-        loads = agree(error, (info.handle_model, model_signature(model_plan, info)))
-        info.handle_model = loads[0][0]
+        loads = agree_load(error, (info.handle_model, model_signature(model_plan, info)))
+        info.handle_model = bool(loads[0][0])
         if not info.handle_model:
             model_plan = None
         elif len({signature for _, signature in loads}) > 1:
@@ -250,7 +250,7 @@ def _load(
     else:
         # Every rank must load the same parts, or the FSDP / DTensor collectives of the
         # load would not match (a rank-0-only cpu_offload state dict needs the broadcast).
-        loads = agree(error, (model_plan is not None, bool(optim_sd) and bool(optims)))
+        loads = agree_load(error, (model_plan is not None, bool(optim_sd) and bool(optims)))
         if len(set(loads)) > 1:
             empty = [r for r, (m, o) in enumerate(loads) if (m, o) != max(loads)]
             raise RuntimeError(

@@ -16,7 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from sdict_ext import ops
-from sdict_ext._traverse import LEAF_DTENSOR, LEAF_OTHER, LEAF_SHARDED, LEAF_TENSOR
+from sdict_ext.tree import LEAF_DTENSOR, LEAF_OTHER, LEAF_SHARDED, LEAF_TENSOR
 
 __all__ = [
     "ROUTE_OP",

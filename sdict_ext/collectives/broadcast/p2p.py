@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from sdict_ext import ops
-from sdict_ext._collectives import buckets_with_solos
+from sdict_ext.collectives.buckets import buckets_with_solos
 
 __all__ = [
     "ENV_DIRECT_READ", "Message", "ReceivePlan", "SendPlan", "can_read", "check_needs_table",

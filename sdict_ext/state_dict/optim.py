@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-from sdict_ext._sd_common import (
+from sdict_ext.state_dict.model import target_device, tensor_problem
+from sdict_ext.state_dict.options import (
     BUCKET_BYTES,
     PARAM_GROUPS,
     PARAMS,
@@ -31,7 +32,6 @@ from sdict_ext._sd_common import (
     storage_ptrs,
     unloadable,
 )
-from sdict_ext._sd_model import target_device, tensor_problem
 from sdict_ext.utils import (
     broadcast_state_dict,
     distribute_state_dict,

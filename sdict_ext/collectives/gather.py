@@ -52,20 +52,12 @@ from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from sdict_ext import ops
-from sdict_ext._collectives import (
-    DEFAULT_BUCKET_BYTES,
-    agree,
-    box_of,
-    buckets_with_solos,
-    digest,
-    is_plain_placement,
-    mesh_coordinates,
-    mesh_shape,
-    slice_bytes,
-)
-from sdict_ext._copies import batched_copy_pairs, indexed_device, offload_leaves
 from sdict_ext._gc import gc_paused
-from sdict_ext._traverse import (
+from sdict_ext.collectives.agreement import agree, digest
+from sdict_ext.collectives.boxes import box_of, is_plain_placement, mesh_coordinates, mesh_shape
+from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, buckets_with_solos, slice_bytes
+from sdict_ext.host.copies import batched_copy_pairs, indexed_device, offload_leaves
+from sdict_ext.tree import (
     LEAF_DTENSOR,
     LEAF_OTHER,
     LEAF_SHARDED,
@@ -471,7 +463,7 @@ def gather_state_dict(
             _allocate_outputs(streams, cpu_offload)
     except Exception as exc:  # reported to every rank by agree()
         error = exc if error is None else error
-    agree(group, error, digest(plan), "gather_state_dict")
+    agree(group, error, what="gather_state_dict", plan_digest=digest(plan))
 
     out = list(flat.leaves)
     for key in order:

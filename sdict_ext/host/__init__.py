@@ -1,0 +1,1 @@
+"""Host memory and copies: batched copies, CPU slabs, pinned and shared memory."""
