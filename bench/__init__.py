@@ -5,9 +5,11 @@ and against the hardware bound measured in that run (one big memcpy; on a GPU on
 pinned device-to-host / host-to-device copy; one big collective on several ranks).
 See BENCHMARKS.md for how to run it and the recorded results.
 
-Layout: ``cli`` (arguments, one run), ``runner`` (which process runs which case),
-``launch`` (spawned or torchrun ranks), ``harness`` (timing, memory, collectives),
-``report`` (table, JSON), ``plot`` (optional PNG), ``suites/`` (the workloads).
+Layout, each module importing only those after it: ``cli`` (arguments, one run),
+``runner`` (which process runs which case), ``launch`` (spawned or torchrun ranks for
+multi-rank cases), ``case`` (one case in this process), ``report`` (table, JSON),
+``plot`` (optional PNG), ``suites/`` (the workloads), ``harness`` (timing, memory,
+collectives), ``ranks`` (the pool of spawned ranks, shared with ``tests/mp.py``).
 """
 
 from __future__ import annotations

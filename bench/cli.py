@@ -121,7 +121,7 @@ def _select(args: argparse.Namespace, size: str):
 
 
 def _settings(args: argparse.Namespace, size: str):
-    from bench.runner import Settings
+    from bench.case import Settings
 
     repeat, warmup, budget, case_timeout, pg_timeout = _DEFAULTS[size]
     return Settings(
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import launch, report, runner
-    from bench.harness import print_stacks_on_fatal_signal
+    from bench.case import case_row
+    from bench.ranks import init_rank, print_stacks_on_fatal_signal
 
     # Single-process cases and torchrun ranks run here; the running case is on the
     # progress line.
@@ -187,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
                f"{torch.cuda.device_count()} devices); skipping all {len(specs)} cuda cases")
         progress.note(why)
-        rows = [runner.case_row(s, settings, "skipped", why) for s in specs]
+        rows = [case_row(s, settings, "skipped", why) for s in specs]
     elif trun is not None:
         rank, world, local_rank = trun
-        device = launch.init_rank(args.device, rank, world, local_rank, settings.pg_timeout_s)
+        device = init_rank(args.device, rank, world, local_rank, settings.pg_timeout_s)
         try:
             rows = runner.run_torchrun(specs, settings, progress, device)
         finally:

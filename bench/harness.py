@@ -19,12 +19,10 @@ time of a run is the slowest rank's, i.e. the wall time of the distributed opera
 from __future__ import annotations
 
 import ctypes
-import faulthandler
 import gc
 import importlib
 import os
 import re
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -34,6 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench.ranks import note_running
 
 __all__ = [
     "MIN_REPEATS",
@@ -50,9 +50,6 @@ __all__ = [
     "HostMemory",
     "Row",
     "load_sdict",
-    "note_running",
-    "print_stacks_on_fatal_signal",
-    "record_running_in",
     "summarize",
 ]
 
@@ -69,34 +66,6 @@ ROLE_CASE = "case"
 #: choose the default: shown and plotted, never in the PyTorch / sdict_ext ratio.
 ROLE_VARIANT = "variant"
 ROLES = (ROLE_SDICT, ROLE_TORCH, ROLE_BOUND, ROLE_CASE, ROLE_VARIANT)
-
-# Where this process writes what it is running (a shared ``c_char`` array that a
-# spawned rank's parent reads once the rank died), or None.
-_running: Any = None
-
-
-def print_stacks_on_fatal_signal() -> None:
-    """Makes a fatal signal (a segfault or an abort in native code), which leaves no
-    exception to report, print the Python stack of every thread and torch's native one.
-
-    They go to the process's own stderr: a caller may have swapped ``sys.stderr`` for an
-    object with no file descriptor.
-    """
-    faulthandler.enable(file=sys.__stderr__, all_threads=True)
-    torch._C._set_print_stack_traces_on_fatal_signal(True)
-
-
-def record_running_in(buffer: Any) -> None:
-    """Makes :func:`note_running` write into ``buffer`` (a shared ``c_char`` array)."""
-    global _running
-    _running = buffer
-
-
-def note_running(text: str) -> None:
-    """Records what runs now, so a crash that leaves no Python exception (a fatal
-    signal) can still be attributed to its case and implementation."""
-    if _running is not None:
-        _running.value = text.encode("utf-8", "replace")[: len(_running) - 1]
 
 
 @dataclass

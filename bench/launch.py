@@ -1,40 +1,27 @@
-"""Multi-rank cases: spawned gloo / NCCL ranks on 127.0.0.1, or the ranks of ``torchrun``.
+"""Where multi-rank cases run: ranks spawned on 127.0.0.1, or the ranks of ``torchrun``.
 
-Spawned mode: the parent hosts the rendezvous ``TCPStore`` on a port the kernel picks
-(no free-port race with other programs), starts ``world_size`` processes, and feeds them
-one case at a time over pipes. Every wait has a deadline: a group that does not come up,
-a rank that raises, dies, or does not finish a case in time, gets the whole group killed
-and the case reported as an error; the next case gets a fresh group, because a group
-whose ranks stopped at different collectives cannot be trusted again.
+Spawned mode: a :class:`RankGroup` is a :class:`bench.ranks.RankPool` (the rank pool the
+tests use too) that runs one case at a time on every rank and reports in the
+benchmark's terms: rank 0's rows, or a :class:`CaseFailed` that names each failing
+rank's last frame. A failed case kills the group; the runner starts a fresh one for the
+next case, because a group whose ranks stopped at different collectives cannot be
+trusted again.
 
-torchrun mode: this process is one of the ranks already; the caller runs the cases in
-place on the default process group.
+torchrun mode: this process is one of the ranks already; :func:`torchrun_env` says so,
+and the caller runs the cases in place on the default process group.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import pickle
-import signal
-import time
-import traceback
 import warnings
-from contextlib import contextmanager
-from datetime import timedelta
-from multiprocessing.connection import wait
 from typing import Any
 
-__all__ = ["CaseFailed", "RankGroup", "init_rank", "torchrun_env"]
+from bench.case import Settings, local_device, run_case_here
+from bench.harness import CaseSpec, Row
+from bench.ranks import STARTUP_TIMEOUT_S, Exited, FailedWith, RankPool, RanksFailed, pickle_call
 
-#: Bound on forming a group: importing torch in several processes on two busy cores can
-#: take tens of seconds.
-STARTUP_TIMEOUT_S = 180.0
-
-#: Bytes of the shared record in which each rank says what it is running.
-_RUNNING_BYTES = 512
-
-_CTX = multiprocessing.get_context("spawn")
+__all__ = ["CaseFailed", "RankGroup", "torchrun_env"]
 
 
 class CaseFailed(RuntimeError):
@@ -54,75 +41,18 @@ def torchrun_env() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
 
-def init_rank(
-    device_type: str, rank: int, world_size: int, local_rank: int, pg_timeout_s: float,
-    store: Any = None,
-):
-    """Joins the default process group (gloo on CPU, NCCL on CUDA); returns the device."""
-    import torch
+def _case_on_rank(spec: CaseSpec, settings: Settings) -> list[Row]:
+    """Runs on every rank of the pool: one case; rank 0's rows (the others' are empty)."""
     import torch.distributed as dist
 
-    if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend, extra = "nccl", {"device_id": device}
-    else:
-        device = torch.device("cpu")
-        backend, extra = "gloo", {}
-    kwargs = dict(backend=backend, timeout=timedelta(seconds=pg_timeout_s), **extra)
-    if store is not None:
-        kwargs.update(store=store, rank=rank, world_size=world_size)
-    dist.init_process_group(**kwargs)
-    return device
-
-
-def _worker_main(
-    rank: int, world_size: int, port: int, device_type: str, threads: int,
-    pg_timeout_s: float, conn: Any, running: Any,
-) -> None:
     warnings.filterwarnings("ignore")
+    rows: list[Row] = []
+    reported = dist.get_rank() == 0
     try:
-        import torch
-        import torch.distributed as dist
-
-        from bench.harness import print_stacks_on_fatal_signal, record_running_in
-        from bench.runner import run_case_here
-
-        # A fatal signal leaves no exception to send back: the stacks go onto the
-        # stderr the bench shares.
-        print_stacks_on_fatal_signal()
-        record_running_in(running)
-
-        torch.set_num_threads(threads)
-        store = dist.TCPStore(
-            "127.0.0.1", port, is_master=False, timeout=timedelta(seconds=STARTUP_TIMEOUT_S)
-        )
-        device = init_rank(device_type, rank, world_size, rank, pg_timeout_s, store=store)
-    except BaseException:
-        conn.send_bytes(pickle.dumps((False, traceback.format_exc(), [])))
-        return
-    conn.send_bytes(pickle.dumps((True, None, [])))
-    while True:
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError, KeyboardInterrupt):
-            break
-        if not data:
-            break
-        spec, settings = pickle.loads(data)
-        rows: list[Any] = []
-        try:
-            run_case_here(spec, settings, device, rows, multi_rank=True)
-            conn.send_bytes(pickle.dumps((True, None, rows if rank == 0 else [])))
-        except BaseException:
-            # The group may be stuck mid-collective: report and leave; the parent
-            # replaces the group.
-            reply = (False, traceback.format_exc(), rows if rank == 0 else [])
-            conn.send_bytes(pickle.dumps(reply))
-            break
-    # Skip interpreter teardown: tearing down a process group whose peers are gone can
-    # block, and the parent joins with a short deadline anyway.
-    os._exit(0)
+        run_case_here(spec, settings, local_device(settings), rows, multi_rank=True)
+    except BaseException as exc:
+        raise FailedWith(rows if reported else []) from exc
+    return rows if reported else []
 
 
 def _last_frame(text: str) -> str:
@@ -138,147 +68,61 @@ def _last_frame(text: str) -> str:
     return (lines[-1] if lines else "no traceback") + where
 
 
-@contextmanager
-def _thread_env(threads: int):
-    """Children read OpenMP's thread count from the environment when torch starts."""
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def _death(exited: Exited) -> str:
+    """How a rank died, and what it was running then (its stacks, for a fatal signal,
+    are on stderr above)."""
+    how = f"exit code {exited.exitcode}"
+    if exited.signal:
+        how += f", {exited.signal}"
+    return f"rank process exited ({how}) while running {exited.running or 'nothing yet'}"
+
+
+def _case_failed(failed: RanksFailed, what: str, timeout_s: float) -> CaseFailed:
+    texts = {
+        rank: _death(f) if isinstance(f, Exited) else f for rank, f in failed.failures.items()
+    }
+    parts = [f"{what} failed on {failed.world_size} ranks"]
+    parts += [f"rank {rank}: {_last_frame(texts[rank])}" for rank in sorted(texts)]
+    if failed.pending:
+        parts.append(f"ranks {sorted(failed.pending)} gave no answer within {timeout_s:g}s")
+    details = "\n".join(
+        f"----- rank {rank} -----\n{texts[rank].rstrip()}" for rank in sorted(texts)
+    )
+    rows = []
+    for rank in range(failed.world_size):
+        rows.extend(failed.results[rank] or failed.partial.get(rank) or [])
+    return CaseFailed("; ".join(parts), rows, details)
 
 
 class RankGroup:
-    """``world_size`` spawned ranks joined in one process group, running cases on request."""
+    """``world_size`` spawned ranks joined in one process group, running cases on request.
+
+    Raises:
+        CaseFailed: the group did not form.
+    """
 
     def __init__(self, world_size: int, device_type: str, pg_timeout_s: float) -> None:
-        import torch.distributed as dist
-
         self.world_size = world_size
+        # The ranks share the cores: one rank's threads must not steal another's.
         threads = max(1, (os.cpu_count() or 1) // world_size)
-        self._store = dist.TCPStore(
-            "127.0.0.1", 0, is_master=True, wait_for_workers=False,
-            timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
-        )
-        self._procs: list[Any] = []
-        self._conns: list[Any] = []
-        self._running: list[Any] = []
         try:
-            with _thread_env(threads):
-                for rank in range(world_size):
-                    parent_end, child_end = _CTX.Pipe()
-                    running = _CTX.Array("c", _RUNNING_BYTES, lock=False)
-                    self._running.append(running)
-                    proc = _CTX.Process(
-                        target=_worker_main,
-                        args=(rank, world_size, self._store.port, device_type, threads,
-                              pg_timeout_s, child_end, running),
-                        name=f"bench-rank{rank}", daemon=True,
-                    )
-                    proc.start()
-                    child_end.close()
-                    self._procs.append(proc)
-                    self._conns.append(parent_end)
-            self._collect(STARTUP_TIMEOUT_S, "starting the rank group")
-        except BaseException:
-            self.kill()
-            raise
+            self._pool = RankPool(world_size, pg_timeout_s, device_type, threads, name="bench")
+        except RanksFailed as failed:
+            raise _case_failed(failed, "starting the rank group", STARTUP_TIMEOUT_S) from None
 
-    def run_case(self, spec: Any, settings: Any, timeout_s: float) -> list[Any]:
-        """Runs one case on every rank; returns rank 0's rows or raises :class:`CaseFailed`."""
-        payload = pickle.dumps((spec, settings))
-        for conn in self._conns:
-            try:
-                conn.send_bytes(payload)
-            except OSError:
-                pass  # a dead rank is reported by _collect
-        return self._collect(timeout_s, f"case {spec.name!r}")
-
-    def _collect(self, timeout_s: float, what: str) -> list[Any]:
-        pending = set(range(self.world_size))
-        failures: dict[int, str] = {}
-        rows: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            remaining = deadline - time.monotonic()
-            if failures:
-                # Ranks blocked on a failed peer only fail at the collective timeout;
-                # the first traceback is the useful one.
-                remaining = min(remaining, 5.0)
-            if remaining <= 0:
-                break
-            waitables = {}
-            for rank in pending:
-                waitables[self._conns[rank]] = rank
-                waitables[self._procs[rank].sentinel] = rank
-            for ready in wait(list(waitables), remaining):
-                rank = waitables[ready]
-                if rank not in pending:
-                    continue
-                conn = self._conns[rank]
-                try:
-                    if conn.poll():
-                        ok, error, rank_rows = pickle.loads(conn.recv_bytes())
-                    elif not self._procs[rank].is_alive():
-                        ok, error, rank_rows = False, self._exit_text(rank), []
-                    else:
-                        continue
-                except (EOFError, OSError):
-                    ok, error, rank_rows = False, self._exit_text(rank), []
-                pending.discard(rank)
-                rows.extend(rank_rows)
-                if not ok:
-                    failures[rank] = error
-        if failures or pending:
-            parts = [f"{what} failed on {self.world_size} ranks"]
-            for rank in sorted(failures):
-                parts.append(f"rank {rank}: {_last_frame(failures[rank])}")
-            if pending:
-                parts.append(f"ranks {sorted(pending)} gave no answer within {timeout_s:g}s")
-            details = "\n".join(
-                f"----- rank {rank} -----\n{failures[rank].rstrip()}" for rank in sorted(failures)
-            )
-            self.kill()
-            raise CaseFailed("; ".join(parts), rows, details)
-        return rows
-
-    def _exit_text(self, rank: int) -> str:
-        """How rank ``rank`` died, and what it was running then (its stacks, for a fatal
-        signal, are on stderr just above)."""
-        self._procs[rank].join(1.0)
-        code = self._procs[rank].exitcode
-        how = f"exit code {code}"
-        if code is not None and code < 0:
-            try:
-                how += f", {signal.Signals(-code).name}"
-            except ValueError:
-                pass
-        running = self._running[rank].value.decode("utf-8", "replace") or "nothing yet"
-        return f"rank process exited ({how}) while running {running}"
+    def run_case(self, spec: CaseSpec, settings: Settings, timeout_s: float) -> list[Row]:
+        """Runs one case on every rank; returns rank 0's rows or raises :class:`CaseFailed`
+        (the group is killed then)."""
+        try:
+            results = self._pool.call(pickle_call(_case_on_rank, (spec, settings), {}), timeout_s)
+        except RanksFailed as failed:
+            raise _case_failed(failed, f"case {spec.name!r}", timeout_s) from None
+        return results[0]
 
     def close(self) -> None:
         """Asks the ranks to exit, then kills whatever is left after a short grace."""
-        for conn in self._conns:
-            try:
-                conn.send_bytes(b"")
-            except OSError:
-                pass
-        deadline = time.monotonic() + 5.0
-        for proc in self._procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        self.kill()
+        self._pool.close()
 
     def kill(self) -> None:
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self._procs:
-            proc.join(5.0)
-        for conn in self._conns:
-            conn.close()
-        self._procs, self._conns, self._running = [], [], []
+        """Kills every rank now."""
+        self._pool.kill()

@@ -6,41 +6,18 @@ imports torch) never competes for the CPU with a timing in this process.
 
 from __future__ import annotations
 
-import gc
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any, TextIO
 
 import torch
 
-from bench.harness import ROLE_CASE, CaseSpec, Ctx, DistInfo, HostMemory, Row, note_running
-from bench.suites import get_suite
+from bench.case import Settings, case_row, local_device, run_case_here
+from bench.harness import CaseSpec, Row
+from bench.launch import CaseFailed, RankGroup
 
-__all__ = [
-    "Progress",
-    "Settings",
-    "case_row",
-    "describe_rows",
-    "run_case_here",
-    "run_cases",
-    "run_torchrun",
-]
-
-
-@dataclass
-class Settings:
-    """How every case is measured (picklable: it travels to the spawned ranks)."""
-
-    size: str
-    device: str
-    repeat: int
-    warmup: int
-    budget_s: float
-    case_timeout_s: float
-    pg_timeout_s: float
-    world_size: int
+__all__ = ["Progress", "describe_rows", "run_cases", "run_torchrun"]
 
 
 class Progress:
@@ -88,68 +65,11 @@ class Progress:
         self.stream.flush()
 
 
-_HOST_MEMORY: HostMemory | None = None
-
-
-def _freeze_heap() -> None:
-    """Moves every object alive now (torch's modules, mostly) out of the cyclic garbage
-    collector's reach, so the ``gc.collect()`` before each memory probe costs
-    microseconds instead of a quarter of a second on a busy machine."""
-    gc.collect()
-    gc.freeze()
-
-
-def _host_memory() -> HostMemory:
-    global _HOST_MEMORY
-    if _HOST_MEMORY is None:
-        _HOST_MEMORY = HostMemory()
-    return _HOST_MEMORY
-
-
-def case_row(spec: CaseSpec, settings: Settings, status: str, reason: str, world: int = 1) -> Row:
-    """A row standing for a whole case that could not run (device missing, setup failed)."""
-    return Row(
-        suite=spec.suite, case=spec.name, impl="(case)", role=ROLE_CASE, status=status,
-        reason=reason, device=settings.device, world_size=world, bytes=0, tensors=0,
-        bound=spec.bound, params=dict(spec.params), plot=spec.plot,
-    )
-
-
-def run_case_here(
-    spec: CaseSpec, settings: Settings, device: torch.device, rows: list[Row], multi_rank: bool
-) -> None:
-    """Runs one case in this process (on every rank when ``multi_rank``), appending rows.
-
-    Rows measured before a failure are kept: they are appended even when the case raises.
-    """
-    info = None
-    if multi_rank:
-        import torch.distributed as dist
-
-        info = DistInfo(dist.get_rank(), dist.get_world_size(), device)
-    suite = get_suite(spec.suite)
-    _freeze_heap()  # after the suite's imports, before the case's inputs exist
-    ctx = Ctx(
-        spec, device, settings.repeat, settings.warmup, settings.budget_s, info, _host_memory()
-    )
-    note_running(f"{spec.suite}: {spec.name}: building its inputs")
-    try:
-        suite.run(spec, ctx)
-    finally:
-        rows.extend(ctx.rows)
-
-
-def _local_device(settings: Settings) -> torch.device:
-    if settings.device == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _run_single(spec: CaseSpec, settings: Settings, progress: Progress) -> list[Row]:
     progress.start(spec)
     rows: list[Row] = []
     try:
-        run_case_here(spec, settings, _local_device(settings), rows, multi_rank=False)
+        run_case_here(spec, settings, local_device(settings), rows, multi_rank=False)
     except Exception as exc:
         progress.note(f"{spec.suite}: {spec.name} failed:\n{traceback.format_exc().rstrip()}")
         rows.append(case_row(spec, settings, "error", f"{type(exc).__name__}: {exc}"))
@@ -166,8 +86,6 @@ def run_cases(
         multi_rank_skip: when set, why multi-rank cases cannot run here (they are
             reported as skipped with this reason).
     """
-    from bench.launch import CaseFailed, RankGroup
-
     rows: list[Row] = []
     for spec in [s for s in specs if not s.multi_rank]:
         rows.extend(_run_single(spec, settings, progress))

@@ -4,6 +4,7 @@ and reports well-formed numbers."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import math
@@ -18,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from bench import cli
+from bench.case import Settings
 from bench.harness import ROLES, CaseSpec, CollectiveCounter, HostMemory, Row, load_sdict, summarize
 from bench.report import finalize
-from bench.runner import Progress, Settings, run_cases
+from bench.runner import Progress, run_cases
 from bench.suites import SUITES, get_suite
 from tests.mp import run_on_ranks
 
@@ -379,3 +381,59 @@ def test_a_rank_killed_by_a_signal_leaves_its_stacks_and_the_running_implementat
     assert 'bench_crash_suite.py", line' in stderr and "in _segfault" in stderr
     # ... and torch's native stack of it.
     assert "SIGSEGV(11)" in stderr and "frame #0:" in stderr
+
+
+def _bench_imports() -> dict[str, set[str]]:
+    """bench module -> the modules it imports, read from the source (every import
+    statement, function-local ones included; ``from bench import x`` of a submodule ``x``
+    counts as importing ``bench.x``, not ``bench``). A package's ``__init__`` runs before
+    any of its modules; that implied edge is no import the code wrote, so it is left out."""
+    files = sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "bench/suites").glob("*.py"))
+    names = {}
+    for path in files:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for module, path in names.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                    + ([base] if base else []))
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    found.add(sub if sub in names else base)
+        graph[module] = {name for name in found if name.split(".")[0] in ("bench", "tests")}
+        graph[module].discard(module)
+    return graph
+
+
+def test_bench_modules_import_each_other_without_a_cycle():
+    graph = _bench_imports()
+    assert {"bench.cli", "bench.launch", "bench.runner", "bench.ranks"} <= set(graph)
+    assert graph["bench.launch"] and graph["bench.runner"]  # the walk sees imports at all
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycle = path[path.index(module):] + [module]
+            pytest.fail("import cycle in bench/: " + " -> ".join(cycle))
+        if module in done or module not in graph:
+            return
+        for target in sorted(graph[module]):
+            visit(target, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_bench_runs_without_the_test_tree():
+    """``python -m bench`` runs from a clean clone, where tests/ is no package it may need."""
+    for module, targets in _bench_imports().items():
+        assert not {t for t in targets if t.split(".")[0] == "tests"}, module
