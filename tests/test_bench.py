@@ -288,10 +288,10 @@ def _row(case: str, impl: str, role: str, median: float, nbytes: int = 10**9) ->
 def test_finalize_takes_the_best_bound_and_ratios_against_sdict():
     rows = [
         _row("memcpy", "a", "bound", 0.5),
-        _row("memcpy", "b", "bound", 0.25),            # 4 GB/s: the bound
+        _row("memcpy", "b", "bound", 0.25),            # the faster bound row: the bound, 4.0
         _row("copy", "torch slow", "torch", 2.0),
         _row("copy", "torch fast", "torch", 1.0),
-        _row("copy", "ours", "sdict_ext", 0.5),         # 2 GB/s
+        _row("copy", "ours", "sdict_ext", 0.5),         # gbps 2.0: half the bound
     ]
     bounds = finalize(rows)
     assert bounds == {"memcpy": {"gbps": 4.0, "case": "memcpy", "impl": "b"}}
