@@ -135,22 +135,15 @@ def _slow_path_cases(p: dict) -> list[CaseSpec]:
 def run(spec: CaseSpec, ctx: Ctx) -> None:
     """Builds the case's inputs and measures every implementation."""
     kind = spec.params["kind"]
-    if kind == "copy":
-        _run_copy(spec, ctx)
-    elif kind == "copy_strided":
-        _run_copy_strided(spec, ctx)
-    elif kind == "copy_beside_matmul":
-        _run_copy_beside_matmul(spec, ctx)
-    elif kind == "pack":
-        _run_pack(spec, ctx)
-    elif kind == "unpack":
-        _run_unpack(spec, ctx)
-    elif kind == "gather_concat":
-        _run_gather_concat(spec, ctx)
-    elif kind == "gather_concat_into":
-        _run_gather_concat_into(spec, ctx)
-    else:
+    runner = {
+        "copy": _run_copy, "copy_strided": _run_copy_strided,
+        "copy_beside_matmul": _run_copy_beside_matmul, "pack": _run_pack,
+        "unpack": _run_unpack, "gather_concat": _run_gather_concat,
+        "gather_concat_into": _run_gather_concat_into,
+    }.get(kind)
+    if runner is None:
         raise ValueError(f"ops: unknown case kind {kind!r}")
+    runner(spec, ctx)
 
 
 def _sdict_op(ctx: Ctx, name: str):
