@@ -122,7 +122,8 @@ class Exited:
     """How a rank's process ended without answering.
 
     The result of a rank listed in ``allow_exit``, or (in :attr:`RanksFailed.failures`)
-    the failure of one that was not.
+    the failure of one that was not. Two are equal when their exit codes are, so a test
+    can compare a result with ``Exited(0)``.
 
     Attributes:
         exitcode: the process's exit code (negative: killed by that signal).
