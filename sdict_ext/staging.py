@@ -317,14 +317,16 @@ class _ViewGroup:
         )
 
 
-def _storage_ptr(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+# Unbound C methods mapped over the tensors: no Python frame per tensor (the partition
+# is checked on every staging).
+_UNTYPED_STORAGE = torch.Tensor.untyped_storage
+_STORAGE_PTR = torch.UntypedStorage.data_ptr
 
 
 def _storage_partition(tensors: list[torch.Tensor]) -> list[int]:
     """For each tensor, the index of the first tensor on the same storage (itself if none):
     which tensors share storage, independent of where the storages are."""
-    ptrs = list(map(_storage_ptr, tensors))
+    ptrs = list(map(_STORAGE_PTR, map(_UNTYPED_STORAGE, tensors)))
     if 0 in ptrs:  # no bytes (zero elements): shares nothing
         ptrs = [p or -i - 1 for i, p in enumerate(ptrs)]
     first: dict[int, int] = {}

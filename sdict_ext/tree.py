@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Sequence
-from operator import attrgetter, methodcaller
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -98,7 +98,7 @@ _LEAF_RECIPE = (_LEAF,)
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
-_STRIDE = methodcaller("stride")
+_STRIDE = torch.Tensor.stride
 
 
 class CompanionMismatch(_torch_utils.CompanionMismatch):
