@@ -275,6 +275,17 @@ def test_layout_change_reallocates_and_releases_the_old_slab(change):
         assert old_storage() is None
 
 
+def test_layout_is_keyed_on_the_tree_signature_so_a_stride_change_replans():
+    state_dict = {"w": torch.zeros(4, 3), "step": 1}
+    with PinnedStager(pin_memory=False) as stager:
+        _stage_now(stager, state_dict)
+        assert stager._layout.sig == tree.flatten(state_dict, type_check=False).signature
+        state_dict["w"] = torch.arange(12.0).reshape(3, 4).t()
+        staged = _stage_now(stager, state_dict)
+        assert torch.equal(staged["w"], state_dict["w"]) and staged["step"] == 1
+        assert stager.stats.allocations == 2
+
+
 class _Blocker:
     """A plain leaf whose staging waits for ``release`` and records when it finished."""
 
