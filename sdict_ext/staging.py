@@ -507,8 +507,11 @@ class PinnedStager(AsyncStager):
             raises, naming ``share_memory=True``, before anything is moved.
         async_staging: stage in a background thread and return a ``Future``; otherwise
             ``stage`` returns the staged state dict once the copy is complete.
-        bucket_bytes: most bytes one ``batched_copy_`` call moves (a larger tensor goes
-            alone); sweep it to measure the granularity's effect.
+        bucket_bytes: bytes per ``batched_copy_`` call: a source device's tensors are
+            cut into ``ceil(total / bucket_bytes)`` runs of nearly equal bytes (the
+            package's one bucketing, :func:`sdict_ext.collectives.buckets.buckets`), a
+            run exceeding it by at most one tensor; sweep it to measure the
+            granularity's effect.
         all_ranks: make a staging that fails on any rank fail on every rank (see the
             module docstring). ``None`` (the default): on when ``torch.distributed`` is
             initialized with more than one rank, which makes the constructor a
