@@ -898,10 +898,15 @@ class PinnedStager(AsyncStager):
             non_blocking = src.device.type == "cuda" and dst.is_pinned()
             groups.setdefault((src.device, non_blocking), []).append(i)
             nbytes += src.numel() * src.element_size()
-        plan = [
-            _CopyGroup(device, non_blocking, self._cut_buckets(indices, dsts + span_dsts))
-            for (device, non_blocking), indices in groups.items()
-        ]
+        # Each group's copies cut by the package's one bucketing.
+        targets = dsts + span_dsts
+        plan = []
+        for (device, non_blocking), indices in groups.items():
+            costs = [targets[i].numel() * targets[i].element_size() for i in indices]
+            runs = [[indices[k] for k in run] for run in buckets(costs, self._bucket_bytes)]
+            plan.append(_CopyGroup(
+                device, non_blocking, [_Bucket([targets[i] for i in run], run) for run in runs]
+            ))
         layout = _Layout(
             sig=flat.signature,
             out_leaves=out_leaves,
@@ -939,12 +944,6 @@ class PinnedStager(AsyncStager):
         if kind == LEAF_DTENSOR:
             return _mark_staged(DTensor(staged, leaf._spec, requires_grad=False))
         return staged
-
-    def _cut_buckets(self, indices: list[int], dsts: list[torch.Tensor]) -> list[_Bucket]:
-        """The copies of ``indices`` in the package's one bucketing (:func:`buckets`)."""
-        costs = [dsts[i].numel() * dsts[i].element_size() for i in indices]
-        runs = [[indices[k] for k in run] for run in buckets(costs, self._bucket_bytes)]
-        return [_Bucket([dsts[i] for i in run], run) for run in runs]
 
     def _copy(
         self,
