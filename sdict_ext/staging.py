@@ -54,12 +54,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
-from operator import attrgetter
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 from torch.multiprocessing.reductions import reduce_tensor as _torch_reduce_tensor
@@ -67,7 +65,9 @@ from torch.utils.hooks import RemovableHandle
 
 from sdict_ext import ops
 from sdict_ext.collectives.agreement import agree
+from sdict_ext.collectives.buckets import buckets
 from sdict_ext.host.memory import RangeTable, device_guard
+from sdict_ext.tree import LEAF_DTENSOR, LEAF_SHARDED, Flat, flatten, format_path, leaf_kind
 from sdict_ext.utils import create_cpu_state_dict
 
 __all__ = ["PinnedStager", "StagingStats"]
@@ -76,59 +76,15 @@ __all__ = ["PinnedStager", "StagingStats"]
 #: checkpoint takes a handful of calls, small enough to bound the per-call plan.
 DEFAULT_BUCKET_BYTES = 1 << 30
 
-# Leaf kinds, looked up by exact type and cached: ``isinstance(x, DTensor)`` goes through
-# the tensor metaclass and costs microseconds per leaf, which adds up at 20,000 leaves.
-_CONTAINER, _TENSOR, _DTENSOR, _SHARDED, _VALUE = range(5)
-_KINDS: dict[type, int] = {}
-
-# Immutable leaves are staged by reference; anything else is deep-copied at staging time.
+# The snapshot policy of plain values: immutable ones are staged by reference, anything
+# else is deep-copied at staging time.
 _IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device)
-
-
-_SHAPE = attrgetter("shape")
-_DTYPE = attrgetter("dtype")
-_DEVICE = attrgetter("device")
-
-
-def _kind(obj: Any) -> int:
-    kind = _KINDS.get(type(obj))
-    return _type_kind(type(obj)) if kind is None else kind
-
-
-def _type_kind(cls: type) -> int:
-    kind = _KINDS.get(cls)
-    if kind is None:
-        if issubclass(cls, (dict, list, tuple)):
-            kind = _CONTAINER
-        elif issubclass(cls, DTensor):
-            kind = _DTENSOR
-        elif issubclass(cls, ShardedTensor):
-            kind = _SHARDED
-        elif issubclass(cls, torch.Tensor):
-            kind = _TENSOR
-        else:
-            kind = _VALUE
-        _KINDS[cls] = kind
-    return kind
 
 
 def _devices_in(tree: Any) -> set[torch.device]:
     """The devices of a state dict's tensors (of the local shards for DTensor /
     ShardedTensor), for a layout's first staging, before its walk has run."""
-    found: set[torch.device] = set()
-    stack = [tree]
-    while stack:
-        obj = stack.pop()
-        kind = _kind(obj)
-        if kind == _CONTAINER:
-            stack.extend(obj.values() if isinstance(obj, dict) else obj)
-        elif kind == _DTENSOR:
-            found.add(obj.to_local().device)
-        elif kind == _SHARDED:
-            found.update(shard.tensor.device for shard in obj.local_shards())
-        elif kind == _TENSOR:
-            found.add(obj.device)
-    return found
+    return {t.device for t in flatten(tree, type_check=False).locals}
 
 
 def _snapshot(value: Any) -> Any:
@@ -293,128 +249,14 @@ class StagingStats:
     last_staging_s: float = 0.0
 
 
-class _Walk:
-    """One pass over a state dict: its layout signature, its tensors, and a rebuilt copy.
-
-    The rebuilt copy has the same nesting (dicts, lists, tuples, as PyTorch's
-    ``_copy_state_dict`` returns), the staged tensor leaf ``i`` from ``out_leaves`` in
-    place of source tensor leaf ``i``, and a snapshot of every other leaf. Without
-    ``build`` the pass only collects the signature and the tensors.
-
-    Args:
-        out_leaves: staged tensor leaves, in visiting order.
-        build: whether to rebuild the state dict (and snapshot its plain values).
-        values: snapshots taken by an earlier pass over the same state dict, reused
-            instead of snapshotting twice (a snapshot may be a deep copy).
-    """
-
-    __slots__ = ("sig", "leaves", "locals", "values", "out_leaves", "build", "_reuse")
-
-    def __init__(
-        self, out_leaves: list[Any], build: bool = True, values: list[Any] | None = None
-    ) -> None:
-        self.sig: list[Any] = []
-        self.leaves: list[Any] = []
-        self.locals: list[torch.Tensor] = []
-        self.values: list[Any] = []
-        self.out_leaves = out_leaves
-        self.build = build
-        self._reuse = values
-
-    def visit(self, obj: Any) -> Any:
-        kind = _kind(obj)
-        sig = self.sig
-        if kind == _CONTAINER:
-            if isinstance(obj, dict):
-                keys = tuple(obj)
-                sig.append(("d", keys))
-                values = list(obj.values())
-                # A level of plain tensors (a model's parameters) in a few C-level
-                # passes instead of a call per leaf. The signature it records depends
-                # only on the layout, so the two paths never mix for one layout: the
-                # types are classified here, not only looked up, or a process's first
-                # walk (which fills the cache) would sign the layout differently.
-                if values and all(_type_kind(t) == _TENSOR for t in set(map(type, values))):
-                    return self._tensor_level(keys, values)
-                if not self.build:
-                    for k in keys:
-                        self.visit(obj[k])
-                    return None
-                return {k: self.visit(obj[k]) for k in keys}
-            sig.append(("t" if isinstance(obj, tuple) else "l", len(obj)))
-            items = [self.visit(v) for v in obj]
-            if not self.build:
-                return None
-            return items if isinstance(obj, list) else tuple(items)
-        if kind == _VALUE:
-            sig.append(_VALUE)
-            if not self.build:
-                return None
-            if self._reuse is not None:
-                value = self._reuse[len(self.values)]
-            else:
-                value = _snapshot(obj)
-            self.values.append(value)
-            return value
-        index = len(self.leaves)
-        self.leaves.append(obj)
-        if kind == _TENSOR:
-            sig.append((_TENSOR, obj.shape, obj.dtype, obj.device))
-            self.locals.append(obj)
-        elif kind == _DTENSOR:
-            # _spec and _local_tensor are what DCP itself reads; the public accessors go
-            # through __torch_function__ / autograd and cost several times more per leaf.
-            local = obj._local_tensor
-            sig.append((_DTENSOR, obj._spec, local.shape, local.device))
-            self.locals.append(local)
-        else:
-            shards = obj.local_shards()
-            sig.append(
-                (
-                    _SHARDED,
-                    obj.metadata(),
-                    tuple((s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in shards),
-                )
-            )
-            self.locals.extend(s.tensor for s in shards)
-        return self.out_leaves[index] if index < len(self.out_leaves) else None
+def _local_path(flat: Flat, m: int) -> str:
+    """The key path of local tensor ``m`` of ``flat`` (for errors)."""
+    leaf, shard = flat.local_owners()[m]
+    path = format_path(flat.paths[leaf])
+    return f"{path} (local shard {shard})" if shard >= 0 else path
 
 
-    def _tensor_level(self, keys: tuple[Any, ...], values: list[torch.Tensor]) -> Any:
-        self.sig.append((
-            _TENSOR,
-            tuple(map(_SHAPE, values)),
-            tuple(map(_DTYPE, values)),
-            tuple(map(_DEVICE, values)),
-        ))
-        index = len(self.leaves)
-        self.leaves += values
-        self.locals += values
-        if not self.build:
-            return None
-        staged = self.out_leaves[index:index + len(values)]
-        staged += [None] * (len(values) - len(staged))
-        return dict(zip(keys, staged))
-
-
-def _leaf_paths(obj: Any, prefix: str = "", values: bool = False) -> list[str]:
-    """Key paths of the tensor leaves (``values``: of the plain values), in the order
-    :class:`_Walk` visits them (for errors)."""
-    kind = _kind(obj)
-    if kind == _CONTAINER:
-        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-        paths: list[str] = []
-        for key, value in items:
-            paths.extend(_leaf_paths(value, f"{prefix}.{key}" if prefix else str(key), values))
-        return paths
-    if (kind == _VALUE) != values:
-        return []
-    if kind == _SHARDED:
-        return [f"{prefix} (local shard {i})" for i in range(len(obj.local_shards()))]
-    return [prefix]
-
-
-def _check_picklable(state_dict: dict[str, Any], snapshots: list[Any]) -> None:
+def _check_picklable(flat: Flat, snapshots: list[Any]) -> None:
     """Raises, naming the key path, if a plain value cannot go to another process.
 
     A process-based upload pickles the staged state dict in DCP's upload thread, where
@@ -432,7 +274,7 @@ def _check_picklable(state_dict: dict[str, Any], snapshots: list[Any]) -> None:
         try:
             pickle.dumps(value)
         except Exception as exc:
-            path = _leaf_paths(state_dict, values=True)[i]
+            path = format_path(flat.paths[flat.plain_indices[i]])
             raise TypeError(
                 f"PinnedStager(share_memory=True): cannot stage {path!r} for a process-based "
                 f"upload: its {type(value).__name__} value cannot be pickled "
@@ -462,7 +304,7 @@ class _ViewGroup:
     staged as views of one staged storage, as DefaultStager stages them, and copied as
     the one byte range ``[lo, lo + span)`` of the source storage that they cover."""
 
-    members: tuple[int, ...]  # indices into the walk's locals
+    members: tuple[int, ...]  # indices into the flat view's locals
     leaves: tuple[int, ...]  # the members' leaf indices
     geometry: tuple[tuple[int, tuple[int, ...]], ...]  # (storage_offset, stride) each
     lo: int
@@ -475,14 +317,16 @@ class _ViewGroup:
         )
 
 
-def _storage_ptr(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().data_ptr()
+# Unbound C methods mapped over the tensors: no Python frame per tensor (the partition
+# is checked on every staging).
+_UNTYPED_STORAGE = torch.Tensor.untyped_storage
+_STORAGE_PTR = torch.UntypedStorage.data_ptr
 
 
 def _storage_partition(tensors: list[torch.Tensor]) -> list[int]:
     """For each tensor, the index of the first tensor on the same storage (itself if none):
     which tensors share storage, independent of where the storages are."""
-    ptrs = list(map(_storage_ptr, tensors))
+    ptrs = list(map(_STORAGE_PTR, map(_UNTYPED_STORAGE, tensors)))
     if 0 in ptrs:  # no bytes (zero elements): shares nothing
         ptrs = [p or -i - 1 for i, p in enumerate(ptrs)]
     first: dict[int, int] = {}
@@ -513,29 +357,25 @@ def _view_group(
     )
 
 
-def _plan_views(walk: _Walk, partition: list[int], first: dict[int, int]) -> tuple[_ViewGroup, ...]:
-    """The view groups of a walk: distinct tensor / DTensor leaves on one storage.
+def _plan_views(flat: Flat, partition: list[int], first: dict[int, int]) -> tuple[_ViewGroup, ...]:
+    """The view groups of a flat view: distinct tensor / DTensor leaves on one storage.
 
     A leaf repeated (one object twice) is an alias, not a group member; ShardedTensor
     shards and zero-element tensors are staged on their own.
     """
     if partition == list(range(len(partition))):  # the usual case: nothing shared
         return ()
-    leaf_of: list[int] = []  # local index -> leaf index (-1: a ShardedTensor's shard)
-    for i, leaf in enumerate(walk.leaves):
-        if _kind(leaf) == _SHARDED:
-            leaf_of += [-1] * len(leaf.local_shards())
-        else:
-            leaf_of.append(i)
+    # local index -> leaf index (-1: a ShardedTensor's shard)
+    leaf_of = [i if shard < 0 else -1 for i, shard in flat.local_owners()]
     by_root: dict[int, list[int]] = {}
     for m, root in enumerate(partition):
         i = leaf_of[m]
-        if i >= 0 and first[id(walk.leaves[i])] == i and walk.locals[m].numel():
+        if i >= 0 and first[id(flat.leaves[i])] == i and flat.locals[m].numel():
             by_root.setdefault(root, []).append(m)
     views = []
     for members in by_root.values():
         if len(members) > 1:
-            group = _view_group(members, [leaf_of[m] for m in members], walk.locals)
+            group = _view_group(members, [leaf_of[m] for m in members], flat.locals)
             if group is not None:
                 views.append(group)
     return tuple(views)
@@ -543,9 +383,14 @@ def _plan_views(walk: _Walk, partition: list[int], first: dict[int, int]) -> tup
 
 @dataclass
 class _Layout:
-    """Everything cached for one state-dict layout: the slab and the copy plan."""
+    """Everything cached for one state-dict layout: the slab and the copy plan.
 
-    sig: list[Any]
+    Keyed on the layout signature of the tree's flat view (:attr:`Flat.signature`);
+    ``out_leaves`` holds the staged tensor leaf at each tensor leaf's index of that
+    view (None at the plain values, snapshotted per staging).
+    """
+
+    sig: Any
     out_leaves: list[Any]
     groups: list[_CopyGroup]
     cuda_devices: frozenset[torch.device]
@@ -558,11 +403,11 @@ class _Layout:
     partition: list[int] | None = None
     views: tuple[_ViewGroup, ...] = ()
 
-    def fits(self, walk: _Walk) -> bool:
-        leaves = walk.leaves
-        if walk.sig != self.sig or not all(leaves[i] is leaves[j] for i, j in self.aliases):
+    def fits(self, flat: Flat) -> bool:
+        leaves = flat.leaves
+        if flat.signature != self.sig or not all(leaves[i] is leaves[j] for i, j in self.aliases):
             return False
-        srcs = walk.locals
+        srcs = flat.locals
         try:
             partition = _storage_partition(srcs)
         except (RuntimeError, NotImplementedError):
@@ -573,11 +418,19 @@ class _Layout:
             for group in self.views
         )
 
-    def sources(self, walk: _Walk) -> list[torch.Tensor]:
+    def sources(self, flat: Flat) -> list[torch.Tensor]:
         """What the copy plan reads: the tensors, then each view group's byte range."""
         if not self.views:
-            return walk.locals
-        return walk.locals + [group.source(walk.locals) for group in self.views]
+            return flat.locals
+        return flat.locals + [group.source(flat.locals) for group in self.views]
+
+    def staged(self, flat: Flat, snapshots: list[Any]) -> Any:
+        """The staged state dict: ``flat``'s structure around the staged tensors and
+        ``snapshots`` (one per plain value)."""
+        leaves = self.out_leaves.copy()
+        for i, value in zip(flat.plain_indices, snapshots):
+            leaves[i] = value
+        return flat.rebuild(leaves)
 
 
 def _job_timeout() -> timedelta:
@@ -654,8 +507,11 @@ class PinnedStager(AsyncStager):
             raises, naming ``share_memory=True``, before anything is moved.
         async_staging: stage in a background thread and return a ``Future``; otherwise
             ``stage`` returns the staged state dict once the copy is complete.
-        bucket_bytes: most bytes one ``batched_copy_`` call moves (a larger tensor goes
-            alone); sweep it to measure the granularity's effect.
+        bucket_bytes: bytes per ``batched_copy_`` call: a source device's tensors are
+            cut into ``ceil(total / bucket_bytes)`` runs of nearly equal bytes (the
+            package's one bucketing, :func:`sdict_ext.collectives.buckets.buckets`), a
+            run exceeding it by at most one tensor; sweep it to measure the
+            granularity's effect.
         all_ranks: make a staging that fails on any rank fail on every rank (see the
             module docstring). ``None`` (the default): on when ``torch.distributed`` is
             initialized with more than one rank, which makes the constructor a
@@ -939,48 +795,41 @@ class PinnedStager(AsyncStager):
         events: dict[torch.device, torch.cuda.Event],
         start: float,
     ) -> dict[str, Any]:
+        flat = flatten(state_dict, type_check=False)
         layout = self._layout
-        if layout is None:
-            walk = _Walk([], build=False)
-            walk.visit(state_dict)
-        else:
-            walk = _Walk(layout.out_leaves)
-            staged = walk.visit(state_dict)
-        if layout is None or not layout.fits(walk):
-            layout = self._build_layout(state_dict, walk)
-            walk = _Walk(layout.out_leaves, values=walk.values if walk.build else None)
-            staged = walk.visit(state_dict)
+        if layout is None or not layout.fits(flat):
+            layout = self._build_layout(flat)
+        snapshots = [_snapshot(flat.leaves[i]) for i in flat.plain_indices]
         if self._share_memory:
-            _check_picklable(state_dict, walk.values)
-        self._copy(layout, layout.sources(walk), events)
+            _check_picklable(flat, snapshots)
+        staged = layout.staged(flat, snapshots)
+        self._copy(layout, layout.sources(flat), events)
         with self._lock:
             self._stats.stages += 1
             self._stats.staged_bytes = layout.nbytes
             self._stats.last_staging_s = time.perf_counter() - start
         return staged
 
-    def _build_layout(self, state_dict: dict[str, Any], walk: _Walk) -> _Layout:
+    def _build_layout(self, flat: Flat) -> _Layout:
         """Validates the sources, allocates the slab and plans the copies for a new layout."""
-        srcs = walk.locals
-        paths: list[str] | None = None
+        srcs = flat.locals
+        leaves = flat.leaves
         for i, src in enumerate(srcs):
             if src.device.type not in ("cpu", "cuda") or src.layout != torch.strided:
-                paths = paths or _leaf_paths(state_dict)
                 raise ValueError(
-                    f"PinnedStager: cannot stage {paths[i]!r}: a {src.layout} tensor on "
-                    f"{src.device}; only strided CPU and CUDA tensors can be staged"
+                    f"PinnedStager: cannot stage {_local_path(flat, i)!r}: a {src.layout} "
+                    f"tensor on {src.device}; only strided CPU and CUDA tensors can be staged"
                 )
         # Drop the old slab before allocating the new one, so peak host memory stays at
         # one slab (earlier staged state dicts still referenced elsewhere keep theirs).
         self._layout = None
+        tensor_leaves = flat.tensor_indices()
         first: dict[int, int] = {}
         aliases = tuple(
-            (i, j)
-            for i, leaf in enumerate(walk.leaves)
-            if (j := first.setdefault(id(leaf), i)) != i
+            (i, j) for i in tensor_leaves if (j := first.setdefault(id(leaves[i]), i)) != i
         )
         partition = _storage_partition(srcs)
-        views = _plan_views(walk, partition, first)
+        views = _plan_views(flat, partition, first)
         grouped = {i for group in views for i in group.leaves}
         # Only the tensor leaves go to the allocator, flat and in visiting order, each
         # object once: plain values need no slab (and would be deep-copied). DTensors go
@@ -992,9 +841,9 @@ class PinnedStager(AsyncStager):
         template = create_cpu_state_dict(
             {
                 **{
-                    str(i): leaf._local_tensor if _kind(leaf) == _DTENSOR else leaf
-                    for i, leaf in enumerate(walk.leaves)
-                    if first[id(leaf)] == i and i not in grouped
+                    str(i): leaves[i]._local_tensor if flat.kinds[i] == LEAF_DTENSOR else leaves[i]
+                    for i in tensor_leaves
+                    if first[id(leaves[i])] == i and i not in grouped
                 },
                 **spans,
             },
@@ -1007,22 +856,20 @@ class PinnedStager(AsyncStager):
         # group see it: should PyTorch move that storage into shared memory (pickling
         # an unshared slab for a process), the copies follow it there.
         span_dsts = list(map(_own_storage, carved_spans))
-        out_leaves = [None] * len(walk.leaves)
+        out_leaves: list[Any] = [None] * len(leaves)
         for group, span in zip(views, span_dsts):
             storage = span.untyped_storage()
             for m, i, (offset, stride) in zip(group.members, group.leaves, group.geometry):
                 src = srcs[m]
                 start = (offset * src.element_size() - group.lo) // src.element_size()
                 staged = torch.empty(0, dtype=src.dtype).set_(storage, start, src.shape, stride)
-                out_leaves[i] = self._wrap(walk.leaves[i], staged, carved=False)
+                out_leaves[i] = self._wrap(leaves[i], staged, carved=False)
         for key, staged in template.items():
             i = int(key)
-            out_leaves[i] = self._wrap(walk.leaves[i], staged)
+            out_leaves[i] = self._wrap(leaves[i], staged)
         for i, j in aliases:
             out_leaves[i] = out_leaves[j]
-        out = _Walk([], build=False)
-        out.visit(out_leaves)
-        dsts = out.locals
+        dsts = flatten(out_leaves, type_check=False).locals
         if len(dsts) != len(srcs):
             raise RuntimeError(
                 f"PinnedStager: create_cpu_state_dict returned {len(dsts)} tensors for "
@@ -1037,10 +884,10 @@ class PinnedStager(AsyncStager):
             group.source(srcs) for group in views
         ])):
             if dst.shape != src.shape or dst.dtype != src.dtype or dst.device.type != "cpu":
-                paths = paths or _leaf_paths(state_dict)
+                where = _local_path(flat, i) if i < len(srcs) else f"view group {i - len(srcs)}"
                 raise RuntimeError(
                     f"PinnedStager: create_cpu_state_dict returned a {dst.dtype} "
-                    f"{tuple(dst.shape)} tensor on {dst.device} for {paths[i]!r}, a "
+                    f"{tuple(dst.shape)} tensor on {dst.device} for {where!r}, a "
                     f"{src.dtype} {tuple(src.shape)} tensor"
                 )
             if src.numel() == 0 or id(dst) in copied:
@@ -1051,12 +898,17 @@ class PinnedStager(AsyncStager):
             non_blocking = src.device.type == "cuda" and dst.is_pinned()
             groups.setdefault((src.device, non_blocking), []).append(i)
             nbytes += src.numel() * src.element_size()
-        plan = [
-            _CopyGroup(device, non_blocking, self._cut_buckets(indices, dsts + span_dsts))
-            for (device, non_blocking), indices in groups.items()
-        ]
+        # Each group's copies cut by the package's one bucketing.
+        targets = dsts + span_dsts
+        plan = []
+        for (device, non_blocking), indices in groups.items():
+            costs = [targets[i].numel() * targets[i].element_size() for i in indices]
+            runs = [[indices[k] for k in run] for run in buckets(costs, self._bucket_bytes)]
+            plan.append(_CopyGroup(
+                device, non_blocking, [_Bucket([targets[i] for i in run], run) for run in runs]
+            ))
         layout = _Layout(
-            sig=walk.sig,
+            sig=flat.signature,
             out_leaves=out_leaves,
             groups=plan,
             cuda_devices=frozenset(d for d, _ in groups if d.type == "cuda"),
@@ -1072,9 +924,7 @@ class PinnedStager(AsyncStager):
 
     def _register_slab(self, carved: Any) -> None:
         """Registers the slab that ``carved`` (create_cpu_state_dict's tensors) lie in."""
-        found = _Walk([], build=False)
-        found.visit(carved)
-        for tensor in found.locals:
+        for tensor in flatten(carved, type_check=False).locals:
             if tensor.numel():
                 _register_slab(tensor.untyped_storage(), self._pin_memory, self._share_memory)
                 return
@@ -1083,34 +933,17 @@ class PinnedStager(AsyncStager):
     def _wrap(leaf: Any, staged: Any, carved: bool = True) -> Any:
         """The staged leaf for source ``leaf`` from its tensor (or ShardedTensor); a
         ``carved`` one (a plain slab view) is first put on a storage of its own."""
-        kind = _kind(leaf)
-        if kind == _SHARDED:
+        kind = leaf_kind(leaf)
+        if kind == LEAF_SHARDED:
             for shard in staged.local_shards():
                 if shard.tensor.numel():
                     shard.tensor = _own_storage(shard.tensor)
             return staged
         if carved and staged.numel():
             staged = _own_storage(staged)
-        if kind == _DTENSOR:
+        if kind == LEAF_DTENSOR:
             return _mark_staged(DTensor(staged, leaf._spec, requires_grad=False))
         return staged
-
-    def _cut_buckets(self, indices: list[int], dsts: list[torch.Tensor]) -> list[_Bucket]:
-        buckets: list[_Bucket] = []
-        current = _Bucket([], [])
-        size = 0
-        for i in indices:
-            nbytes = dsts[i].numel() * dsts[i].element_size()
-            if current.indices and size + nbytes > self._bucket_bytes:
-                buckets.append(current)
-                current = _Bucket([], [])
-                size = 0
-            current.indices.append(i)
-            current.dsts.append(dsts[i])
-            size += nbytes
-        if current.indices:
-            buckets.append(current)
-        return buckets
 
     def _copy(
         self,

@@ -1,14 +1,25 @@
-"""One walk over a nested state dict: flat leaves, their key paths, and a rebuild recipe.
+"""The one walk over a nested state dict: a flat view of its leaves, and the way back.
 
-Every utility in :mod:`sdict_ext.utils` (and the staging / state-dict modules) works on
-flat lists instead of recursing tensor by tensor: :func:`flatten` walks the nested
-dict / list / tuple structure once, checking a companion structure alongside when one
-is given, and :meth:`Flat.rebuild` puts new leaves back into the same shape. The
-containers follow ``torch.distributed._state_dict_utils._iterate_state_dict``: any
-``dict`` (``OrderedDict`` included) is rebuilt as a plain ``dict``, lists as lists,
-tuples (named ones included) as plain tuples.
+Every function of the package that looks inside a state dict goes through this module:
+the utilities (:mod:`sdict_ext.utils`), get / set (:mod:`sdict_ext.state_dict`), the
+gather, broadcast and distribute collectives, the host copies and the stager
+(:mod:`sdict_ext.staging`). :func:`flatten` walks the nested dict / list / tuple
+structure once (checking a companion structure alongside when one is given) and
+returns a :class:`Flat`: the leaves in traversal order, their ``LEAF_*`` kinds, their
+key paths, their local tensors, a rebuild recipe (:meth:`Flat.rebuild` puts new leaves
+back into the same shape) and a layout signature (:attr:`Flat.signature`, what a cache
+of per-layout work keys on). The containers follow
+``torch.distributed._state_dict_utils._iterate_state_dict``: any ``dict``
+(``OrderedDict`` included) is rebuilt as a plain ``dict``, lists as lists, tuples
+(named ones included) as plain tuples.
 
-:func:`pair_tensors` and :func:`plain_tensors` are the hot paths of copy and create:
+Kinds are a function of the type alone, so they are classified once per type and kept
+in one cache (:func:`leaf_kind`); nothing that the walk returns depends on what that
+cache held before the call. A *plain value* is a leaf that is not a tensor
+(:data:`PLAIN_KINDS`): :data:`LEAF_VALUE` for the types PyTorch's ``type_check``
+accepts, :data:`LEAF_OTHER` for anything else.
+
+:func:`pair_tensors` and :func:`plain_tensors` are the fast paths of copy and create:
 they handle state dicts made of containers, plain tensors and values (DTensors too, for
 copies) with bulk, C-level work per dict level instead of Python work per leaf, and
 raise :class:`NotPlain` for anything else, so the caller falls back to :func:`flatten`,
@@ -20,6 +31,7 @@ from __future__ import annotations
 import copy
 import io
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -35,7 +47,12 @@ __all__ = [
     "LEAF_SHARDED",
     "LEAF_TENSOR",
     "LEAF_VALUE",
+    "NODE_DICT",
+    "NODE_LIST",
+    "NODE_TUPLE",
     "NotPlain",
+    "PLAIN_KINDS",
+    "TENSOR_KINDS",
     "flatten",
     "format_path",
     "leaf_kind",
@@ -44,7 +61,8 @@ __all__ = [
     "rebuild_plain",
 ]
 
-#: Leaf kinds, as returned by :func:`leaf_kind`.
+#: Leaf kinds, as returned by :func:`leaf_kind` (tensor kinds first: ``kind <=
+#: LEAF_SHARDED`` tells a tensor leaf).
 LEAF_TENSOR = 0
 LEAF_DTENSOR = 1
 LEAF_SHARDED = 2
@@ -52,18 +70,35 @@ LEAF_SHARDED = 2
 LEAF_VALUE = 3
 #: Any other object, accepted only with ``type_check=False``.
 LEAF_OTHER = 4
+#: The kinds of containers (what :func:`leaf_kind` answers for them).
+NODE_DICT = 5
+NODE_LIST = 6
+NODE_TUPLE = 7
+
+#: Kinds of the tensor leaves: plain tensors, DTensors and ShardedTensors.
+TENSOR_KINDS = frozenset((LEAF_TENSOR, LEAF_DTENSOR, LEAF_SHARDED))
+#: Kinds of the plain values: every leaf that is not a tensor.
+PLAIN_KINDS = frozenset((LEAF_VALUE, LEAF_OTHER))
 
 _VALUE_TYPES = (int, float, str, bytes, io.BytesIO, type(None))
 
-# Recipe nodes: a leaf slot, or a container with the recipes of its children.
+# Recipe nodes: a leaf slot, or a container with the recipes of its children. Recipes
+# are nested tuples (hashable, compared by value), so a recipe is part of the layout
+# signature.
 _LEAF = 0
 _DICT = 1
 _LIST = 2
 _TUPLE = 3
-# Only in the recipes of plain_tensors: a dict whose values are all plain tensors, and a
-# value leaf kept in the recipe itself.
+# A dict whose values are all plain tensors: its keys only (the leaves follow in order).
 _TENSOR_DICT = 4
+# Only in the recipes of plain_tensors: a value leaf kept in the recipe itself.
 _VALUE = 5
+
+_LEAF_RECIPE = (_LEAF,)
+_SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
+_DEVICE = attrgetter("device")
+_STRIDE = torch.Tensor.stride
 
 
 class CompanionMismatch(_torch_utils.CompanionMismatch):
@@ -75,67 +110,153 @@ class CompanionMismatch(_torch_utils.CompanionMismatch):
     """
 
 
+class NotPlain(Exception):
+    """A fast walk met something it leaves to :func:`flatten` (which explains problems)."""
+
+
 def format_path(path: Sequence[Any]) -> str:
     """``('model', 'layers', 0, 'w')`` -> ``"model.layers.0.w"`` (``"<root>"`` when empty)."""
     return ".".join(map(str, path)) if path else "<root>"
 
 
-_KIND_BY_TYPE: dict[type, int] = {}
+# The one type -> kind cache of the package. A kind depends only on the type, so every
+# walk costs one dict lookup per value instead of a chain of subclass checks (DTensor's
+# goes through the tensor metaclass, the slowest part of classifying a leaf).
+_KINDS: dict[type, int] = {}
 
 
-def _classify(value: Any) -> int:
-    if isinstance(value, ShardedTensor):
-        return LEAF_SHARDED
-    if isinstance(value, DTensor):
-        return LEAF_DTENSOR
-    if isinstance(value, torch.Tensor):
-        return LEAF_TENSOR
-    if isinstance(value, _VALUE_TYPES):
-        return LEAF_VALUE
-    return LEAF_OTHER
-
-
-def leaf_kind(value: Any) -> int:
-    """The ``LEAF_*`` kind of a non-container value.
-
-    The kind depends only on the type, so it is cached per type: the traversal of a
-    20,000-tensor state dict then costs one dict lookup per leaf instead of a chain of
-    ``isinstance`` checks (ShardedTensor and DTensor, being tensor subclasses, are
-    tested first).
-    """
-    kind = _KIND_BY_TYPE.get(type(value))
+def _type_kind(cls: type) -> int:
+    """The kind of values of type ``cls``, classified on first sight and cached."""
+    kind = _KINDS.get(cls)
     if kind is None:
-        kind = _KIND_BY_TYPE[type(value)] = _classify(value)
+        if issubclass(cls, dict):
+            kind = NODE_DICT
+        elif issubclass(cls, tuple):
+            kind = NODE_TUPLE
+        elif issubclass(cls, list):
+            kind = NODE_LIST
+        # ShardedTensor and DTensor, being tensor subclasses, are tested first.
+        elif issubclass(cls, ShardedTensor):
+            kind = LEAF_SHARDED
+        elif issubclass(cls, DTensor):
+            kind = LEAF_DTENSOR
+        elif issubclass(cls, torch.Tensor):
+            kind = LEAF_TENSOR
+        elif issubclass(cls, _VALUE_TYPES):
+            kind = LEAF_VALUE
+        else:
+            kind = LEAF_OTHER
+        _KINDS[cls] = kind
     return kind
 
 
+def leaf_kind(value: Any) -> int:
+    """The kind of ``value``: a ``LEAF_*`` kind, or a ``NODE_*`` one for a container."""
+    kind = _KINDS.get(type(value))
+    return _type_kind(type(value)) if kind is None else kind
+
+
+def _all_tensors(values: list[Any]) -> bool:
+    # One C-level pass builds the set of types (usually one or two), each classified
+    # (not only looked up): the answer, and the recipe that follows from it, must not
+    # depend on which types the cache had seen before.
+    return all(_type_kind(t) == LEAF_TENSOR for t in set(map(type, values)))
+
+
 class Flat:
-    """A state dict flattened into parallel lists.
+    """A state dict flattened into parallel lists: the flat view every walker uses.
 
     Attributes:
         leaves: every non-container value, in traversal order (dict insertion order,
             list index order).
-        paths: the key path of each leaf (dict keys as they are, list indices as ints).
         kinds: the ``LEAF_*`` kind of each leaf.
+        locals: the local tensors of the tensor leaves, in leaf order: a plain tensor
+            itself, a DTensor's local tensor, each local shard of a ShardedTensor.
+        plain_indices: the indices of the plain-value leaves (see :data:`PLAIN_KINDS`).
         companions: the companion structure's value at each leaf's path, or ``None``
             when no companion was given.
         top_is_dict: whether the root is a dict (PyTorch returns ``{}`` rather than
             ``None`` for it on ranks outside ``ranks_only``).
     """
 
-    __slots__ = ("leaves", "paths", "kinds", "companions", "top_is_dict", "_recipe")
+    __slots__ = (
+        "leaves", "kinds", "locals", "plain_indices", "companions", "top_is_dict",
+        "_recipe", "_paths", "_signature",
+    )
 
     def __init__(self) -> None:
         self.leaves: list[Any] = []
-        self.paths: list[tuple[Any, ...]] = []
         self.kinds: list[int] = []
+        self.locals: list[torch.Tensor] = []
+        self.plain_indices: list[int] = []
         self.companions: list[Any] | None = None
         self.top_is_dict = False
         self._recipe: Any = None
+        self._paths: list[tuple[Any, ...]] | None = None
+        self._signature: Any = None
+
+    @property
+    def paths(self) -> list[tuple[Any, ...]]:
+        """The key path of each leaf (dict keys as they are, list indices as ints).
+
+        Made from the recipe on first use: most calls need a path only for an error.
+        """
+        if self._paths is None:
+            paths: list[tuple[Any, ...]] = []
+            _paths_of(self._recipe, (), paths)
+            self._paths = paths
+        return self._paths
+
+    @property
+    def signature(self) -> Any:
+        """The layout signature: equal for two views exactly when their layouts match.
+
+        The layout is the nesting and dict keys (the recipe), every leaf's kind, and
+        for every local tensor its shape, dtype, device and strides (plus a DTensor's
+        spec, a ShardedTensor's metadata and shard count). Plain values count by kind
+        only. Compared with ``==``; it is computed once per view, with C-level passes.
+        """
+        if self._signature is None:
+            tensors = self.locals
+            try:
+                strides = tuple(map(_STRIDE, tensors))
+            except RuntimeError:  # sparse and other layouts without strides
+                strides = tuple(t.stride() if t.layout == torch.strided else t.layout
+                                for t in tensors)
+            extras: tuple[Any, ...] = ()
+            kinds = self.kinds
+            if LEAF_DTENSOR in kinds or LEAF_SHARDED in kinds:
+                extras = tuple(
+                    (i, leaf._spec) if kind == LEAF_DTENSOR
+                    else (i, leaf.metadata(), len(leaf.local_shards()))
+                    for i, (leaf, kind) in enumerate(zip(self.leaves, kinds))
+                    if kind == LEAF_DTENSOR or kind == LEAF_SHARDED
+                )
+            self._signature = (
+                self._recipe,
+                tuple(kinds),
+                tuple(map(_SHAPE, tensors)),
+                tuple(map(_DTYPE, tensors)),
+                tuple(map(_DEVICE, tensors)),
+                strides,
+                extras,
+            )
+        return self._signature
 
     def tensor_indices(self) -> list[int]:
         """Indices of the tensor leaves (plain, DTensor and ShardedTensor)."""
         return [i for i, k in enumerate(self.kinds) if k <= LEAF_SHARDED]
+
+    def local_owners(self) -> list[tuple[int, int]]:
+        """For each of :attr:`locals`: its leaf index and shard index (-1 unless the
+        leaf is a ShardedTensor)."""
+        owners: list[tuple[int, int]] = []
+        for i, (leaf, kind) in enumerate(zip(self.leaves, self.kinds)):
+            if kind == LEAF_SHARDED:
+                owners += [(i, j) for j in range(len(leaf.local_shards()))]
+            elif kind <= LEAF_SHARDED:
+                owners.append((i, -1))
+        return owners
 
     def rebuild(self, leaves: Sequence[Any]) -> Any:
         """The original structure with ``leaves[i]`` in place of leaf i (new containers)."""
@@ -143,18 +264,34 @@ class Flat:
             raise ValueError(
                 f"rebuild: expected {len(self.leaves)} leaves, got {len(leaves)}"
             )
-        it = iter(leaves)
-        return _build(self._recipe, it)
+        return _build(self._recipe, iter(leaves))
 
 
 def _build(recipe: Any, it: Any) -> Any:
     tag = recipe[0]
     if tag == _LEAF:
         return next(it)
+    if tag == _TENSOR_DICT:
+        # zip stops on the keys before taking another leaf from the shared iterator.
+        return dict(zip(recipe[1], it))
     if tag == _DICT:
         return {key: _build(child, it) for key, child in zip(recipe[1], recipe[2])}
     items = [_build(child, it) for child in recipe[1]]
     return tuple(items) if tag == _TUPLE else items
+
+
+def _paths_of(recipe: Any, path: tuple[Any, ...], out: list[tuple[Any, ...]]) -> None:
+    tag = recipe[0]
+    if tag == _LEAF:
+        out.append(path)
+    elif tag == _TENSOR_DICT:
+        out += [path + (key,) for key in recipe[1]]
+    elif tag == _DICT:
+        for key, child in zip(recipe[1], recipe[2]):
+            _paths_of(child, path + (key,), out)
+    else:
+        for i, child in enumerate(recipe[1]):
+            _paths_of(child, path + (i,), out)
 
 
 def flatten(
@@ -165,6 +302,9 @@ def flatten(
     use_companion: bool = False,
 ) -> Flat:
     """Flattens ``obj`` into a :class:`Flat`, checking ``companion`` alongside.
+
+    A dict level whose values are all plain tensors (a model's parameters) is taken in
+    a few C-level passes instead of a step per leaf.
 
     Args:
         obj: a state dict (or any nesting of dict / list / tuple and leaves).
@@ -182,23 +322,50 @@ def flatten(
             the key path.
     """
     flat = Flat()
-    flat.top_is_dict = isinstance(obj, dict)
+    kind = leaf_kind(obj)
+    flat.top_is_dict = kind == NODE_DICT
     if use_companion:
         flat.companions = []
-    flat._recipe = _walk(obj, (), flat, type_check, companion, use_companion)
+    if kind >= NODE_DICT:
+        flat._recipe = _walk(obj, kind, (), flat, type_check, companion, use_companion)
+    else:
+        _check_leaf(obj, kind, (), type_check)
+        flat._recipe = _record(obj, kind, flat, companion)
     return flat
 
 
-_LEAF_RECIPE = (_LEAF,)
-_CONTAINERS = (dict, list, tuple)
+def _check_leaf(value: Any, kind: int, path: tuple[Any, ...], type_check: bool) -> None:
+    if kind == LEAF_OTHER and type_check:
+        raise ValueError(
+            f"Unexpected value type {type(value)} at key path {format_path(path)!r}; "
+            "pass type_check=False to accept it"
+        )
+
+
+def _record(value: Any, kind: int, flat: Flat, comp: Any) -> Any:
+    flat.leaves.append(value)
+    flat.kinds.append(kind)
+    if kind == LEAF_TENSOR:
+        flat.locals.append(value)
+    elif kind == LEAF_DTENSOR:
+        # What DCP itself reads: the public to_local() goes through autograd.
+        flat.locals.append(value._local_tensor)
+    elif kind == LEAF_SHARDED:
+        flat.locals += [shard.tensor for shard in value.local_shards()]
+    else:
+        flat.plain_indices.append(len(flat.leaves) - 1)
+    if flat.companions is not None:
+        flat.companions.append(comp)
+    return _LEAF_RECIPE
 
 
 def _walk(
-    obj: Any, path: tuple[Any, ...], flat: Flat, type_check: bool, comp: Any, use_comp: bool
+    obj: Any, kind: int, path: tuple[Any, ...], flat: Flat, type_check: bool, comp: Any,
+    use_comp: bool,
 ) -> Any:
-    if isinstance(obj, dict):
-        # A None companion below the root means "no companion here", as in PyTorch.
-        has_comp = use_comp and comp is not None
+    # A None companion below the root means "no companion here", as in PyTorch.
+    has_comp = use_comp and comp is not None
+    if kind == NODE_DICT:
         if has_comp:
             if not isinstance(comp, dict):
                 raise CompanionMismatch(
@@ -212,92 +379,57 @@ def _walk(
                     f"at key path {format_path(path)!r}: keys differ; missing in the "
                     f"companion: {missing}, only in the companion: {extra}"
                 )
-        keys = list(obj.keys())
-        children = [
-            _child(obj[key], path + (key,), flat, type_check,
-                   comp[key] if has_comp else None, use_comp)
-            for key in keys
-        ]
-        return (_DICT, keys, children)
-    if isinstance(obj, (list, tuple)):
-        has_comp = use_comp and comp is not None
-        if has_comp:
-            if not isinstance(comp, (list, tuple)):
-                raise CompanionMismatch(
-                    f"at key path {format_path(path)!r}: the state dict has a "
-                    f"{type(obj).__name__}, the companion a {type(comp).__name__}"
+        keys = tuple(obj)
+        values = list(obj.values())
+        if values and _all_tensors(values):
+            flat.leaves += values
+            flat.kinds += [LEAF_TENSOR] * len(values)
+            flat.locals += values
+            if flat.companions is not None:
+                flat.companions += (
+                    list(map(comp.__getitem__, keys)) if has_comp else [None] * len(values)
                 )
-            if len(comp) != len(obj):
-                raise CompanionMismatch(
-                    f"at key path {format_path(path)!r}: the state dict's "
-                    f"{type(obj).__name__} has {len(obj)} items, the companion's {len(comp)}"
-                )
-        children = [
-            _child(value, path + (i,), flat, type_check, comp[i] if has_comp else None, use_comp)
-            for i, value in enumerate(obj)
-        ]
-        return (_TUPLE if isinstance(obj, tuple) else _LIST, children)
-    return _child(obj, path, flat, type_check, comp, use_comp)
-
-
-def _child(
-    value: Any, path: tuple[Any, ...], flat: Flat, type_check: bool, comp: Any, use_comp: bool
-) -> Any:
-    # Leaves are recorded here without another call level: this runs once per tensor.
-    if isinstance(value, _CONTAINERS):
-        return _walk(value, path, flat, type_check, comp, use_comp)
-    kind = _KIND_BY_TYPE.get(type(value))
-    if kind is None:
-        kind = leaf_kind(value)
-    if kind == LEAF_OTHER and type_check:
-        raise ValueError(
-            f"Unexpected value type {type(value)} at key path {format_path(path)!r}; "
-            "pass type_check=False to accept it"
+            return (_TENSOR_DICT, keys)
+        children = tuple(
+            _visit(value, path, key, flat, type_check, comp[key] if has_comp else None, use_comp)
+            for key, value in zip(keys, values)
         )
-    flat.leaves.append(value)
-    flat.paths.append(path)
-    flat.kinds.append(kind)
-    if flat.companions is not None:
-        flat.companions.append(comp)
-    return _LEAF_RECIPE
+        return (_DICT, keys, children)
+    if has_comp:
+        if not isinstance(comp, (list, tuple)):
+            raise CompanionMismatch(
+                f"at key path {format_path(path)!r}: the state dict has a "
+                f"{type(obj).__name__}, the companion a {type(comp).__name__}"
+            )
+        if len(comp) != len(obj):
+            raise CompanionMismatch(
+                f"at key path {format_path(path)!r}: the state dict's "
+                f"{type(obj).__name__} has {len(obj)} items, the companion's {len(comp)}"
+            )
+    children = tuple(
+        _visit(value, path, i, flat, type_check, comp[i] if has_comp else None, use_comp)
+        for i, value in enumerate(obj)
+    )
+    return (_TUPLE if kind == NODE_TUPLE else _LIST, children)
+
+
+def _visit(
+    value: Any, path: tuple[Any, ...], key: Any, flat: Flat, type_check: bool, comp: Any,
+    use_comp: bool,
+) -> Any:
+    # Runs once per leaf outside all-tensor dict levels: the child's path is made only
+    # for a container or an error.
+    kind = _KINDS.get(type(value))
+    if kind is None:
+        kind = _type_kind(type(value))
+    if kind >= NODE_DICT:
+        return _walk(value, kind, path + (key,), flat, type_check, comp, use_comp)
+    if kind == LEAF_OTHER and type_check:
+        _check_leaf(value, kind, path + (key,), type_check)
+    return _record(value, kind, flat, comp)
 
 
 # ---------------------------------------------------------------- fast walks
-
-#: Node kinds of the fast walks: the LEAF_* kinds, plus the containers.
-_NODE_DICT = 5
-_NODE_LIST = 6
-_NODE_TUPLE = 7
-
-# type -> node kind. Like _KIND_BY_TYPE, it depends only on the type; a dict level is
-# classified in bulk by looking up the set of its value types here.
-_NODE_BY_TYPE: dict[type, int] = {dict: _NODE_DICT, list: _NODE_LIST, tuple: _NODE_TUPLE}
-
-
-class NotPlain(Exception):
-    """A fast walk met something it leaves to :func:`flatten` (which explains problems)."""
-
-
-def _node_kind(value: Any) -> int:
-    kind = _NODE_BY_TYPE.get(type(value))
-    if kind is None:
-        # Same order as _walk: dict, then list / tuple, then the leaf kinds.
-        if isinstance(value, dict):
-            kind = _NODE_DICT
-        elif isinstance(value, tuple):
-            kind = _NODE_TUPLE
-        elif isinstance(value, list):
-            kind = _NODE_LIST
-        else:
-            kind = leaf_kind(value)
-        _NODE_BY_TYPE[type(value)] = kind
-    return kind
-
-
-def _all_plain_tensors(values: list[Any]) -> bool:
-    # One C-level pass builds the set of types (usually one or two); a type not seen
-    # before answers False, and the per-value walk then classifies it for next time.
-    return all(_NODE_BY_TYPE.get(t) == LEAF_TENSOR for t in set(map(type, values)))
 
 
 def pair_tensors(
@@ -327,10 +459,10 @@ def pair_tensors(
 
 
 def _pairs(obj: Any, comp: Any, type_check: bool, dsts: list, srcs: list) -> Any:
-    kind = _NODE_BY_TYPE.get(type(obj))
+    kind = _KINDS.get(type(obj))
     if kind is None:
-        kind = _node_kind(obj)
-    if kind == _NODE_DICT:
+        kind = _type_kind(type(obj))
+    if kind == NODE_DICT:
         if not isinstance(comp, dict):
             raise NotPlain
         values = list(obj.values())
@@ -338,14 +470,14 @@ def _pairs(obj: Any, comp: Any, type_check: bool, dsts: list, srcs: list) -> Any
             # The usual companion (made from the source): same keys in the same order,
             # so the result is a plain copy of it, with no hashing at all.
             comps = list(comp.values())
-            if _all_plain_tensors(values) and _all_plain_tensors(comps):
+            if _all_tensors(values) and _all_tensors(comps):
                 srcs += values
                 dsts += comps
                 return comp.copy()
         elif comp.keys() != obj.keys():
             raise NotPlain
         comps = list(map(comp.__getitem__, obj))
-        if _all_plain_tensors(values) and _all_plain_tensors(comps):
+        if _all_tensors(values) and _all_tensors(comps):
             srcs += values
             dsts += comps
             return dict(zip(obj, comps))
@@ -353,16 +485,16 @@ def _pairs(obj: Any, comp: Any, type_check: bool, dsts: list, srcs: list) -> Any
             key: _pairs(value, c, type_check, dsts, srcs)
             for key, value, c in zip(obj, values, comps)
         }
-    if kind == _NODE_LIST or kind == _NODE_TUPLE:
+    if kind == NODE_LIST or kind == NODE_TUPLE:
         if not isinstance(comp, (list, tuple)) or len(comp) != len(obj):
             raise NotPlain
         items = [_pairs(value, c, type_check, dsts, srcs) for value, c in zip(obj, comp)]
-        return tuple(items) if kind == _NODE_TUPLE else items
+        return tuple(items) if kind == NODE_TUPLE else items
     if kind == LEAF_VALUE:
         return obj
-    comp_kind = _NODE_BY_TYPE.get(type(comp))
+    comp_kind = _KINDS.get(type(comp))
     if comp_kind is None:
-        comp_kind = _node_kind(comp)
+        comp_kind = _type_kind(type(comp))
     if kind == LEAF_TENSOR and comp_kind == LEAF_TENSOR:
         srcs.append(obj)
         dsts.append(comp)
@@ -397,18 +529,18 @@ def plain_tensors(obj: Any, type_check: bool = False) -> tuple[Any, list[torch.T
 
 
 def _plain(obj: Any, tensors: list[torch.Tensor], type_check: bool) -> Any:
-    kind = _NODE_BY_TYPE.get(type(obj))
+    kind = _KINDS.get(type(obj))
     if kind is None:
-        kind = _node_kind(obj)
-    if kind == _NODE_DICT:
+        kind = _type_kind(type(obj))
+    if kind == NODE_DICT:
         values = list(obj.values())
-        if _all_plain_tensors(values):
+        if _all_tensors(values):
             tensors += values
             return (_TENSOR_DICT, list(obj))
         return (_DICT, list(obj), [_plain(value, tensors, type_check) for value in values])
-    if kind == _NODE_LIST or kind == _NODE_TUPLE:
+    if kind == NODE_LIST or kind == NODE_TUPLE:
         return (
-            _TUPLE if kind == _NODE_TUPLE else _LIST,
+            _TUPLE if kind == NODE_TUPLE else _LIST,
             [_plain(value, tensors, type_check) for value in obj],
         )
     if kind == LEAF_TENSOR:
@@ -428,14 +560,11 @@ def rebuild_plain(recipe: Any, tensors: Sequence[torch.Tensor]) -> Any:
 
 def _rebuild_plain(recipe: Any, it: Any) -> Any:
     tag = recipe[0]
-    if tag == _LEAF:
-        return next(it)
-    if tag == _TENSOR_DICT:
-        # zip stops on the keys before taking another tensor from the shared iterator.
-        return dict(zip(recipe[1], it))
     if tag == _VALUE:
         return recipe[1]
     if tag == _DICT:
         return {key: _rebuild_plain(child, it) for key, child in zip(recipe[1], recipe[2])}
-    items = [_rebuild_plain(child, it) for child in recipe[1]]
-    return tuple(items) if tag == _TUPLE else items
+    if tag == _LIST or tag == _TUPLE:
+        items = [_rebuild_plain(child, it) for child in recipe[1]]
+        return tuple(items) if tag == _TUPLE else items
+    return _build(recipe, it)  # a tensor leaf or an all-tensor dict: as in a Flat

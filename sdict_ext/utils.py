@@ -12,7 +12,7 @@ tensor:
   allocation, one pin registration, one shared-memory segment);
 * :func:`gather_state_dict` and :func:`broadcast_state_dict` move packed slices (half
   a bucket, 8 MiB at most), one asynchronous bulk collective per slice, pipelined with
-  the packing and unpacking (see :mod:`sdict_ext._collectives`).
+  the packing and unpacking (see :mod:`sdict_ext.collectives`).
 
 Where PyTorch's behaviour is a trap we differ, and the docstring says so: structure,
 dtype and shape mismatches raise :class:`CompanionMismatch` naming the key path before
@@ -334,7 +334,8 @@ def _copy_flat_cpu(state_dict: Any, copy_state_dict: Any) -> dict[str, Any] | No
     A flat dict of CPU tensors into a companion with the same keys in the same order
     (one made from it): the values go to the op unexamined, and the op's entry point
     checks each item once (Python checking their types first would read every tensor
-    object twice: a tenth of a 20,000-tensor copy). Anything else, a bad pair included,
+    object twice, a cost proportional to the tensor count that the copy of small
+    tensors cannot hide). Anything else, a bad pair included,
     is left, unwritten, to the general path, which also names the key of a bad pair.
     """
     if not isinstance(state_dict, dict) or not isinstance(copy_state_dict, dict):

@@ -29,7 +29,7 @@ from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_st
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
-from sdict_ext import staging
+from sdict_ext import staging, tree
 from sdict_ext.staging import PinnedStager
 from tests.mp import run_fresh, run_on_ranks
 
@@ -273,6 +273,17 @@ def test_layout_change_reallocates_and_releases_the_old_slab(change):
         gc.collect()
         assert old() is None
         assert old_storage() is None
+
+
+def test_layout_is_keyed_on_the_tree_signature_so_a_stride_change_replans():
+    state_dict = {"w": torch.zeros(4, 3), "step": 1}
+    with PinnedStager(pin_memory=False) as stager:
+        _stage_now(stager, state_dict)
+        assert stager._layout.sig == tree.flatten(state_dict, type_check=False).signature
+        state_dict["w"] = torch.arange(12.0).reshape(3, 4).t()
+        staged = _stage_now(stager, state_dict)
+        assert torch.equal(staged["w"], state_dict["w"]) and staged["step"] == 1
+        assert stager.stats.allocations == 2
 
 
 class _Blocker:
@@ -826,7 +837,7 @@ def test_staging_on_device_one_makes_no_context_on_device_zero():
 
 def _on_fresh_process_three_stages() -> dict:
     """Three stagings of one layout in a process that has never staged before."""
-    assert not staging._KINDS, "this process has staged before; the test needs a fresh one"
+    assert not tree._KINDS, "this process has walked a state dict; the test needs a fresh one"
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))
     state_dict = {"model": model.state_dict(), "step": 3}
     pointers, equal = [], []

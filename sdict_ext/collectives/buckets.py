@@ -23,8 +23,8 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 #: slices, one asynchronous collective each, while this thread packs the next slice
 #: and unpacks the previous one (two slice buffers, so at most one bucket of extra
 #: memory). Small enough for the buffers to come from the allocator's reused memory
-#: call after call: on the 2-core dev VM, first-touching a fresh 200 MB buffer took
-#: longer than broadcasting it (~3 us per 4 KiB page fault).
+#: call after call: first-touching a fresh buffer of a bucket's size costs a page fault
+#: per 4 KiB, which can take longer than broadcasting it.
 PIPELINE_SLICE_BYTES = 8 << 20
 
 

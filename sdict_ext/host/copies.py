@@ -16,7 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from sdict_ext import ops
-from sdict_ext.tree import LEAF_DTENSOR, LEAF_OTHER, LEAF_SHARDED, LEAF_TENSOR
+from sdict_ext.tree import LEAF_DTENSOR, LEAF_SHARDED, LEAF_TENSOR, TENSOR_KINDS
 
 __all__ = [
     "ROUTE_OP",
@@ -186,8 +186,8 @@ def offload_leaves(values: Sequence[Any], kinds: Sequence[int]) -> list[Any]:
     first: dict[int, int] = {}
     repeats: list[tuple[int, int]] = []
     for i, (value, kind) in enumerate(zip(values, kinds)):
-        if kind == LEAF_OTHER:
-            continue
+        if kind not in TENSOR_KINDS:
+            continue  # a plain value (see sdict_ext.tree.PLAIN_KINDS) passes through
         seen = first.setdefault(id(value), i)
         if seen != i:
             repeats.append((i, seen))

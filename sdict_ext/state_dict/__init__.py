@@ -38,6 +38,8 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from sdict_ext._gc import gc_paused
 from sdict_ext.state_dict.fqn import FqnResolver
+from sdict_ext.state_dict.gather_offload import storage_ptrs
+from sdict_ext.state_dict.load import agree_load
 from sdict_ext.state_dict.model import (
     agree_with_source,
     get_model,
@@ -50,11 +52,9 @@ from sdict_ext.state_dict.options import (
     PATCHED,
     Info,
     StateDictOptions,
-    agree_load,
     as_optimizers,
     build_info,
     is_multi_rank,
-    storage_ptrs,
 )
 
 __all__ = [

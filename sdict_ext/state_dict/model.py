@@ -20,17 +20,14 @@ from torch.nn.modules.module import _IncompatibleKeys
 from sdict_ext.collectives.agreement import digest
 from sdict_ext.host.copies import view_key
 from sdict_ext.state_dict.fqn import ExtraState, iter_model_state
-from sdict_ext.state_dict.options import (
-    BUCKET_BYTES,
-    Info,
-    agree_load,
+from sdict_ext.state_dict.gather_offload import (
     failure_reaches_the_gather,
     full_or_offload,
     model_tensors,
-    state_dict_fn,
     storage_ptrs,
-    unloadable,
 )
+from sdict_ext.state_dict.load import agree_load, unloadable
+from sdict_ext.state_dict.options import BUCKET_BYTES, Info, state_dict_fn
 from sdict_ext.utils import broadcast_state_dict, distribute_state_dict
 
 __all__: list[str] = []

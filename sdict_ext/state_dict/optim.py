@@ -18,6 +18,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from sdict_ext.state_dict.fsdp import fsdp_process_group
+from sdict_ext.state_dict.gather_offload import (
+    failure_reaches_the_gather,
+    full_or_offload,
+    storage_ptr,
+    storage_ptrs,
+)
+from sdict_ext.state_dict.load import unloadable
 from sdict_ext.state_dict.model import target_device, tensor_problem
 from sdict_ext.state_dict.options import (
     BUCKET_BYTES,
@@ -25,13 +33,9 @@ from sdict_ext.state_dict.options import (
     PARAMS,
     STATE,
     Info,
-    failure_reaches_the_gather,
-    fsdp_process_group,
-    full_or_offload,
     state_dict_fn,
-    storage_ptrs,
-    unloadable,
 )
+from sdict_ext.tree import flatten
 from sdict_ext.utils import (
     broadcast_state_dict,
     distribute_state_dict,
@@ -438,17 +442,15 @@ def _distribute_full(plan: OptimLoad, info: Info) -> dict[str, Any]:
 
 def _own_copies(value: Any, foreign: set[int]) -> Any:
     """``value`` with every tensor whose storage is in ``foreign`` replaced by a clone."""
-    if isinstance(value, torch.Tensor):
-        if storage_ptrs(value) & foreign:
-            return value.clone()
-        return value
-    if isinstance(value, dict):
-        return {k: _own_copies(v, foreign) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_own_copies(v, foreign) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_own_copies(v, foreign) for v in value)
-    return value
+    flat = flatten(value, type_check=False)
+    hits = {
+        leaf
+        for (leaf, _), ptr in zip(flat.local_owners(), map(storage_ptr, flat.locals))
+        if ptr in foreign
+    }
+    if not hits:
+        return flat.rebuild(flat.leaves)
+    return flat.rebuild([leaf.clone() if i in hits else leaf for i, leaf in enumerate(flat.leaves)])
 
 
 @torch.no_grad()
