@@ -28,6 +28,11 @@ it straight into the output; until its turn (such slices go last) that output al
 serves them as the buffer of the other slices (then one buffer, no overlap). The extra
 memory beyond the results is then at most one bucket (two slices).
 
+With ``cpu_offload``, each gathered slice crosses to the host in one copy into a
+:class:`~sdict_ext.host.pipeline.HostPipeline` bucket (pinned on an accelerator), and
+the CPU kernels rebuild the final CPU tensors from it while the next slice's copy is
+in flight: no device temporaries, no device-to-host copy per tensor.
+
 ShardedTensors are read through their metadata and local shards only (a tensor method
 of the ShardedTensor itself goes through its ``__torch_function__``, ~0.3 ms a call);
 one laid out as ``ChunkShardingSpec`` makes it (``torch.chunk`` on one dim) is gathered
@@ -57,6 +62,7 @@ from sdict_ext.collectives.agreement import agree, digest
 from sdict_ext.collectives.boxes import box_of, is_plain_placement, mesh_coordinates, mesh_shape
 from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, buckets_with_solos, slice_bytes
 from sdict_ext.host.copies import batched_copy_pairs, indexed_device, offload_leaves
+from sdict_ext.host.pipeline import HostPipeline
 from sdict_ext.tree import (
     LEAF_DTENSOR,
     LEAF_OTHER,
@@ -391,8 +397,9 @@ def gather_state_dict(
             agreement between ranks (default: the default group); DTensors use
             their mesh.
         device: buffer device for ShardedTensors; default: the group's default.
-        cpu_offload: return CPU tensors; with an accelerator the results are moved
-            bucket by bucket, so device memory holds at most one bucket of them.
+        cpu_offload: return CPU tensors. Each gathered slice crosses to the host in
+            one copy (into a pinned bucket with an accelerator) and the CPU kernels
+            rebuild the results there, so device memory holds none of them.
         ranks_only: when non-empty, only these ranks get results; the others take part
             in the collectives and get ``{}``.
         type_check: raise ``ValueError`` for unsupported leaf types.
@@ -579,12 +586,13 @@ def _run_stream(
             for _ in range(min(2, n_shared))
         ]
     directs = [None] * n_shared + targets
+    offload = _Offload(stream, out) if keep and cpu_offload else None
     pending: tuple | None = None
     for n, (run, (offsets, chunk), direct) in enumerate(zip(runs, layouts, directs)):
         bucket = [items[j] for j in run]
         target = direct if direct is not None else buffers[n % len(buffers)]
         if pending is not None and _same_storage(pending[4], target):
-            _finish_slice(stream, keep, cpu_offload, out, *pending)  # its last user
+            _finish_slice(stream, keep, offload, out, *pending)  # its last user
             pending = None
         target = target if direct is not None else target[: stream.world * chunk]
         mine_slot = target[stream.rank * chunk : (stream.rank + 1) * chunk]
@@ -593,10 +601,12 @@ def _run_stream(
             ops.pack(mine, out=mine_slot, offsets=offsets[stream.rank])
         work = _exchange(stream, target, chunk)
         if pending is not None:
-            _finish_slice(stream, keep, cpu_offload, out, *pending)
+            _finish_slice(stream, keep, offload, out, *pending)
         pending = (work, bucket, offsets, chunk, target, direct is not None)
     if pending is not None:
-        _finish_slice(stream, keep, cpu_offload, out, *pending)
+        _finish_slice(stream, keep, offload, out, *pending)
+    if offload is not None:
+        offload.flush()
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -606,7 +616,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _finish_slice(
     stream: _Stream,
     keep: bool,
-    cpu_offload: bool,
+    offload: _Offload | None,
     out: list[Any],
     work: Any,
     bucket: list[_Item],
@@ -615,22 +625,60 @@ def _finish_slice(
     gathered: torch.Tensor,
     direct: bool,
 ) -> None:
-    """Waits for one slice's all-gather and rebuilds its tensors."""
+    """Waits for one slice's all-gather and rebuilds its tensors (or hands the slice
+    to ``offload``, which rebuilds them on the host)."""
     work.wait()
     if not keep:
         return
     if direct:
         out[bucket[0].leaf] = bucket[0].out
         return
-    finals = [it.out for it in bucket]
-    staged = cpu_offload and stream.device.type != "cpu"
-    outs = (
-        [torch.empty(it.shape, dtype=it.dtype, device=stream.device) for it in bucket]
-        if staged
-        else finals
-    )
-    _rebuild(stream, bucket, gathered, offsets, chunk, outs)
-    if staged:
-        ops.batched_copy_(finals, outs)
+    if offload is not None:
+        offload.take(bucket, offsets, chunk, gathered)
+        return
+    _rebuild(stream, bucket, gathered, offsets, chunk, [it.out for it in bucket])
     for it in bucket:
         out[it.leaf] = it.out
+
+
+class _Offload:
+    """Gathered slices on their way to CPU results (``cpu_offload``).
+
+    Each gathered slice crosses to the host in one copy, into a :class:`HostPipeline`
+    bucket (pinned on an accelerator), and the CPU kernels rebuild the final CPU
+    tensors from it: never one device-to-host copy per tensor, and no device
+    temporaries for the rebuilt tensors. A slice is rebuilt when the next one has been
+    handed over, so the CPU rebuild of slice ``k - 1`` overlaps the copy of slice
+    ``k``; with two buckets, the one a download lands in was rebuilt from already. On
+    the CPU the same code runs with plain buckets and synchronous copies (one host
+    copy per slice more than rebuilding from the exchange buffer, the price of the
+    tests driving the accelerator's route).
+    """
+
+    def __init__(self, stream: _Stream, out: list[Any]) -> None:
+        self.stream = stream
+        self.out = out
+        self.pipe = HostPipeline(stream.device)
+        self.count = 0
+        self.waiting: tuple | None = None
+
+    def take(
+        self, bucket: list[_Item], offsets: list[list[int]], chunk: int, gathered: torch.Tensor
+    ) -> None:
+        """Starts the download of a gathered slice; rebuilds the previous one meanwhile."""
+        k = self.count
+        self.count += 1
+        host = self.pipe.download(k, gathered)
+        self.flush()
+        self.waiting = (k, bucket, offsets, chunk, host)
+
+    def flush(self) -> None:
+        """Rebuilds the CPU tensors of the slice downloaded last, once it has arrived."""
+        if self.waiting is None:
+            return
+        k, bucket, offsets, chunk, host = self.waiting
+        self.waiting = None
+        self.pipe.wait(k)
+        _rebuild(self.stream, bucket, host, offsets, chunk, [it.out for it in bucket])
+        for it in bucket:
+            self.out[it.leaf] = it.out
