@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,12 +35,27 @@ def is_plain_placement(placements: Sequence[Any]) -> bool:
     return all(type(p) is Shard or isinstance(p, Replicate) for p in placements)
 
 
-_MESHES: dict[int, tuple[Any, dict[int, tuple[int, ...]], tuple[int, ...]]] = {}
+_Facts = tuple[weakref.ref, dict[int, tuple[int, ...]], tuple[int, ...]]
+
+# Per mesh object, keyed by id() and holding the mesh only weakly: a training job may
+# build meshes over and over (tests, elastic restarts), and a cache that kept each one
+# alive would keep its process groups' Python objects alive too. The entry goes when
+# its mesh is collected. A plain id-keyed dict rather than a WeakKeyDictionary: it is
+# read once per tensor, and DeviceMesh's __hash__ / __eq__ (over its rank layout) cost
+# far more than an int lookup; identity, not equality, is what the cache answers for.
+_MESHES: dict[int, _Facts] = {}
 
 
-def _mesh_facts(mesh: DeviceMesh) -> tuple[Any, dict[int, tuple[int, ...]], tuple[int, ...]]:
-    cached = _MESHES.get(id(mesh))
-    if cached is not None and cached[0] is mesh:
+def _forget(key: int, ref: weakref.ref) -> None:
+    # Only the entry of the mesh that died: its id may already be a new mesh's.
+    if _MESHES.get(key, (None,))[0] is ref:
+        del _MESHES[key]
+
+
+def _mesh_facts(mesh: DeviceMesh) -> _Facts:
+    key = id(mesh)
+    cached = _MESHES.get(key)
+    if cached is not None and cached[0]() is mesh:
         return cached
     ranks = mesh.mesh.tolist()
     coords: dict[int, tuple[int, ...]] = {}
@@ -52,8 +68,8 @@ def _mesh_facts(mesh: DeviceMesh) -> tuple[Any, dict[int, tuple[int, ...]], tupl
             coords[int(node)] = prefix
 
     walk(ranks, ())
-    facts = (mesh, coords, tuple(mesh.shape))
-    _MESHES[id(mesh)] = facts
+    facts = (weakref.ref(mesh, lambda ref: _forget(key, ref)), coords, tuple(mesh.shape))
+    _MESHES[key] = facts
     return facts
 
 
