@@ -34,14 +34,16 @@ the CPU kernels rebuild the final CPU tensors from it while the next slice's cop
 in flight: no device temporaries, no device-to-host copy per tensor.
 
 ShardedTensors are read through their metadata and local shards only (a tensor method
-of the ShardedTensor itself goes through its ``__torch_function__``, ~0.3 ms a call);
+of the ShardedTensor itself goes through its ``__torch_function__``, a Python dispatch
+per call that, over many small ShardedTensors, would cost more than the exchange);
 one laid out as ``ChunkShardingSpec`` makes it (``torch.chunk`` on one dim) is gathered
 exactly like the ``Shard(dim)`` DTensor it matches.
 
-(Measured on the 2-core dev machine, 2 gloo ranks: 105 MB gathered in 8 MiB slices
-takes about as long as one all-gather of the same bytes from a buffer that already
-exists, while fresh buffers of a bucket's size cost about as much in page faults as
-the exchange itself.)
+Why slices rather than one buffer of the whole bucket: pipelined slices cost about
+what one all-gather of the same bytes from an existing buffer costs, while a fresh
+bucket-sized buffer is first-touched page by page, which can cost as much as the
+exchange itself; slice-sized buffers come back from the allocator's cache call after
+call. (Measurements: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -290,7 +292,7 @@ def _plan_sharded(
 ) -> _Item:
     # Only the metadata and the local shards are read: any tensor method of the
     # ShardedTensor itself (size(), dtype) goes through its __torch_function__
-    # dispatch, ~0.3 ms each, most of a gather of many small ShardedTensors.
+    # dispatch, which would be most of a gather of many small ShardedTensors.
     meta = value.metadata()
     sizes = cache.get(("world", id(group)))
     if sizes is None:
