@@ -35,15 +35,23 @@ _MESHES: dict[str, Any] = {}
 
 class _Transfers(TorchDispatchMode):
     """Records every copy between tensors: ``(op, dst device, src device, dst dtype,
-    dst numel)``. A per-tensor device-to-host move shows as ``copy_`` or ``_to_copy``."""
+    dst numel)``. A per-tensor device-to-host move shows as ``copy_`` or ``_to_copy``.
+
+    Copies inside the all-gather (gloo stages CUDA tensors through host memory on the
+    calling thread) are the backend's, not the gather's: :func:`_count_all_gathers`
+    pauses the record around them.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.copies: list[tuple[str, str, str, torch.dtype, int]] = []
+        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.paused:
+            return out
         if func is torch.ops.aten.copy_.default:
             dst, src = args[0], args[1]
             self.copies.append(("copy_", dst.device.type, src.device.type, dst.dtype, dst.numel()))
@@ -51,6 +59,31 @@ class _Transfers(TorchDispatchMode):
             self.copies.append((func.__name__, out.device.type, args[0].device.type,
                                 out.dtype, out.numel()))
         return out
+
+
+class _Unrecorded:
+    """Runs ``fn`` with ``transfers`` paused."""
+
+    def __init__(self, transfers: _Transfers) -> None:
+        self.transfers = transfers
+
+    def __call__(self, fn, *args, **kwargs):
+        self.transfers.paused = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.transfers.paused = False
+
+
+class _Work:
+    """A collective's work whose ``wait`` (gloo's copy back to CUDA) is not recorded."""
+
+    def __init__(self, work: Any, unrecorded: _Unrecorded) -> None:
+        self.work = work
+        self.unrecorded = unrecorded
+
+    def wait(self, *args, **kwargs):
+        return self.unrecorded(self.work.wait, *args, **kwargs)
 
 
 def _mesh(device: str):
@@ -87,14 +120,17 @@ def _state_dict(device: str) -> dict[str, Any]:
     return sd
 
 
-def _count_all_gathers() -> tuple[list[int], Any]:
-    """Wraps the all-gather to record each exchange's gathered bytes."""
+def _count_all_gathers(transfers: _Transfers) -> tuple[list[int], Any]:
+    """Wraps the all-gather to record each exchange's gathered bytes, keeping the
+    backend's own copies out of ``transfers``."""
     sizes: list[int] = []
     original = getattr(dist, ALL_GATHER)
+    unrecorded = _Unrecorded(transfers)
 
     def counted(output, *args, **kwargs):
         sizes.append(output.numel() * output.element_size())
-        return original(output, *args, **kwargs)
+        work = unrecorded(original, output, *args, **kwargs)
+        return None if work is None else _Work(work, unrecorded)
 
     setattr(dist, ALL_GATHER, counted)
     return sizes, original
@@ -102,9 +138,10 @@ def _count_all_gathers() -> tuple[list[int], Any]:
 
 def _offload_transfers(device: str, bucket_bytes: int):
     sd = _state_dict(device)
-    sizes, original = _count_all_gathers()
+    transfers = _Transfers()
+    sizes, original = _count_all_gathers(transfers)
     try:
-        with _Transfers() as transfers:
+        with transfers:
             ours = utils.gather_state_dict(sd, cpu_offload=True, bucket_bytes=bucket_bytes)
     finally:
         setattr(dist, ALL_GATHER, original)
@@ -138,8 +175,13 @@ def test_cpu_offload_downloads_each_gathered_slice_in_exactly_one_copy(device):
 
 def _no_offload_transfers(device: str):
     sd = _state_dict(device)
-    with _Transfers() as transfers:
-        ours = utils.gather_state_dict(sd, bucket_bytes=1024)
+    transfers = _Transfers()
+    _, original = _count_all_gathers(transfers)
+    try:
+        with transfers:
+            ours = utils.gather_state_dict(sd, bucket_bytes=1024)
+    finally:
+        setattr(dist, ALL_GATHER, original)
     theirs = ref._gather_state_dict(sd)
     same = all(torch.equal(ours[k], theirs[k]) and ours[k].device == theirs[k].device
                for k in theirs)
