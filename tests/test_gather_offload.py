@@ -1,10 +1,11 @@
-"""Specs for ``gather_state_dict(cpu_offload=True)``: gathered slices reach the host
-through :class:`sdict_ext.host.pipeline.HostPipeline`, one download copy per slice,
-and the CPU kernels rebuild the results from the host bucket.
+"""Specs for ``gather_state_dict(cpu_offload=True)``: from an accelerator, gathered
+slices reach the host through :class:`sdict_ext.host.pipeline.HostPipeline`, one
+download copy per slice, and the CPU kernels rebuild the results from the host bucket.
 
-The same route runs on the CPU (plain buckets, synchronous copies) and on an
-accelerator (pinned buckets, asynchronous copies), so the CPU cases here drive the
-code GPU users run; the CUDA cases repeat them where a GPU is present.
+The CPU cases run that same route with plain buckets and synchronous copies, through
+the gather's ``host_buckets_on_cpu`` seam (a CPU exchange otherwise rebuilds straight
+from its buffer, which already is host memory), so they drive the code GPU users run;
+the CUDA cases repeat them where a GPU is present, through the public path.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_d
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdict_ext import utils
+from sdict_ext.collectives import gather
 from tests.mp import run_on_ranks
 
 pytestmark = pytest.mark.dist
@@ -142,7 +144,10 @@ def _offload_transfers(device: str, bucket_bytes: int):
     sizes, original = _count_all_gathers(transfers)
     try:
         with transfers:
-            ours = utils.gather_state_dict(sd, cpu_offload=True, bucket_bytes=bucket_bytes)
+            # The seam only changes a CPU exchange: on CUDA this is the public path.
+            ours = gather._gather(
+                sd, None, None, True, (), True, bucket_bytes, host_buckets_on_cpu=True
+            )
     finally:
         setattr(dist, ALL_GATHER, original)
     theirs = ref._gather_state_dict(sd, cpu_offload=True)
@@ -173,16 +178,16 @@ def test_cpu_offload_downloads_each_gathered_slice_in_exactly_one_copy(device):
         assert all(src == torch.device(device).type for _, _, src, _, _ in copies)
 
 
-def _no_offload_transfers(device: str):
+def _public_transfers(device: str, cpu_offload: bool):
     sd = _state_dict(device)
     transfers = _Transfers()
     _, original = _count_all_gathers(transfers)
     try:
         with transfers:
-            ours = utils.gather_state_dict(sd, bucket_bytes=1024)
+            ours = utils.gather_state_dict(sd, cpu_offload=cpu_offload, bucket_bytes=1024)
     finally:
         setattr(dist, ALL_GATHER, original)
-    theirs = ref._gather_state_dict(sd)
+    theirs = ref._gather_state_dict(sd, cpu_offload=cpu_offload)
     same = all(torch.equal(ours[k], theirs[k]) and ours[k].device == theirs[k].device
                for k in theirs)
     return transfers.copies, same
@@ -190,6 +195,13 @@ def _no_offload_transfers(device: str):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gather_without_cpu_offload_moves_nothing_to_the_host(device):
-    for copies, same in run_on_ranks(2, _no_offload_transfers, device, timeout=120):
+    for copies, same in run_on_ranks(2, _public_transfers, device, False, timeout=120):
+        assert same
+        assert copies == []
+
+
+def test_cpu_offload_of_a_cpu_exchange_rebuilds_straight_from_its_buffer():
+    # The exchange buffer already is host memory: no download, and no copy per tensor.
+    for copies, same in run_on_ranks(2, _public_transfers, "cpu", True, timeout=120):
         assert same
         assert copies == []

@@ -28,10 +28,10 @@ it straight into the output; until its turn (such slices go last) that output al
 serves them as the buffer of the other slices (then one buffer, no overlap). The extra
 memory beyond the results is then at most one bucket (two slices).
 
-With ``cpu_offload``, each gathered slice crosses to the host in one copy into a
-:class:`~sdict_ext.host.pipeline.HostPipeline` bucket (pinned on an accelerator), and
-the CPU kernels rebuild the final CPU tensors from it while the next slice's copy is
-in flight: no device temporaries, no device-to-host copy per tensor.
+With ``cpu_offload`` from an accelerator, each gathered slice crosses to the host in
+one copy into a pinned :class:`~sdict_ext.host.pipeline.HostPipeline` bucket, and the
+CPU kernels rebuild the final CPU tensors from it while the next slice's copy is in
+flight: no device temporaries, no device-to-host copy per tensor.
 
 ShardedTensors are read through their metadata and local shards only (a tensor method
 of the ShardedTensor itself goes through its ``__torch_function__``, a Python dispatch
@@ -399,8 +399,8 @@ def gather_state_dict(
             agreement between ranks (default: the default group); DTensors use
             their mesh.
         device: buffer device for ShardedTensors; default: the group's default.
-        cpu_offload: return CPU tensors. Each gathered slice crosses to the host in
-            one copy (into a pinned bucket with an accelerator) and the CPU kernels
+        cpu_offload: return CPU tensors. From an accelerator, each gathered slice
+            crosses to the host in one copy into a pinned bucket and the CPU kernels
             rebuild the results there, so device memory holds none of them.
         ranks_only: when non-empty, only these ranks get results; the others take part
             in the collectives and get ``{}``.
@@ -412,6 +412,28 @@ def gather_state_dict(
         and other values as they are (the same objects), like PyTorch. A sharded
         object at several places (a tied weight) is exchanged once, and each place
         gets a tensor of its own, as PyTorch's key-by-key gather gives.
+    """
+    return _gather(state_dict, pg, device, cpu_offload, ranks_only, type_check, bucket_bytes)
+
+
+def _gather(
+    state_dict: dict[str, Any],
+    pg: dist.ProcessGroup | None,
+    device: torch.device | None,
+    cpu_offload: bool,
+    ranks_only: tuple[int, ...],
+    type_check: bool,
+    bucket_bytes: int,
+    *,
+    host_buckets_on_cpu: bool = False,
+) -> dict[str, Any]:
+    """:func:`gather_state_dict`'s body.
+
+    ``host_buckets_on_cpu`` sends a CPU exchange's slices through :class:`_Offload`
+    too, as an accelerator's always go: a test seam, so that CPU tests drive the
+    accelerator's ``cpu_offload`` route copy for copy. Callers leave it off: on the
+    CPU the exchange buffer already is host memory, and the download would be one
+    more copy of every gathered byte.
     """
     # Unsupported leaves are reported after the walk, not during it, so a rank that
     # fails still knows whether it holds sharded leaves, i.e. whether the other ranks
@@ -476,7 +498,9 @@ def gather_state_dict(
 
     out = list(flat.leaves)
     for key in order:
-        _run_stream(streams[key], bucket_bytes, keep, cpu_offload, out)
+        stream = streams[key]
+        via_host = cpu_offload and (stream.device.type != "cpu" or host_buckets_on_cpu)
+        _run_stream(stream, bucket_bytes, keep, cpu_offload, via_host, out)
     for i in fallback:
         out[i] = _pytorch_dtensor_gather(flat.leaves[i])
     for i, earlier in same:
@@ -556,7 +580,12 @@ def _exchanges_in_place(stream: _Stream, item: _Item, cpu_offload: bool) -> bool
 
 
 def _run_stream(
-    stream: _Stream, bucket_bytes: int, keep: bool, cpu_offload: bool, out: list[Any]
+    stream: _Stream,
+    bucket_bytes: int,
+    keep: bool,
+    cpu_offload: bool,
+    via_host: bool,
+    out: list[Any],
 ) -> None:
     items = stream.items
     # A big tensor that can be gathered straight into its output gets a slice of its
@@ -588,7 +617,7 @@ def _run_stream(
             for _ in range(min(2, n_shared))
         ]
     directs = [None] * n_shared + targets
-    offload = _Offload(stream, out) if keep and cpu_offload else None
+    offload = _Offload(stream, out) if keep and via_host else None
     pending: tuple | None = None
     for n, (run, (offsets, chunk), direct) in enumerate(zip(runs, layouts, directs)):
         bucket = [items[j] for j in run]
@@ -651,10 +680,10 @@ class _Offload:
     tensors from it: never one device-to-host copy per tensor, and no device
     temporaries for the rebuilt tensors. A slice is rebuilt when the next one has been
     handed over, so the CPU rebuild of slice ``k - 1`` overlaps the copy of slice
-    ``k``; with two buckets, the one a download lands in was rebuilt from already. On
-    the CPU the same code runs with plain buckets and synchronous copies (one host
-    copy per slice more than rebuilding from the exchange buffer, the price of the
-    tests driving the accelerator's route).
+    ``k``; with two buckets, the one a download lands in was rebuilt from already.
+    Used for every exchange off the CPU; a CPU exchange rebuilds straight from its
+    buffer, except under the tests' ``host_buckets_on_cpu``, where the same code runs
+    with plain buckets and synchronous copies.
     """
 
     def __init__(self, stream: _Stream, out: list[Any]) -> None:
