@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,12 +35,27 @@ def is_plain_placement(placements: Sequence[Any]) -> bool:
     return all(type(p) is Shard or isinstance(p, Replicate) for p in placements)
 
 
-_MESHES: dict[int, tuple[Any, dict[int, tuple[int, ...]], tuple[int, ...]]] = {}
+_Facts = tuple[weakref.ref, dict[int, tuple[int, ...]], tuple[int, ...]]
+
+# Per mesh object, keyed by id() and holding the mesh only weakly: a training job may
+# build meshes over and over (tests, elastic restarts), and a cache that kept each one
+# alive would keep its process groups' Python objects alive too. The entry goes when
+# its mesh is collected. A plain id-keyed dict rather than a WeakKeyDictionary: it is
+# read once per tensor, and DeviceMesh's __hash__ / __eq__ (over its rank layout) cost
+# far more than an int lookup; identity, not equality, is what the cache answers for.
+_MESHES: dict[int, _Facts] = {}
 
 
-def _mesh_facts(mesh: DeviceMesh) -> tuple[Any, dict[int, tuple[int, ...]], tuple[int, ...]]:
-    cached = _MESHES.get(id(mesh))
-    if cached is not None and cached[0] is mesh:
+def _forget(key: int, ref: weakref.ref) -> None:
+    # Only the entry of the mesh that died: its id may already be a new mesh's.
+    if _MESHES.get(key, (None,))[0] is ref:
+        del _MESHES[key]
+
+
+def _mesh_facts(mesh: DeviceMesh) -> _Facts:
+    key = id(mesh)
+    cached = _MESHES.get(key)
+    if cached is not None and cached[0]() is mesh:
         return cached
     ranks = mesh.mesh.tolist()
     coords: dict[int, tuple[int, ...]] = {}
@@ -52,8 +68,8 @@ def _mesh_facts(mesh: DeviceMesh) -> tuple[Any, dict[int, tuple[int, ...]], tupl
             coords[int(node)] = prefix
 
     walk(ranks, ())
-    facts = (mesh, coords, tuple(mesh.shape))
-    _MESHES[id(mesh)] = facts
+    facts = (weakref.ref(mesh, lambda ref: _forget(key, ref)), coords, tuple(mesh.shape))
+    _MESHES[key] = facts
     return facts
 
 
@@ -79,9 +95,9 @@ def dtensor_of(
     What ``DTensor.from_local(local, like.device_mesh, like.placements,
     run_check=False, shape=shape, stride=stride)`` gives for a new local tensor that
     needs no autograd history, at a fraction of the cost: ``from_local`` runs an
-    autograd Function and wraps a view of ``local`` (~450 us per tensor on the 2-core CI
-    machine), and a new ``DTensorSpec`` validates itself (~60 us), which for thousands
-    of DTensors is most of a state-dict call. ``like``'s own spec is reused when it
+    autograd Function and wraps a view of ``local``, and a new ``DTensorSpec``
+    validates itself, both per tensor, which for thousands of DTensors is most of a
+    state-dict call. ``like``'s own spec is reused when it
     already describes the result (same global shape, stride and dtype): the usual case
     of loading into a model of the same shapes.
 
@@ -146,7 +162,8 @@ def local_box(
     spec = local._spec
     if cache is None:
         return compute_box(shape, spec.mesh, spec.placements, rank)
-    # Placements are C++ objects: hashing / comparing them costs ~0.3 us.
+    # Placements are C++ objects whose hash / compare is not free, but far cheaper
+    # than compute_box; the mesh by id, as DeviceMesh equality compares rank layouts.
     key = (id(spec.mesh), spec.placements, shape)
     box = cache.get(key, cache)
     if box is cache:

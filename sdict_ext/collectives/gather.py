@@ -28,15 +28,22 @@ it straight into the output; until its turn (such slices go last) that output al
 serves them as the buffer of the other slices (then one buffer, no overlap). The extra
 memory beyond the results is then at most one bucket (two slices).
 
+With ``cpu_offload`` from an accelerator, each gathered slice crosses to the host in
+one copy into a pinned :class:`~sdict_ext.host.pipeline.HostPipeline` bucket, and the
+CPU kernels rebuild the final CPU tensors from it while the next slice's copy is in
+flight: no device temporaries, no device-to-host copy per tensor.
+
 ShardedTensors are read through their metadata and local shards only (a tensor method
-of the ShardedTensor itself goes through its ``__torch_function__``, ~0.3 ms a call);
+of the ShardedTensor itself goes through its ``__torch_function__``, a Python dispatch
+per call that, over many small ShardedTensors, would cost more than the exchange);
 one laid out as ``ChunkShardingSpec`` makes it (``torch.chunk`` on one dim) is gathered
 exactly like the ``Shard(dim)`` DTensor it matches.
 
-(Measured on the 2-core dev machine, 2 gloo ranks: 105 MB gathered in 8 MiB slices
-takes about as long as one all-gather of the same bytes from a buffer that already
-exists, while fresh buffers of a bucket's size cost about as much in page faults as
-the exchange itself.)
+Why slices rather than one buffer of the whole bucket: pipelined slices cost about
+what one all-gather of the same bytes from an existing buffer costs, while a fresh
+bucket-sized buffer is first-touched page by page, which can cost as much as the
+exchange itself; slice-sized buffers come back from the allocator's cache call after
+call. (Measurements: BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ from sdict_ext.collectives.agreement import agree, digest
 from sdict_ext.collectives.boxes import box_of, is_plain_placement, mesh_coordinates, mesh_shape
 from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, buckets_with_solos, slice_bytes
 from sdict_ext.host.copies import batched_copy_pairs, indexed_device, offload_leaves
+from sdict_ext.host.pipeline import HostPipeline
 from sdict_ext.tree import (
     LEAF_DTENSOR,
     LEAF_OTHER,
@@ -284,7 +292,7 @@ def _plan_sharded(
 ) -> _Item:
     # Only the metadata and the local shards are read: any tensor method of the
     # ShardedTensor itself (size(), dtype) goes through its __torch_function__
-    # dispatch, ~0.3 ms each, most of a gather of many small ShardedTensors.
+    # dispatch, which would be most of a gather of many small ShardedTensors.
     meta = value.metadata()
     sizes = cache.get(("world", id(group)))
     if sizes is None:
@@ -391,8 +399,9 @@ def gather_state_dict(
             agreement between ranks (default: the default group); DTensors use
             their mesh.
         device: buffer device for ShardedTensors; default: the group's default.
-        cpu_offload: return CPU tensors; with an accelerator the results are moved
-            bucket by bucket, so device memory holds at most one bucket of them.
+        cpu_offload: return CPU tensors. From an accelerator, each gathered slice
+            crosses to the host in one copy into a pinned bucket and the CPU kernels
+            rebuild the results there, so device memory holds none of them.
         ranks_only: when non-empty, only these ranks get results; the others take part
             in the collectives and get ``{}``.
         type_check: raise ``ValueError`` for unsupported leaf types.
@@ -403,6 +412,28 @@ def gather_state_dict(
         and other values as they are (the same objects), like PyTorch. A sharded
         object at several places (a tied weight) is exchanged once, and each place
         gets a tensor of its own, as PyTorch's key-by-key gather gives.
+    """
+    return _gather(state_dict, pg, device, cpu_offload, ranks_only, type_check, bucket_bytes)
+
+
+def _gather(
+    state_dict: dict[str, Any],
+    pg: dist.ProcessGroup | None,
+    device: torch.device | None,
+    cpu_offload: bool,
+    ranks_only: tuple[int, ...],
+    type_check: bool,
+    bucket_bytes: int,
+    *,
+    host_buckets_on_cpu: bool = False,
+) -> dict[str, Any]:
+    """:func:`gather_state_dict`'s body.
+
+    ``host_buckets_on_cpu`` sends a CPU exchange's slices through :class:`_Offload`
+    too, as an accelerator's always go: a test seam, so that CPU tests drive the
+    accelerator's ``cpu_offload`` route copy for copy. Callers leave it off: on the
+    CPU the exchange buffer already is host memory, and the download would be one
+    more copy of every gathered byte.
     """
     # Unsupported leaves are reported after the walk, not during it, so a rank that
     # fails still knows whether it holds sharded leaves, i.e. whether the other ranks
@@ -467,7 +498,9 @@ def gather_state_dict(
 
     out = list(flat.leaves)
     for key in order:
-        _run_stream(streams[key], bucket_bytes, keep, cpu_offload, out)
+        stream = streams[key]
+        via_host = cpu_offload and (stream.device.type != "cpu" or host_buckets_on_cpu)
+        _run_stream(stream, bucket_bytes, keep, cpu_offload, via_host, out)
     for i in fallback:
         out[i] = _pytorch_dtensor_gather(flat.leaves[i])
     for i, earlier in same:
@@ -547,7 +580,12 @@ def _exchanges_in_place(stream: _Stream, item: _Item, cpu_offload: bool) -> bool
 
 
 def _run_stream(
-    stream: _Stream, bucket_bytes: int, keep: bool, cpu_offload: bool, out: list[Any]
+    stream: _Stream,
+    bucket_bytes: int,
+    keep: bool,
+    cpu_offload: bool,
+    via_host: bool,
+    out: list[Any],
 ) -> None:
     items = stream.items
     # A big tensor that can be gathered straight into its output gets a slice of its
@@ -579,12 +617,13 @@ def _run_stream(
             for _ in range(min(2, n_shared))
         ]
     directs = [None] * n_shared + targets
+    offload = _Offload(stream, out) if keep and via_host else None
     pending: tuple | None = None
     for n, (run, (offsets, chunk), direct) in enumerate(zip(runs, layouts, directs)):
         bucket = [items[j] for j in run]
         target = direct if direct is not None else buffers[n % len(buffers)]
         if pending is not None and _same_storage(pending[4], target):
-            _finish_slice(stream, keep, cpu_offload, out, *pending)  # its last user
+            _finish_slice(stream, keep, offload, out, *pending)  # its last user
             pending = None
         target = target if direct is not None else target[: stream.world * chunk]
         mine_slot = target[stream.rank * chunk : (stream.rank + 1) * chunk]
@@ -593,10 +632,12 @@ def _run_stream(
             ops.pack(mine, out=mine_slot, offsets=offsets[stream.rank])
         work = _exchange(stream, target, chunk)
         if pending is not None:
-            _finish_slice(stream, keep, cpu_offload, out, *pending)
+            _finish_slice(stream, keep, offload, out, *pending)
         pending = (work, bucket, offsets, chunk, target, direct is not None)
     if pending is not None:
-        _finish_slice(stream, keep, cpu_offload, out, *pending)
+        _finish_slice(stream, keep, offload, out, *pending)
+    if offload is not None:
+        offload.flush()
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -606,7 +647,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _finish_slice(
     stream: _Stream,
     keep: bool,
-    cpu_offload: bool,
+    offload: _Offload | None,
     out: list[Any],
     work: Any,
     bucket: list[_Item],
@@ -615,22 +656,60 @@ def _finish_slice(
     gathered: torch.Tensor,
     direct: bool,
 ) -> None:
-    """Waits for one slice's all-gather and rebuilds its tensors."""
+    """Waits for one slice's all-gather and rebuilds its tensors (or hands the slice
+    to ``offload``, which rebuilds them on the host)."""
     work.wait()
     if not keep:
         return
     if direct:
         out[bucket[0].leaf] = bucket[0].out
         return
-    finals = [it.out for it in bucket]
-    staged = cpu_offload and stream.device.type != "cpu"
-    outs = (
-        [torch.empty(it.shape, dtype=it.dtype, device=stream.device) for it in bucket]
-        if staged
-        else finals
-    )
-    _rebuild(stream, bucket, gathered, offsets, chunk, outs)
-    if staged:
-        ops.batched_copy_(finals, outs)
+    if offload is not None:
+        offload.take(bucket, offsets, chunk, gathered)
+        return
+    _rebuild(stream, bucket, gathered, offsets, chunk, [it.out for it in bucket])
     for it in bucket:
         out[it.leaf] = it.out
+
+
+class _Offload:
+    """Gathered slices on their way to CPU results (``cpu_offload``).
+
+    Each gathered slice crosses to the host in one copy, into a :class:`HostPipeline`
+    bucket (pinned on an accelerator), and the CPU kernels rebuild the final CPU
+    tensors from it: never one device-to-host copy per tensor, and no device
+    temporaries for the rebuilt tensors. A slice is rebuilt when the next one has been
+    handed over, so the CPU rebuild of slice ``k - 1`` overlaps the copy of slice
+    ``k``; with two buckets, the one a download lands in was rebuilt from already.
+    Used for every exchange off the CPU; a CPU exchange rebuilds straight from its
+    buffer, except under the tests' ``host_buckets_on_cpu``, where the same code runs
+    with plain buckets and synchronous copies.
+    """
+
+    def __init__(self, stream: _Stream, out: list[Any]) -> None:
+        self.stream = stream
+        self.out = out
+        self.pipe = HostPipeline(stream.device)
+        self.count = 0
+        self.waiting: tuple | None = None
+
+    def take(
+        self, bucket: list[_Item], offsets: list[list[int]], chunk: int, gathered: torch.Tensor
+    ) -> None:
+        """Starts the download of a gathered slice; rebuilds the previous one meanwhile."""
+        k = self.count
+        self.count += 1
+        host = self.pipe.download(k, gathered)
+        self.flush()
+        self.waiting = (k, bucket, offsets, chunk, host)
+
+    def flush(self) -> None:
+        """Rebuilds the CPU tensors of the slice downloaded last, once it has arrived."""
+        if self.waiting is None:
+            return
+        k, bucket, offsets, chunk, host = self.waiting
+        self.waiting = None
+        self.pipe.wait(k)
+        _rebuild(self.stream, bucket, host, offsets, chunk, [it.out for it in bucket])
+        for it in bucket:
+            self.out[it.leaf] = it.out

@@ -1,7 +1,7 @@
 """Shared-memory segments populated in one pass, for ``create_cpu_state_dict``.
 
-On a virtual machine a page fault costs microseconds: on the 2-core KVM dev machine,
-faulting an already allocated 1 GiB shared segment into a process took ~700 ms, and
+On a virtual machine a page fault costs microseconds (every fault exits to the
+hypervisor), so faulting a large shared segment in page by page is slow, and
 PyTorch's ``share_memory_()`` allocates a segment (``posix_fallocate``), then copies
 the fresh tensor into it, faulting every page again. Here a segment is created empty
 (``memfd_create`` + ``ftruncate``: no pages yet) and populated writable in one pass
@@ -56,9 +56,9 @@ _MADV_POPULATE_WRITE = 23
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # A huge page is 2 MiB: below a few of them, asking is pointless.
 _MIN_HUGE_BYTES = 8 << 20
-# Below this per thread, starting a thread (~0.1 ms) costs more than it saves: 8 MiB
-# take ~6 ms to populate on the 2-core dev VM. (At 64 MiB, the bench's 64 MB shared
-# create ran on one thread: 48 ms, against 26 ms on two; 2026-12-03 10:38.)
+# Below this per thread, starting a thread costs more than it saves: populating a few
+# MiB takes a small multiple of a thread start, and a 64 MB segment already gains
+# from a second thread. (Measurements: BENCHMARKS.md.)
 _MIN_BYTES_PER_THREAD = 8 << 20
 
 _libc: ctypes.CDLL | None = None
