@@ -137,6 +137,15 @@ def broadcast_state_dict(
         lambda: preplan(local_state_dict, dist.get_rank()) if wire.type == "cpu" else None,
     )
     source, n = meta[-2], meta[-1]
+    if (n is not None) != by_box:
+        # Follow rank 0's route, so that every rank meets in its agreement and raises.
+        kinds = ("collective", "point-to-point")
+        error = ValueError(
+            f"broadcast_state_dict: rank 0 takes the {kinds[n is not None]} route, but "
+            f"route={route!r} gives this rank the {kinds[by_box]} one; pass the same "
+            "route on every rank"
+        )
+        by_box = n is not None
     keys: list[str] = []
     row = transfers = None
     try:
@@ -147,7 +156,7 @@ def broadcast_state_dict(
         if by_box:
             row = p2p.needs_row(transfers, is_src, tensors, n, source, reads)
     except Exception as exc:  # reported to every rank by agree()
-        error = exc
+        error = error or exc
     if is_src:
         wait_sent(in_flight)  # the metadata left while this rank planned
     # The needs table is the route's plan, and where every rank learns whether any
