@@ -179,18 +179,18 @@ class SendPlan:
     """Rank 0's side of the route: its messages and buffers. Source views are made as
     the messages go, so the work overlaps the sends."""
 
-    __slots__ = ("messages", "srcs", "direct", "pool")
+    __slots__ = ("messages", "srcs", "from_source", "pool")
 
     def __init__(self, messages: list[Message], srcs: list[torch.Tensor], device: torch.device,
                  n_buffers: int) -> None:
         self.messages = messages
         self.srcs = srcs
         # A solo box whose bytes are contiguous is sent from the source itself.
-        self.direct = [m.solo and _contiguous_box(srcs[m.js[0]], m.boxes[0], device)
-                       for m in messages]
-        size = max((m.total for m, d in zip(messages, self.direct) if not d), default=0)
+        self.from_source = [m.solo and _contiguous_box(srcs[m.js[0]], m.boxes[0], device)
+                            for m in messages]
+        size = max((m.total for m, d in zip(messages, self.from_source) if not d), default=0)
         self.pool = [torch.empty(size, dtype=torch.uint8, device=device)
-                     for _ in range(min(n_buffers, self.direct.count(False)))]
+                     for _ in range(min(n_buffers, self.from_source.count(False)))]
 
 
 def _contiguous_box(src: torch.Tensor, box: Any, device: torch.device) -> bool:
@@ -218,7 +218,7 @@ def send(
     works: deque[tuple[Any, int | None]] = deque()
     messages, srcs = plan.messages, plan.srcs
     per = -(-n_own // max(1, len(messages))) if n_own else 0
-    for k, (m, from_source) in enumerate(zip(messages, plan.direct)):
+    for k, (m, from_source) in enumerate(zip(messages, plan.from_source)):
         b = None
         views = ops.box_views([srcs[j] for j in m.js], [box[0] for box in m.boxes],
                               [box[1] for box in m.boxes])
