@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from itertools import accumulate
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -39,20 +39,15 @@ from sdict_ext.host.pipeline import HostPipeline
 __all__ = ["Plan", "plan", "run"]
 
 
-class Plan:
+class Plan(NamedTuple):
     """The broadcasts of one call: per run (the transfers of one slice) its slot
     offsets and size, the tensor it travels in place from / into (else None), and the
     (at most two) slice buffers on the wire device."""
 
-    __slots__ = ("runs", "layouts", "in_place", "flats")
-
-    def __init__(self, runs: list[list[int]], layouts: list[tuple[list[int], int]],
-                 in_place: list[tuple[torch.Tensor | None, Dest | None]],
-                 flats: list[torch.Tensor]) -> None:
-        self.runs = runs
-        self.layouts = layouts
-        self.in_place = in_place
-        self.flats = flats
+    runs: list[list[int]]
+    layouts: list[tuple[list[int], int]]
+    in_place: list[tuple[torch.Tensor | None, Dest | None]]
+    flats: list[torch.Tensor]
 
 
 def plan(

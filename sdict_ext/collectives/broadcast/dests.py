@@ -9,7 +9,7 @@ transfers; each rank's destinations are its own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -55,19 +55,15 @@ class Dest:
         self.slot = 0
 
 
-class Transfers:
+class Transfers(NamedTuple):
     """This rank's plan of one call: every key's destination, and per transfer (a
     distinct source tensor) its (shape, dtype), the index of its first announced
     tensor, and the destinations it fills."""
 
-    __slots__ = ("dests", "specs", "src_of", "slot_dests")
-
-    def __init__(self, dests: list[Dest], specs: list[tuple[tuple[int, ...], torch.dtype]],
-                 src_of: list[int], slot_dests: list[list[Dest]]) -> None:
-        self.dests = dests
-        self.specs = specs
-        self.src_of = src_of
-        self.slot_dests = slot_dests
+    dests: list[Dest]
+    specs: list[tuple[tuple[int, ...], torch.dtype]]
+    src_of: list[int]
+    slot_dests: list[list[Dest]]
 
 
 def _plan_dest(
@@ -139,7 +135,7 @@ def preplan(local_state_dict: dict[str, Any], rank: int) -> dict[str, tuple[Dest
     }
 
 
-def _plan_dests(
+def plan_transfers(
     tensors: list[TensorInfo],
     keys: list[str],
     dtypes: list[torch.dtype],
@@ -148,13 +144,17 @@ def _plan_dests(
     device: torch.device,
     flat_device: torch.device,
     rank: int,
-    pre: dict[str, tuple[Dest, int]] | None,
-) -> tuple[list[Dest], bool]:
-    """:func:`_plan_dest` of every announced tensor, the usual case in one C++ call
+    pre: dict[str, tuple[Dest, int]] | None = None,
+) -> Transfers:
+    """This rank's destinations of every announced tensor, grouped per transfer: a
+    tensor several keys share (``same`` links of the metadata) travels once.
+
+    :func:`_plan_dest` of each tensor, the usual case in one C++ call
     (:func:`dtensor_boxes`: a DTensor whose local shard has the box's shape and the
     full tensor's dtype, on the CPU group's device) or taken from :func:`preplan`.
-    Also says whether two keys may share a local tensor (then
-    :func:`_one_writer_per_target` must pick their writer)."""
+    Where two keys may share a local tensor, :func:`_one_writer_per_target` picks
+    their writer.
+    """
     pre_get = (pre or {}).get
     dests: list[Any] = [None] * len(tensors)
     ptrs: list[int] = []
@@ -190,24 +190,8 @@ def _plan_dests(
             shared = shared or isinstance(d.result, DTensor)
     # A repeated address makes the writers be checked (empty shards, 0, write nothing).
     written = [p for p in ptrs if p]
-    return dests, shared or len(set(written)) < len(written)
-
-
-def plan_transfers(
-    tensors: list[TensorInfo],
-    keys: list[str],
-    dtypes: list[torch.dtype],
-    local_state_dict: dict[str, Any],
-    full_state_dict: dict[str, Any] | None,
-    device: torch.device,
-    flat_device: torch.device,
-    rank: int,
-    pre: dict[str, tuple[Dest, int]] | None = None,
-) -> Transfers:
-    """This rank's destinations of every announced tensor, grouped per transfer: a
-    tensor several keys share (``same`` links of the metadata) travels once."""
-    dests, shared = _plan_dests(tensors, keys, dtypes, local_state_dict, full_state_dict,
-                                device, flat_device, rank, pre)
+    if shared or len(set(written)) < len(written):
+        _one_writer_per_target(dests)
     src_of: list[int] = []
     slot_of: list[int] = []
     for dest, tensor in zip(dests, tensors):
@@ -218,8 +202,6 @@ def plan_transfers(
         else:
             dest.slot = slot_of[same]
         slot_of.append(dest.slot)
-    if shared:
-        _one_writer_per_target(dests)
     slot_dests: list[list[Dest]] = [[] for _ in src_of]
     for dest in dests:
         if dest.unpack_into is not None:

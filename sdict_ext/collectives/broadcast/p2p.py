@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from itertools import accumulate, zip_longest
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -365,21 +365,17 @@ def needs_row(transfers: Transfers, is_src: bool, tensors: list[Any], n: int,
     )
 
 
-class Plan:
+class Plan(NamedTuple):
     """This rank's side of the route for one call: the transfers it routes (the others
     are broadcast), rank 0's sends and own keys or a receiver's messages and reads, and
     whether any rank reads directly (then rank 0 must stay until the reads are done)."""
 
-    __slots__ = ("routed", "broadcast", "sending", "receiving", "own", "direct_reads")
-
-    def __init__(self, routed: list[int], broadcast: list[int], sending: SendPlan | None,
-                 receiving: ReceivePlan | None, own: list[Dest], direct_reads: bool) -> None:
-        self.routed = routed
-        self.broadcast = broadcast
-        self.sending = sending
-        self.receiving = receiving
-        self.own = own
-        self.direct_reads = direct_reads
+    routed: list[int]
+    broadcast: list[int]
+    sending: SendPlan | None
+    receiving: ReceivePlan | None
+    own: list[Dest]
+    direct_reads: bool
 
 
 def plan(
