@@ -42,15 +42,16 @@ class _Uploads(TorchDispatchMode):
         self.moves = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.ops.aten.copy_.default:
             dst, src = args[0], args[1]
             if (src.is_cpu and dst.device.type == self.wire.type and dst.dtype == torch.uint8
                     and src.dtype == torch.uint8 and dst.dim() == 1):
                 self.uploads += 1
         elif func is torch.ops.aten._to_copy.default and self.wire.type != "cpu":
-            if args[0].is_cpu and torch.device(kwargs.get("device", "cpu")).type != "cpu":
+            if args[0].is_cpu and torch.device(kwargs.get("device") or "cpu").type != "cpu":
                 self.moves += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def _sources() -> dict[str, torch.Tensor]:
