@@ -29,13 +29,21 @@ from sdict_ext import utils
 from sdict_ext.staging import PinnedStager
 from tests.mp import run_on_ranks
 from tests.test_state_dict import FSDP1, _full, assert_same, clone, make, train_step
-from tests.test_utils_dist import ALL_GATHER, ROUTES, _mesh, box_route, metadata_call
+from tests.test_utils_dist import (
+    ALL_GATHER,
+    ROUTE_KEYWORD,
+    ROUTES,
+    _mesh,
+    metadata_call,
+    watch_metadata,
+)
 
 TIMEOUT_S = 120
 
 
 def _counting_bytes(names: list[str]) -> tuple[dict[str, int], dict[str, Any]]:
     """Wrap ``dist.<name>`` to sum the bytes of the tensor each call moves."""
+    watch_metadata()
     sent = dict.fromkeys(names, 0)
     originals = {name: getattr(dist, name) for name in names}
 
@@ -112,8 +120,8 @@ def _on_rank_broadcast(source_tied: bool, local_tied: bool, route: str) -> int:
     ours, theirs = local(), local()
     sent, originals = _counting_bytes(["broadcast", "isend", "irecv"])
     try:
-        with box_route(route):
-            utils.broadcast_state_dict(clone(full), ours, device=torch.device("cpu"))
+        utils.broadcast_state_dict(clone(full), ours, device=torch.device("cpu"),
+                                   route=ROUTE_KEYWORD[route])
     finally:
         _restore(originals)
     ref._broadcast_state_dict(clone(full), theirs, device=torch.device("cpu"))

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import math
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +28,10 @@ from torch.distributed.tensor import (
     init_device_mesh,
 )
 
+import sdict_ext.collectives.broadcast.direct as _direct_mod
 import sdict_ext.collectives.broadcast.main as _broadcast_mod
-import sdict_ext.collectives.broadcast.p2p as _box_route_mod
+import sdict_ext.collectives.broadcast.meta as _meta_mod
+import sdict_ext.collectives.broadcast.p2p as _p2p_mod
 from sdict_ext import ops, utils
 from tests.mp import run_fresh, run_on_ranks
 
@@ -167,15 +168,39 @@ def test_gather_matches_pytorch_bit_exact(world_size, cpu_offload, ranks_only, b
             assert ours["uneven_s0"][0] == "T"
 
 
+# How deep this process is inside broadcast_state_dict's metadata exchange.
+_IN_METADATA = [0]
+
+
+def watch_metadata() -> None:
+    """Lets :func:`metadata_call` tell the metadata exchange's broadcasts from the
+    tensors': wraps ``meta.broadcast_bytes``, through which every metadata broadcast
+    goes, to count its depth around the original. Once per process: the wrapper
+    changes nothing else, so it may stay in the pooled workers."""
+    if getattr(_meta_mod.broadcast_bytes, "watched", False):
+        return
+    original = _meta_mod.broadcast_bytes
+
+    def watched(*args, **kwargs):
+        _IN_METADATA[0] += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _IN_METADATA[0] -= 1
+
+    watched.watched = True
+    _meta_mod.broadcast_bytes = watched
+
+
 def metadata_call() -> bool:
     """Whether the ``dist`` call being counted is broadcast_state_dict's metadata
-    exchange (one or two broadcasts a call), which moves no tensor data."""
-    return sys._getframe(2).f_code.co_name in (
-        "send_metadata", "post_metadata_receive", "receive_metadata"
-    )
+    exchange (one or two broadcasts a call), which moves no tensor data. Counters call
+    :func:`watch_metadata` before they wrap ``dist``."""
+    return _IN_METADATA[0] > 0
 
 
 def _count_calls(fn_names: list[str]):
+    watch_metadata()
     counts = dict.fromkeys(fn_names, 0)
     originals = {name: getattr(dist, name) for name in fn_names}
 
@@ -450,9 +475,10 @@ def test_broadcast_cpu_offload_skips_keys_only_in_the_full_state_dict():
 
 
 #: The routes a CPU broadcast_state_dict can take: the point-to-point route with direct
-#: reads of rank 0's memory (opt-in, SDICT_EXT_DIRECT_READ=1), with messages only (the
-#: default), or none.
+#: reads of rank 0's memory (opt-in), with messages only (the default), or none; and
+#: the value of its ``route`` keyword that chooses each.
 ROUTES = ["direct", "messages", "broadcast"]
+ROUTE_KEYWORD = {"direct": "direct", "messages": "p2p", "broadcast": "collective"}
 
 
 @contextlib.contextmanager
@@ -466,24 +492,6 @@ def _swapped(module: Any, name: str, replacement: Any):
         yield
     finally:
         setattr(module, name, before)
-
-
-@contextlib.contextmanager
-def box_route(route: str):
-    """Makes CPU broadcasts take ``route`` (one of ROUTES); the workers are pooled, so
-    the switches are put back."""
-    env = _box_route_mod.ENV_DIRECT_READ
-    before = _broadcast_mod._BOX_ROUTE, os.environ.get(env)
-    _broadcast_mod._BOX_ROUTE = route != "broadcast"
-    os.environ[env] = "1" if route == "direct" else "0"
-    try:
-        yield
-    finally:
-        _broadcast_mod._BOX_ROUTE = before[0]
-        if before[1] is None:
-            del os.environ[env]
-        else:
-            os.environ[env] = before[1]
 
 
 def _broadcast_thousand(bucket: int, mixed: bool = False, route: str = "messages"):
@@ -503,9 +511,9 @@ def _broadcast_thousand(bucket: int, mixed: bool = False, route: str = "messages
     mine = sum(-(-n // ops.ALIGNMENT) * ops.ALIGNMENT for n in shard_bytes)
     counts, originals = _count_calls(["broadcast", "all_reduce", "isend", "irecv"])
     try:
-        with box_route(route):
-            utils.broadcast_state_dict(full if dist.get_rank() == 0 else {}, local,
-                                       torch.device("cpu"), bucket_bytes=bucket)
+        utils.broadcast_state_dict(full if dist.get_rank() == 0 else {}, local,
+                                   torch.device("cpu"), bucket_bytes=bucket,
+                                   route=ROUTE_KEYWORD[route])
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -582,8 +590,8 @@ def _broadcast_failure(kind: str, route: str):
         )
     untouched = _hold(local)
     try:
-        with box_route(route):
-            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+        utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"),
+                                   route=ROUTE_KEYWORD[route])
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, untouched()
     return None
@@ -641,8 +649,8 @@ def _broadcast_unsendable_sources(route: str):
         local["zz_bad"] = torch.zeros(() if kind == "meta_scalar" else (3, 3))
         untouched = _hold(local)
         try:
-            with box_route(route):
-                utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"),
+                                       route=ROUTE_KEYWORD[route])
         except Exception as exc:  # noqa: BLE001
             seen.append((kind, type(exc).__name__, str(exc), untouched()))
         else:
@@ -672,11 +680,12 @@ def _broadcast_some_ranks_read(unreadable: int):
     if rank != 0:
         full = {}
     ours, theirs = _two_copies(local)
-    refused = (lambda source: False) if rank == unreadable else None
+    refused = (lambda source, opted_in: False) if rank == unreadable else None
     counts, originals = _count_calls(["isend", "irecv"])
     try:
-        with _swapped(_box_route_mod, "can_read", refused), box_route("direct"):
-            utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096)
+        with _swapped(_direct_mod, "can_read", refused):
+            utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096,
+                                       route="direct")
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -699,7 +708,7 @@ def _broadcast_read_refused():
     vanishing mid-call would look so): every rank must raise, none may hang."""
     full, local = _load_inputs(meta_ok=False)
     rank = dist.get_rank()
-    before = _box_route_mod._read_boxes
+    before = _direct_mod._read_boxes
     calls = []
 
     def refuse(pid, addrs, *args):
@@ -709,9 +718,9 @@ def _broadcast_read_refused():
         return before(pid, addrs, *args)
 
     try:
-        with _swapped(_box_route_mod, "_read_boxes", refuse if rank == 1 else None), \
-                box_route("direct"):
-            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+        with _swapped(_direct_mod, "_read_boxes", refuse if rank == 1 else None):
+            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"),
+                                       route="direct")
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc)[:200], calls
     return None, "", calls
@@ -728,14 +737,14 @@ def test_broadcast_direct_read_refused_raises_on_every_rank():
 
 def _count_direct_reads() -> tuple[list[int], Any]:
     """Wraps the route's read primitive: the box counts of its calls, and the original."""
-    before = _box_route_mod._read_boxes
+    before = _direct_mod._read_boxes
     calls: list[int] = []
 
     def counted(pid, addrs, *args):
         calls.append(len(addrs))
         return before(pid, addrs, *args)
 
-    _box_route_mod._read_boxes = counted
+    _direct_mod._read_boxes = counted
     return calls, before
 
 
@@ -744,14 +753,14 @@ def _broadcast_default_route():
     full, local = _load_inputs()
     rank = dist.get_rank()
     ours, theirs = _two_copies(local)
-    env = _box_route_mod.ENV_DIRECT_READ
+    env = _direct_mod.ENV_DIRECT_READ
     before = os.environ.pop(env, None)
     calls, read = _count_direct_reads()
     counts, originals = _count_calls(["isend", "irecv"])
     try:
         utils.broadcast_state_dict(full if rank == 0 else {}, ours, torch.device("cpu"))
     finally:
-        _box_route_mod._read_boxes = read
+        _direct_mod._read_boxes = read
         for name, fn in originals.items():
             setattr(dist, name, fn)
         if before is not None:
@@ -780,8 +789,8 @@ def _broadcast_with_bad_address(kind: str):
     ours, theirs = _two_copies(local)
     announce = _broadcast_mod.announce
 
-    def misannounce(full_state_dict):
-        keys, objects, tensors, dtypes = announce(full_state_dict)
+    def misannounce(full_state_dict, addresses=False):
+        keys, objects, tensors, dtypes = announce(full_state_dict, addresses)
         big = keys.index("big")
         tensors = [
             (pos, shape, code, same, (addr + 4096 if kind == "off_by_page" else 4096))
@@ -793,11 +802,11 @@ def _broadcast_with_bad_address(kind: str):
     calls, read = _count_direct_reads()
     counts, originals = _count_calls(["isend", "irecv"])
     try:
-        with _swapped(_broadcast_mod, "announce", misannounce if rank == 0 else None), \
-                box_route("direct"):
-            utils.broadcast_state_dict(full if rank == 0 else {}, ours, torch.device("cpu"))
+        with _swapped(_broadcast_mod, "announce", misannounce if rank == 0 else None):
+            utils.broadcast_state_dict(full if rank == 0 else {}, ours, torch.device("cpu"),
+                                       route="direct")
     finally:
-        _box_route_mod._read_boxes = read
+        _direct_mod._read_boxes = read
         for name, fn in originals.items():
             setattr(dist, name, fn)
     ref._broadcast_state_dict(full if rank == 0 else {}, theirs, torch.device("cpu"))
@@ -820,7 +829,7 @@ def _broadcast_crafted_needs_row():
     full, local = _load_inputs(meta_ok=False)
     rank = dist.get_rank()
     untouched = _hold(local)
-    encode = _box_route_mod.encode_needs
+    encode = _p2p_mod.encode_needs
 
     def crafted(shapes, itemsizes, boxes, direct=None):
         row = encode(shapes, itemsizes, boxes, direct)
@@ -833,9 +842,9 @@ def _broadcast_crafted_needs_row():
         return row
 
     try:
-        with _swapped(_box_route_mod, "encode_needs", crafted if rank == 1 else None), \
-                box_route("messages"):
-            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"))
+        with _swapped(_p2p_mod, "encode_needs", crafted if rank == 1 else None):
+            utils.broadcast_state_dict(full if rank == 0 else {}, local, torch.device("cpu"),
+                                       route="p2p")
     except Exception as exc:  # noqa: BLE001
         return type(exc).__name__, str(exc), untouched()
     return None
@@ -1026,6 +1035,7 @@ def _record_broadcasts(call, name: str | tuple[str, ...] = "broadcast"):
     """Runs ``call()`` and returns (its result, the storage address of every tensor
     ``dist.<name>`` was given first: the broadcast / sent / received tensor, the
     all-gather output), so a test can tell which tensors were exchanged in place."""
+    watch_metadata()
     seen: list[int] = []
     names = (name,) if isinstance(name, str) else name
     originals = {n: getattr(dist, n) for n in names}
@@ -1243,14 +1253,13 @@ def _broadcast_big_matches_pytorch(strict: bool, cpu_offload: bool, bucket: int,
         for key in ("big_none", "big_missing"):
             theirs_full.pop(key, None)
             theirs.pop(key, None)
-    with box_route(route):
-        _, seen = _record_broadcasts(
-            lambda: utils.broadcast_state_dict(
-                full, ours, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload,
-                bucket_bytes=bucket,
-            ),
-            ("broadcast", "isend", "irecv"),
-        )
+    _, seen = _record_broadcasts(
+        lambda: utils.broadcast_state_dict(
+            full, ours, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload,
+            bucket_bytes=bucket, route=ROUTE_KEYWORD[route],
+        ),
+        ("broadcast", "isend", "irecv"),
+    )
     ref._broadcast_state_dict(
         theirs_full, theirs, torch.device("cpu"), strict=strict, cpu_offload=cpu_offload
     )
@@ -1352,8 +1361,8 @@ def _broadcast_layouts_differ(route: str):
     ours, theirs = _two_copies(local)
     sent, originals = _count_calls(["broadcast", "isend"])
     try:
-        with box_route(route):
-            utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096)
+        utils.broadcast_state_dict(full, ours, torch.device("cpu"), bucket_bytes=4096,
+                                   route=ROUTE_KEYWORD[route])
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -1403,8 +1412,8 @@ def _broadcast_in_subgroup(route: str):
     ours, theirs = copy.copy(local), copy.deepcopy(local)
     sent, originals = _count_calls(["isend", "irecv"])
     try:
-        with box_route(route):
-            utils.broadcast_state_dict(full, ours, torch.device("cpu"), pg=pg)
+        utils.broadcast_state_dict(full, ours, torch.device("cpu"), pg=pg,
+                                   route=ROUTE_KEYWORD[route])
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)

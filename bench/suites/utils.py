@@ -13,8 +13,6 @@ and ``distribute_state_dict`` from a full state dict present on every rank.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed._state_dict_utils as tsu
 from torch.distributed.device_mesh import init_device_mesh
@@ -311,19 +309,10 @@ def _run_broadcast(spec: CaseSpec, ctx: Ctx) -> None:
     if fn is None or ctx.device.type != "cpu":
         return
     # Ranks on rank 0's host may read their boxes out of its memory (opt-in:
-    # SDICT_EXT_DIRECT_READ=1); this row is what they get then.
-    import sdict_ext.collectives.broadcast.p2p as _box_route
+    # route="direct"); this row is what they get then.
 
     def by_direct_reads(d: dict) -> None:
-        before = os.environ.get(_box_route.ENV_DIRECT_READ)
-        os.environ[_box_route.ENV_DIRECT_READ] = "1"
-        try:
-            fn(mine, d, ctx.device)
-        finally:
-            if before is None:
-                del os.environ[_box_route.ENV_DIRECT_READ]
-            else:
-                os.environ[_box_route.ENV_DIRECT_READ] = before
+        fn(mine, d, ctx.device, route="direct")
 
     ctx.measure(
         "sdict_ext.broadcast_state_dict (direct reads)", ROLE_VARIANT, by_direct_reads,

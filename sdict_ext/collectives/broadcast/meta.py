@@ -1,9 +1,10 @@
 """The metadata of ``broadcast_state_dict``: what rank 0 announces before any tensor moves.
 
 Rank 0 describes its full state dict in plain, cheaply pickled objects (keys, shapes as
-tuples of ints, dtype indices, tie links, source addresses; 0-dim tensors as raw bytes)
-and broadcasts it asynchronously, so that it plans its own keys while the other ranks
-receive it.
+tuples of ints, dtype indices, tie links; 0-dim tensors as raw bytes) and broadcasts it
+asynchronously, so that it plans its own keys while the other ranks receive it. What
+only the CPU routes need travels only with them: the needs row's length with the
+point-to-point route, the source addresses and the probe with direct reads.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import torch
 import torch.distributed as dist
 
 from sdict_ext import ops
-from sdict_ext.collectives.broadcast import p2p as _box_route
+from sdict_ext.collectives.agreement import RankFailure
+from sdict_ext.collectives.broadcast.direct import Source
 from sdict_ext.host.copies import view_key
 from sdict_ext.tree import LEAF_TENSOR, leaf_kind
 
 __all__ = [
-    "HEAD_BYTES", "Announced", "TensorInfo", "announce", "check_source", "from_wire",
-    "post_metadata_receive", "receive_metadata", "send_metadata", "to_wire", "wait_sent",
+    "HEAD_BYTES", "Announced", "TensorInfo", "announce", "broadcast_bytes", "check_source",
+    "exchange", "from_wire", "post_metadata_receive", "receive_metadata", "send_metadata",
+    "to_wire", "wait_sent",
 ]
 
 # A tensor rank 0 is about to send, as it travels: (position of its key, shape, index
@@ -29,15 +32,16 @@ __all__ = [
 # the announced tensors) of an earlier key whose tensor is this very one (tied weights,
 # or a loaded checkpoint's shared storage), or -1: a tensor travels once and fills all
 # its keys; ``address`` is where its bytes start in rank 0's memory when a rank on its
-# host may read them there (a contiguous CPU tensor), else 0. Plain tuples of ints
-# pickle and unpickle in C, a few hundred ns each.
+# host may read them there (a contiguous CPU tensor, announced for direct reads only),
+# else 0. Plain tuples of ints pickle and unpickle in C, far cheaper than objects.
 TensorInfo = tuple[int, tuple[int, ...], int, int, int]
 Announced = tuple[list[str], dict[int, Any], list[TensorInfo], list[torch.dtype]]
 
 
-def announce(full_state_dict: dict[str, Any]) -> Announced:
+def announce(full_state_dict: dict[str, Any], addresses: bool = False) -> Announced:
     """Rank 0's metadata: the keys, the plain values and 0-dim tensors (by key
-    position; they travel as objects), the tensors, and their dtypes."""
+    position; they travel as objects), the tensors, and their dtypes; with
+    ``addresses`` (direct reads), where each readable tensor lies in this process."""
     keys = list(full_state_dict)
     values = list(full_state_dict.values())
     objects: dict[int, Any] = {}
@@ -70,7 +74,7 @@ def announce(full_state_dict: dict[str, Any]) -> Announced:
                 same = by_view.setdefault(view_key(value), index)
                 if same == index:
                     same = -1
-            addr = ptr if readable else 0
+            addr = ptr if readable and addresses else 0
         tensors.append((pos, shape, code, same, addr))
     return keys, objects, tensors, dtypes
 
@@ -198,13 +202,15 @@ def to_wire(
     objects: dict[int, Any],
     tensors: list[TensorInfo],
     dtypes: list[torch.dtype],
-    source: _box_route.Source | None,
+    source: Source | None,
+    row_len: int | None,
 ) -> tuple[Any, ...]:
     """The metadata as cheaply pickled objects: plain 0-dim tensors become raw bytes,
     one byte string per dtype (pickling a tensor, as ``broadcast_object_list`` does for
-    every optimizer ``step``, goes through torch's storage serialisation, ~0.2 ms per
-    tensor on each side). ``source`` lets ranks on this host read the tensors directly
-    (:func:`_box_route.source_probe`)."""
+    every optimizer ``step``, goes through torch's storage serialisation, far slower
+    per tensor on each side). ``source`` lets ranks on this host read the tensors
+    directly (:func:`.direct.source_probe`); ``row_len`` is the needs row's length of
+    the point-to-point route (None on the collective route)."""
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     wire_objects: dict[int, Any] = {}
     for pos, value in objects.items():
@@ -219,7 +225,6 @@ def to_wire(
         for dtype, values in by_dtype.items()
     }
     # Last: the needs row's length, which every rank must know even if decoding fails.
-    row_len = 1 + sum(1 + 2 * len(t[1]) for t in tensors if t[3] < 0)
     return keys, wire_objects, blobs, tensors, dtypes, source, row_len
 
 
@@ -238,9 +243,16 @@ def from_wire(wire: tuple[Any, ...]) -> Announced:
 
 
 #: The metadata's first broadcast: its length and up to this many bytes less 8 (a
-#: state dict of ~5,000 tensors); the rest, if any, follows in a second one. A size
+#: state dict of some thousands of tensors); the rest, if any, follows in a second one. A size
 #: known in advance lets the other ranks post their receive before they pre-plan.
 HEAD_BYTES = 256 << 10
+
+
+def broadcast_bytes(part: torch.Tensor, group: dist.ProcessGroup, async_op: bool) -> Any:
+    """Every broadcast of the metadata's bytes goes through here, from the group's rank
+    0: one place that says which broadcasts carry metadata rather than tensor data
+    (the tests wrap it to count only the tensors' collectives)."""
+    return dist.broadcast(part, group=group, group_src=0, async_op=async_op)
 
 
 def send_metadata(
@@ -267,9 +279,7 @@ def send_metadata(
     parts = [torch.frombuffer(head, dtype=torch.uint8).to(device)]
     if len(data) > fits:
         parts.append(torch.frombuffer(bytearray(data[fits:]), dtype=torch.uint8).to(device))
-    works = []
-    for part in parts:  # (a loop, not a comprehension: tests tell these calls by frame)
-        works.append(dist.broadcast(part, group=group, group_src=0, async_op=True))
+    works = [broadcast_bytes(part, group, async_op=True) for part in parts]
     return (works, parts), error
 
 
@@ -283,7 +293,7 @@ def post_metadata_receive(group: dist.ProcessGroup, device: torch.device) -> Any
     """The other ranks: the receive of the metadata's first part, posted at once so
     that it lands while this rank pre-plans; :func:`receive_metadata` finishes it."""
     head = torch.empty(HEAD_BYTES, dtype=torch.uint8, device=device)
-    return dist.broadcast(head, group=group, group_src=0, async_op=True), head
+    return broadcast_bytes(head, group, async_op=True), head
 
 
 def receive_metadata(posted: Any, group: dist.ProcessGroup, device: torch.device) -> Any:
@@ -295,6 +305,39 @@ def receive_metadata(posted: Any, group: dist.ProcessGroup, device: torch.device
     data = raw[8:8 + size]
     if size > len(data):
         rest = torch.empty(size - len(data), dtype=torch.uint8, device=device)
-        dist.broadcast(rest, group=group, group_src=0)
+        broadcast_bytes(rest, group, async_op=False)
         data += rest.cpu().numpy().tobytes()
     return pickle.loads(data)
+
+
+def exchange(
+    group: dist.ProcessGroup,
+    device: torch.device,
+    is_src: bool,
+    wire: Any,
+    error: BaseException | None,
+    meanwhile: Any,
+) -> tuple[Any, Any, Any]:
+    """Rank 0 sends its metadata (``wire``, or its ``error``); the other ranks post the
+    receive, run ``meanwhile()`` while it lands, and take it. Every rank raises if rank
+    0 failed (rank 0 its own error, the others :class:`RankFailure` with its text).
+
+    Returns:
+        ``(wire, in_flight, early)``: the metadata; on rank 0 what to pass to
+        :func:`wait_sent` once it has planned its own keys (None elsewhere); on the
+        other ranks ``meanwhile()``'s result (None on rank 0).
+    """
+    if is_src:
+        in_flight, error = send_metadata(wire, error, group, device)
+        if error is not None:
+            wait_sent(in_flight)
+            raise error
+        return wire, in_flight, None
+    posted = post_metadata_receive(group, device)
+    early = meanwhile()
+    wire, src_error = receive_metadata(posted, group, device)
+    if src_error is not None:
+        raise RankFailure(
+            f"broadcast_state_dict failed on the source rank: {src_error}", {0: src_error}
+        )
+    return wire, None, early

@@ -1,199 +1,61 @@
 """The point-to-point route of ``broadcast_state_dict``: each rank receives only its boxes.
 
 A broadcast ships every byte of a tensor to every rank, which keeps its box of it and
-drops the rest. Here every rank first says which box of each tensor it needs (one
-``all_gather`` of a small int64 table, which is also the agreement step), and where
-the receivers together need no more bytes than the tensor holds (every tensor held
-sharded over the group, or one other rank in all), rank 0 packs each rank's boxes
-into messages of that rank's own and sends them by ``isend``; the rank receives them
-by ``irecv`` and unpacks them into its shards. Rank 0 copies its own boxes straight
-from the source while its messages travel. Nothing depends on the ranks laying out
-a tensor alike: each rank asks for what its own local value needs.
+drops the rest. Here every rank first says which box of each tensor it needs (its row
+of the needs table, which travels through the one agreement,
+:func:`~sdict_ext.collectives.agreement.agree`'s ``share``), and where the receivers
+together need no more bytes than the tensor holds (every tensor held sharded over the
+group, or one other rank in all), rank 0 packs each rank's boxes into messages of that
+rank's own and sends them by ``isend``; the rank receives them by ``irecv`` and unpacks
+them into its shards. Rank 0 copies its own boxes straight from the source while its
+messages travel. Nothing depends on the ranks laying out a tensor alike: each rank asks
+for what its own local value needs. The other transfers take the collective route
+(:mod:`.collective`) in the same call.
 
-Direct reads (opt-in: ``SDICT_EXT_DIRECT_READ=1``, read at every call, on rank 0 and on
-each reader). A rank on rank 0's host then needs no message: rank 0 announces its pid,
-the address of each contiguous source tensor, a 16-byte random probe, and two sampled
-8-byte windows of each of those tensors, taken from the tensor itself at a position
-drawn per call. A rank that reads the probe back (``process_vm_readv``: same host, same
-pid namespace, ptrace access) reads the sample windows at the announced addresses;
-only the transfers whose windows match (the address is rank 0's tensor, mapped, with
-those bytes) are marked as read by the rank itself (negative bytes in its needs row);
-any other transfer falls back to a message. After the agreement it reads each of its
-boxes straight out of rank 0's tensors into its own shards, every read inside a tensor
-rank 0 announced for this call, one system call per ~1,000 runs of bytes. That is one
-copy per byte, made by the receiver while rank 0 copies its own boxes, where a message
-costs four (pack, socket in, socket out, unpack). Rank 0's tensors must outlive the
-reads: one more agreement after them keeps rank 0 in the call, and raises a refused
-read on every rank. It is off by default: it needs ptrace access to rank 0 and trusts
-rank 0's announced addresses as far as the samples can check them, and its gain is on
-CPU ranks of one host only.
+Chosen with ``route="p2p"`` (or ``"direct"``, which adds :mod:`.direct`'s reads), and
+by ``route="auto"`` on CPU groups (gloo): there every byte that travels is copied by
+both CPUs, so bytes not sent are the time saved. Device groups keep the broadcast,
+whose ring / tree moves each byte over each link once and whose packing runs on the
+device; this route refuses them (it is built for, and tested on, CPU groups).
 
 Every needs row a rank receives from a peer is checked as user input
 (:func:`check_needs_table`) before rank 0 cuts a box from it.
-
-Used for CPU groups (gloo): there every byte that travels is copied by both CPUs,
-so bytes not sent are the time saved. On the 2-core dev VM, 105 MB in 8 MiB messages
-took 21-28 ms where one broadcast of the full 211 MB took 71-85 ms (gloo, 2 ranks,
-2026-12-03, twice; BENCHMARKS.md has more runs); read directly, 105 MB took 12-13 ms,
-as long as one memcpy of it. Device groups keep
-the broadcast, whose ring / tree moves each byte over each link once and whose
-packing runs on the device.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import deque
-from itertools import accumulate
-from typing import Any
+from itertools import accumulate, zip_longest
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from sdict_ext import ops
+from sdict_ext.collectives.broadcast import direct
+from sdict_ext.collectives.broadcast.dests import Dest, Transfers, flat_bytes
 from sdict_ext.collectives.buckets import buckets_with_solos
+from sdict_ext.host.copies import batched_copy_pairs
 
 __all__ = [
-    "ENV_DIRECT_READ", "Message", "ReceivePlan", "SendPlan", "can_read", "check_needs_table",
-    "decode_row", "direct_read_enabled", "direct_transfers", "encode_needs", "flat_bytes",
-    "plan_messages", "read_plan", "readable", "receive", "row_positions", "send",
-    "source_probe",
+    "Message", "Plan", "ReceivePlan", "SendPlan", "check_needs_table", "decode_row",
+    "encode_needs", "needs_row", "plan", "plan_messages", "receive", "row_len",
+    "row_positions", "run", "send",
 ]
 
 # Buffers rank 0 may have in flight: packing runs ahead of the sends by this much.
 SEND_BUFFERS = 4
-
-#: The setting that turns direct reads on (``1``); read at every call, on every rank.
-ENV_DIRECT_READ = "SDICT_EXT_DIRECT_READ"
-
-# Bytes of sample windows per announced tensor (csrc: kSampleBytes).
-_SAMPLE_BYTES = 16
-
-# What rank 0 announces so that ranks can read its tensors: (pid, probe address, probe,
-# sample seed, the sample windows of every tensor announced with an address, in order).
-Source = tuple[int, int, bytes, int, bytes]
-
-
-def direct_read_enabled() -> bool:
-    """Whether this process takes part in direct reads: ``SDICT_EXT_DIRECT_READ=1`` in
-    its environment now (rank 0 then announces its tensors; another rank reads them).
-    Off by default: the messages route needs no access to another process."""
-    return os.environ.get(ENV_DIRECT_READ, "0") == "1"
-
-
-def _read_boxes(pid: int, addrs: list[int], full_shapes: list[tuple[int, ...]],
-                starts: list[tuple[int, ...]], dsts: list[torch.Tensor]) -> int:
-    """Box ``i`` (``dsts[i]``'s shape from index ``starts[i]``) of the C-contiguous tensor
-    of ``full_shapes[i]`` at ``addrs[i]`` in process ``pid``, read into ``dsts[i]`` (see
-    csrc/cpu/remote_read.cpp); every box is checked to lie in its tensor before any
-    byte is read. Private: only this route's validated reads call it."""
-    entry = ops.extension_entry("_read_process_boxes")
-    if entry is None:
-        raise ImportError("sdict_ext: the compiled extension has no direct reads")
-    return entry(int(pid), addrs, full_shapes, starts, dsts)
-
-
-def _read_samples(
-    pid: int, addrs: list[int], nbytes: list[int], ids: list[int], seed: int
-) -> tuple[bytes, list[bool]]:
-    """The sample windows of each range ``[addrs[i], addrs[i] + nbytes[i])`` of process
-    ``pid`` (``_SAMPLE_BYTES`` each, at a position drawn from ``(seed, ids[i])``), and
-    whether each could be read."""
-    entry = ops.extension_entry("_read_samples")
-    if entry is None:
-        return bytes(_SAMPLE_BYTES * len(addrs)), [False] * len(addrs)
-    return entry(int(pid), addrs, nbytes, ids, seed)
-
-
-def _announced(tensors: list[Any]) -> list[int]:
-    """Positions (in ``tensors``, rank 0's TensorInfo list) of the tensors announced with
-    an address, in order: the i-th of them owns sample window i."""
-    return [i for i, t in enumerate(tensors) if t[4] != 0]
-
-
-def source_probe(full_state_dict: dict[str, Any], keys: list[str],
-                 tensors: list[Any]) -> tuple[torch.Tensor | None, Source | None]:
-    """Rank 0's probe: 16 random bytes in a tensor it keeps alive during the call, their
-    address and value, and sample windows of every tensor announced with an address,
-    taken from the tensor itself (its ``data_ptr``, not the announced address) at
-    positions drawn from a per-call seed. A rank that reads exactly the probe's bytes at
-    that address in that pid is on rank 0's host, in its pid namespace, and allowed to
-    read its memory; it then reads only tensors whose samples it finds at the announced
-    address. ``(None, None)`` when rank 0 cannot sample its own tensors."""
-    nonce = os.urandom(16)
-    seed = int.from_bytes(os.urandom(8), "little")
-    probe = torch.tensor(list(nonce), dtype=torch.uint8)
-    values = [full_state_dict[keys[tensors[i][0]]] for i in _announced(tensors)]
-    samples, ok = _read_samples(
-        os.getpid(), [v.data_ptr() for v in values],
-        [v.numel() * v.element_size() for v in values], list(range(len(values))), seed,
-    )
-    if not all(ok):
-        return None, None
-    return probe, (os.getpid(), probe.data_ptr(), nonce, seed, samples)
-
-
-def can_read(source: Source | None) -> bool:
-    """Whether this rank reads rank 0's memory directly: it opted in
-    (:func:`direct_read_enabled`), rank 0 announced a source, and the probe reads back
-    (see :func:`source_probe`); False, never an error, when it cannot (another host, no
-    permission, no extension)."""
-    if not direct_read_enabled() or source is None:
-        return False
-    pid, addr, nonce = source[:3]
-    got = torch.zeros(len(nonce), dtype=torch.uint8)
-    try:
-        _read_boxes(pid, [addr], [(len(nonce),)], [(0,)], [got])
-    except (RuntimeError, ImportError):
-        return False
-    return got.numpy().tobytes() == nonce
-
-
-def direct_transfers(
-    source: Source, tensors: list[Any], src_of: list[int],
-    specs: list[tuple[tuple[int, ...], torch.dtype]], candidates: list[bool],
-) -> list[bool]:
-    """Which transfers this rank reads directly: of the ``candidates`` (it needs a box and
-    its destinations can take a read), those rank 0 announced with an address whose two
-    sample windows this rank reads back at that address exactly as rank 0 sampled them
-    from its tensor. A window that differs (an address off by a page) or that cannot be
-    read (not mapped) leaves the transfer to a message: a read that cannot be validated
-    is never made."""
-    pid, _, _, seed, samples = source
-    window = {i: k for k, i in enumerate(_announced(tensors))}
-    picked = [j for j, ok in enumerate(candidates) if ok and src_of[j] in window]
-    nbytes = [math.prod(specs[j][0]) * specs[j][1].itemsize for j in picked]
-    got, readable_now = _read_samples(
-        pid, [tensors[src_of[j]][4] for j in picked], nbytes, [window[src_of[j]] for j in picked],
-        seed,
-    )
-    direct = [False] * len(candidates)
-    for k, j in enumerate(picked):
-        w = window[src_of[j]] * _SAMPLE_BYTES
-        mine = got[k * _SAMPLE_BYTES:(k + 1) * _SAMPLE_BYTES]
-        direct[j] = readable_now[k] and mine == samples[w:w + _SAMPLE_BYTES]
-    return direct
-
-
-def readable(dests: list[Any]) -> bool:
-    """Whether every destination of a transfer can take its box by a direct read (a
-    contiguous CPU tensor of its own, staged otherwise)."""
-    for d in dests:  # (a loop: all() of a generator costs ~0.5 us more a call)
-        t = d.unpack_into
-        if not t.is_contiguous() or not t.is_cpu:
-            return False
-    return bool(dests)
 
 
 def encode_needs(
     shapes: list[tuple[int, ...]],
     itemsizes: list[int],
     boxes: list[tuple[tuple[int, ...], tuple[int, ...]] | None],
-    direct: list[bool] | None = None,
+    reads: list[bool] | None = None,
 ) -> list[int]:
     """This rank's row of the needs table: per transfer ``[bytes, *start, *shape]``,
-    bytes negated where this rank reads the transfer itself (``direct``).
+    bytes negated where this rank reads the transfer itself (``reads``).
 
     A transfer this rank needs nothing of is all zeros (so is an empty box). Every
     rank's row has the same length, ``sum(1 + 2 * ndim)``, known from the metadata.
@@ -208,7 +70,7 @@ def encode_needs(
         if n == 0:
             row.extend([0] * (1 + 2 * len(shape)))
             continue
-        row.append(-n if direct is not None and direct[j] else n)
+        row.append(-n if reads is not None and reads[j] else n)
         row.extend(box_start)
         row.extend(box_shape)
     return row
@@ -247,8 +109,8 @@ def check_needs_table(
         # Within the tensor, the box's bytes count no more than the tensor's own.
         box_bytes = torch.where(inside[..., None], sizes, 0).prod(-1)
         box_bytes *= torch.tensor([itemsizes[j] for j in js], dtype=torch.int64)
-        direct = torch.tensor([readable[j] for j in js], dtype=torch.bool)
-        asked = inside & (box_bytes > 0) & ((n == box_bytes) | ((n == -box_bytes) & direct))
+        may_read = torch.tensor([readable[j] for j in js], dtype=torch.bool)
+        asked = inside & (box_bytes > 0) & ((n == box_bytes) | ((n == -box_bytes) & may_read))
         nothing = (n == 0) & (entries == 0).all(-1)
         for r, k in (~(asked | nothing)).nonzero().tolist():
             bad.append((r, js[k]))
@@ -313,30 +175,22 @@ def plan_messages(
     return out
 
 
-def flat_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """``t``'s bytes as a flat uint8 view, when a transfer can use them in place (on
-    ``device``, contiguous, not empty)."""
-    if t.device != device or not t.is_contiguous() or t.numel() == 0:
-        return None
-    return t.reshape(-1).view(torch.uint8)
-
-
 class SendPlan:
     """Rank 0's side of the route: its messages and buffers. Source views are made as
     the messages go, so the work overlaps the sends."""
 
-    __slots__ = ("messages", "srcs", "direct", "pool")
+    __slots__ = ("messages", "srcs", "from_source", "pool")
 
     def __init__(self, messages: list[Message], srcs: list[torch.Tensor], device: torch.device,
                  n_buffers: int) -> None:
         self.messages = messages
         self.srcs = srcs
         # A solo box whose bytes are contiguous is sent from the source itself.
-        self.direct = [m.solo and _contiguous_box(srcs[m.js[0]], m.boxes[0], device)
-                       for m in messages]
-        size = max((m.total for m, d in zip(messages, self.direct) if not d), default=0)
+        self.from_source = [m.solo and _contiguous_box(srcs[m.js[0]], m.boxes[0], device)
+                            for m in messages]
+        size = max((m.total for m, d in zip(messages, self.from_source) if not d), default=0)
         self.pool = [torch.empty(size, dtype=torch.uint8, device=device)
-                     for _ in range(min(n_buffers, self.direct.count(False)))]
+                     for _ in range(min(n_buffers, self.from_source.count(False)))]
 
 
 def _contiguous_box(src: torch.Tensor, box: Any, device: torch.device) -> bool:
@@ -364,11 +218,11 @@ def send(
     works: deque[tuple[Any, int | None]] = deque()
     messages, srcs = plan.messages, plan.srcs
     per = -(-n_own // max(1, len(messages))) if n_own else 0
-    for k, (m, direct) in enumerate(zip(messages, plan.direct)):
+    for k, (m, from_source) in enumerate(zip(messages, plan.from_source)):
         b = None
         views = ops.box_views([srcs[j] for j in m.js], [box[0] for box in m.boxes],
                               [box[1] for box in m.boxes])
-        if direct:
+        if from_source:
             buf = views[0].reshape(-1).view(torch.uint8)
         else:
             while not free:
@@ -419,16 +273,6 @@ class ReceivePlan:
                      for _ in range(min(2, len(buffered)))]
 
 
-def read_plan(pid: int, js: list[int], addrs: list[int], shapes: list[tuple[int, ...]],
-              slot_dests: list[list[Any]]) -> Any:
-    """The direct reads of transfers ``js`` (validated by :func:`direct_transfers`):
-    each destination's own box of its source tensor at ``addrs[j]`` in process ``pid``,
-    which the read checks to lie in that tensor of ``shapes[j]``."""
-    picked = [(addrs[j], shapes[j], d) for j in js for d in slot_dests[j]]
-    return (pid, [a for a, _, _ in picked], [s for _, s, _ in picked],
-            [d.box_start for _, _, d in picked], [d.unpack_into for _, _, d in picked])
-
-
 def receive(group: dist.ProcessGroup, src: int, plan: ReceivePlan,
             slot_dests: list[list[Any]]) -> BaseException | None:
     """A receiver: ``irecv`` of each message, the next one posted before the previous
@@ -451,24 +295,14 @@ def receive(group: dist.ProcessGroup, src: int, plan: ReceivePlan,
             receiver, buf = into
         pending.append((dist.irecv(buf, src=src, group=group), m, buf, receiver, b))
         if k == 0:
-            error = _read(plan.reads)
+            error = direct.read(plan.reads)
         if len(pending) > 1:
             _unpack(*pending.popleft(), slot_dests)
     if not plan.messages:
-        error = _read(plan.reads)
+        error = direct.read(plan.reads)
     while pending:
         _unpack(*pending.popleft(), slot_dests)
     return error
-
-
-def _read(reads: Any) -> BaseException | None:
-    if not reads or not reads[1]:
-        return None
-    try:
-        _read_boxes(*reads)
-    except RuntimeError as exc:
-        return exc
-    return None
 
 
 def _unpack(work: Any, m: Message, buf: torch.Tensor, receiver: Any, _b: int | None,
@@ -485,3 +319,158 @@ def _unpack(work: Any, m: Message, buf: torch.Tensor, receiver: Any, _b: int | N
             starts.append(tuple(a - b for a, b in zip(d.box_start, start)))
     if dsts:
         ops.unpack(buf, dsts, offsets=offsets, full_shapes=fulls, starts=starts)
+
+
+# ----------------------------------------------------------------------------- the route
+
+
+def row_len(tensors: list[Any]) -> int:
+    """The length of every rank's needs row for rank 0's announced ``tensors`` (one
+    entry per transfer, ``1 + 2 * ndim``, after the row's flag): known from the
+    metadata alone, so every rank can join the agreement even if its planning failed."""
+    return 1 + sum(1 + 2 * len(t[1]) for t in tensors if t[3] < 0)
+
+
+def _need_of(slot_dests: list[Dest], shape: tuple[int, ...]) -> Any:
+    """The box of a tensor this rank must receive for its keys ``slot_dests``: theirs
+    when they agree (the usual case: one key), else the whole tensor."""
+    if not slot_dests:
+        return None
+    first = slot_dests[0]
+    box = (first.box_shape, first.box_start)
+    for d in slot_dests[1:]:
+        if (d.box_shape, d.box_start) != box:
+            return shape, (0,) * len(shape)
+    return box
+
+
+def needs_row(transfers: Transfers, is_src: bool, tensors: list[Any], n: int,
+              source: direct.Source | None, reads: bool) -> list[int]:
+    """This rank's row of the needs table (``n`` entries): the box of each transfer its
+    keys need; the transfers it reads itself (``reads``: it takes part in direct reads,
+    and they pass :mod:`.direct`'s checks) marked by negative bytes. Rank 0 needs
+    nothing."""
+    if is_src:
+        return [0] * n
+    specs, slot_dests = transfers.specs, transfers.slot_dests
+    needs = [_need_of(ds, shape) for ds, (shape, _) in zip(slot_dests, specs)]
+    # A rank on rank 0's host reads what it can out of rank 0's memory itself.
+    by_read = None
+    if direct.can_read(source, reads):
+        by_read = direct.direct_transfers(source, tensors, transfers.src_of, specs, [
+            need is not None and direct.readable(ds) for need, ds in zip(needs, slot_dests)
+        ])
+    return [0] + encode_needs(
+        [s for s, _ in specs], [dt.itemsize for _, dt in specs], needs, by_read
+    )
+
+
+class Plan(NamedTuple):
+    """This rank's side of the route for one call: the transfers it routes (the others
+    are broadcast), rank 0's sends and own keys or a receiver's messages and reads, and
+    whether any rank reads directly (then rank 0 must stay until the reads are done)."""
+
+    routed: list[int]
+    broadcast: list[int]
+    sending: SendPlan | None
+    receiving: ReceivePlan | None
+    own: list[Dest]
+    direct_reads: bool
+
+
+def plan(
+    group: dist.ProcessGroup,
+    table: torch.Tensor,
+    row: list[int],
+    is_src: bool,
+    srcs: list[torch.Tensor],
+    transfers: Transfers,
+    flat_device: torch.device,
+    cut: int,
+    bucket_bytes: int,
+    addrs: list[int],
+    pid: int,
+    keys: list[str],
+) -> Plan:
+    """Which transfers take this route (every rank decides the same from the gathered
+    needs ``table``), and this rank's side of it. ``row`` is this rank's own row, as it
+    sent it; ``addrs`` the transfers' addresses in rank 0's memory (0: not announced
+    for direct reads), ``pid`` its process (0: none announced), ``keys`` name the
+    transfers. Raises, on every rank alike, when a rank's row is not one of this
+    call's."""
+    specs, slot_dests = transfers.specs, transfers.slot_dests
+    shapes = [s for s, _ in specs]
+    at = row_positions(shapes)
+    check_needs_table(
+        table, shapes, [dt.itemsize for _, dt in specs], at, keys,
+        [pid != 0 and a != 0 for a in addrs],
+    )
+    nbytes = table[:, torch.tensor(at[:-1], dtype=torch.int64)]  # (ranks, transfers)
+    # What rank 0 must send: a rank that reads a transfer itself says so by -bytes.
+    sent = nbytes.clamp(min=0)
+    full = torch.tensor([math.prod(s) * dt.itemsize for s, dt in specs], dtype=torch.int64)
+    by_route = sent[1:].sum(0) <= full
+    direct_reads = bool((nbytes < 0).any())
+    routed = by_route.nonzero().flatten().tolist()
+    broadcast = (~by_route).nonzero().flatten().tolist()
+    sending = receiving = None
+    own: list[Dest] = []
+    if is_src:
+        per_peer = []
+        for r in range(1, table.shape[0]):
+            js = (by_route & (sent[r] > 0)).nonzero().flatten().tolist()
+            if js:
+                needs = decode_row(table[r].tolist(), shapes, at, js)
+                per_peer.append(plan_messages(dist.get_global_rank(group, r), needs, js, cut))
+        # Interleaved, so every receiver has its first message as early as possible.
+        messages = [m for ms in zip_longest(*per_peer) for m in ms if m is not None]
+        n_buffers = max(1, min(SEND_BUFFERS, bucket_bytes // cut))
+        sending = SendPlan(messages, srcs, flat_device, n_buffers)
+        own = [d for j in routed for d in slot_dests[j]]
+    else:
+        r = dist.get_rank(group)
+        js = (by_route & (sent[r] > 0)).nonzero().flatten().tolist()
+        needs = decode_row(row, shapes, at, js) if js else []
+        messages = plan_messages(dist.get_rank(), needs, js, cut) if js else []
+        reads = None
+        if direct_reads:
+            mine = (by_route & (nbytes[r] < 0)).nonzero().flatten().tolist()
+            reads = direct.read_plan(pid, mine, addrs, shapes, slot_dests)
+        receiving = ReceivePlan(messages, slot_dests, flat_device, reads)
+    return Plan(routed, broadcast, sending, receiving, own, direct_reads)
+
+
+def run(group: dist.ProcessGroup, p: Plan, srcs: list[torch.Tensor],
+        slot_dests: list[list[Dest]]) -> BaseException | None:
+    """Moves the routed transfers: rank 0 sends (and copies its own boxes while its
+    messages travel), a receiver receives and reads. Returns a refused direct read,
+    which the caller reports to every rank."""
+    if p.sending is not None:
+        own = p.own
+        send(group, p.sending, len(own), lambda lo, hi: _copy_own(own[lo:hi], srcs))
+        return None
+    if p.receiving is not None:
+        return receive(group, dist.get_global_rank(group, 0), p.receiving, slot_dests)
+    return None
+
+
+def _copy_own(dests: list[Dest], srcs: list[torch.Tensor]) -> None:
+    """Rank 0's keys of routed transfers: their boxes copied straight from the source;
+    a key whose local dtype differs is cast by ``finish()`` from the source box instead."""
+    views = ops.box_views(
+        [srcs[d.slot] for d in dests], [d.box_start for d in dests],
+        [d.box_shape for d in dests],
+    )
+    dsts: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    for d, view in zip(dests, views):
+        if d.finish is None:
+            dsts.append(d.unpack_into)
+        elif d.finish.dtype == view.dtype:
+            dsts.append(d.finish)
+            d.finish = None
+        else:
+            d.unpack_into = view  # finish() casts it into d.finish
+            continue
+        sources.append(view)
+    batched_copy_pairs(dsts, sources)
