@@ -115,7 +115,12 @@ def _torch_libgomp() -> str | None:
 
 def _extension():
     with_cuda = _want_cuda()
-    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    # csrc/python: the module and its bindings; csrc/plan: the device-agnostic planners;
+    # csrc/cpu (and csrc/cuda below): the backends that execute the plans.
+    sources = [
+        src for folder in ("csrc", "csrc/python", "csrc/plan", "csrc/cpu")
+        for src in _sources(f"{folder}/*.cpp")
+    ]
     cxx = ["-O3", "-fvisibility=hidden"]
     link: list[str] = []
     if torch.backends.openmp.is_available():

@@ -1,18 +1,7 @@
 // Every sdict_ext op schema, in one place. Kernels register per backend in
-// csrc/cpu/*.cpp and csrc/cuda/*.cpp; fake kernels live in sdict_ext/ops.py.
-#include <Python.h>
+// csrc/cpu/*.cpp and csrc/cuda/*.cpp; fake kernels live in sdict_ext/ops.py. The
+// Python module that loads this library (and its bindings) is csrc/python/module.cpp.
 #include <torch/library.h>
-
-namespace sdict_ext {
-PyMethodDef* python_methods();  // csrc/cpu/fast_path.cpp
-}
-
-// `import sdict_ext._C` loads this library, which runs the registrations below.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, sdict_ext::python_methods()};
-  return PyModule_Create(&module_def);
-}
 
 // Every op is cudagraph_unsafe: on CUDA it may wait on the stream and uploads a copy
 // table from a recycled pinned block, so torch.compile's cudagraph trees must run it

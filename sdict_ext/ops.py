@@ -10,6 +10,17 @@ Streams: CUDA work is enqueued on the current stream of the device involved. Wit
 ``non_blocking=False`` the call returns after the copies finished; with
 ``non_blocking=True`` the data is valid once the current stream reaches this point
 (record an event, or synchronize the stream). On CPU every op is synchronous.
+
+Errors: every op checks its arguments before the first byte moves. A refusal of a
+request that copying pair by pair (``Tensor.copy_``) would serve but one call of the op
+does not is *declined* with ``NotImplementedError`` (a ``RuntimeError`` subclass):
+:func:`batched_copy_` pairs whose dtypes or shapes differ, or that are not strided,
+pairs that overlap each other (a destination named twice, a destination that is
+another pair's source), and tensors on devices one call cannot span (several CUDA
+devices, or a device the kernel cannot reach). Nothing was written, so a caller may
+split or reduce the call and retry. Every other error (a plain ``RuntimeError``,
+``ValueError``, ``torch.AcceleratorError``, ...) is a request no route serves, or a
+failure once copies started, and is not to be retried.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ __all__ = [
     "ALIGNMENT",
     "batched_copy_",
     "copy_thresholds",
+    "direct_read_available",
     "extension_entry",
     "gather_concat",
     "gather_concat_into",
@@ -125,10 +137,23 @@ def _extension():
 
 
 def extension_entry(name: str):
-    """The compiled extension's direct Python entry point ``name`` (a planning helper
-    of csrc/cpu/fast_path.cpp, not a torch op), or None where the extension is not
-    built or predates it: callers then take their Python path."""
+    """The compiled extension's direct Python entry point ``name`` (a binding of
+    csrc/python/, not a torch op), or None where the extension is not built or
+    predates it: callers then take their Python path."""
     return getattr(_C, name, None) if _IMPORT_ERROR is None else None
+
+
+def direct_read_available() -> bool:
+    """Whether this build can read another process's tensors in place.
+
+    The direct read (broadcast's direct route) is Linux's ``process_vm_readv``; a build
+    elsewhere (macOS) compiles without it and its entry points raise
+    ``NotImplementedError``, so a caller asks here before choosing that route. False
+    where the extension is not built. Whether the kernel lets this process read a given
+    peer (ptrace rules) is found only by trying.
+    """
+    query = extension_entry("direct_read_available")
+    return query is not None and bool(query())
 
 
 def _ops():
@@ -207,6 +232,17 @@ def batched_copy_(
     Everything is checked before anything is written. Non-contiguous and misaligned
     tensors are copied correctly.
 
+    Raises:
+        NotImplementedError: the pairs are declined (nothing written): a pair's dtypes
+            or shapes differ, or a tensor is not strided; pairs overlap each other (a
+            destination named twice, a destination that is another pair's source); the
+            tensors span devices one call cannot (several CUDA devices). Copying pair by
+            pair, or one call per device, may serve what this refused.
+        RuntimeError: a request no route serves (a destination that overlaps itself, an
+            inference tensor written outside inference mode), or a device failure once
+            copies started (``torch.AcceleratorError``), which may have written part of
+            the destinations.
+
     Args:
         dsts: destination tensors, written in place.
         srcs: source tensors.
@@ -238,7 +274,9 @@ def copy_if_plain_cpu(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> boo
     For callers that hold lists which may contain anything (a state dict's values): the
     C++ entry point looks at each item once, declines (False, nothing written) on the
     first that is not a plain CPU tensor the dispatcher would pass through unchanged,
-    and raises ``RuntimeError`` (nothing written) for a bad pair of plain tensors.
+    and raises for a bad pair of plain tensors (nothing written) what
+    :func:`batched_copy_` raises: ``NotImplementedError`` where it declines,
+    ``RuntimeError`` otherwise.
     """
     if _IMPORT_ERROR is not None or torch.compiler.is_compiling():
         return False

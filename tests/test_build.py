@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,3 +101,40 @@ def test_gpu_session_finds_compute_sanitizer_under_cuda_home_when_not_on_path(tm
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert f"compute-sanitizer: {sanitizer}" in (out / "machine.log").read_text(), proc.stdout
+
+
+
+def _compile_remote_read(flags: list[str]) -> str:
+    """``c++ flags csrc/cpu/remote_read.cpp`` against torch's headers; its stdout."""
+    from torch.utils.cpp_extension import include_paths
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    cmd = [cxx, "-std=c++20", "-I", str(ROOT / "csrc" / "include"), *flags]
+    for folder in include_paths():
+        cmd += ["-isystem", folder]
+    proc = subprocess.run(
+        [*cmd, str(ROOT / "csrc" / "cpu" / "remote_read.cpp")], capture_output=True,
+        text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="needs a C++ compiler"
+)
+def test_direct_read_source_builds_off_linux_without_process_vm_readv():
+    # No macOS here: undefining __linux__ takes the branch a macOS build compiles. That
+    # branch must neither include <sys/uio.h> nor call process_vm_readv, must report the
+    # route unavailable, and must still compile (its entry points then raise).
+    off_linux = _compile_remote_read(["-E", "-U__linux__"])
+    # (Neither declared, as <sys/uio.h> would, nor called; the error message names it.)
+    assert re.search(r"process_vm_readv\s*\(", off_linux) is None
+    assert "sys/uio.h" not in off_linux
+    assert "kDirectReadAvailable = false" in off_linux
+    assert "needs Linux (process_vm_readv)" in off_linux
+    _compile_remote_read(["-fsyntax-only", "-U__linux__", "-Werror=return-type"])
+    # The guard is not vacuous: on Linux the same file reads through process_vm_readv.
+    on_linux = _compile_remote_read(["-E"])
+    assert re.search(r"process_vm_readv\s*\(pid", on_linux) is not None
+    assert "kDirectReadAvailable = true" in on_linux

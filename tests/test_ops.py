@@ -264,6 +264,61 @@ def test_batched_copy_rejects_bad_pairs_before_writing_anything():
     )
 
 
+def _declined_calls():
+    """Calls a pair-by-pair ``copy_`` would serve but one batched call declines."""
+    d0, d1, d2 = torch.zeros(3), torch.zeros(3), torch.zeros(3)
+    s = torch.ones(3)
+    wide = torch.zeros(3, 4)
+    return {
+        "dtype": ([d0, d1], [s, s.double()]),
+        "shape": ([d0, d1], [s, torch.ones(1)]),
+        "tied destination": ([d0, d1, d0], [s, s, s * 2]),
+        "destination is another pair's source": ([d0, d1], [d1, s]),
+        "strided destinations overlap": ([wide[:, :2], wide[:, 1:3]], [torch.ones(3, 2)] * 2),
+        "not strided": ([d2], [torch.ones(3).to_sparse()]),
+    }
+
+
+@pytest.mark.parametrize("entry", ["fast", "registered"])
+@pytest.mark.parametrize("case", sorted(_declined_calls()))
+def test_batched_copy_declines_what_a_pair_by_pair_copy_would_serve_with_not_implemented_error(
+    case, entry
+):
+    copy = ops.batched_copy_ if entry == "fast" else torch.ops.sdict_ext.batched_copy_.default
+    dsts, srcs = _declined_calls()[case]
+    before = [d.clone() for d in dsts]
+    # (A sparse tensor is declined by the dispatcher itself: no kernel for its backend.)
+    with pytest.raises(NotImplementedError, match="sdict_ext(.|::)batched_copy_") as caught:
+        copy(dsts, srcs)
+    assert caught.type is NotImplementedError
+    for d, b in zip(dsts, before):
+        assert torch.equal(d, b), f"{case}: a declined call wrote into a destination"
+
+
+@pytest.mark.parametrize("entry", ["fast", "registered"])
+def test_batched_copy_raises_a_plain_runtime_error_for_what_no_route_serves(entry):
+    copy = ops.batched_copy_ if entry == "fast" else torch.ops.sdict_ext.batched_copy_.default
+    d0 = torch.zeros(3)
+    with torch.inference_mode():
+        frozen = torch.zeros(3)
+    # copy_ refuses both too: a retry pair by pair would fail the same way.
+    failures = {
+        "overlaps itself": ([d0, torch.zeros(1).expand(3)], [torch.ones(3), torch.ones(3)]),
+        "inference tensor": ([d0, frozen], [torch.ones(3), torch.ones(3)]),
+    }
+    for match, (dsts, srcs) in failures.items():
+        with pytest.raises(RuntimeError, match=match) as caught:
+            copy(dsts, srcs)
+        assert caught.type is RuntimeError, f"{match}: {caught.type.__name__}"
+        assert torch.equal(d0, torch.zeros(3)) and torch.equal(frozen, torch.zeros(3))
+
+
+def test_direct_read_is_available_exactly_on_linux_builds():
+    available = ops.direct_read_available()
+    assert isinstance(available, bool)
+    assert available is sys.platform.startswith("linux")
+    assert "direct_read_available" in ops.__all__
+
 def _self_copies(device):
     """Tensors of every layout copied onto themselves, expanded views included."""
     return _layouts(torch.float32, device) + [
@@ -652,7 +707,7 @@ def test_gather_concat_matches_cat_of_chunks_even_uneven_and_empty_cpu():
 
 
 # Over 1 MiB, sharded on an inner dim: the plan merges the full-width ranks into one
-# row-major copy and cuts the tensor into bands of rows (csrc/plan.cpp).
+# row-major copy and cuts the tensor into bands of rows (csrc/plan/gather_concat.cpp).
 _BIG_INNER = [
     ((1027, 513), 1, 4, torch.float32),  # uneven: 129, 129, 129, 126 columns
     ((640, 800), 1, 4, torch.float32),  # even

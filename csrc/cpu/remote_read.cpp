@@ -4,9 +4,16 @@
 // this (the receiving) process alone, while the owner goes on with its own work. Runs of
 // many boxes travel in one call (up to IOV_MAX iovecs a side), adjacent runs merged, so a
 // state dict of thousands of tensors costs a handful of system calls.
+//
+// process_vm_readv is Linux's alone: the rest of the build must not depend on it (a
+// macOS CPU build), so everything that calls it is behind __linux__, and the #else
+// branch at the end raises instead (kDirectReadAvailable is false there, which is how
+// callers learn it without trying).
 #include "sdict_ext/remote_read.h"
 
 #include <c10/util/Exception.h>
+
+#if defined(__linux__)
 
 #include <sys/uio.h>
 #include <unistd.h>
@@ -217,3 +224,30 @@ int64_t read_process_boxes(pid_t pid, const std::vector<RemoteBox>& boxes) {
 }
 
 }  // namespace sdict_ext
+
+#else  // !defined(__linux__)
+
+namespace sdict_ext {
+
+namespace {
+
+constexpr const char* kNoDirectRead =
+    ": reading another process's memory needs Linux (process_vm_readv); this build has no "
+    "direct read (sdict_ext.ops.direct_read_available() is False): send the bytes through "
+    "the process group instead";
+
+}  // namespace
+
+std::vector<bool> read_samples(pid_t /*pid*/, const std::vector<std::uint64_t>& /*addrs*/,
+                               const std::vector<int64_t>& /*nbytes*/, const std::vector<std::uint64_t>& /*ids*/,
+                               std::uint64_t /*seed*/, char* /*out*/) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "sdict_ext.read_samples", kNoDirectRead);
+}
+
+int64_t read_process_boxes(pid_t /*pid*/, const std::vector<RemoteBox>& /*boxes*/) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "sdict_ext.read_process_boxes", kNoDirectRead);
+}
+
+}  // namespace sdict_ext
+
+#endif  // defined(__linux__)

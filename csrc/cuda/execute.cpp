@@ -227,13 +227,14 @@ void CudaCall::add(const at::Tensor& t, const char* what, int64_t index) {
       first_cuda_ = tensor_name(what, index);
       return;
     }
-    TORCH_CHECK(
+    // Declined (Refusal::kDeclined, copy_plan.h): a call per device serves it.
+    TORCH_CHECK_NOT_IMPLEMENTED(
         device == *device_, op_, ": ", tensor_name(what, index), " is on ", device, " but ", first_cuda_,
         " is on ", *device_, "; one call works on a single CUDA device (plus host memory), so split "
         "the call per device");
     return;
   }
-  TORCH_CHECK(
+  TORCH_CHECK_NOT_IMPLEMENTED(
       device.is_cpu(), op_, ": ", tensor_name(what, index), " is on ", device,
       "; expected the CPU or a CUDA device, move it there first");
   if (t.numel() == 0) return;

@@ -89,6 +89,43 @@ void test_plan_rejects_before_writing() {
   expect(at::equal(row, at::zeros({5})), "nothing written after alias error");
 }
 
+// Which kind of refusal `fn` raised: declined (c10::NotImplementedError, which Python
+// callers may retry pair by pair or per device), invalid (any other c10::Error), none.
+enum class Raised { kNothing, kDeclined, kInvalid };
+
+template <typename Fn>
+Raised refusal_of(Fn fn) {
+  try {
+    fn();
+  } catch (const c10::NotImplementedError&) {
+    return Raised::kDeclined;
+  } catch (const c10::Error&) {
+    return Raised::kInvalid;
+  }
+  return Raised::kNothing;
+}
+
+void test_refusals_say_whether_a_pair_by_pair_copy_would_serve() {
+  auto d = at::zeros({4});
+  auto wide = at::zeros({3, 4});
+  const auto ones = at::ones({4});
+  expect(refusal_of([&] { batched_copy({d, d}, {ones, ones}); }) == Raised::kDeclined, "tied destination declined");
+  expect(refusal_of([&] { batched_copy({d}, {at::ones({4}, at::kDouble)}); }) == Raised::kDeclined,
+         "dtype mismatch declined");
+  expect(refusal_of([&] { batched_copy({d}, {at::ones({2})}); }) == Raised::kDeclined, "shape mismatch declined");
+  expect(refusal_of([&] {
+           batched_copy({wide.slice(1, 0, 2), wide.slice(1, 1, 3)}, {at::ones({3, 2}), at::ones({3, 2})});
+         }) == Raised::kDeclined,
+         "strided overlap declined");
+  expect(refusal_of([&] { batched_copy({at::zeros({1}).expand({4})}, {ones}); }) == Raised::kInvalid,
+         "self-overlapping destination invalid");
+  expect(at::equal(d, at::zeros({4})) && at::equal(wide, at::zeros({3, 4})), "nothing written after a refusal");
+  // The planners of the other ops keep plain errors for their overlaps.
+  auto out = at::zeros({16}, at::kByte);
+  expect(refusal_of([&] { sdict_ext::plan_pack({out.slice(0, 0, 4)}, {0}, out); }) == Raised::kInvalid,
+         "pack overlap invalid");
+}
+
 // A tensor copied onto itself is a no-op (at::Tensor::copy_ returns at once), through
 // the dense and the strided planners; its destination still conflicts with others'.
 void test_self_copy_is_a_no_op() {
@@ -336,6 +373,7 @@ int main() {
   test_every_element_size();
   test_parallel_split_of_one_big_strided_tensor();
   test_plan_rejects_before_writing();
+  test_refusals_say_whether_a_pair_by_pair_copy_would_serve();
   test_self_copy_is_a_no_op();
   test_pack_zeroes_gaps();
   test_chunk_range_follows_torch_chunk();

@@ -27,7 +27,7 @@ static long g_misaligned = 0;
 
 #include "../../csrc/cuda/batched_copy_kernel.cu"
 // plan_buckets (copies with pageable memory through pinned buckets): host arithmetic.
-#include "../../csrc/cuda/copy_engine.cu"
+#include "../../csrc/cuda/copy_engine_launch.cu"
 
 namespace {
 

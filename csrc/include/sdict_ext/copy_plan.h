@@ -66,6 +66,17 @@ void add_zero_fill(std::vector<CopyEntry>& plan, char* dst, int64_t nbytes);
 // at once for such a pair, and so does batched_copy_, which skips it.
 bool same_elements(const at::Tensor& dst, const at::Tensor& src);
 
+// How a planner refuses a call; either way it raises before anything is written.
+// - kDeclined: a request that copying pair by pair (Tensor.copy_) would serve but one
+//   call of this op does not: dtypes copy_ would cast, shapes it would broadcast,
+//   pairs that overlap each other (tied weights named twice), tensors on devices one
+//   call cannot reach together. Raised as c10::NotImplementedError (Python
+//   NotImplementedError, a RuntimeError subclass), so a Python caller that can split
+//   or reduce the call recognises it by its type and retries; nothing else is retried.
+// - kInvalid: a request no route serves (a destination overlapping itself, an
+//   inference tensor outside inference mode, a bad offset): c10::Error (RuntimeError).
+enum class Refusal { kInvalid, kDeclined };
+
 // A user tensor (or a slot of one) that an op reads or writes, for overlap checks.
 struct Region {
   Layout layout;
@@ -74,10 +85,10 @@ struct Region {
   int64_t index = -1;     // the user's index, -1 when the name says it all
 };
 
-// Raises (TORCH_CHECK) when a written region overlaps another written region or a
-// read one. Exact for strided views whose address ranges interleave (e.g. the
+// Raises (as `refusal` says) when a written region overlaps another written region or
+// a read one. Exact for strided views whose address ranges interleave (e.g. the
 // columns of one matrix). Reads may overlap reads.
-void check_no_overlap(const std::vector<Region>& regions, const char* op);
+void check_no_overlap(const std::vector<Region>& regions, const char* op, Refusal refusal = Refusal::kInvalid);
 
 // A byte range [lo, hi) of a tensor an op touches, for the overlap sweeps. `tag` orders
 // equal starts and names the tensor: a region index in check_no_overlap, a pair index
@@ -110,7 +121,7 @@ struct DenseSpans {
 // check_no_overlap for pairs of contiguous tensors (one byte range per side): sorts
 // both lists and raises, naming the pairs, when a destination overlaps anything.
 // Linear after the sort, and the sort is nearly linear when each side was allocated
-// in order (the usual state dict).
+// in order (the usual state dict). An overlap is declined (Refusal::kDeclined).
 void check_dense_overlap(DenseSpans& spans, const char* op);
 
 // The copy of a pair of contiguous, checked tensors (nbytes 0 for an empty pair).
@@ -129,10 +140,11 @@ void add_dense_copy(
     const at::Tensor& dst,
     const at::Tensor& src);
 
-// Per-pair argument checks for batched_copy_: same dtype and shape, no
-// self-overlapping destination (unless the pair is same_elements: a no-op, as in
-// at::Tensor::copy_), no inference-tensor destination outside inference mode.
-// `op` is used in messages.
+// Per-pair argument checks for batched_copy_: strided, same dtype and shape (else
+// declined: copy_ would convert, cast or broadcast), no self-overlapping destination
+// (unless the pair is same_elements: a no-op, as in at::Tensor::copy_) and no
+// inference-tensor destination outside inference mode (both invalid: copy_ refuses
+// them too). `op` is used in messages.
 void check_copy_pair(const at::Tensor& dst, const at::Tensor& src, int64_t i, const char* op);
 
 // Raises when `t` (the op's `what` `index`; index -1: `what` alone names it) is an
@@ -152,9 +164,10 @@ std::string sizes_str(c10::IntArrayRef s);
 
 namespace sdict_ext {
 
-// Plans for each op, shared by the CPU and CUDA backends. They validate every
-// argument before returning, so a backend that executes a plan never writes
-// anything when the input is bad.
+// Plans for each op, shared by the CPU and CUDA backends (csrc/plan/<family>.cpp).
+// They validate every argument before returning, so a backend that executes a plan
+// never writes anything when the input is bad; plan_batched_copy's refusals that a
+// pair-by-pair copy would serve are declined (see Refusal).
 std::vector<CopyEntry> plan_batched_copy(at::TensorList dsts, at::TensorList srcs);
 // The same over borrowed tensors, for callers that hold no at::Tensor array.
 std::vector<CopyEntry> plan_batched_copy(

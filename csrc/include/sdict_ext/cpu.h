@@ -12,7 +12,8 @@ void execute_plan_cpu(const std::vector<CopyEntry>& plan);
 // The same for a plan of contiguous runs (add_dense_pair).
 void execute_plan_cpu(const std::vector<DenseCopy>& plan);
 
-// Raises unless every tensor is on the CPU; `op` and `what` name them in messages.
+// Raises unless every tensor is on the CPU (declined, see Refusal in copy_plan.h: one call
+// per device serves it); `op` and `what` name them in messages.
 void check_cpu(at::TensorList tensors, const char* op, const char* what);
 
 }  // namespace sdict_ext

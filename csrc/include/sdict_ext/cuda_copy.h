@@ -24,7 +24,7 @@ constexpr int64_t kCopyChunkBytes = int64_t{64} << 10;
 constexpr int kCopyBlockThreads = 256;
 
 // Most blocks of a launch whose every copy reads or writes mapped host memory. Such a
-// launch is bound by PCIe (~50 GB/s), which a few blocks with their loads in flight
+// launch is bound by PCIe bandwidth, which a few blocks with their loads in flight
 // saturate; a full grid would only take SMs from the training beside it.
 constexpr int64_t kCopyPcieMaxBlocks = 32;
 

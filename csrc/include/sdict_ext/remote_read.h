@@ -1,5 +1,7 @@
 // Reading boxes of tensors straight out of another process's memory (Linux
 // process_vm_readv, "cross-memory attach"): one copy per byte, by the reader alone.
+// Only Linux has that call: elsewhere (macOS) everything here still compiles, the
+// reads raise, and kDirectReadAvailable says so, so callers take another route.
 #pragma once
 
 #include <c10/util/ArrayRef.h>
@@ -10,6 +12,13 @@
 #include <vector>
 
 namespace sdict_ext {
+
+// Whether this build reads other processes' memory (csrc/cpu/remote_read.cpp).
+#if defined(__linux__)
+constexpr bool kDirectReadAvailable = true;
+#else
+constexpr bool kDirectReadAvailable = false;
+#endif
 
 // One box of a C-contiguous tensor in another process, and where its bytes land here.
 struct RemoteBox {
@@ -34,6 +43,7 @@ void visit_box_runs(const RemoteBox& box, Visit&& visit);
 // Reads every box from process `pid` into its `dst`, batching runs of many boxes into
 // each system call (adjacent runs merged) and resuming after partial reads. Raises, naming
 // the box and the errno's likely cause, when the kernel refuses. Returns the bytes read.
+// Without kDirectReadAvailable, raises (NotImplementedError) before reading anything.
 int64_t read_process_boxes(pid_t pid, const std::vector<RemoteBox>& boxes);
 
 // Bytes sampled from each range by read_samples: two windows of up to 8 bytes, zero-padded.
@@ -46,6 +56,7 @@ constexpr int64_t kSampleBytes = 16;
 // the ranges whose samples match (an address that is off, or not mapped, falls back to
 // messages). Never raises for what the kernel refuses: returns, per range, whether its
 // windows could be read (a range of no bytes, or that leaves the address space, cannot).
+// Without kDirectReadAvailable, raises (NotImplementedError).
 std::vector<bool> read_samples(pid_t pid, const std::vector<std::uint64_t>& addrs,
                                const std::vector<int64_t>& nbytes, const std::vector<std::uint64_t>& ids,
                                std::uint64_t seed, char* out);

@@ -1,4 +1,7 @@
-// Copies through the DMA copy engines, and host-memory queries. CUDA runtime only.
+// The raw copy-engine launcher: dense copies handed to the GPU's DMA copy engines
+// (cudaMemcpyBatchAsync / cudaMemcpyAsync), the cutting of pageable copies into pinned
+// buckets, and host-memory queries. CUDA runtime only (plain nvcc compiles it);
+// csrc/cuda/execute.cpp decides which copies of a plan come here.
 #include "sdict_ext/cuda_copy.h"
 
 #include <vector>
@@ -17,8 +20,9 @@ cudaError_t copy_each(const EngineCopy* copies, size_t count, cudaStream_t strea
 }
 
 #if CUDART_VERSION >= 12080
-// One driver call for the whole list; measured elsewhere at ~2x the throughput of
-// per-copy calls for many small copies, the same for large ones.
+// One driver call for the whole list: with many small copies the cost of a call per
+// copy, not the transfer, bounds the throughput; large copies gain nothing but lose
+// nothing either.
 cudaError_t copy_batch(const EngineCopy* copies, size_t count, cudaStream_t stream) {
   std::vector<void*> dsts(count);
   std::vector<void*> srcs(count);

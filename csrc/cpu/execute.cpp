@@ -1,3 +1,6 @@
+// The CPU executor of planned copies (csrc/plan/ builds the plans): the CPU side of
+// what csrc/cuda/execute.cpp is for CUDA. Splits a plan's bytes evenly over torch's
+// threads; dense runs are memcpy (or streaming stores), strided ones walk their dims.
 #include "sdict_ext/cpu.h"
 
 #include <ATen/Parallel.h>
@@ -18,15 +21,14 @@ namespace {
 constexpr int64_t kGrainBytes = int64_t{1} << 18;
 
 // A plan this big cannot stay in cache, so its destination is written with
-// non-temporal stores: they skip the read-for-ownership of every destination line,
-// measured 1.6x faster than glibc's memcpy on 1-16 MB runs (glibc switches to such
-// stores only for much larger single copies).
+// non-temporal stores: they skip the read-for-ownership of every destination line, a
+// read of memory that the copy overwrites anyway (glibc switches to such stores only
+// for much larger single copies, so on mid-sized runs they are ours to issue).
 constexpr int64_t kStreamingPlanBytes = int64_t{16} << 20;
 // Below this, a run's unaligned head and tail would cost more than streaming saves.
 constexpr int64_t kStreamingRunBytes = int64_t{4} << 10;
-// From about here glibc's memcpy streams by itself, with a faster loop than ours
-// (measured on the 2-core CI machine: 39 vs 44 ms for 256 MB, 46 vs 57 ms for 16 MB runs,
-// on one thread; with both cores copying 128 MB halves, 19.4 vs 20.8 ms for 256 MB).
+// From about here glibc's memcpy streams by itself, with a better tuned loop than ours,
+// so longer runs go back to memcpy (the measurement is in BENCHMARKS.md).
 constexpr int64_t kLibcStreamsBytes = int64_t{32} << 20;
 
 // memcpy with non-temporal stores; the caller issues a fence before others read.
@@ -190,7 +192,8 @@ void execute_plan_cpu(const std::vector<DenseCopy>& plan) {
 
 void check_cpu(at::TensorList tensors, const char* op, const char* what) {
   for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(
+    // Declined (Refusal::kDeclined): a call per device serves it.
+    TORCH_CHECK_NOT_IMPLEMENTED(
         tensors[i].device().is_cpu(), op, ": ", what, " ", i, " is on ", tensors[i].device(),
         " but this is the CPU kernel; move it to the CPU, or build sdict_ext with CUDA for device copies");
   }
