@@ -352,8 +352,8 @@ def _copy_flat_cpu(state_dict: Any, copy_state_dict: Any) -> dict[str, Any] | No
         with torch.no_grad():
             if not ops.copy_if_plain_cpu(comps, list(state_dict.values())):
                 return None
-    except RuntimeError:
-        return None
+    except NotImplementedError:
+        return None  # declined before writing: the general path names the key
     return copy_state_dict.copy() if type(copy_state_dict) is dict else dict(zip(state_dict, comps))
 
 

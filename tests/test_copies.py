@@ -83,7 +83,7 @@ _NO_FAKE_POINTER_WARNING = pytest.mark.filterwarnings(
 
 @_NO_FAKE_POINTER_WARNING
 def test_batched_copy_pairs_copies_between_two_gpus_with_foreach_copy(monkeypatch):
-    rec = _Recorder(RuntimeError("batched_copy_: one call works on a single CUDA device"))
+    rec = _Recorder(NotImplementedError("batched_copy_: one call works on a single CUDA device"))
     monkeypatch.setattr(_copies.ops, "batched_copy_", rec.op)
     monkeypatch.setattr(torch, "_foreach_copy_", rec.foreach)
     devices = [("cuda:1", "cuda:0"), ("cpu", "cuda:0"), ("cuda:1", "cuda:0")]
@@ -97,7 +97,7 @@ def test_batched_copy_pairs_copies_between_two_gpus_with_foreach_copy(monkeypatc
 
 @_NO_FAKE_POINTER_WARNING
 def test_batched_copy_pairs_of_one_peer_group_does_not_reraise_the_refusal(monkeypatch):
-    rec = _Recorder(RuntimeError("batched_copy_: one call works on a single CUDA device"))
+    rec = _Recorder(NotImplementedError("batched_copy_: one call works on a single CUDA device"))
     monkeypatch.setattr(_copies.ops, "batched_copy_", rec.op)
     monkeypatch.setattr(torch, "_foreach_copy_", rec.foreach)
     devices = [("cuda:0", "cuda:1")] * 2

@@ -149,11 +149,8 @@ def batched_copy_pairs(
         try:
             ops.batched_copy_(dsts, srcs, non_blocking=non_blocking)
             return
-        except RuntimeError as exc:
-            # The planner's refusals are plain RuntimeErrors (TORCH_CHECK); subclasses
-            # come from the device or the allocator, possibly after a partial write.
-            if type(exc) is not RuntimeError:
-                raise
+        except NotImplementedError as exc:
+            # Declined by the planner before anything was written (ops.py, "Errors").
             refused = exc
         if validate is not None:
             validate()
