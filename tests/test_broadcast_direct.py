@@ -164,6 +164,24 @@ def test_direct_reads_are_off_unless_the_environment_opts_in_at_call_time(monkey
     del probe
 
 
+def test_a_build_without_direct_reads_announces_no_source_and_reads_nothing(monkeypatch):
+    # Off Linux the extension has no process_vm_readv: its read entries raise. Rank 0
+    # must then announce no source (every tensor travels as a message), not fail.
+    def unavailable(*args, **kwargs):
+        raise NotImplementedError("direct reads need Linux")
+
+    values = {"w": _source((8, 8), torch.float32, 1)}
+    keys, tensors = list(values), _announce(values)
+    probe, source = route.source_probe(values, keys, tensors)
+    assert source is not None and route.can_read(source, True)
+    monkeypatch.setattr(route.ops, "direct_read_available", lambda: False)
+    monkeypatch.setattr(route, "_read_samples", unavailable)
+    monkeypatch.setattr(route, "_read_boxes", unavailable)
+    assert route.source_probe(values, keys, tensors) == (None, None)
+    assert not route.can_read(source, True)
+    del probe
+
+
 def test_the_process_read_primitive_is_not_public():
     assert "read_process_boxes" not in ops.__all__
     assert not hasattr(ops, "read_process_boxes")

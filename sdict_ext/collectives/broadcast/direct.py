@@ -98,7 +98,10 @@ def source_probe(full_state_dict: dict[str, Any], keys: list[str],
     positions drawn from a per-call seed. A rank that reads exactly the probe's bytes at
     that address in that pid is on rank 0's host, in its pid namespace, and allowed to
     read its memory; it then reads only tensors whose samples it finds at the announced
-    address. ``(None, None)`` when rank 0 cannot sample its own tensors."""
+    address. ``(None, None)`` when rank 0 cannot sample its own tensors, or the build
+    has no direct read (not Linux): every tensor then travels as a message."""
+    if not ops.direct_read_available():
+        return None, None
     nonce = os.urandom(16)
     seed = int.from_bytes(os.urandom(8), "little")
     probe = torch.tensor(list(nonce), dtype=torch.uint8)
@@ -117,7 +120,7 @@ def can_read(source: Source | None, opted_in: bool) -> bool:
     ``route="direct"``, or ``"auto"`` with :func:`direct_read_enabled`), rank 0
     announced a source, and the probe reads back (see :func:`source_probe`); False,
     never an error, when it cannot (another host, no permission, no extension)."""
-    if not opted_in or source is None:
+    if not opted_in or source is None or not ops.direct_read_available():
         return False
     pid, addr, nonce = source[:3]
     got = torch.zeros(len(nonce), dtype=torch.uint8)
