@@ -163,7 +163,7 @@ def broadcast_state_dict(
     # rank failed (all raise before anything is sent).
     table = agree(group, error, what="broadcast_state_dict", share=row, share_len=n) \
         if by_box else None
-    routed = None
+    routed = pipeline = None
     srcs: list[torch.Tensor] = []
     try:
         specs, slot_dests = transfers.specs, transfers.slot_dests
@@ -181,14 +181,14 @@ def broadcast_state_dict(
                               [keys[tensors[i][0]] for i in transfers.src_of])
             broadcast = routed.broadcast
         broadcasts = collective.plan(broadcast, is_src, srcs, specs, slot_dests, wire, cut)
+        # A CPU source crosses to a device wire through pinned host buckets; made
+        # before the agreement, so a failure to make its stream reaches every rank.
+        if is_src and wire.type != "cpu" and any(s.is_cpu for s in srcs):
+            pipeline = HostPipeline(wire)
     except Exception as exc:  # reported to every rank by agree()
         error = error or exc
     # Every rank raises here if any failed, before anything is sent or written.
     agree(group, error, what="broadcast_state_dict")
-    # A CPU source crosses to a device wire through pinned host buckets.
-    pipeline = None
-    if is_src and wire.type != "cpu" and any(s.is_cpu for s in srcs):
-        pipeline = HostPipeline(wire)
     # Loading writes parameters in place, as PyTorch's copy_ does under no_grad.
     with torch.no_grad():
         read_error = None if routed is None else p2p.run(group, routed, srcs, slot_dests)
