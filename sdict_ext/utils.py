@@ -36,6 +36,7 @@ from sdict_ext import ops
 from sdict_ext.collectives.broadcast.main import broadcast_state_dict
 from sdict_ext.collectives.distribute import distribute_state_dict
 from sdict_ext.collectives.gather import gather_state_dict
+from sdict_ext.collectives.reshard import last_reshard_stats, reshard_state_dict
 from sdict_ext.host.copies import batched_copy_pairs, offload_leaves
 from sdict_ext.host.slab import carve
 from sdict_ext.tree import (
@@ -64,7 +65,9 @@ __all__ = [
     "flatten_state_dict",
     "gather_state_dict",
     "iterate_state_dict",
+    "last_reshard_stats",
     "offload_state_dict_to_cpu",
+    "reshard_state_dict",
     "traverse_state_dict",
     "unflatten_state_dict",
 ]
