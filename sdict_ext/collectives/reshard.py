@@ -131,8 +131,14 @@ class _Side:
         self.value_objects: list[Any] = []
 
 
+def _where(side: str, path: tuple[Any, ...]) -> str:
+    return f"{_WHAT}: {side} key {format_path(path)!r}"
+
+
 def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
     out = _Side()
+    # Key paths are made once per call (the cached route needs them for the values and
+    # the wire description only when it plans); error messages build theirs lazily.
     paths = flat.paths
     seen: dict[Any, int] = {}
     for i, (leaf, kind) in enumerate(zip(flat.leaves, flat.kinds)):
@@ -142,20 +148,19 @@ def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
             out.value_leaf.append(i)
             out.value_objects.append(leaf)
             continue
-        where = f"{_WHAT}: {side} key {format_path(path)!r}"
         if kind == LEAF_DTENSOR:
             placements = leaf.placements
             if not is_plain_placement(placements):
                 raise ValueError(
-                    f"{where} is a DTensor placed {placements}; only Shard and Replicate "
-                    "placements describe a box of the full tensor per rank: reduce "
-                    "Partial (and redistribute _StridedShard) before resharding"
+                    f"{_where(side, path)} is a DTensor placed {placements}; only Shard and "
+                    "Replicate placements describe a box of the full tensor per rank: "
+                    "reduce Partial (and redistribute _StridedShard) before resharding"
                 )
             shape = tuple(leaf.shape)
             local = leaf._local_tensor
             box = compute_box(shape, leaf.device_mesh, placements, rank)
             if box is None:
-                raise ValueError(f"{where}: this rank is not in the DTensor's mesh")
+                raise ValueError(f"{_where(side, path)}: this rank is not in the DTensor's mesh")
             box_shape, start = box
             tensors, boxes = [local], [(tuple(start), tuple(box_shape))]
         elif kind == LEAF_SHARDED:
@@ -171,20 +176,28 @@ def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
             tensors, boxes = [leaf], [((0,) * len(shape), shape)]
             local = leaf
         else:
-            raise ValueError(f"{where} has unsupported type {type(leaf).__name__}")
+            raise ValueError(
+                f"{_where(side, path)} has unsupported type {type(leaf).__name__}"
+            )
         dtype = tensors[0].dtype if tensors else leaf.metadata().tensor_properties.dtype
         for t, (_, box_shape) in zip(tensors, boxes):
             if t.layout != torch.strided:
-                raise ValueError(f"{where}: a {t.layout} tensor; only strided tensors move")
-            if tuple(t.shape) != box_shape:
                 raise ValueError(
-                    f"{where}: its local tensor has shape {tuple(t.shape)} but its "
-                    f"placement gives this rank a box of {box_shape}"
+                    f"{_where(side, path)}: a {t.layout} tensor; only strided tensors move"
+                )
+            if t.shape != box_shape:
+                raise ValueError(
+                    f"{_where(side, path)}: its local tensor has shape {tuple(t.shape)} but "
+                    f"its placement gives this rank a box of {box_shape}"
                 )
             if t.dtype != dtype:
-                raise ValueError(f"{where}: local shards of dtypes {t.dtype} and {dtype}")
-        if not dst and any(t.is_meta for t in tensors):
-            raise ValueError(f"{where} is on the meta device: a source must hold data")
+                raise ValueError(
+                    f"{_where(side, path)}: local shards of dtypes {t.dtype} and {dtype}"
+                )
+            if not dst and t.is_meta:
+                raise ValueError(
+                    f"{_where(side, path)} is on the meta device: a source must hold data"
+                )
         alias = -1
         if dst and local is not None and kind != LEAF_SHARDED:
             # Tied destinations (one tensor at several keys) are written once.
@@ -283,6 +296,8 @@ def _check_description(rank: int, desc: Any) -> None:
                 raise _bad(rank, f"{where}: shape {shape!r}")
             if dtype not in _DTYPES:
                 raise _bad(rank, f"{where}: unknown dtype {dtype!r}")
+            if math.prod(shape) * _DTYPES[dtype].itemsize >= 1 << 62:
+                raise _bad(rank, f"{where}: shape {shape!r} of {dtype} overflows int64 bytes")
             if type(alias) is not int or not -1 <= alias < (j if side == "destination" else 0):
                 raise _bad(rank, f"{where}: tie index {alias!r}")
             if not isinstance(boxes, list):
@@ -575,7 +590,9 @@ def _run(plan: _Rank, src: _Side, dst: _Side, group: dist.ProcessGroup,
                                  [p[2] for p in plan.local], [p[5] for p in plan.local])
             dsts = ops.box_views([dst.locals[j][0] for _, _, _, j, _, _ in plan.local],
                                  [p[4] for p in plan.local], [p[5] for p in plan.local])
-            batched_copy_pairs(dsts, srcs)
+            # On an accelerator the copies are enqueued on the current stream, ordered
+            # with the packs and unpacks: nothing waits on the host.
+            batched_copy_pairs(dsts, srcs, non_blocking=wire.type != "cpu")
         for i in range(len(rounds)):
             following = post(i + 1) if i + 1 < len(rounds) else None
             finish(i, pending)
