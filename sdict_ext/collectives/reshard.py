@@ -17,8 +17,8 @@ layout to the rank that owns it in the destination layout:
    distinct source box; a region several ranks hold (``Replicate``, HSDP's replicas)
    is split across them by the bytes each already sends; a region the destination rank
    holds itself is a local copy. The pieces to other ranks are then cut to at most half
-   a bucket and packed into *rounds*: in a round, each rank sends and receives at most
-   ``bucket_bytes`` in all, one message per peer. Every check (global shapes and dtypes
+   a round and packed into *rounds*: in a round, each rank sends and receives at most
+   ``min(bucket_bytes, ROUND_BYTES)`` in all, one message per peer. Every check (global shapes and dtypes
    agree for one key, every destination byte has a source, source boxes do not overlap
    partially, the descriptions are well formed: peers are not trusted) is made before
    anything moves, and the plan is agreed through :func:`.agreement.agree`.
@@ -49,7 +49,7 @@ from sdict_ext import ops
 from sdict_ext._gc import gc_paused
 from sdict_ext.collectives.agreement import agree, digest, status_device
 from sdict_ext.collectives.boxes import compute_box, dtensor_of, is_plain_placement
-from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES
+from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, PIPELINE_SLICE_BYTES
 from sdict_ext.host.copies import batched_copy_pairs, indexed_device
 from sdict_ext.tree import (
     LEAF_DTENSOR,
@@ -60,7 +60,7 @@ from sdict_ext.tree import (
     format_path,
 )
 
-__all__ = ["MIN_BUCKET_BYTES", "ReshardStats", "last_reshard_stats", "reshard_state_dict"]
+__all__ = ["MIN_BUCKET_BYTES", "ROUND_BYTES", "ReshardStats", "last_reshard_stats", "reshard_state_dict"]
 
 _WHAT = "reshard_state_dict"
 
@@ -76,6 +76,13 @@ _MESSAGE_ALIGNMENT = 64
 #: A region several source ranks hold is split across them only from this size on;
 #: below, one rank (the least loaded) sends it whole.
 _SPREAD_MIN_BYTES = 1 << 20
+
+#: Most bytes a rank sends plus receives in one round (and ``bucket_bytes`` where
+#: smaller): two slices of the collective routes. Rounds pipeline, packing round k + 1
+#: while k travels; a bucket-sized round leaves nothing to overlap with (on gloo,
+#: BENCHMARKS.md "Measurements behind constants": 256 MiB rounds reached about 0.8 of an
+#: all_to_all of the same bytes, 8-16 MiB rounds about 1.0).
+ROUND_BYTES = 2 * PIPELINE_SLICE_BYTES
 
 #: Plans kept per process (least recently used dropped first).
 _CACHE_SIZE = 16
@@ -417,9 +424,10 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
                     f"{covered} of its {need} elements are held by a source "
                     f"(source ranks holding any of it: {ranks or 'none'})"
                 )
-    # Rounds: each rank sends plus receives at most bucket_bytes per round, counting a
+    # Rounds: each rank sends plus receives at most ``budget`` per round, counting a
     # message start's alignment; first fit, in order for each (source, destination).
-    cap = max(1, (bucket_bytes - 2 * _MESSAGE_ALIGNMENT) // 2)
+    budget = min(bucket_bytes, ROUND_BYTES)
+    cap = max(1, (budget - 2 * _MESSAGE_ALIGNMENT) // 2)
     used: list[list[int]] = [[] for _ in range(world)]
     opened: list[list[set]] = [[] for _ in range(world)]
     last: dict[tuple[int, int], int] = {}
@@ -430,7 +438,7 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
             used[r].append(0)
             opened[r].append(set())
         extra = 0 if peer in opened[r][k] else _MESSAGE_ALIGNMENT
-        return used[r][k] + n + extra <= bucket_bytes
+        return used[r][k] + n + extra <= budget
 
     def take(r: int, k: int, peer: int, n: int) -> None:
         if peer not in opened[r][k]:
@@ -685,9 +693,10 @@ def reshard_state_dict(
     source only (``dst_state_dict`` None or empty), a destination only, or both. Each
     byte a rank owns in the destination layout comes straight from one rank that holds
     it in the source layout (spread across ranks where several hold it), coalesced into
-    rounds of at most ``bucket_bytes`` per rank, two rounds in flight: no rank holds a
-    full tensor it does not own, the extra memory is at most two buckets, and the number
-    of messages grows with the buckets, not with the tensors.
+    rounds of at most ``min(bucket_bytes, ROUND_BYTES)`` (16 MiB) per rank, two rounds in
+    flight: no rank holds a full tensor it does not own, the extra memory is at most two
+    rounds (so two buckets), and the number of messages grows with the bytes over the
+    round size, not with the tensors.
 
     Results are bit-exact what gathering the source (``_gather_state_dict``) and
     distributing it into the destination layout (``_distribute_state_dict``) gives.
@@ -703,8 +712,9 @@ def reshard_state_dict(
             a source-only rank.
         pg: the group every source and destination rank belongs to; default the world.
         bucket_bytes: the most bytes a rank sends and receives per round (at least
-            :data:`MIN_BUCKET_BYTES`); two rounds are in flight, so the staging memory
-            is at most twice this.
+            :data:`MIN_BUCKET_BYTES`; rounds are at most :data:`ROUND_BYTES` anyway, to
+            pipeline); two rounds are in flight, so the staging memory is at most twice
+            this.
         device: where meta destinations are allocated; default a DTensor's mesh device
             (the current device of its type), for plain tensors the group's device.
 
