@@ -18,8 +18,8 @@ layout to the rank that owns it in the destination layout:
    is split across them by the bytes each already sends; a region the destination rank
    holds itself is a local copy. The pieces to other ranks are then cut to at most half
    a round and packed into *rounds*: in a round, each rank sends and receives at most
-   ``min(bucket_bytes, ROUND_BYTES)`` in all, one message per peer. Every check (global shapes and dtypes
-   agree for one key, every destination byte has a source, source boxes do not overlap
+   ``min(bucket_bytes, ROUND_BYTES)`` in all, one message per peer. Every check
+   (global shapes and dtypes agree for one key, every destination byte has a source, source boxes do not overlap
    partially, the descriptions are well formed: peers are not trusted) is made before
    anything moves, and the plan is agreed through :func:`.agreement.agree`.
 3. **Move.** Round k is packed (:func:`sdict_ext.ops.pack` of the source boxes'
@@ -60,7 +60,13 @@ from sdict_ext.tree import (
     format_path,
 )
 
-__all__ = ["MIN_BUCKET_BYTES", "ROUND_BYTES", "ReshardStats", "last_reshard_stats", "reshard_state_dict"]
+__all__ = [
+    "MIN_BUCKET_BYTES",
+    "ROUND_BYTES",
+    "ReshardStats",
+    "last_reshard_stats",
+    "reshard_state_dict",
+]
 
 _WHAT = "reshard_state_dict"
 
