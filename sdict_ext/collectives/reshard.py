@@ -19,9 +19,9 @@ layout to the rank that owns it in the destination layout:
    holds itself is a local copy. The pieces to other ranks are then cut to at most half
    a round and packed into *rounds*: in a round, each rank sends and receives at most
    ``min(bucket_bytes, ROUND_BYTES)`` in all, one message per peer. Every check
-   (global shapes and dtypes agree for one key, every destination byte has a source, source boxes do not overlap
-   partially, the descriptions are well formed: peers are not trusted) is made before
-   anything moves, and the plan is agreed through :func:`.agreement.agree`.
+   (global shapes and dtypes agree for one key, every destination byte has a source,
+   source boxes do not overlap partially, the descriptions are well formed: peers are
+   not trusted) is made before anything moves, and the plan is agreed through :func:`.agreement.agree`.
 3. **Move.** Round k is packed (:func:`sdict_ext.ops.pack` of the source boxes'
    views, one call) into buffer k % 2, sent with one ``batch_isend_irecv`` to every
    peer of the round, and unpacked (:func:`sdict_ext.ops.unpack` into the destination
