@@ -21,7 +21,8 @@ layout to the rank that owns it in the destination layout:
    ``min(bucket_bytes, ROUND_BYTES)`` in all, one message per peer. Every check
    (global shapes and dtypes agree for one key, every destination byte has a source,
    source boxes do not overlap partially, the descriptions are well formed: peers are
-   not trusted) is made before anything moves, and the plan is agreed through :func:`.agreement.agree`.
+   not trusted) is made before anything moves, and the plan is agreed through
+   :func:`.agreement.agree`.
 3. **Move.** Round k is packed (:func:`sdict_ext.ops.pack` of the source boxes'
    views, one call) into buffer k % 2, sent with one ``batch_isend_irecv`` to every
    peer of the round, and unpacked (:func:`sdict_ext.ops.unpack` into the destination
