@@ -133,8 +133,13 @@ _Entry = tuple[tuple[Any, ...], tuple[int, ...], str, list[_Box], int]
 
 
 class _Side:
-    """One side (source or destination) of this rank: the wire description, and for
-    each entry the leaf index and local tensors its boxes are in."""
+    r"""One side (source or destination) of this rank: the wire description, and for
+    each entry the leaf index and local tensors its boxes are in.
+
+    The plan keeps a :meth:`skeleton` (no tensors: a cache must not keep a call's
+    state dict alive); a later call of the same layout :meth:`bind`\s it to its own
+    tensors without describing anything again.
+    """
 
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
@@ -143,6 +148,26 @@ class _Side:
         self.values: list[tuple[Any, ...]] = []  # key paths of the plain values
         self.value_leaf: list[int] = []
         self.value_objects: list[Any] = []
+
+    def skeleton(self) -> _Side:
+        out = _Side()
+        out.entries, out.leaf_of = self.entries, self.leaf_of
+        out.values, out.value_leaf = self.values, self.value_leaf
+        out.locals = [len(tensors) for tensors in self.locals]  # counts only
+        return out
+
+    def bind(self, flat: Any) -> _Side:
+        """This skeleton with ``flat``'s tensors and values (a layout equal to the one
+        it was described from: same leaves, kinds and local tensor counts)."""
+        out = _Side()
+        out.entries, out.leaf_of = self.entries, self.leaf_of
+        out.values, out.value_leaf = self.values, self.value_leaf
+        tensors, at = flat.locals, 0
+        for n in self.locals:
+            out.locals.append(tensors[at:at + n])
+            at += n
+        out.value_objects = [flat.leaves[i] for i in self.value_leaf]
+        return out
 
 
 def _where(side: str, path: tuple[Any, ...]) -> str:
@@ -348,6 +373,7 @@ class _Rank:
         self.value_providers: dict[Any, int] = {}
         self.provides: set[Any] = set()  # key paths this rank sends to others
         self.needs_values = False  # whether any rank needs a value from another
+        self.sides: tuple[_Side, _Side] | None = None  # skeletons: source, destination
 
 
 def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
@@ -757,11 +783,13 @@ def reshard_state_dict(
         dst_flat = flatten({} if dst_state_dict is None else dst_state_dict, type_check=False)
         key = (id(group), tuple(dist.get_process_group_ranks(group)), me, bucket_bytes,
                device, src_flat.signature, dst_flat.signature)
-        grank = dist.get_rank()
-        src = _describe(src_flat, grank, "source", dst=False)
-        dst = _describe(dst_flat, grank, "destination", dst=True)
         plan = _cached(key)
-        if plan is not None:
+        if plan is None:
+            grank = dist.get_rank()
+            src = _describe(src_flat, grank, "source", dst=False)
+            dst = _describe(dst_flat, grank, "destination", dst=True)
+        else:
+            src, dst = plan.sides[0].bind(src_flat), plan.sides[1].bind(dst_flat)
             leaves = _allocate(dst, dst_flat, device, wire)
     except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
         error = exc
@@ -777,7 +805,9 @@ def reshard_state_dict(
         )
         try:
             plan = _plan(descs, me, bucket_bytes)
-            leaves = _allocate(dst, dst_flat, device, wire)
+            plan.sides = (src.skeleton(), dst.skeleton())
+            if leaves is None:  # (a rank whose cache served it has allocated already)
+                leaves = _allocate(dst, dst_flat, device, wire)
             _check_wire(plan, src, dst, wire)
         except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
             error = exc
