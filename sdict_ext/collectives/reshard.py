@@ -679,12 +679,15 @@ def _allocate(
     leaves = list(dst_flat.leaves)
     for j, (entry, i) in enumerate(zip(dst.entries, dst.leaf_of)):
         alias = entry[4]
+        tensors = dst.locals[j]
         if alias >= 0:
-            leaves[i] = leaves[dst.leaf_of[alias]]
+            # A real tied key keeps its own object (it shares the memory written once);
+            # a meta one shares its twin's new tensor.
+            if tensors and tensors[0].is_meta:
+                leaves[i] = leaves[dst.leaf_of[alias]]
             dst.locals[j] = dst.locals[alias]
             continue
         leaf = leaves[i]
-        tensors = dst.locals[j]
         if not tensors or not tensors[0].is_meta:
             continue
         if dst_flat.kinds[i] == LEAF_SHARDED:
