@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ from torch.distributed.tensor import DTensor
 
 from sdict_ext import ops
 from sdict_ext._gc import gc_paused
-from sdict_ext.collectives.agreement import agree, digest, status_device
+from sdict_ext.collectives.agreement import RankFailure, agree, digest, status_device
 from sdict_ext.collectives.boxes import compute_box, dtensor_of, is_plain_placement
 from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, PIPELINE_SLICE_BYTES
 from sdict_ext.host.copies import batched_copy_pairs, indexed_device
@@ -640,20 +641,44 @@ def _run(plan: _Rank, src: _Side, dst: _Side, group: dist.ProcessGroup,
             pending = following
 
 
-def _move_values(plan: _Rank, src: _Side, dst: _Side, leaves: list[Any],
-                 group: dist.ProcessGroup) -> None:
-    """Sets this rank's destination values from their providers' sources."""
+def _exchange_values(plan: _Rank, src: _Side, group: dist.ProcessGroup) -> list[Any]:
+    """The plain values other ranks need from this one, and theirs: one object
+    exchange, before any tensor moves, so a value that cannot be sent (it does not
+    pickle) raises on every rank with nothing written. ``[]`` when no rank needs one."""
+    if not plan.needs_values:
+        return []
     mine = dict(zip(src.values, src.value_objects))
-    gathered: list[Any] = []
-    if plan.needs_values:
-        gathered = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, {p: mine[p] for p in plan.provides}, group=group)
-    me = dist.get_rank(group)
+    payload: dict[Any, bytes] = {}
+    problem = None
+    for path in sorted(plan.provides, key=repr):
+        try:
+            payload[path] = pickle.dumps(mine[path], protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 (any object a state dict may hold)
+            problem = (f"{_where('source', path)}: its value of type "
+                       f"{type(mine[path]).__name__} cannot be sent to the ranks that need "
+                       f"it: {exc}")
+            break
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (problem, None if problem else payload), group=group)
+    failures = {r: text for r, (text, _) in enumerate(gathered) if text is not None}
+    if failures:
+        if problem is not None:
+            raise ValueError(problem)
+        lines = "; ".join(f"rank {r}: {t}" for r, t in sorted(failures.items()))
+        raise RankFailure(f"{_WHAT} failed on another rank, so no rank proceeded: {lines}",
+                          failures)
+    return [blobs for _, blobs in gathered]
+
+
+def _set_values(plan: _Rank, src: _Side, dst: _Side, leaves: list[Any],
+                gathered: list[Any], me: int) -> None:
+    """This rank's destination values, from their providers' sources."""
+    mine = dict(zip(src.values, src.value_objects))
     for path, i in zip(dst.values, dst.value_leaf):
         source = plan.value_providers.get(path)
         if source is None:
             continue
-        leaves[i] = mine[path] if source == me else gathered[source][path]
+        leaves[i] = mine[path] if source == me else pickle.loads(gathered[source][path])
 
 
 def _check_wire(plan: _Rank, src: _Side, dst: _Side, wire: torch.device) -> None:
@@ -816,8 +841,9 @@ def reshard_state_dict(
             error = exc
         agree(group, error, what=_WHAT, plan_digest=0 if plan is None else plan.digest)
         _remember(key, plan)
+    gathered = _exchange_values(plan, src, group)
     _run(plan, src, dst, group, wire)
-    _move_values(plan, src, dst, leaves, group)
+    _set_values(plan, src, dst, leaves, gathered, me)
     _LAST.clear()
     _LAST.update(
         planned=planned, rounds=len(plan.rounds), p2p_ops=plan.p2p_ops,
