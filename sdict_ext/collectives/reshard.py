@@ -87,9 +87,8 @@ _SPREAD_MIN_BYTES = 1 << 20
 
 #: Most bytes a rank sends plus receives in one round (and ``bucket_bytes`` where
 #: smaller): two slices of the collective routes. Rounds pipeline, packing round k + 1
-#: while k travels; a bucket-sized round leaves nothing to overlap with (on gloo,
-#: BENCHMARKS.md "Measurements behind constants": 256 MiB rounds reached about 0.8 of an
-#: all_to_all of the same bytes, 8-16 MiB rounds about 1.0).
+#: while k travels; one bucket-sized round leaves nothing to overlap with. The
+#: measurement behind it: BENCHMARKS.md, "Measurements behind constants in the code".
 ROUND_BYTES = 2 * PIPELINE_SLICE_BYTES
 
 #: Plans kept per process (least recently used dropped first).
