@@ -378,10 +378,12 @@ def _run_distribute(spec: CaseSpec, ctx: Ctx) -> None:
     )
 
 
-# Per rank, in this order, what an sdict_ext reshard row reports (last_reshard_stats()
-# keys, and the peak extra host memory of the verifying call).
-_RESHARD_COUNTERS = ("bytes_sent", "bytes_received", "bytes_local", "bytes_owned",
-                     "buffer_bytes", "host_peak", "rounds", "collectives", "p2p_ops")
+# What an sdict_ext reshard row's info holds per rank: last_reshard_stats() keys (and
+# the peak extra host memory of the verifying call) under the bound rows' names.
+_RESHARD_INFO = {"sent_bytes": "bytes_sent", "received_bytes": "bytes_received",
+                 "local_bytes": "bytes_local", "owned_bytes": "bytes_owned",
+                 "buffer_bytes": "buffer_bytes", "host_peak_bytes": None, "rounds": "rounds",
+                 "collectives": "collectives", "p2p_ops": "p2p_ops"}
 
 
 def _per_rank(values: list[int], ctx: Ctx) -> list[list[int]]:
@@ -436,13 +438,6 @@ def _run_reshard(spec: CaseSpec, ctx: Ctx) -> None:
     _measure_reshard_bounds(ctx, layout, nbytes, n)
     fn, why = load_sdict("utils", "reshard_state_dict")
     stats, _ = load_sdict("utils", "last_reshard_stats")
-    if fn is not None:
-        # Interim, while the implementation is being written: its stub raises at once
-        # on every rank, before any collective, so the case can still record the rest.
-        try:
-            fn(src, dict(dst))
-        except NotImplementedError as exc:
-            fn, why = None, f"sdict_ext.utils.reshard_state_dict: {exc}"
     for impl, role, kwargs in (
         ("sdict_ext.reshard_state_dict", ROLE_SDICT, {}),
         (f"sdict_ext.reshard_state_dict (bucket_bytes={fmt_bytes(p['bucket'])})", ROLE_VARIANT,
@@ -464,7 +459,7 @@ def _measure_reshard(ctx, impl, role, fn, why, stats, src, dst, ref, kwargs, nby
         peak = memory.peak_since(base) if base is not None else -1
         got = stats()
         planned.append(bool(got["planned"]))
-        values = [peak if key == "host_peak" else int(got[key]) for key in _RESHARD_COUNTERS]
+        values = [peak if key is None else int(got[key]) for key in _RESHARD_INFO.values()]
         counters.extend(_per_rank(values, ctx))
         return _same_shards(ours, ref)
 
@@ -474,8 +469,7 @@ def _measure_reshard(ctx, impl, role, fn, why, stats, src, dst, ref, kwargs, nby
         verify=verify if fn else None,
     )
     if counters:
-        info = {f"{key}_bytes" if key == "host_peak" else key: [c[i] for c in counters]
-                for i, key in enumerate(_RESHARD_COUNTERS)}
+        info = {name: [c[i] for c in counters] for i, name in enumerate(_RESHARD_INFO)}
         info["bucket_bytes"] = kwargs.get("bucket_bytes", stats()["bucket_bytes"])
         info["planned"] = planned[0]
         row.info.update(info)
