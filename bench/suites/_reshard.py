@@ -166,3 +166,15 @@ class Layout:
                 local, mesh, [placement], run_check=False, shape=spec.shape, stride=stride
             )
         return out
+
+    @staticmethod
+    def allocate(meta: dict[str, DTensor], device: torch.device) -> dict[str, DTensor]:
+        """Real (zeroed, so every page is resident) DTensors shaped like ``meta``'s."""
+        return {
+            key: DTensor.from_local(
+                torch.zeros(v.to_local().shape, dtype=v.dtype, device=device), v.device_mesh,
+                v.placements,
+                run_check=False, shape=v.shape, stride=v.stride(),
+            )
+            for key, v in meta.items()
+        }

@@ -438,21 +438,34 @@ def _run_reshard(spec: CaseSpec, ctx: Ctx) -> None:
     _measure_reshard_bounds(ctx, layout, nbytes, n)
     fn, why = load_sdict("utils", "reshard_state_dict")
     stats, _ = load_sdict("utils", "last_reshard_stats")
-    for impl, role, kwargs in (
-        ("sdict_ext.reshard_state_dict", ROLE_SDICT, {}),
-        (f"sdict_ext.reshard_state_dict (bucket_bytes={fmt_bytes(p['bucket'])})", ROLE_VARIANT,
+    # The destination exists already (an inference engine's weights, RL weight sync):
+    # written in place, as the bound writes its preallocated buffer. The variants: a
+    # bucket small enough for several pipelined rounds, and meta destinations, which
+    # the call allocates as PyTorch's distribute does (first-touch page faults included).
+    real = layout.allocate(dst, ctx.device)
+    name = "sdict_ext.reshard_state_dict"
+    for impl, role, into, kwargs in (
+        (f"{name} (in place)", ROLE_SDICT, real, {}),
+        (f"{name} (in place, bucket_bytes={fmt_bytes(p['bucket'])})", ROLE_VARIANT, real,
          dict(bucket_bytes=p["bucket"])),
+        (f"{name} (meta destination, allocates)", ROLE_VARIANT, dst, {}),
     ):
-        _measure_reshard(ctx, impl, role, fn, why, stats, src, dst, ref, kwargs, nbytes, n)
+        _measure_reshard(ctx, impl, role, (fn, stats, why), (src, into, ref), kwargs, nbytes, n)
 
 
-def _measure_reshard(ctx, impl, role, fn, why, stats, src, dst, ref, kwargs, nbytes, n) -> None:
+def _measure_reshard(ctx: Ctx, impl: str, role: str, sdict: tuple, dicts: tuple, kwargs: dict,
+                     nbytes: int, n: int) -> None:
     """One sdict_ext reshard row; its info holds each rank's bytes, rounds and calls as
     ``last_reshard_stats()`` reports them for a call whose host peak is probed too."""
+    fn, stats, why = sdict
+    src, dst, ref = dicts
     counters: list[list[int]] = []
     planned: list[bool] = []
 
     def verify() -> bool:
+        for v in dst.values():
+            if not v.is_meta:
+                v.to_local().zero_()
         memory = ctx.host_memory
         base = memory.start() if memory.available else None
         ours = fn(src, dict(dst), **kwargs)
