@@ -48,21 +48,21 @@ KB, MB = 1024, 1024 * 1024
 # shared: (count, bytes) of the create_cpu_state_dict(share_memory=True) case.
 # sharded: whether the gather case also runs on ShardedTensors (not at small, whose
 # run time stays what it was; tiny keeps it for CI's check of the results).
-# reshard: the model (hidden, ffn, vocab, layers; medium: 200 MB) and the small bucket of
-# the variant row that makes the move take several pipelined rounds.
+# reshard: the model (hidden, ffn, vocab, layers; medium: 191 MB) and the small bucket of
+# a variant row (rounds are at most 16 MiB anyway: this one bounds memory tighter).
 _SIZES = {
     "tiny": dict(small=(1_000, 256, 16 * KB), large=(4, 4 * MB), gather=(64, 64), bcast=(64, 64),
                  distribute=(64, 64), shared=(4, 4 * MB), sharded=True,
                  reshard=(63, 171, 251, 2), reshard_bucket=64 * KB),
     "small": dict(small=(20_000, 256, 16 * KB), large=(16, 16 * MB), gather=(1_000, 64),
                   bcast=(2_000, 64), distribute=(1_000, 64), shared=(4, 16 * MB),
-                  sharded=False, reshard=(509, 1367, 4001, 2), reshard_bucket=4 * MB),
+                  sharded=False, reshard=(509, 1367, 4001, 2), reshard_bucket=1 * MB),
     "medium": dict(small=(20_000, 1 * KB, 64 * KB), large=(64, 64 * MB), gather=(1_000, 162),
                    bcast=(2_000, 162), distribute=(2_000, 162), shared=(64, 16 * MB),
-                   sharded=True, reshard=(1021, 2741, 8009, 4), reshard_bucket=16 * MB),
+                   sharded=True, reshard=(1021, 2741, 8009, 4), reshard_bucket=4 * MB),
     "large": dict(small=(100_000, 1 * KB, 64 * KB), large=(256, 64 * MB), gather=(5_000, 1024),
                   bcast=(10_000, 1024), distribute=(10_000, 1024), shared=(256, 16 * MB),
-                  sharded=True, reshard=(2053, 5483, 32003, 8), reshard_bucket=64 * MB),
+                  sharded=True, reshard=(2053, 5483, 32003, 8), reshard_bucket=16 * MB),
 }
 
 
@@ -440,8 +440,8 @@ def _run_reshard(spec: CaseSpec, ctx: Ctx) -> None:
     stats, _ = load_sdict("utils", "last_reshard_stats")
     # The destination exists already (an inference engine's weights, RL weight sync):
     # written in place, as the bound writes its preallocated buffer. The variants: a
-    # bucket small enough for several pipelined rounds, and meta destinations, which
-    # the call allocates as PyTorch's distribute does (first-touch page faults included).
+    # small bucket (less staging memory, more rounds), and meta destinations, which the
+    # call allocates as PyTorch's distribute does (first-touch page faults included).
     real = layout.allocate(dst, ctx.device)
     name = "sdict_ext.reshard_state_dict"
     for impl, role, into, kwargs in (
