@@ -93,10 +93,11 @@ ROUND_BYTES = 2 * PIPELINE_SLICE_BYTES
 
 #: A piece of at least this many bytes that is one contiguous range of its tensor (on
 #: the sending or the receiving side) travels as its own message, straight from or
-#: into that tensor, instead of being packed or unpacked. At most
-#: ``ROUND_BYTES / _SOLO_MIN_BYTES`` of them per peer and round: message tags leave
-#: ``_TAG_BITS`` for the index.
-_SOLO_MIN_BYTES = 1 << 20
+#: into that tensor, instead of being packed or unpacked: a model's per-rank pieces of
+#: one weight are commonly a few hundred KiB to a few MiB. At most
+#: ``ROUND_BYTES / _SOLO_MIN_BYTES`` (64) of them per peer and round: message tags
+#: leave ``_TAG_BITS`` for the index.
+_SOLO_MIN_BYTES = 1 << 18
 _TAG_BITS = 8
 
 #: Plans kept per process (least recently used dropped first).
