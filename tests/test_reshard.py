@@ -1,0 +1,806 @@
+"""Multi-process specs for ``sdict_ext.utils.reshard_state_dict`` (issue 25).
+
+Every case builds its inputs from seeded full tensors on every rank of a 4-rank gloo
+group, then computes the REFERENCE with PyTorch's own functions, gather then
+distribute: ``torch.distributed._state_dict_utils._gather_state_dict`` on the source
+ranks (``DTensor.redistribute`` to Replicate, the ShardedTensor all-gather), the full
+tensors shared with ``dist.all_gather_object`` (each key taken from the lowest rank
+that had it, so destination-only ranks get them from a source rank), then
+``distribute_tensor(full, dst_mesh, dst_placements)`` on the destination ranks. The
+reference full tensors are also checked against the seeded ones every rank builds
+itself. Results are compared bit for bit (the bytes, so -0.0 and NaN count), with
+their types, dtypes, shapes, strides, meshes, placements, key sets and containers.
+
+Workers are module-level functions run by ``tests.mp.run_on_ranks`` (or ``run_fresh``
+where a test needs a cold plan cache or a short collective timeout); they return a list
+of what they found wrong (empty when all is well) and the call's statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed import _state_dict_utils as ref
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from sdict_ext import utils
+from tests.mp import run_fresh, run_on_ranks
+from tests.test_utils_dist import _full, _sharded_tensor
+
+pytestmark = pytest.mark.dist
+
+WORLD = 4
+ALL = [0, 1, 2, 3]
+HSDP = [[0, 1], [2, 3]]
+# Small enough that the cases' bigger tensors take several buckets.
+SMALL_BUCKET = 4096
+
+_MESHES: dict[str, DeviceMesh] = {}
+
+
+def _mesh(ranks: list) -> DeviceMesh:
+    """The mesh over ``ranks`` (nested for 2-D), one per worker process.
+
+    Creating a mesh creates process groups collectively, so every rank calls this for
+    every mesh of a case, in the same order, before anything rank-dependent.
+    """
+    key = repr(ranks)
+    if key not in _MESHES:
+        _MESHES[key] = DeviceMesh("cpu", ranks)
+    return _MESHES[key]
+
+
+def _src(full: torch.Tensor, ranks: list, placements: list) -> DTensor | None:
+    """This rank's source DTensor of ``full``; ``None`` off the mesh."""
+    mesh = _mesh(ranks)
+    if mesh.get_coordinate() is None:
+        return None
+    return distribute_tensor(full.clone(), mesh, placements, src_data_rank=None)
+
+
+def _dst(full: torch.Tensor, ranks: list, placements: list, meta: bool = False):
+    """This rank's destination DTensor for ``full``'s layout, filled with 7 (or meta);
+    ``None`` off the mesh."""
+    mesh = _mesh(ranks)
+    if mesh.get_coordinate() is None:
+        return None
+    if meta:
+        blank = torch.empty(full.shape, dtype=full.dtype, device="meta")
+    else:
+        blank = torch.full(full.shape, 7, dtype=full.dtype)
+    return distribute_tensor(blank, mesh, placements, src_data_rank=None)
+
+
+def _present(d: dict) -> dict:
+    """``d`` without the keys this rank does not hold (keys live where they are owned)."""
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _leaves(obj: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """(key path, leaf) pairs of a nested dict / list / tuple, in walk order."""
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in _leaves(v, path + (k,))]
+    if isinstance(obj, (list, tuple)):
+        return [kv for i, v in enumerate(obj) for kv in _leaves(v, path + (i,))]
+    return [(path, obj)]
+
+
+def _name(path: tuple) -> str:
+    return ".".join(map(str, path)) or "<root>"
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def _reference_full(src: Any) -> dict[tuple, Any]:
+    """PyTorch's gather of every rank's source, shared: key path -> full tensor (or
+    non-tensor value) as the lowest rank whose source has that path holds it."""
+    gathered = ref._gather_state_dict(src) if src else {}
+    mine = {
+        path: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+        for path, v in _leaves(gathered)
+    }
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    full: dict[tuple, Any] = {}
+    for rank_values in every:
+        for path, v in rank_values.items():
+            full.setdefault(path, v)
+    return full
+
+
+def _reference_dst(dst: Any, full: dict[tuple, Any], path: tuple = ()) -> Any:
+    """``dst``'s layout filled from ``full`` the way PyTorch distributes a tensor."""
+    if isinstance(dst, dict):
+        return {k: _reference_dst(v, full, path + (k,)) for k, v in dst.items()}
+    if isinstance(dst, (list, tuple)):
+        return type(dst)(_reference_dst(v, full, path + (i,)) for i, v in enumerate(dst))
+    if isinstance(dst, DTensor):
+        return distribute_tensor(
+            full[path], dst.device_mesh, list(dst.placements), src_data_rank=None
+        )
+    if isinstance(dst, torch.Tensor):
+        return full[path].clone()
+    return full.get(path, dst)
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def _compare(got: Any, want: Any, dst: Any, ptrs: dict[int, int], path: tuple,
+             out: list[str]) -> None:
+    """Appends to ``out`` every way ``got`` differs from ``want``; ``dst`` is the
+    destination leaf the result stands for (written in place unless it was meta)."""
+    where = _name(path)
+    if type(got) is not type(want):
+        out.append(f"{where}: type {type(got).__name__}, want {type(want).__name__}")
+        return
+    if isinstance(want, dict):
+        if list(got) != list(want):
+            out.append(f"{where}: keys {list(got)}, want {list(want)}")
+            return
+        for k in want:
+            _compare(got[k], want[k], dst[k], ptrs, path + (k,), out)
+        return
+    if isinstance(want, (list, tuple)):
+        if len(got) != len(want):
+            out.append(f"{where}: length {len(got)}, want {len(want)}")
+            return
+        for i, (g, w) in enumerate(zip(got, want)):
+            _compare(g, w, dst[i], ptrs, path + (i,), out)
+        return
+    if not isinstance(want, torch.Tensor):
+        if type(got) is not type(want) or got != want:
+            out.append(f"{where}: value {got!r}, want {want!r}")
+        return
+    # Tensors: written in place when the destination was real, new when it was meta.
+    if dst.is_meta:
+        if got is dst or got.is_meta:
+            out.append(f"{where}: a meta destination was not replaced by a real tensor")
+    elif got is not dst:
+        out.append(f"{where}: a real destination was not written in place (new object)")
+    elif _local(got).data_ptr() != ptrs[id(dst)]:
+        out.append(f"{where}: a real destination's storage was replaced")
+    if isinstance(want, DTensor):
+        if got.device_mesh != want.device_mesh:
+            out.append(f"{where}: mesh {got.device_mesh}, want {want.device_mesh}")
+        if tuple(got.placements) != tuple(want.placements):
+            out.append(f"{where}: placements {got.placements}, want {want.placements}")
+        if got.stride() != want.stride():
+            out.append(f"{where}: stride {got.stride()}, want {want.stride()}")
+    for name in ("shape", "dtype", "requires_grad"):
+        if getattr(got, name) != getattr(want, name):
+            out.append(f"{where}: {name} {getattr(got, name)}, want {getattr(want, name)}")
+    g, w = _local(got), _local(want)
+    if g.device != w.device:
+        out.append(f"{where}: device {g.device}, want {w.device}")
+    elif g.shape != w.shape:
+        out.append(f"{where}: local shape {tuple(g.shape)}, want {tuple(w.shape)}")
+    elif g.dtype == w.dtype and not _same_bits(g, w):
+        out.append(f"{where}: values differ from PyTorch's gather + distribute")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _pointers(dst: Any) -> dict[int, int]:
+    return {
+        id(v): _local(v).data_ptr()
+        for _, v in _leaves(dst)
+        if isinstance(v, torch.Tensor) and not v.is_meta
+    }
+
+
+def _parts(value: Any) -> list[torch.Tensor]:
+    """The real tensors holding ``value``'s bytes on this rank (none for a non-tensor
+    or a meta tensor)."""
+    if isinstance(value, ShardedTensor):
+        return [shard.tensor for shard in value.local_shards()]
+    if isinstance(value, torch.Tensor) and not value.is_meta:
+        return [_local(value)]
+    return []
+
+
+def _snapshot(obj: Any) -> Callable[[], list[str]]:
+    """Remembers ``obj``'s leaves (objects and bytes); the returned check lists the
+    key paths whose object or bytes changed since."""
+    held = [(path, v, [_bits(t).clone() for t in _parts(v)]) for path, v in _leaves(obj)]
+
+    def changed() -> list[str]:
+        now = dict(_leaves(obj))
+        bad = []
+        for path, v, data in held:
+            if now.get(path) is not v:
+                bad.append(f"{_name(path)}: object replaced")
+            elif not all(torch.equal(_bits(t), d) for t, d in zip(_parts(v), data)):
+                bad.append(f"{_name(path)}: bytes changed")
+        return bad
+
+    return changed
+
+
+def _owned_bytes(dst: Any) -> int:
+    """Bytes of the destination tensors this rank holds, each object once."""
+    seen: dict[int, int] = {}
+    for _, v in _leaves(dst):
+        if isinstance(v, torch.Tensor):
+            local = _local(v)
+            seen[id(v)] = local.numel() * local.element_size()
+    return sum(seen.values())
+
+
+def _reshard_checked(
+    src: Any,
+    dst: Any,
+    expect: dict[tuple, torch.Tensor],
+    *,
+    bucket_bytes: int | None = None,
+    tied: tuple[tuple[tuple, tuple], ...] = (),
+) -> tuple[list[str], dict]:
+    """Runs the reference, then ``reshard_state_dict``, and lists what differs.
+
+    ``expect`` maps key paths to the seeded full tensors (cross-check of the
+    reference); ``tied`` holds pairs of destination paths that share one object (where
+    this rank holds them), whose results must be one object too.
+    """
+    full = _reference_full(src)
+    problems = [
+        f"reference {_name(p)} differs from the seeded full tensor"
+        for p, t in expect.items()
+        if not _same_bits(full[p], t)
+    ]
+    want = _reference_dst(dst, full)
+    ptrs = _pointers(dst)
+    src_unchanged = _snapshot(src)
+    kwargs = {} if bucket_bytes is None else {"bucket_bytes": bucket_bytes}
+    got = utils.reshard_state_dict(src, dst, **kwargs)
+    stats = dict(utils.last_reshard_stats())
+    if dst is None or dst == {}:
+        if got is not dst and not (got == {} and dst == {}):
+            problems.append(f"an empty destination came back as {got!r}")
+    else:
+        _compare(got, want, dst, ptrs, (), problems)
+        results = dict(_leaves(got))
+        for a, b in tied:
+            if a in results and results[a] is not results[b]:
+                problems.append(f"tied {_name(a)} and {_name(b)} are not one object")
+    problems += [f"source {p}" for p in src_unchanged()]
+    problems += _stats_problems(stats, dst, bucket_bytes)
+    return problems, stats
+
+
+def _stats_problems(stats: dict, dst: Any, bucket_bytes: int | None) -> list[str]:
+    out = []
+    owned = _owned_bytes(dst)
+    if stats["bytes_owned"] != owned:
+        out.append(f"stats bytes_owned {stats['bytes_owned']}, want {owned}")
+    if stats["bytes_received"] + stats["bytes_local"] != stats["bytes_owned"]:
+        out.append(f"stats received + local != owned: {stats}")
+    if stats["buffer_bytes"] > 2 * stats["bucket_bytes"]:
+        out.append(f"stats buffer_bytes over two buckets: {stats}")
+    if bucket_bytes is not None and stats["bucket_bytes"] != bucket_bytes:
+        out.append(f"stats bucket_bytes {stats['bucket_bytes']}, want {bucket_bytes}")
+    return out
+
+
+def _assert_all_ranks_clean(results: list[tuple[list[str], dict]]) -> list[dict]:
+    for rank, (problems, _) in enumerate(results):
+        assert problems == [], f"rank {rank}"
+    stats = [s for _, s in results]
+    # Every byte sent is received by someone.
+    assert sum(s["bytes_sent"] for s in stats) == sum(s["bytes_received"] for s in stats)
+    return stats
+
+
+# ---------------------------------------------------------------- 1. FSDP2 -> TP
+
+
+def _fsdp_to_tp(bucket_bytes: int):
+    full = {
+        "w1": _full((16, 12), torch.float32, 1),
+        "w2": _full((12, 10), torch.bfloat16, 2),
+        "b": _full((10,), torch.float32, 3),
+        "odd": _full((9, 7), torch.float32, 4),
+    }
+    tp = {"w1": [Shard(1)], "w2": [Shard(0)], "b": [Replicate()], "odd": [Shard(1)]}
+    src = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
+    dst: Any = _present({k: _dst(v, [0, 1], tp[k]) for k, v in full.items()})
+    rank = dist.get_rank()
+    if rank == 2:
+        dst = None  # source-only ranks: None or {}
+    return _reshard_checked(src, dst, {(k,): v for k, v in full.items()},
+                            bucket_bytes=bucket_bytes)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, SMALL_BUCKET])
+def test_reshard_fsdp_shard0_over_4_to_tp_shard1_over_2_matches_gather_distribute(
+    bucket_bytes,
+):
+    stats = _assert_all_ranks_clean(
+        run_on_ranks(WORLD, _fsdp_to_tp, bucket_bytes, timeout=120)
+    )
+    # Source-only ranks own and receive nothing; the TP ranks receive from the others.
+    for rank in (2, 3):
+        assert stats[rank]["bytes_owned"] == stats[rank]["bytes_received"] == 0
+        assert stats[rank]["bytes_sent"] > 0
+    for rank in (0, 1):
+        assert stats[rank]["bytes_received"] > 0
+
+
+# ---------------------------------------------------------------- 2. world size change
+
+
+_WORLD_CHANGES = {
+    "4_to_2": (ALL, [0, 1]),
+    "4_to_2_reversed_mesh": (ALL, [3, 1]),
+    "2_to_4": ([0, 1], ALL),
+}
+
+
+def _shard0_world_change(change: str):
+    src_ranks, dst_ranks = _WORLD_CHANGES[change]
+    full = {
+        "a": _full((13, 5), torch.float32, 10),
+        "b": _full((8, 3), torch.float64, 11),
+        "c": _full((3, 4), torch.int32, 12),  # fewer rows than ranks
+        "d": _full((2,), torch.bfloat16, 13),
+    }
+    src = _present({k: _src(v, src_ranks, [Shard(0)]) for k, v in full.items()})
+    dst = _present({k: _dst(v, dst_ranks, [Shard(0)]) for k, v in full.items()})
+    return _reshard_checked(src or None, dst, {(k,): v for k, v in full.items()},
+                            bucket_bytes=SMALL_BUCKET)
+
+
+@pytest.mark.parametrize("change", list(_WORLD_CHANGES))
+def test_reshard_shard0_to_shard0_on_another_world_size_matches_gather_distribute(change):
+    stats = _assert_all_ranks_clean(
+        run_on_ranks(WORLD, _shard0_world_change, change, timeout=120)
+    )
+    src_ranks, dst_ranks = _WORLD_CHANGES[change]
+    for rank in set(ALL) - set(dst_ranks):
+        assert stats[rank]["bytes_owned"] == 0
+    for rank in set(ALL) - set(src_ranks):
+        assert stats[rank]["bytes_sent"] == stats[rank]["bytes_local"] == 0
+
+
+# ---------------------------------------------------------------- 3. HSDP -> 1-D
+
+
+def _hsdp_to_1d():
+    full = {
+        "a": _full((8, 6), torch.float32, 20),
+        "b": _full((7, 5), torch.bfloat16, 21),
+        "c": _full((3, 9), torch.float32, 22),
+        "d": _full((5,), torch.float32, 23),
+        "e": _full((6, 5), torch.float32, 24),
+    }
+    hsdp = {k: [Replicate(), Shard(0)] for k in full}
+    hsdp["e"] = [Shard(0), Shard(1)]  # 2-D sharded both ways
+    flat = {"a": [Shard(0)], "b": [Shard(1)], "c": [Shard(1)], "d": [Shard(0)],
+            "e": [Shard(1)]}
+    src = {k: _src(v, HSDP, hsdp[k]) for k, v in full.items()}
+    dst = {k: _dst(v, ALL, flat[k]) for k, v in full.items()}
+    return _reshard_checked(src, dst, {(k,): v for k, v in full.items()},
+                            bucket_bytes=SMALL_BUCKET)
+
+
+def test_reshard_hsdp_2d_mesh_to_1d_shards_matches_gather_distribute():
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _hsdp_to_1d, timeout=120))
+
+
+# ---------------------------------------------------------------- 4. mixed state dict
+
+
+def _mixed(bucket_bytes: int):
+    rank = dist.get_rank()
+    full = {
+        ("model", "emb"): _full((5, 3), torch.float32, 30),
+        ("model", "norm"): _full((7,), torch.bfloat16, 31),
+        ("model", "empty_rows"): _full((0, 4), torch.float32, 32),
+        ("model", "empty_cols"): _full((3, 0), torch.bfloat16, 33),
+        ("model", "scale"): torch.tensor(2.5),
+        ("model", "count"): _full((6, 2), torch.int64, 34),
+        ("optim", "state", "model.emb", "exp_avg"): _full((5, 3), torch.float32, 35),
+        ("optim", "state", "model.emb", "exp_avg_sq"): _full((5, 3), torch.bfloat16, 36),
+        ("optim", "state", "model.emb", "step"): torch.tensor(3.0),
+    }
+    f = {path[-1]: v for path, v in full.items()}
+    # Sources: FSDP-like Shard(0) over all ranks (uneven: some ranks hold nothing).
+    emb = _src(f["emb"], ALL, [Shard(0)])
+    src = {
+        "model": {
+            "emb": emb,
+            "head": emb,  # tied
+            "norm": _src(f["norm"], ALL, [Shard(0)]),
+            "empty_rows": _src(f["empty_rows"], ALL, [Shard(0)]),
+            "empty_cols": _src(f["empty_cols"], ALL, [Shard(0)]),
+            "scale": _src(f["scale"], ALL, [Replicate()]),
+            "count": _src(f["count"], ALL, [Shard(1)]),
+        },
+        "optim": {
+            "state": {"model.emb": {
+                "exp_avg": _src(f["exp_avg"], ALL, [Shard(0)]),
+                "exp_avg_sq": _src(f["exp_avg_sq"], ALL, [Shard(0)]),
+                "step": f["step"].clone(),  # a plain 0-dim tensor every rank holds
+            }},
+            "param_groups": [{
+                "lr": 0.1 * (rank + 1),  # the lowest source rank's value wins
+                "betas": (0.9, 0.999),
+                "params": ["model.emb", "model.head"],
+                "name": f"from rank {rank}",
+            }],
+        },
+    }
+    if rank >= 2:
+        src["extra"] = {"seen_by": rank}  # only ranks 2 and 3 have it: rank 2's wins
+    # Destinations: other meshes and placements, keys only where owned.
+    dst_emb = _dst(f["emb"], ALL, [Shard(1)])  # 3 columns over 4 ranks: rank 3 empty
+    dst = {
+        "model": _present({
+            "emb": dst_emb,
+            "head": dst_emb,  # tied
+            "norm": _dst(f["norm"], [2, 3], [Shard(0)]),
+            "empty_rows": _dst(f["empty_rows"], ALL, [Shard(1)]),
+            "empty_cols": _dst(f["empty_cols"], [0, 1], [Replicate()]),
+            "scale": _dst(f["scale"], [1, 2], [Replicate()]),
+            "count": _dst(f["count"], ALL, [Shard(0)]),
+        }),
+        "optim": {
+            "state": {"model.emb": _present({
+                "exp_avg": _dst(f["exp_avg"], [0, 1], [Shard(1)]),
+                "exp_avg_sq": _dst(f["exp_avg_sq"], ALL, [Replicate()]),
+                "step": torch.zeros(()),
+            })},
+            "param_groups": [{
+                "lr": 0.0,
+                "betas": (0.0, 0.0),
+                "params": ["", ""],
+                "name": "",
+                "only_in_dst": "kept",  # no source has it: unchanged
+            }],
+        },
+        "extra": {"seen_by": -1},
+    }
+    expect = dict(full)
+    expect[("model", "head")] = f["emb"]
+    return _reshard_checked(
+        src, dst, expect, bucket_bytes=bucket_bytes,
+        tied=((("model", "emb"), ("model", "head")),),
+    )
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 64])
+def test_reshard_mixed_uneven_tied_empty_scalar_optimizer_state_matches_gather_distribute(
+    bucket_bytes,
+):
+    # Non-tensor leaves are compared with the reference's rule: the lowest rank whose
+    # source has the key path (lr 0.1 from rank 0, extra.seen_by 2 from rank 2), the
+    # destination's own value where no source has it (only_in_dst).
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _mixed, bucket_bytes, timeout=120))
+
+
+# ---------------------------------------------------------------- 5. disjoint ranks
+
+
+def _disjoint():
+    full = {
+        "s0": _full((9, 4), torch.float32, 40),
+        "s1": _full((4, 7), torch.bfloat16, 41),
+        "rep": _full((3, 3), torch.float32, 42),
+        "n": 11,
+    }
+    src = _present({
+        "s0": _src(full["s0"], [0, 1], [Shard(0)]),
+        "s1": _src(full["s1"], [0, 1], [Shard(1)]),
+        "rep": _src(full["rep"], [0, 1], [Replicate()]),
+    })
+    dst = _present({
+        "s0": _dst(full["s0"], [2, 3], [Shard(1)]),
+        "s1": _dst(full["s1"], [2, 3], [Shard(0)]),
+        "rep": _dst(full["rep"], [2, 3], [Shard(0)]),
+    })
+    rank = dist.get_rank()
+    if rank < 2:
+        src["n"] = full["n"]
+    else:
+        dst["n"] = 0
+    expect = {(k,): full[k] for k in ("s0", "s1", "rep")}
+    return _reshard_checked(src or None, dst or None, expect, bucket_bytes=SMALL_BUCKET)
+
+
+def test_reshard_between_disjoint_rank_subsets_of_one_group_matches_gather_distribute():
+    stats = _assert_all_ranks_clean(run_on_ranks(WORLD, _disjoint, timeout=120))
+    for rank in (0, 1):
+        assert stats[rank]["bytes_owned"] == stats[rank]["bytes_received"] == 0
+        assert stats[rank]["bytes_sent"] > 0
+    for rank in (2, 3):
+        assert stats[rank]["bytes_sent"] == stats[rank]["bytes_local"] == 0
+        assert stats[rank]["bytes_received"] == stats[rank]["bytes_owned"] > 0
+
+
+# ---------------------------------------------------------------- 6. meta destinations
+
+
+def _meta_destinations():
+    rank = dist.get_rank()
+    full = {
+        "meta_s1": _full((8, 6), torch.float32, 50),
+        "real_s0": _full((6, 4), torch.bfloat16, 51),
+        "meta_rep": _full((4, 4), torch.float32, 52),
+        "meta_plain": _full((5,), torch.float32, 53),
+        "tied_a": _full((7, 2), torch.float32, 54),
+    }
+    src = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
+    src["tied_b"] = src["tied_a"]  # tied on both sides
+    full["tied_b"] = full["tied_a"]
+    tied = _dst(full["tied_a"], [0, 1], [Shard(0)], meta=True)
+    dst = _present({
+        "meta_s1": _dst(full["meta_s1"], [0, 1], [Shard(1)], meta=True),
+        "real_s0": _dst(full["real_s0"], [0, 1], [Shard(0)]),
+        "meta_rep": _dst(full["meta_rep"], ALL, [Replicate()], meta=True),
+        "tied_a": tied,
+        "tied_b": tied,
+    })
+    if rank == 1:
+        dst["meta_plain"] = torch.empty(5, device="meta")
+    expect = {(k,): v for k, v in full.items()}
+    return _reshard_checked(src, dst, expect, tied=((("tied_a",), ("tied_b",)),))
+
+
+def test_reshard_replaces_meta_destinations_and_writes_real_ones_in_place():
+    # The in-place / replaced checks are in _compare (same object and storage for real
+    # destinations; a new, real DTensor on the same mesh and placements for meta ones).
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _meta_destinations, timeout=120))
+
+
+# ---------------------------------------------------------------- 7. replicated sources
+
+
+def _replicated_to_other_ranks():
+    full = {f"r{i}": _full((16, 8), torch.float32, 60 + i) for i in range(8)}
+    full["plain"] = _full((32,), torch.float32, 70)
+    src = _present({k: _src(v, [0, 1], [Replicate()]) for k, v in full.items()
+                    if k != "plain"})
+    if dist.get_rank() < 2:
+        src["plain"] = full["plain"].clone()  # a plain tensor both hold whole
+    dst = _present({
+        k: _dst(v, [2, 3], [Shard(0)] if i % 2 else [Replicate()])
+        for i, (k, v) in enumerate(full.items())
+    })
+    return _reshard_checked(src or None, dst or None, {(k,): v for k, v in full.items()},
+                            bucket_bytes=SMALL_BUCKET)
+
+
+def test_reshard_spreads_replicated_sources_over_the_ranks_that_hold_them():
+    stats = _assert_all_ranks_clean(
+        run_on_ranks(WORLD, _replicated_to_other_ranks, timeout=120)
+    )
+    total = stats[0]["bytes_sent"] + stats[1]["bytes_sent"]
+    assert total == stats[2]["bytes_owned"] + stats[3]["bytes_owned"]
+    # Both holders send, neither carries (nearly) everything.
+    assert min(stats[0]["bytes_sent"], stats[1]["bytes_sent"]) >= total // 4, stats
+
+
+def _replicated_everywhere():
+    full = {
+        "a": _full((8, 6), torch.float32, 80),
+        "b": _full((6, 9), torch.bfloat16, 81),
+    }
+    src = {k: _src(v, ALL, [Replicate()]) for k, v in full.items()}
+    dst = {"a": _dst(full["a"], ALL, [Shard(0)]), "b": _dst(full["b"], ALL, [Shard(1)])}
+    return _reshard_checked(src, dst, {(k,): v for k, v in full.items()})
+
+
+def test_reshard_copies_locally_what_a_rank_already_holds():
+    for s in _assert_all_ranks_clean(run_on_ranks(WORLD, _replicated_everywhere, timeout=120)):
+        assert s["bytes_received"] == s["bytes_sent"] == 0
+        assert s["bytes_local"] == s["bytes_owned"] > 0
+
+
+# ---------------------------------------------------------------- 8. ShardedTensor, plain
+
+
+def _sharded_and_plain_sources():
+    rank = dist.get_rank()
+    full = {
+        "st": _full((9, 4), torch.float32, 90),  # what _sharded_tensor(9, 4, 90) holds
+        "st_few_rows": _full((3, 5), torch.float32, 91),
+        "whole_on_0": _full((10, 3), torch.bfloat16, 92),
+        "whole_everywhere": _full((4, 6), torch.float32, 93),
+        "to_plain": _full((6, 2), torch.float32, 94),
+    }
+    src: dict[str, Any] = {
+        "st": _sharded_tensor(9, 4, 90),  # ChunkShardingSpec dim 0: 3, 3, 3, 0 rows
+        "st_few_rows": _sharded_tensor(3, 5, 91),
+        "whole_everywhere": full["whole_everywhere"].clone(),
+        "to_plain": _src(full["to_plain"], ALL, [Shard(0)]),
+    }
+    if rank == 0:
+        src["whole_on_0"] = full["whole_on_0"].clone()
+    dst = _present({
+        "st": _dst(full["st"], [0, 1], [Shard(1)]),
+        "st_few_rows": _dst(full["st_few_rows"], ALL, [Shard(0)]),
+        "whole_on_0": _dst(full["whole_on_0"], ALL, [Shard(0)]),
+        "whole_everywhere": _dst(full["whole_everywhere"], [2, 3], [Shard(1)]),
+    })
+    if rank == 3:
+        dst["to_plain"] = torch.zeros(6, 2)  # a plain destination takes the whole tensor
+    return _reshard_checked(src, dst, {(k,): v for k, v in full.items()},
+                            bucket_bytes=SMALL_BUCKET)
+
+
+def test_reshard_sharded_tensor_and_whole_plain_sources_match_gather_distribute():
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _sharded_and_plain_sources, timeout=120))
+
+
+# ---------------------------------------------------------------- 9. plan cache
+
+
+def _layout(seed: int, dst_placement: Any):
+    full = {
+        "w": _full((12, 8), torch.float32, seed),
+        "b": _full((8,), torch.bfloat16, seed + 1),
+    }
+    src = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
+    dst = _present({
+        "w": _dst(full["w"], [0, 1], [dst_placement]),
+        "b": _dst(full["b"], [0, 1], [Replicate()]),
+    })
+    return src, dst, {(k,): v for k, v in full.items()}
+
+
+def _plan_cache():
+    seen = []
+    src, dst, expect = _layout(100, Shard(1))
+    seen.append(("first", *_reshard_checked(src, dst or None, expect)))
+    src2, dst2, expect2 = _layout(200, Shard(1))  # new objects, same layouts
+    seen.append(("same layouts", *_reshard_checked(src2, dst2 or None, expect2)))
+    # The same objects again, new source values written in place.
+    src3, _, expect3 = _layout(300, Shard(1))
+    for k in src2:
+        src2[k]._local_tensor.copy_(src3[k]._local_tensor)
+    seen.append(("same objects", *_reshard_checked(src2, dst2 or None, expect3)))
+    src4, dst4, expect4 = _layout(400, Shard(0))  # another destination layout
+    seen.append(("other layout", *_reshard_checked(src4, dst4 or None, expect4)))
+    return [(what, problems, stats["planned"]) for what, problems, stats in seen]
+
+
+def test_reshard_plan_is_cached_per_layout_and_reused_with_new_values():
+    # A fresh group: no earlier test has warmed this process's plan cache.
+    results = run_fresh(WORLD, _plan_cache, pg_timeout=30, timeout=180)
+    for rank, calls in enumerate(results):
+        for what, problems, _ in calls:
+            assert problems == [], f"rank {rank}, {what}"
+        planned = {what: p for what, _, p in calls}
+        assert planned == {
+            "first": True, "same layouts": False, "same objects": False, "other layout": True
+        }, f"rank {rank}"
+
+
+# ---------------------------------------------------------------- 10. bounded buckets
+
+
+def _many_small(count: int, rows: int, cols: int, bucket_bytes: int | None):
+    full = {f"p{i}": _full((rows, cols), torch.float32, 500 + i) for i in range(count)}
+    src = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
+    dst = _present({k: _dst(v, [0, 1], [Shard(1)]) for k, v in full.items()})
+    problems, stats = _reshard_checked(src, dst or None, {(k,): v for k, v in full.items()},
+                                       bucket_bytes=bucket_bytes)
+    total = sum(v.numel() * v.element_size() for v in full.values())
+    return problems, stats, total
+
+
+def test_reshard_in_small_buckets_holds_at_most_two_and_sends_per_bucket():
+    bucket = SMALL_BUCKET
+    # 64 tensors of 2 KiB: 128 KiB, all of it moving (every rank sends, two receive).
+    results = run_on_ranks(WORLD, _many_small, 64, 32, 16, bucket, timeout=180)
+    stats = _assert_all_ranks_clean([(p, s) for p, s, _ in results])
+    total = results[0][2]
+    for rank, s in enumerate(stats):
+        assert s["buffer_bytes"] <= 2 * bucket, (rank, s)
+        moved = max(s["bytes_sent"], s["bytes_received"])
+        # About one round per bucket of what this rank moves, never one per tensor.
+        assert s["rounds"] >= math.ceil(moved / bucket), (rank, s)
+        assert s["rounds"] <= 2 * math.ceil(total / bucket) + 2, (rank, s)
+        assert s["collectives"] <= s["rounds"], (rank, s)
+        assert s["p2p_ops"] <= 2 * (WORLD - 1) * s["rounds"], (rank, s)
+    assert max(s["rounds"] for s in stats) > 1
+
+
+def test_reshard_of_200_small_tensors_in_one_bucket_takes_one_round():
+    results = run_on_ranks(WORLD, _many_small, 200, 4, 4, 1 << 20, timeout=180)
+    for rank, s in enumerate(_assert_all_ranks_clean([(p, s) for p, s, _ in results])):
+        assert s["rounds"] == 1, (rank, s)
+        assert s["collectives"] <= 1, (rank, s)
+        # At most one message to and from each peer, whatever the tensor count.
+        assert s["p2p_ops"] <= 2 * (WORLD - 1), (rank, s)
+
+
+# ---------------------------------------------------------------- 11. errors
+
+
+def _error_inputs(kind: str) -> tuple[Any, Any]:
+    """Sources and destinations with one problem (about key ``mlp_w3``) of ``kind``,
+    next to a good key."""
+    rank = dist.get_rank()
+    good = _full((8, 4), torch.float32, 600)
+    bad = _full((8, 4), torch.float32, 601)
+    src: dict[str, Any] = {"good": _src(good, ALL, [Shard(0)])}
+    dst: dict[str, Any] = _present({"good": _dst(good, [0, 1], [Shard(1)])})
+    # Meshes used on some ranks only are created on every rank, in one order.
+    _mesh([1, 2])
+    bad_dst = _dst(bad, [0, 1], [Shard(1)])
+    if kind == "dst_shape":
+        bad_dst = _dst(_full((8, 5), torch.float32, 601), [0, 1], [Shard(1)])
+    if kind == "dtype":
+        bad_dst = _dst(bad.to(torch.bfloat16), [0, 1], [Shard(1)])
+    src["mlp_w3"] = _src(bad, ALL, [Shard(0)])
+    if kind == "src_shapes":
+        # Plain whole tensors that disagree on the global shape.
+        src["mlp_w3"] = bad.clone() if rank == 0 else _full((9, 4), torch.float32, 601)
+    if kind == "no_source":
+        del src["mlp_w3"]
+    if kind == "uncovered" and rank == 3:
+        del src["mlp_w3"]  # rows 6 and 7 are then held by no source
+    if kind == "overlap":
+        # Rank 0 holds it whole, ranks 1 and 2 a half each: overlapping, unequal boxes.
+        src["mlp_w3"] = bad.clone() if rank == 0 else _src(bad, [1, 2], [Shard(0)])
+    if kind == "partial":
+        src["mlp_w3"] = DTensor.from_local(bad.clone(), _mesh(ALL), [Partial()],
+                                           run_check=False)
+    if kind == "strided":
+        src["mlp_w3"] = DTensor.from_local(
+            bad[2 * rank : 2 * rank + 2].clone(), _mesh(ALL),
+            [_StridedShard(0, split_factor=2)], run_check=False,
+        )
+    if kind == "bad_leaf" and rank == 2:
+        src["mlp_w3_extra"] = {1, 2}  # a set: not a supported leaf
+    if bad_dst is not None:
+        dst["mlp_w3"] = bad_dst
+    return _present(src) or None, dst or None
+
+
+def _reshard_error(kind: str):
+    src, dst = _error_inputs(kind)
+    unchanged = _snapshot(dst)
+    try:
+        utils.reshard_state_dict(src, dst)
+    except Exception as exc:  # noqa: BLE001 - the spec is about which exception
+        return type(exc).__name__, str(exc), unchanged()
+    return None, "", unchanged()
+
+
+ERRORS = ["dst_shape", "src_shapes", "dtype", "no_source", "uncovered", "overlap",
+          "partial", "strided", "bad_leaf"]
+
+
+@pytest.mark.parametrize("kind", ERRORS)
+def test_reshard_raises_on_every_rank_naming_the_key_before_writing(kind):
+    # A fresh group with a short collective timeout: a rank left waiting on one that
+    # raised fails in seconds (and that would show as a different exception).
+    results = run_fresh(WORLD, _reshard_error, kind, pg_timeout=20, timeout=150)
+    for rank, (name, text, changed) in enumerate(results):
+        assert name in ("ValueError", "RankFailure"), (rank, name, text)
+        assert "mlp_w3" in text, (rank, text)
+        assert changed == [], (rank, changed)
+    if kind == "bad_leaf":
+        # Only rank 2 can see it; the others learn it from rank 2.
+        assert [name for name, _, _ in results] == [
+            "RankFailure", "RankFailure", "ValueError", "RankFailure"]
