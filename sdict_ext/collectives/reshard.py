@@ -1,32 +1,676 @@
 """``reshard_state_dict``: a sharded state dict moved into another layout, never gathered.
 
-(Interface committed first so tests and bench can be written against it; the
-implementation follows in the next commit.)
+PyTorch's way to change a state dict's layout (FSDP over some ranks into tensor
+parallelism over others, another world size, another mesh) goes through full tensors:
+``_gather_state_dict`` then ``_distribute_state_dict`` / ``_broadcast_state_dict``, or
+``DTensor.full_tensor()`` key by key, funnelling every byte through every rank (or one)
+and materialising every tensor. ``DTensor.redistribute`` works per tensor, within one
+mesh. Here every byte goes once, straight from a rank that holds it in the source
+layout to the rank that owns it in the destination layout:
+
+1. **Describe.** Each rank lists the boxes (start, shape) of the full tensors it holds
+   in the source layout and owns in the destination layout, per key path; the boxes
+   come from :mod:`.boxes` (DTensors of ``Shard`` / ``Replicate`` placements on any
+   mesh), a ShardedTensor's shard metadata, or the whole tensor for a plain one.
+2. **Plan.** From every rank's description (one ``all_gather_object``), every rank
+   computes the same plan: per key and destination box, its intersection with each
+   distinct source box; a region several ranks hold (``Replicate``, HSDP's replicas)
+   is split across them by the bytes each already sends; a region the destination rank
+   holds itself is a local copy. The pieces to other ranks are then cut to at most half
+   a bucket and packed into *rounds*: in a round, each rank sends and receives at most
+   ``bucket_bytes`` in all, one message per peer. Every check (global shapes and dtypes
+   agree for one key, every destination byte has a source, source boxes do not overlap
+   partially, the descriptions are well formed: peers are not trusted) is made before
+   anything moves, and the plan is agreed through :func:`.agreement.agree`.
+3. **Move.** Round k is packed (:func:`sdict_ext.ops.pack` of the source boxes'
+   views, one call) into buffer k % 2, sent with one ``batch_isend_irecv`` to every
+   peer of the round, and unpacked (:func:`sdict_ext.ops.unpack` into the destination
+   boxes' views, one call) once received; round k + 1 is posted before round k is
+   waited for, so at most two rounds are in flight and the extra memory is at most two
+   buckets. Local pieces are one batched copy, made while round 0 travels.
+
+The plan of this rank is cached per (group, bucket size, device, source layout,
+destination layout): a training loop's second call agrees on it with one tiny
+collective and plans nothing.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
+from sdict_ext import ops
+from sdict_ext._gc import gc_paused
+from sdict_ext.collectives.agreement import agree, digest, status_device
+from sdict_ext.collectives.boxes import compute_box, dtensor_of, is_plain_placement
 from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES
+from sdict_ext.host.copies import batched_copy_pairs, indexed_device
+from sdict_ext.tree import (
+    LEAF_DTENSOR,
+    LEAF_SHARDED,
+    LEAF_TENSOR,
+    PLAIN_KINDS,
+    flatten,
+    format_path,
+)
 
-__all__ = ["ReshardStats", "last_reshard_stats", "reshard_state_dict"]
+__all__ = ["MIN_BUCKET_BYTES", "ReshardStats", "last_reshard_stats", "reshard_state_dict"]
+
+_WHAT = "reshard_state_dict"
+
+#: Smallest accepted ``bucket_bytes``: a piece is cut to at most half a bucket less the
+#: alignment of two message starts, and must still hold the widest element.
+MIN_BUCKET_BYTES = 1024
+
+#: Where each peer's message starts in a round's buffer (bytes). Within a message the
+#: pieces are ordered by element size, widest first, so each lies at a multiple of its
+#: element size with no padding: a message carries exactly its payload.
+_MESSAGE_ALIGNMENT = 64
+
+#: A region several source ranks hold is split across them only from this size on;
+#: below, one rank (the least loaded) sends it whole.
+_SPREAD_MIN_BYTES = 1 << 20
+
+#: Plans kept per process (least recently used dropped first).
+_CACHE_SIZE = 16
+
+_DTYPES = {
+    str(d): d for d in (getattr(torch, n) for n in dir(torch)) if isinstance(d, torch.dtype)
+}
 
 
 class ReshardStats(dict):
-    """What this process's last :func:`reshard_state_dict` call did (a dict)."""
+    """What this process's last :func:`reshard_state_dict` call did, on this rank.
+
+    Keys: ``planned`` (this call built the plan; False when the cache served it),
+    ``rounds`` (pipelined rounds), ``p2p_ops`` (isend + irecv this rank posted),
+    ``collectives`` (``batch_isend_irecv`` calls of the data phase, one per round this
+    rank takes part in), ``bytes_sent`` / ``bytes_received`` (payload to / from other
+    ranks), ``bytes_local`` (copied on this rank), ``bytes_owned`` (of the destination
+    boxes this rank owns, each tied tensor once: ``bytes_received + bytes_local``),
+    ``buffer_bytes`` (staging buffers held at the peak, at most two buckets),
+    ``bucket_bytes``.
+    """
 
 
 _LAST = ReshardStats()
 
 
 def last_reshard_stats() -> ReshardStats:
+    """A copy of the statistics of this process's last :func:`reshard_state_dict`."""
     return ReshardStats(_LAST)
 
 
+# ---------------------------------------------------------------------------------
+# Describe: what this rank holds (source) and owns (destination), per key path.
+# ---------------------------------------------------------------------------------
+
+# An entry as it travels: (path, global shape, dtype name, boxes, alias), a box being
+# (start, shape) in the full tensor. ``alias`` is the index of an earlier destination
+# entry of this rank whose tensor is this one (tied weights), or -1.
+_Box = tuple[tuple[int, ...], tuple[int, ...]]
+_Entry = tuple[tuple[Any, ...], tuple[int, ...], str, list[_Box], int]
+
+
+class _Side:
+    """One side (source or destination) of this rank: the wire description, and for
+    each entry the leaf index and local tensors its boxes are in."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.leaf_of: list[int] = []
+        self.locals: list[list[torch.Tensor]] = []
+        self.values: list[tuple[Any, ...]] = []  # key paths of the plain values
+        self.value_leaf: list[int] = []
+        self.value_objects: list[Any] = []
+
+
+def _where(side: str, path: tuple[Any, ...]) -> str:
+    return f"{_WHAT}: {side} key {format_path(path)!r}"
+
+
+def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
+    out = _Side()
+    # Key paths are made once per call (the cached route needs them for the values and
+    # the wire description only when it plans); error messages build theirs lazily.
+    paths = flat.paths
+    seen: dict[Any, int] = {}
+    for i, (leaf, kind) in enumerate(zip(flat.leaves, flat.kinds)):
+        path = paths[i]
+        if kind in PLAIN_KINDS:
+            out.values.append(path)
+            out.value_leaf.append(i)
+            out.value_objects.append(leaf)
+            continue
+        if kind == LEAF_DTENSOR:
+            placements = leaf.placements
+            if not is_plain_placement(placements):
+                raise ValueError(
+                    f"{_where(side, path)} is a DTensor placed {placements}; only Shard and "
+                    "Replicate placements describe a box of the full tensor per rank: "
+                    "reduce Partial (and redistribute _StridedShard) before resharding"
+                )
+            shape = tuple(leaf.shape)
+            local = leaf._local_tensor
+            box = compute_box(shape, leaf.device_mesh, placements, rank)
+            if box is None:
+                raise ValueError(f"{_where(side, path)}: this rank is not in the DTensor's mesh")
+            box_shape, start = box
+            tensors, boxes = [local], [(tuple(start), tuple(box_shape))]
+        elif kind == LEAF_SHARDED:
+            shape = tuple(leaf.size())
+            tensors, boxes = [], []
+            for shard in leaf.local_shards():
+                md = shard.metadata
+                tensors.append(shard.tensor)
+                boxes.append((tuple(md.shard_offsets), tuple(md.shard_sizes)))
+            local = tensors[0] if tensors else None
+        elif kind == LEAF_TENSOR:
+            shape = tuple(leaf.shape)
+            tensors, boxes = [leaf], [((0,) * len(shape), shape)]
+            local = leaf
+        else:
+            raise ValueError(
+                f"{_where(side, path)} has unsupported type {type(leaf).__name__}"
+            )
+        dtype = tensors[0].dtype if tensors else leaf.metadata().tensor_properties.dtype
+        for t, (_, box_shape) in zip(tensors, boxes):
+            if t.layout != torch.strided:
+                raise ValueError(
+                    f"{_where(side, path)}: a {t.layout} tensor; only strided tensors move"
+                )
+            if t.shape != box_shape:
+                raise ValueError(
+                    f"{_where(side, path)}: its local tensor has shape {tuple(t.shape)} but "
+                    f"its placement gives this rank a box of {box_shape}"
+                )
+            if t.dtype != dtype:
+                raise ValueError(
+                    f"{_where(side, path)}: local shards of dtypes {t.dtype} and {dtype}"
+                )
+            if not dst and t.is_meta:
+                raise ValueError(
+                    f"{_where(side, path)} is on the meta device: a source must hold data"
+                )
+        alias = -1
+        if dst and local is not None and kind != LEAF_SHARDED:
+            # Tied destinations (one tensor at several keys) are written once.
+            tie = (id(leaf),) if local.is_meta else (
+                local.untyped_storage().data_ptr(), local.storage_offset(),
+                tuple(local.shape), local.stride(), local.dtype, local.device,
+            )
+            alias = seen.setdefault(tie, len(out.entries))
+            if alias == len(out.entries):
+                alias = -1
+        out.entries.append((path, shape, str(dtype), boxes, alias))
+        out.leaf_of.append(i)
+        out.locals.append(tensors)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Plan: computed identically on every rank from every rank's description.
+# ---------------------------------------------------------------------------------
+
+
+def _volume(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _intersect(a_start, a_shape, b_start, b_shape):
+    start, shape = [], []
+    for s1, n1, s2, n2 in zip(a_start, a_shape, b_start, b_shape):
+        lo, hi = max(s1, s2), min(s1 + n1, s2 + n2)
+        if hi <= lo:
+            return None
+        start.append(lo)
+        shape.append(hi - lo)
+    return tuple(start), tuple(shape)
+
+
+def _split(start, shape, parts: int):
+    """``parts`` near-equal boxes along the first dim longer than one element."""
+    for d, n in enumerate(shape):
+        if n > 1:
+            parts = min(parts, n)
+            out = []
+            for p in range(parts):
+                lo, hi = n * p // parts, n * (p + 1) // parts
+                out.append((start[:d] + (start[d] + lo,) + start[d + 1:],
+                            shape[:d] + (hi - lo,) + shape[d + 1:]))
+            return out
+    return [(start, shape)]
+
+
+def _cut(start, shape, itemsize: int, cap: int):
+    """Boxes of at most ``cap`` bytes covering the box (row-major blocks)."""
+    if _volume(shape) * itemsize <= cap:
+        return [(start, shape)]
+    ndim = len(shape)
+    d = 0
+    while d < ndim and _volume(shape[d + 1:]) * itemsize > cap:
+        d += 1
+    # Rows of dim d (each the rest of the box beyond d) fit; take cap's worth at a time.
+    row = _volume(shape[d + 1:]) * itemsize
+    per = max(1, cap // row)
+    out = []
+    for lead in itertools.product(*(range(n) for n in shape[:d])):
+        for lo in range(0, shape[d], per):
+            n = min(per, shape[d] - lo)
+            out.append((
+                tuple(s + i for s, i in zip(start[:d], lead)) + (start[d] + lo,) + start[d + 1:],
+                (1,) * d + (n,) + shape[d + 1:],
+            ))
+    return out
+
+
+def _bad(rank: int, what: str) -> ValueError:
+    return ValueError(f"{_WHAT}: rank {rank} sent a malformed layout description: {what}")
+
+
+def _check_description(rank: int, desc: Any) -> None:
+    """A peer's description is input like any other: every field is checked before
+    anything is computed from it."""
+    if not (isinstance(desc, tuple) and len(desc) == 4):
+        raise _bad(rank, "not a (sources, destinations, source values, destination values) tuple")
+    src, dst, src_values, dst_values = desc
+    if not all(isinstance(x, list) for x in desc):
+        raise _bad(rank, "lists expected")
+    if not all(isinstance(p, tuple) for p in src_values + dst_values):
+        raise _bad(rank, "a value's key path is not a tuple")
+    for side, entries in (("source", src), ("destination", dst)):
+        for j, entry in enumerate(entries):
+            if not (isinstance(entry, tuple) and len(entry) == 5):
+                raise _bad(rank, f"{side} entry {j} is not a 5-tuple")
+            path, shape, dtype, boxes, alias = entry
+            where = f"{side} entry {j}"
+            if not isinstance(path, tuple):
+                raise _bad(rank, f"{where}: the key path is not a tuple")
+            if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+                raise _bad(rank, f"{where}: shape {shape!r}")
+            if dtype not in _DTYPES:
+                raise _bad(rank, f"{where}: unknown dtype {dtype!r}")
+            if math.prod(shape) * _DTYPES[dtype].itemsize >= 1 << 62:
+                raise _bad(rank, f"{where}: shape {shape!r} of {dtype} overflows int64 bytes")
+            if type(alias) is not int or not -1 <= alias < (j if side == "destination" else 0):
+                raise _bad(rank, f"{where}: tie index {alias!r}")
+            if not isinstance(boxes, list):
+                raise _bad(rank, f"{where}: boxes")
+            for start, size in boxes:
+                ok = (isinstance(start, tuple) and isinstance(size, tuple)
+                      and len(start) == len(shape) == len(size))
+                ok = ok and all(
+                    type(s) is int and type(n) is int and s >= 0 and n >= 0 and s + n <= full
+                    for s, n, full in zip(start, size, shape)
+                )
+                if not ok:
+                    raise _bad(rank, f"{where} ({format_path(path)!r}): box {start!r} of "
+                               f"{size!r} does not lie in the tensor of shape {shape!r}")
+
+
+class _Rank:
+    """What one rank does: its local copies, and per round its sends and receives."""
+
+    def __init__(self) -> None:
+        # (src entry, box, start in the source local, dst entry, start in the
+        # destination local, shape); the same for messages, keyed by peer.
+        self.local: list[tuple[int, int, tuple, int, tuple, tuple]] = []
+        self.rounds: list[tuple[int, list[Any], list[Any], int]] = []
+        self.bytes_owned = 0
+        self.bytes_local = 0
+        self.buffer_bytes = 0
+        self.p2p_ops = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.digest = 0
+        self.buffers: tuple[int, int] = (0, 0)  # bytes of the even / odd rounds' buffer
+        # This rank's destination values: key path -> the group rank providing it.
+        self.value_providers: dict[Any, int] = {}
+        self.provides: set[Any] = set()  # key paths this rank sends to others
+        self.needs_values = False  # whether any rank needs a value from another
+
+
+def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
+    world = len(descs)
+    for r, desc in enumerate(descs):
+        _check_description(r, desc)
+    # Per key path: its facts, the source boxes (by distinct box: the holders), the
+    # destination boxes.
+    facts: dict[Any, tuple[tuple[int, ...], str, int, int]] = {}
+    sources: dict[Any, dict[tuple, list[tuple[int, int, int]]]] = {}
+    owners: dict[Any, list[tuple[int, int, tuple, tuple]]] = {}
+    order: list[Any] = []
+    for r, (src, dst, _, _) in enumerate(descs):
+        for side, entries in (("source", src), ("destination", dst)):
+            for j, (path, shape, dtype, boxes, alias) in enumerate(entries):
+                seen = facts.setdefault(path, (shape, dtype, r, side == "source"))
+                if seen[:2] != (shape, dtype):
+                    raise ValueError(
+                        f"{_WHAT}: key {format_path(path)!r} is a tensor of shape "
+                        f"{list(seen[0])} and dtype {seen[1]} in the "
+                        f"{'source' if seen[3] else 'destination'} of rank {seen[2]}, but "
+                        f"of shape {list(shape)} and dtype {dtype} in the {side} of rank "
+                        f"{r}; reshard moves bytes, it does not reshape or cast"
+                    )
+                if side == "source":
+                    held = sources.setdefault(path, {})
+                    for b, box in enumerate(boxes):
+                        if _volume(box[1]):
+                            held.setdefault(box, []).append((r, j, b))
+                elif alias < 0:
+                    if path not in owners:
+                        owners[path] = []
+                        order.append(path)
+                    for start, size in boxes:
+                        owners[path].append((r, j, start, size))
+    load = [0] * world  # bytes each rank sends, for spreading replicated regions
+    local_pieces: list[Any] = []
+    remote: list[Any] = []  # (src rank, src entry, box, src start, dst rank, ...)
+    owned = [0] * world
+    for path in order:
+        shape, dtype, _, _ = facts[path]
+        itemsize = _DTYPES[dtype].itemsize
+        held = sources.get(path, {})
+        boxes = list(held)
+        for a, b in itertools.combinations(boxes, 2):
+            if _intersect(a[0], a[1], b[0], b[1]) is not None:
+                raise ValueError(
+                    f"{_WHAT}: key {format_path(path)!r}: source boxes overlap without "
+                    f"being equal: ranks {[h[0] for h in held[a]]} hold start {list(a[0])} "
+                    f"size {list(a[1])}, ranks {[h[0] for h in held[b]]} start "
+                    f"{list(b[0])} size {list(b[1])}"
+                )
+        for d, dj, dstart, dsize in owners[path]:
+            need = _volume(dsize)
+            owned[d] += need * itemsize
+            covered = 0
+            for box in boxes:
+                cut = _intersect(box[0], box[1], dstart, dsize)
+                if cut is None:
+                    continue
+                covered += _volume(cut[1])
+                holders = held[box]
+                mine = [h for h in holders if h[0] == d]
+                if mine:
+                    local_pieces.append((mine[0], box[0], d, dj, dstart, cut, itemsize))
+                    continue
+                nbytes = _volume(cut[1]) * itemsize
+                parts = [cut]
+                if len(holders) > 1 and nbytes >= _SPREAD_MIN_BYTES:
+                    parts = _split(cut[0], cut[1], len(holders))
+                ranked = sorted(holders, key=lambda h: (load[h[0]], h[0]))
+                for k, part in enumerate(parts):
+                    h = ranked[k % len(ranked)]
+                    load[h[0]] += _volume(part[1]) * itemsize
+                    remote.append((h, box[0], d, dj, dstart, part, itemsize))
+            if covered != need:
+                ranks = sorted({h[0] for hs in held.values() for h in hs})
+                raise ValueError(
+                    f"{_WHAT}: key {format_path(path)!r}: rank {d} owns the box at "
+                    f"{list(dstart)} of size {list(dsize)} in the destination, but only "
+                    f"{covered} of its {need} elements are held by a source "
+                    f"(source ranks holding any of it: {ranks or 'none'})"
+                )
+    # Rounds: each rank sends plus receives at most bucket_bytes per round, counting a
+    # message start's alignment; first fit, in order for each (source, destination).
+    cap = max(1, (bucket_bytes - 2 * _MESSAGE_ALIGNMENT) // 2)
+    used: list[list[int]] = [[] for _ in range(world)]
+    opened: list[list[set]] = [[] for _ in range(world)]
+    last: dict[tuple[int, int], int] = {}
+    rounds: list[list[Any]] = []
+
+    def room(r: int, k: int, peer: int, n: int) -> bool:
+        while len(used[r]) <= k:
+            used[r].append(0)
+            opened[r].append(set())
+        extra = 0 if peer in opened[r][k] else _MESSAGE_ALIGNMENT
+        return used[r][k] + n + extra <= bucket_bytes
+
+    def take(r: int, k: int, peer: int, n: int) -> None:
+        if peer not in opened[r][k]:
+            opened[r][k].add(peer)
+            used[r][k] += _MESSAGE_ALIGNMENT
+        used[r][k] += n
+
+    for (s, sj, sb), sstart, d, dj, dstart, (start, size), itemsize in remote:
+        for cstart, csize in _cut(start, size, itemsize, cap):
+            n = _volume(csize) * itemsize
+            if n == 0:
+                continue
+            k = last.get((s, d), 0)
+            while not (room(s, k, ("to", d), n) and room(d, k, ("from", s), n)):
+                k += 1
+            take(s, k, ("to", d), n)
+            take(d, k, ("from", s), n)
+            last[(s, d)] = k
+            while len(rounds) <= k:
+                rounds.append([])
+            rounds[k].append((s, sj, sb, sstart, d, dj, dstart, cstart, csize, itemsize))
+    plan = _Rank()
+    plan.bytes_owned = owned[me]
+    for (_, sj, sb), sstart, d, dj, dstart, (start, size), itemsize in local_pieces:
+        if d != me or not _volume(size):
+            continue
+        plan.local.append((sj, sb, _minus(start, sstart), dj, _minus(start, dstart), size))
+        plan.bytes_local += _volume(size) * itemsize
+    peak = [0, 0]
+    for k, pieces in enumerate(rounds):
+        sends: dict[int, list[Any]] = {}
+        recvs: dict[int, list[Any]] = {}
+        for s, sj, sb, sstart, d, dj, dstart, start, size, itemsize in pieces:
+            if s == me:
+                sends.setdefault(d, []).append(
+                    (sj, sb, _minus(start, sstart), size, itemsize))
+            if d == me:
+                recvs.setdefault(s, []).append(
+                    (dj, 0, _minus(start, dstart), size, itemsize))
+        if not sends and not recvs:
+            continue
+        cursor = 0
+        send_msgs = []
+        for peer in sorted(sends):
+            msg, cursor = _layout(sends[peer], cursor)
+            send_msgs.append((peer, msg))
+            plan.bytes_sent += msg[2]
+        send_end = cursor
+        recv_msgs = []
+        for peer in sorted(recvs):
+            msg, cursor = _layout(recvs[peer], cursor)
+            recv_msgs.append((peer, msg))
+            plan.bytes_received += msg[2]
+        parity = len(plan.rounds) % 2
+        plan.rounds.append((k, send_msgs, recv_msgs, send_end, cursor))
+        plan.p2p_ops += len(send_msgs) + len(recv_msgs)
+        peak[parity] = max(peak[parity], cursor)
+    plan.buffers = tuple(peak)
+    plan.buffer_bytes = sum(peak)
+    # Plain values: each from the lowest rank whose source has its key path; one
+    # exchange of objects when any rank needs one from another rank.
+    providers: dict[Any, int] = {}
+    for r, desc in enumerate(descs):
+        for path in desc[2]:
+            providers.setdefault(path, r)
+    for r, desc in enumerate(descs):
+        for path in desc[3]:
+            source = providers.get(path)
+            if source is None:
+                continue
+            if source != r:
+                plan.needs_values = True
+                if source == me:
+                    plan.provides.add(path)
+            if r == me:
+                plan.value_providers[path] = source
+    plan.digest = digest((descs, bucket_bytes))
+    return plan
+
+
+def _minus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x - y for x, y in zip(a, b))
+
+
+def _layout(pieces: list[Any], cursor: int) -> tuple[tuple[int, list[Any], int], int]:
+    """One message at ``cursor`` (aligned): its pieces widest element first, so each
+    starts at a multiple of its element size with no padding (both sides sort the same
+    list the same way). Returns ``((start, [(piece, offset)], payload bytes), end)``."""
+    start = (cursor + _MESSAGE_ALIGNMENT - 1) // _MESSAGE_ALIGNMENT * _MESSAGE_ALIGNMENT
+    at = start
+    placed = []
+    for piece in sorted(pieces, key=lambda p: -p[4]):
+        placed.append((piece, at))
+        at += _volume(piece[3]) * piece[4]
+    return (start, placed, at - start), at
+
+
+# ---------------------------------------------------------------------------------
+# The call.
+# ---------------------------------------------------------------------------------
+
+# (key, plan) pairs, most recently used last. A list searched with ``==`` rather than
+# a dict: a layout signature may hold unhashable parts (a ShardedTensor's metadata).
+_CACHE: list[tuple[Any, _Rank]] = []
+
+
+def _cached(key: Any) -> _Rank | None:
+    for i, (k, plan) in enumerate(_CACHE):
+        if k == key:
+            _CACHE.append(_CACHE.pop(i))
+            return plan
+    return None
+
+
+def _remember(key: Any, plan: _Rank) -> None:
+    _CACHE[:] = [(k, p) for k, p in _CACHE if k != key][-(_CACHE_SIZE - 1):]
+    _CACHE.append((key, plan))
+
+
+def _run(plan: _Rank, src: _Side, dst: _Side, group: dist.ProcessGroup,
+         wire: torch.device) -> None:
+    """The data phase: local copies, and the rounds, two in flight."""
+    rounds = plan.rounds
+    buffers = [
+        torch.empty(n, dtype=torch.uint8, device=wire) if n else None for n in plan.buffers
+    ]
+
+    def post(i: int) -> list[Any]:
+        k, sends, recvs, send_end, _ = rounds[i]
+        buf = buffers[i % 2]
+        if sends:
+            placed = [p for _, (_, pieces, _) in sends for p in pieces]
+            ops.pack(_views(src, placed), buf.narrow(0, 0, send_end),
+                     offsets=[at for _, at in placed])
+        p2p = [
+            dist.P2POp(dist.irecv, buf.narrow(0, start, n), group=group, group_peer=peer, tag=k)
+            for peer, (start, _, n) in recvs
+        ] + [
+            dist.P2POp(dist.isend, buf.narrow(0, start, n), group=group, group_peer=peer, tag=k)
+            for peer, (start, _, n) in sends
+        ]
+        return dist.batch_isend_irecv(p2p)
+
+    def finish(i: int, works: list[Any]) -> None:
+        for work in works:
+            work.wait()
+        _, _, recvs, _, end = rounds[i]
+        if recvs:
+            placed = [p for _, (_, pieces, _) in recvs for p in pieces]
+            ops.unpack(buffers[i % 2].narrow(0, 0, end), _views(dst, placed),
+                       offsets=[at for _, at in placed])
+
+    with torch.no_grad():
+        pending = post(0) if rounds else None
+        if plan.local:
+            srcs = ops.box_views([src.locals[j][b] for j, b, _, _, _, _ in plan.local],
+                                 [p[2] for p in plan.local], [p[5] for p in plan.local])
+            dsts = ops.box_views([dst.locals[j][0] for _, _, _, j, _, _ in plan.local],
+                                 [p[4] for p in plan.local], [p[5] for p in plan.local])
+            # On an accelerator the copies are enqueued on the current stream, ordered
+            # with the packs and unpacks: nothing waits on the host.
+            batched_copy_pairs(dsts, srcs, non_blocking=wire.type != "cpu")
+        for i in range(len(rounds)):
+            following = post(i + 1) if i + 1 < len(rounds) else None
+            finish(i, pending)
+            pending = following
+
+
+def _move_values(plan: _Rank, src: _Side, dst: _Side, leaves: list[Any],
+                 group: dist.ProcessGroup) -> None:
+    """Sets this rank's destination values from their providers' sources."""
+    mine = dict(zip(src.values, src.value_objects))
+    gathered: list[Any] = []
+    if plan.needs_values:
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, {p: mine[p] for p in plan.provides}, group=group)
+    me = dist.get_rank(group)
+    for path, i in zip(dst.values, dst.value_leaf):
+        source = plan.value_providers.get(path)
+        if source is None:
+            continue
+        leaves[i] = mine[path] if source == me else gathered[source][path]
+
+
+def _check_wire(plan: _Rank, src: _Side, dst: _Side, wire: torch.device) -> None:
+    """Every tensor a message touches must be on the group's device."""
+    for _, sends, recvs, _, _ in plan.rounds:
+        for side, msgs, name in ((src, sends, "source"), (dst, recvs, "destination")):
+            for _, (_, placed, _) in msgs:
+                for (j, b, _, _, _), _ in placed:
+                    t = side.locals[j][b]
+                    if t.device != wire and not t.is_meta:
+                        raise ValueError(
+                            f"{_WHAT}: {name} key {format_path(side.entries[j][0])!r} is on "
+                            f"{t.device}, but this group ({dist.get_backend()}) moves "
+                            f"tensors on {wire}: move it there, or use a group of its device"
+                        )
+
+
+def _allocate(
+    dst: _Side, dst_flat: Any, device: torch.device | None, wire: torch.device
+) -> list[Any]:
+    """The destination leaves to return: meta ones replaced by new tensors (once per
+    tie), every other leaf as it is."""
+    leaves = list(dst_flat.leaves)
+    for j, (entry, i) in enumerate(zip(dst.entries, dst.leaf_of)):
+        alias = entry[4]
+        if alias >= 0:
+            leaves[i] = leaves[dst.leaf_of[alias]]
+            dst.locals[j] = dst.locals[alias]
+            continue
+        leaf = leaves[i]
+        tensors = dst.locals[j]
+        if not tensors or not tensors[0].is_meta:
+            continue
+        if dst_flat.kinds[i] == LEAF_SHARDED:
+            raise ValueError(
+                f"{_WHAT}: destination key {format_path(entry[0])!r} is a ShardedTensor on "
+                "the meta device; pass one with real local shards"
+            )
+        local = tensors[0]
+        if isinstance(leaf, DTensor):
+            mesh_type = leaf.device_mesh.device_type
+            where = device or indexed_device(torch.device(mesh_type))
+        else:
+            where = device or wire
+        new = torch.empty(local.shape, dtype=local.dtype, device=where)
+        dst.locals[j] = [new]
+        leaves[i] = dtensor_of(new, leaf) if isinstance(leaf, DTensor) else new
+    return leaves
+
+
+def _views(side: _Side, placed: list[Any]) -> list[torch.Tensor]:
+    tensors = [side.locals[j][b] for (j, b, _, _, _), _ in placed]
+    starts = [p[2] for p, _ in placed]
+    shapes = [p[3] for p, _ in placed]
+    return ops.box_views(tensors, starts, shapes)
+
+
+@gc_paused()
 def reshard_state_dict(
     src_state_dict: Any,
     dst_state_dict: Any,
@@ -35,4 +679,103 @@ def reshard_state_dict(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     device: torch.device | str | None = None,
 ) -> Any:
-    raise NotImplementedError("reshard_state_dict: implementation in progress")
+    """Moves a sharded state dict into another layout, without gathering any tensor.
+
+    Every rank of ``pg`` calls it with its local view of both layouts: a rank may be a
+    source only (``dst_state_dict`` None or empty), a destination only, or both. Each
+    byte a rank owns in the destination layout comes straight from one rank that holds
+    it in the source layout (spread across ranks where several hold it), coalesced into
+    rounds of at most ``bucket_bytes`` per rank, two rounds in flight: no rank holds a
+    full tensor it does not own, the extra memory is at most two buckets, and the number
+    of messages grows with the buckets, not with the tensors.
+
+    Results are bit-exact what gathering the source (``_gather_state_dict``) and
+    distributing it into the destination layout (``_distribute_state_dict``) gives.
+
+    Args:
+        src_state_dict: this rank's state dict in the source layout (nested dicts,
+            lists, tuples): DTensors of ``Shard`` / ``Replicate`` placements on any
+            mesh (uneven and empty shards, 2-D meshes such as HSDP), ShardedTensors,
+            plain tensors a rank holds whole, and non-tensor values. Keys may exist
+            only on the ranks that hold them. ``None`` on a destination-only rank.
+        dst_state_dict: this rank's state dict in the destination layout, matched to
+            the source by key path; its tensors may be on the meta device. ``None`` on
+            a source-only rank.
+        pg: the group every source and destination rank belongs to; default the world.
+        bucket_bytes: the most bytes a rank sends and receives per round (at least
+            :data:`MIN_BUCKET_BYTES`); two rounds are in flight, so the staging memory
+            is at most twice this.
+        device: where meta destinations are allocated; default a DTensor's mesh device
+            (the current device of its type), for plain tensors the group's device.
+
+    Returns:
+        A structure shaped like ``dst_state_dict``: real destination tensors written
+        in place (the same objects), meta ones replaced by new tensors (DTensors on
+        the same mesh and placements; tied keys share one), non-tensor values taken
+        from the lowest rank whose source has the key path (kept where none has).
+
+    Raises:
+        ValueError: on every rank, before anything is written, naming the key path:
+            global shapes or dtypes that differ for one key, a destination byte that no
+            source holds, source boxes that overlap partially, ``Partial`` or
+            ``_StridedShard`` placements, unsupported leaves, a tensor that must travel
+            on another device than the group's. A problem only one rank can see raises
+            there, and :class:`~sdict_ext.collectives.agreement.RankFailure` (a
+            ``RuntimeError`` carrying its text) on the others.
+    """
+    group = pg if pg is not None else dist.group.WORLD
+    me = dist.get_rank(group)
+    world = dist.get_world_size(group)
+    wire = status_device(group)
+    error: BaseException | None = None
+    plan = src = dst = dst_flat = leaves = key = None
+    try:
+        if type(bucket_bytes) is not int or bucket_bytes < MIN_BUCKET_BYTES:
+            raise ValueError(
+                f"{_WHAT}: bucket_bytes must be an int of at least {MIN_BUCKET_BYTES}, "
+                f"got {bucket_bytes!r}"
+            )
+        device = indexed_device(device)
+        src_flat = flatten({} if src_state_dict is None else src_state_dict, type_check=False)
+        dst_flat = flatten({} if dst_state_dict is None else dst_state_dict, type_check=False)
+        key = (id(group), tuple(dist.get_process_group_ranks(group)), me, bucket_bytes,
+               device, src_flat.signature, dst_flat.signature)
+        grank = dist.get_rank()
+        src = _describe(src_flat, grank, "source", dst=False)
+        dst = _describe(dst_flat, grank, "destination", dst=True)
+        plan = _cached(key)
+        if plan is not None:
+            leaves = _allocate(dst, dst_flat, device, wire)
+    except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
+        error = exc
+    # Every rank serves the call from its cache, with the same plan, or all plan anew.
+    table = agree(group, error, what=_WHAT, share_len=2,
+                  share=[int(plan is not None), 0 if plan is None else plan.digest])
+    planned = not (bool((table[:, 0] == 1).all()) and bool((table[:, 1] == table[0, 1]).all()))
+    if planned:
+        plan = None
+        descs: list[Any] = [None] * world
+        dist.all_gather_object(
+            descs, (src.entries, dst.entries, src.values, dst.values), group=group
+        )
+        try:
+            plan = _plan(descs, me, bucket_bytes)
+            leaves = _allocate(dst, dst_flat, device, wire)
+            _check_wire(plan, src, dst, wire)
+        except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
+            error = exc
+        agree(group, error, what=_WHAT, plan_digest=0 if plan is None else plan.digest)
+        _remember(key, plan)
+    _run(plan, src, dst, group, wire)
+    _move_values(plan, src, dst, leaves, group)
+    _LAST.clear()
+    _LAST.update(
+        planned=planned, rounds=len(plan.rounds), p2p_ops=plan.p2p_ops,
+        collectives=len(plan.rounds), bytes_sent=plan.bytes_sent,
+        bytes_received=plan.bytes_received, bytes_local=plan.bytes_local,
+        bytes_owned=plan.bytes_owned, buffer_bytes=plan.buffer_bytes,
+        bucket_bytes=bucket_bytes,
+    )
+    if dst_state_dict is None:
+        return None
+    return dst_flat.rebuild(leaves)
