@@ -486,7 +486,7 @@ def _mixed(bucket_bytes: int):
     )
 
 
-@pytest.mark.parametrize("bucket_bytes", [1 << 20, 64])
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 1024])  # 1024: the smallest allowed
 def test_reshard_mixed_uneven_tied_empty_scalar_optimizer_state_matches_gather_distribute(
     bucket_bytes,
 ):
@@ -697,40 +697,100 @@ def test_reshard_plan_is_cached_per_layout_and_reused_with_new_values():
 # ---------------------------------------------------------------- 10. bounded buckets
 
 
+# Every torch.distributed call the bucket tests count (the data phase and the agreement).
+_COUNTED = ["batch_isend_irecv", "isend", "irecv", "send", "recv", "all_to_all_single",
+            "all_gather", "all_gather_into_tensor", "all_gather_object", "all_reduce",
+            "broadcast", "broadcast_object_list", "gather_object", "scatter_object_list"]
+
+
+def _counting() -> tuple[dict[str, int], Callable[[], None]]:
+    """Counts the calls of ``_COUNTED`` (and the operations handed to
+    ``batch_isend_irecv``, under ``"p2p_ops"``) until the returned undo is called."""
+    counts = dict.fromkeys([*_COUNTED, "p2p_ops"], 0)
+    originals = {name: getattr(dist, name) for name in _COUNTED}
+
+    def wrap(name: str) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            if name == "batch_isend_irecv":
+                counts["p2p_ops"] += len(args[0])
+            return originals[name](*args, **kwargs)
+
+        return counted
+
+    # isend / irecv stay themselves: P2POp checks its op against them.
+    for name in _COUNTED:
+        if name not in ("isend", "irecv"):
+            setattr(dist, name, wrap(name))
+
+    def undo() -> None:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+    return counts, undo
+
+
 def _many_small(count: int, rows: int, cols: int, bucket_bytes: int | None):
     full = {f"p{i}": _full((rows, cols), torch.float32, 500 + i) for i in range(count)}
     src = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
     dst = _present({k: _dst(v, [0, 1], [Shard(1)]) for k, v in full.items()})
-    problems, stats = _reshard_checked(src, dst or None, {(k,): v for k, v in full.items()},
-                                       bucket_bytes=bucket_bytes)
+    # The reference's own collectives are not counted: _reshard_checked runs it first.
+    want_full = _reference_full(src)
+    counts, undo = _counting()
+    try:
+        got = utils.reshard_state_dict(src, dst or None, bucket_bytes=bucket_bytes)
+    finally:
+        undo()
+    stats = dict(utils.last_reshard_stats())
+    want = _reference_dst(dst, want_full)
+    problems: list[str] = []
+    if dst:
+        _compare(got, want, dst, {id(v): _local(v).data_ptr() for v in dst.values()}, (),
+                 problems)
+    problems += _stats_problems(stats, dst or None, bucket_bytes)
     total = sum(v.numel() * v.element_size() for v in full.values())
-    return problems, stats, total
+    return problems, stats, total, counts
+
+
+def _assert_counts_match_stats(rank: int, stats: dict, counts: dict) -> None:
+    # The statistics tell the truth about the calls made.
+    assert counts["batch_isend_irecv"] == stats["collectives"], (rank, stats, counts)
+    assert counts["p2p_ops"] == stats["p2p_ops"], (rank, stats, counts)
+    # Nothing goes around the batched point-to-point route.
+    for name in ("isend", "irecv", "send", "recv", "all_to_all_single", "broadcast",
+                 "broadcast_object_list", "gather_object", "scatter_object_list"):
+        assert counts[name] == 0, (rank, name, counts)
 
 
 def test_reshard_in_small_buckets_holds_at_most_two_and_sends_per_bucket():
     bucket = SMALL_BUCKET
     # 64 tensors of 2 KiB: 128 KiB, all of it moving (every rank sends, two receive).
     results = run_on_ranks(WORLD, _many_small, 64, 32, 16, bucket, timeout=180)
-    stats = _assert_all_ranks_clean([(p, s) for p, s, _ in results])
-    total = results[0][2]
-    for rank, s in enumerate(stats):
+    stats = _assert_all_ranks_clean([(p, s) for p, s, _, _ in results])
+    # A round carries at most one bucket of what a rank sends plus receives.
+    busiest = max(s["bytes_sent"] + s["bytes_received"] for s in stats)
+    for rank, (s, (_, _, _, counts)) in enumerate(zip(stats, results)):
         assert s["buffer_bytes"] <= 2 * bucket, (rank, s)
-        moved = max(s["bytes_sent"], s["bytes_received"])
-        # About one round per bucket of what this rank moves, never one per tensor.
-        assert s["rounds"] >= math.ceil(moved / bucket), (rank, s)
-        assert s["rounds"] <= 2 * math.ceil(total / bucket) + 2, (rank, s)
+        assert s["rounds"] >= math.ceil((s["bytes_sent"] + s["bytes_received"]) / bucket)
+        # About one round per bucket of the busiest rank's bytes, never one per tensor.
+        assert s["rounds"] <= 2 * math.ceil(busiest / bucket) + 2, (rank, s)
         assert s["collectives"] <= s["rounds"], (rank, s)
         assert s["p2p_ops"] <= 2 * (WORLD - 1) * s["rounds"], (rank, s)
+        _assert_counts_match_stats(rank, s, counts)
     assert max(s["rounds"] for s in stats) > 1
 
 
 def test_reshard_of_200_small_tensors_in_one_bucket_takes_one_round():
     results = run_on_ranks(WORLD, _many_small, 200, 4, 4, 1 << 20, timeout=180)
-    for rank, s in enumerate(_assert_all_ranks_clean([(p, s) for p, s, _ in results])):
+    stats = _assert_all_ranks_clean([(p, s) for p, s, _, _ in results])
+    for rank, (s, (_, _, _, counts)) in enumerate(zip(stats, results)):
         assert s["rounds"] == 1, (rank, s)
-        assert s["collectives"] <= 1, (rank, s)
+        assert s["collectives"] == 1, (rank, s)
         # At most one message to and from each peer, whatever the tensor count.
         assert s["p2p_ops"] <= 2 * (WORLD - 1), (rank, s)
+        _assert_counts_match_stats(rank, s, counts)
+        # The agreement is a few small collectives, not one per tensor.
+        assert sum(counts[n] for n in _COUNTED) <= 5, (rank, counts)
 
 
 # ---------------------------------------------------------------- 11. errors
@@ -772,6 +832,12 @@ def _error_inputs(kind: str) -> tuple[Any, Any]:
         )
     if kind == "bad_leaf" and rank == 2:
         src["mlp_w3_extra"] = {1, 2}  # a set: not a supported leaf
+    if kind == "sparse_leaf":
+        # Rank 2 alone holds it, as a sparse tensor; ranks 0 and 1 want it dense.
+        if rank == 2:
+            src["mlp_w3_sparse"] = torch.eye(3).to_sparse()
+        if rank < 2:
+            dst["mlp_w3_sparse"] = torch.zeros(3, 3)
     if bad_dst is not None:
         dst["mlp_w3"] = bad_dst
     return _present(src) or None, dst or None
@@ -788,7 +854,7 @@ def _reshard_error(kind: str):
 
 
 ERRORS = ["dst_shape", "src_shapes", "dtype", "no_source", "uncovered", "overlap",
-          "partial", "strided", "bad_leaf"]
+          "partial", "strided", "bad_leaf", "sparse_leaf"]
 
 
 @pytest.mark.parametrize("kind", ERRORS)
@@ -800,7 +866,7 @@ def test_reshard_raises_on_every_rank_naming_the_key_before_writing(kind):
         assert name in ("ValueError", "RankFailure"), (rank, name, text)
         assert "mlp_w3" in text, (rank, text)
         assert changed == [], (rank, changed)
-    if kind == "bad_leaf":
+    if kind in ("bad_leaf", "sparse_leaf"):
         # Only rank 2 can see it; the others learn it from rank 2.
         assert [name for name, _, _ in results] == [
             "RankFailure", "RankFailure", "ValueError", "RankFailure"]
