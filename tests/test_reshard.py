@@ -132,8 +132,10 @@ def _reference_dst(dst: Any, full: dict[tuple, Any], path: tuple = ()) -> Any:
     if isinstance(dst, (list, tuple)):
         return type(dst)(_reference_dst(v, full, path + (i,)) for i, v in enumerate(dst))
     if isinstance(dst, DTensor):
+        # Contiguous: the destination's strides are its own, not the source's (a
+        # transposed source would otherwise give the reference DTensor its strides).
         return distribute_tensor(
-            full[path], dst.device_mesh, list(dst.placements), src_data_rank=None
+            full[path].contiguous(), dst.device_mesh, list(dst.placements), src_data_rank=None
         )
     if isinstance(dst, torch.Tensor):
         return full[path].clone()
@@ -614,6 +616,81 @@ def test_reshard_copies_locally_what_a_rank_already_holds():
         assert s["bytes_local"] == s["bytes_owned"] > 0
 
 
+def _large_replicated(bucket_bytes: int):
+    # Over 1 MiB each: regions several ranks hold are split between them.
+    full = {
+        "big_rep": _full((640, 512), torch.float32, 75),  # 1.25 MiB
+        "big_hsdp": _full((1024, 384), torch.bfloat16, 76),  # 0.75 MiB a replica half
+    }
+    src = {
+        "big_rep": _src(full["big_rep"], [0, 1], [Replicate()]),
+        "big_hsdp": _src(full["big_hsdp"], HSDP, [Replicate(), Shard(0)]),
+    }
+    dst = _present({
+        "big_rep": _dst(full["big_rep"], [2, 3], [Replicate()]),
+        "big_hsdp": _dst(full["big_hsdp"], [3, 2, 1, 0], [Shard(1)]),
+    })
+    return _reshard_checked(_present(src), dst, {(k,): v for k, v in full.items()},
+                            bucket_bytes=bucket_bytes)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 64 << 10])
+def test_reshard_splits_large_replicated_regions_across_their_holders(bucket_bytes):
+    stats = _assert_all_ranks_clean(
+        run_on_ranks(WORLD, _large_replicated, bucket_bytes, timeout=300)
+    )
+    # Rank 2 and 3's copies of big_rep come from both rank 0 and rank 1.
+    assert min(stats[0]["bytes_sent"], stats[1]["bytes_sent"]) > 640 * 512 * 4 // 2, stats
+
+
+def _every_dtype():
+    # (Not int16: gloo cannot all-gather it, so PyTorch's reference cannot run.)
+    dtypes = [torch.float64, torch.complex64, torch.int64, torch.float32, torch.int32,
+              torch.float16, torch.bfloat16, torch.uint8, torch.int8, torch.bool]
+    full = {}
+    for i, dtype in enumerate(dtypes):
+        # Odd sizes: no piece's byte count is a multiple of the widest element.
+        base = _full((5, 3 + i), torch.int64, 700 + i)
+        full[str(dtype)] = (base % 2).bool() if dtype == torch.bool else base.to(dtype)
+    full["neg_zero_nan"] = torch.tensor([-0.0, float("nan"), float("inf"), 1e-45, 0.0])
+    src = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
+    dst = _present({k: _dst(v, [1, 3], [Shard(1) if v.dim() > 1 else Shard(0)])
+                    for k, v in full.items()})
+    return _reshard_checked(src, dst, {(k,): v for k, v in full.items()},
+                            bucket_bytes=1024)
+
+
+def test_reshard_of_every_dtype_in_shared_messages_is_bit_exact():
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _every_dtype, timeout=120))
+
+
+def _non_contiguous():
+    rank = dist.get_rank()
+    full = {
+        "t_src": _full((6, 10), torch.float32, 710),
+        "sliced_dst": _full((4, 6), torch.float32, 711),
+        "to_dtensor": _full((8, 5), torch.float32, 712),
+    }
+    src: dict[str, Any] = {"sliced_dst": _src(full["sliced_dst"], ALL, [Shard(1)])}
+    if rank == 0:
+        # A transposed view: the whole tensor, not contiguous.
+        src["t_src"] = full["t_src"].t().contiguous().t()
+        src["to_dtensor"] = full["to_dtensor"].t().contiguous().t()
+    dst = _present({
+        "t_src": _dst(full["t_src"], [1, 2], [Shard(1)]),
+        "to_dtensor": _dst(full["to_dtensor"], ALL, [Shard(0)]),
+    })
+    if rank == 3:
+        # A plain destination that is a column slice of a wider buffer.
+        dst["sliced_dst"] = torch.full((4, 9), 7.0)[:, 2:8]
+    return _reshard_checked(src, dst or None, {(k,): v for k, v in full.items()},
+                            bucket_bytes=1024)
+
+
+def test_reshard_reads_and_writes_non_contiguous_tensors_in_place():
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _non_contiguous, timeout=120))
+
+
 # ---------------------------------------------------------------- 8. ShardedTensor, plain
 
 
@@ -679,6 +756,11 @@ def _plan_cache():
     seen.append(("same objects", *_reshard_checked(src2, dst2 or None, expect3)))
     src4, dst4, expect4 = _layout(400, Shard(0))  # another destination layout
     seen.append(("other layout", *_reshard_checked(src4, dst4 or None, expect4)))
+    # Only rank 3's layout changes (it wants "b" whole too): every rank must replan.
+    src5, dst5, expect5 = _layout(500, Shard(0))
+    if dist.get_rank() == 3:
+        dst5["b"] = torch.zeros(8, dtype=torch.bfloat16)
+    seen.append(("one rank's layout", *_reshard_checked(src5, dst5 or None, expect5)))
     return [(what, problems, stats["planned"]) for what, problems, stats in seen]
 
 
@@ -690,7 +772,8 @@ def test_reshard_plan_is_cached_per_layout_and_reused_with_new_values():
             assert problems == [], f"rank {rank}, {what}"
         planned = {what: p for what, _, p in calls}
         assert planned == {
-            "first": True, "same layouts": False, "same objects": False, "other layout": True
+            "first": True, "same layouts": False, "same objects": False,
+            "other layout": True, "one rank's layout": True,
         }, f"rank {rank}"
 
 
