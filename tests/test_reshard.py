@@ -353,6 +353,7 @@ _WORLD_CHANGES = {
     "4_to_2": (ALL, [0, 1]),
     "4_to_2_reversed_mesh": (ALL, [3, 1]),
     "2_to_4": ([0, 1], ALL),
+    "2_to_2_with_a_bystander": ([0, 1], [2, 1]),  # rank 3 is in neither layout
 }
 
 
@@ -535,6 +536,53 @@ def test_reshard_between_disjoint_rank_subsets_of_one_group_matches_gather_distr
     for rank in (2, 3):
         assert stats[rank]["bytes_sent"] == stats[rank]["bytes_local"] == 0
         assert stats[rank]["bytes_received"] == stats[rank]["bytes_owned"] > 0
+
+
+def _in_subgroup():
+    """A group of global ranks 1, 2 and 3; rank 0 does not take part."""
+    group = dist.new_group([1, 2, 3])
+    full = {"w": _full((7, 6), torch.float32, 45), "b": _full((5,), torch.bfloat16, 46)}
+    src = _present({k: _src(v, [1, 2], [Shard(0)]) for k, v in full.items()})
+    dst = _present({"w": _dst(full["w"], [3, 2], [Shard(1)]),
+                    "b": _dst(full["b"], [3, 2], [Replicate()])})
+    if dist.get_rank() == 0:
+        return None
+    # The reference's exchange runs in the group too.
+    gathered = ref._gather_state_dict(src) if src else {}
+    every: list[Any] = [None] * 3
+    dist.all_gather_object(every, {k: v.clone() for k, v in gathered.items()}, group=group)
+    ref_full = {}
+    for values in every:
+        for k, v in values.items():
+            ref_full.setdefault((k,), v)
+    problems = [f"reference {k}" for k, v in full.items() if not _same_bits(ref_full[(k,)], v)]
+    want = _reference_dst(dst, ref_full)
+    ptrs = _pointers(dst)
+    got = utils.reshard_state_dict(src or None, dst or None, group)
+    stats = dict(utils.last_reshard_stats())
+    if dst:
+        _compare(got, want, dst, ptrs, (), problems)
+    problems += _stats_problems(stats, dst or None, None)
+    return problems, stats
+
+
+def test_reshard_in_a_subgroup_addresses_global_ranks():
+    results = run_on_ranks(WORLD, _in_subgroup, timeout=120)
+    assert results[0] is None
+    stats = _assert_all_ranks_clean(results[1:])
+    assert stats[0]["bytes_owned"] == 0 and stats[0]["bytes_sent"] > 0  # global rank 1
+
+
+def _same_tensor_both_sides():
+    full = {"w": _full((9, 4), torch.float32, 47), "r": _full((3, 3), torch.bfloat16, 48)}
+    both = {"w": _src(full["w"], ALL, [Shard(0)]), "r": _src(full["r"], ALL, [Replicate()])}
+    return _reshard_checked(both, both, {(k,): v for k, v in full.items()})
+
+
+def test_reshard_of_a_state_dict_onto_itself_copies_nothing_across_ranks():
+    for s in _assert_all_ranks_clean(run_on_ranks(WORLD, _same_tensor_both_sides, timeout=60)):
+        assert s["bytes_received"] == s["bytes_sent"] == 0
+        assert s["bytes_local"] == s["bytes_owned"]
 
 
 # ---------------------------------------------------------------- 6. meta destinations
