@@ -17,11 +17,12 @@ layout to the rank that owns it in the destination layout:
    distinct source box; a region several ranks hold (``Replicate``, HSDP's replicas)
    is split across them by the bytes each already sends; a region the destination rank
    holds itself is a local copy. The pieces to other ranks are then cut to at most half
-   a bucket and packed into *rounds*: in a round, each rank sends and receives at most
-   ``bucket_bytes`` in all, one message per peer. Every check (global shapes and dtypes
-   agree for one key, every destination byte has a source, source boxes do not overlap
-   partially, the descriptions are well formed: peers are not trusted) is made before
-   anything moves, and the plan is agreed through :func:`.agreement.agree`.
+   a round and packed into *rounds*: in a round, each rank sends and receives at most
+   ``min(bucket_bytes, ROUND_BYTES)`` in all, one message per peer. Every check
+   (global shapes and dtypes agree for one key, every destination byte has a source,
+   source boxes do not overlap partially, the descriptions are well formed: peers are
+   not trusted) is made before anything moves, and the plan is agreed through
+   :func:`.agreement.agree`.
 3. **Move.** Round k is packed (:func:`sdict_ext.ops.pack` of the source boxes'
    views, one call) into buffer k % 2, sent with one ``batch_isend_irecv`` to every
    peer of the round, and unpacked (:func:`sdict_ext.ops.unpack` into the destination
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,9 +49,9 @@ from torch.distributed.tensor import DTensor
 
 from sdict_ext import ops
 from sdict_ext._gc import gc_paused
-from sdict_ext.collectives.agreement import agree, digest, status_device
+from sdict_ext.collectives.agreement import RankFailure, agree, digest, status_device
 from sdict_ext.collectives.boxes import compute_box, dtensor_of, is_plain_placement
-from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES
+from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, PIPELINE_SLICE_BYTES
 from sdict_ext.host.copies import batched_copy_pairs, indexed_device
 from sdict_ext.tree import (
     LEAF_DTENSOR,
@@ -60,7 +62,13 @@ from sdict_ext.tree import (
     format_path,
 )
 
-__all__ = ["MIN_BUCKET_BYTES", "ReshardStats", "last_reshard_stats", "reshard_state_dict"]
+__all__ = [
+    "MIN_BUCKET_BYTES",
+    "ROUND_BYTES",
+    "ReshardStats",
+    "last_reshard_stats",
+    "reshard_state_dict",
+]
 
 _WHAT = "reshard_state_dict"
 
@@ -76,6 +84,13 @@ _MESSAGE_ALIGNMENT = 64
 #: A region several source ranks hold is split across them only from this size on;
 #: below, one rank (the least loaded) sends it whole.
 _SPREAD_MIN_BYTES = 1 << 20
+
+#: Most bytes a rank sends plus receives in one round (and ``bucket_bytes`` where
+#: smaller): two slices of the collective routes. Rounds pipeline, packing round k + 1
+#: while k travels; a bucket-sized round leaves nothing to overlap with (on gloo,
+#: BENCHMARKS.md "Measurements behind constants": 256 MiB rounds reached about 0.8 of an
+#: all_to_all of the same bytes, 8-16 MiB rounds about 1.0).
+ROUND_BYTES = 2 * PIPELINE_SLICE_BYTES
 
 #: Plans kept per process (least recently used dropped first).
 _CACHE_SIZE = 16
@@ -119,8 +134,13 @@ _Entry = tuple[tuple[Any, ...], tuple[int, ...], str, list[_Box], int]
 
 
 class _Side:
-    """One side (source or destination) of this rank: the wire description, and for
-    each entry the leaf index and local tensors its boxes are in."""
+    r"""One side (source or destination) of this rank: the wire description, and for
+    each entry the leaf index and local tensors its boxes are in.
+
+    The plan keeps a :meth:`skeleton` (no tensors: a cache must not keep a call's
+    state dict alive); a later call of the same layout :meth:`bind`\s it to its own
+    tensors without describing anything again.
+    """
 
     def __init__(self) -> None:
         self.entries: list[_Entry] = []
@@ -129,6 +149,26 @@ class _Side:
         self.values: list[tuple[Any, ...]] = []  # key paths of the plain values
         self.value_leaf: list[int] = []
         self.value_objects: list[Any] = []
+
+    def skeleton(self) -> _Side:
+        out = _Side()
+        out.entries, out.leaf_of = self.entries, self.leaf_of
+        out.values, out.value_leaf = self.values, self.value_leaf
+        out.locals = [len(tensors) for tensors in self.locals]  # counts only
+        return out
+
+    def bind(self, flat: Any) -> _Side:
+        """This skeleton with ``flat``'s tensors and values (a layout equal to the one
+        it was described from: same leaves, kinds and local tensor counts)."""
+        out = _Side()
+        out.entries, out.leaf_of = self.entries, self.leaf_of
+        out.values, out.value_leaf = self.values, self.value_leaf
+        tensors, at = flat.locals, 0
+        for n in self.locals:
+            out.locals.append(tensors[at:at + n])
+            at += n
+        out.value_objects = [flat.leaves[i] for i in self.value_leaf]
+        return out
 
 
 def _where(side: str, path: tuple[Any, ...]) -> str:
@@ -334,6 +374,7 @@ class _Rank:
         self.value_providers: dict[Any, int] = {}
         self.provides: set[Any] = set()  # key paths this rank sends to others
         self.needs_values = False  # whether any rank needs a value from another
+        self.sides: tuple[_Side, _Side] | None = None  # skeletons: source, destination
 
 
 def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
@@ -417,9 +458,10 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
                     f"{covered} of its {need} elements are held by a source "
                     f"(source ranks holding any of it: {ranks or 'none'})"
                 )
-    # Rounds: each rank sends plus receives at most bucket_bytes per round, counting a
+    # Rounds: each rank sends plus receives at most ``budget`` per round, counting a
     # message start's alignment; first fit, in order for each (source, destination).
-    cap = max(1, (bucket_bytes - 2 * _MESSAGE_ALIGNMENT) // 2)
+    budget = min(bucket_bytes, ROUND_BYTES)
+    cap = max(1, (budget - 2 * _MESSAGE_ALIGNMENT) // 2)
     used: list[list[int]] = [[] for _ in range(world)]
     opened: list[list[set]] = [[] for _ in range(world)]
     last: dict[tuple[int, int], int] = {}
@@ -430,7 +472,7 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
             used[r].append(0)
             opened[r].append(set())
         extra = 0 if peer in opened[r][k] else _MESSAGE_ALIGNMENT
-        return used[r][k] + n + extra <= bucket_bytes
+        return used[r][k] + n + extra <= budget
 
     def take(r: int, k: int, peer: int, n: int) -> None:
         if peer not in opened[r][k]:
@@ -599,20 +641,44 @@ def _run(plan: _Rank, src: _Side, dst: _Side, group: dist.ProcessGroup,
             pending = following
 
 
-def _move_values(plan: _Rank, src: _Side, dst: _Side, leaves: list[Any],
-                 group: dist.ProcessGroup) -> None:
-    """Sets this rank's destination values from their providers' sources."""
+def _exchange_values(plan: _Rank, src: _Side, group: dist.ProcessGroup) -> list[Any]:
+    """The plain values other ranks need from this one, and theirs: one object
+    exchange, before any tensor moves, so a value that cannot be sent (it does not
+    pickle) raises on every rank with nothing written. ``[]`` when no rank needs one."""
+    if not plan.needs_values:
+        return []
     mine = dict(zip(src.values, src.value_objects))
-    gathered: list[Any] = []
-    if plan.needs_values:
-        gathered = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, {p: mine[p] for p in plan.provides}, group=group)
-    me = dist.get_rank(group)
+    payload: dict[Any, bytes] = {}
+    problem = None
+    for path in sorted(plan.provides, key=repr):
+        try:
+            payload[path] = pickle.dumps(mine[path], protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 (any object a state dict may hold)
+            problem = (f"{_where('source', path)}: its value of type "
+                       f"{type(mine[path]).__name__} cannot be sent to the ranks that need "
+                       f"it: {exc}")
+            break
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (problem, None if problem else payload), group=group)
+    failures = {r: text for r, (text, _) in enumerate(gathered) if text is not None}
+    if failures:
+        if problem is not None:
+            raise ValueError(problem)
+        lines = "; ".join(f"rank {r}: {t}" for r, t in sorted(failures.items()))
+        raise RankFailure(f"{_WHAT} failed on another rank, so no rank proceeded: {lines}",
+                          failures)
+    return [blobs for _, blobs in gathered]
+
+
+def _set_values(plan: _Rank, src: _Side, dst: _Side, leaves: list[Any],
+                gathered: list[Any], me: int) -> None:
+    """This rank's destination values, from their providers' sources."""
+    mine = dict(zip(src.values, src.value_objects))
     for path, i in zip(dst.values, dst.value_leaf):
         source = plan.value_providers.get(path)
         if source is None:
             continue
-        leaves[i] = mine[path] if source == me else gathered[source][path]
+        leaves[i] = mine[path] if source == me else pickle.loads(gathered[source][path])
 
 
 def _check_wire(plan: _Rank, src: _Side, dst: _Side, wire: torch.device) -> None:
@@ -638,12 +704,15 @@ def _allocate(
     leaves = list(dst_flat.leaves)
     for j, (entry, i) in enumerate(zip(dst.entries, dst.leaf_of)):
         alias = entry[4]
+        tensors = dst.locals[j]
         if alias >= 0:
-            leaves[i] = leaves[dst.leaf_of[alias]]
+            # A real tied key keeps its own object (it shares the memory written once);
+            # a meta one shares its twin's new tensor.
+            if tensors and tensors[0].is_meta:
+                leaves[i] = leaves[dst.leaf_of[alias]]
             dst.locals[j] = dst.locals[alias]
             continue
         leaf = leaves[i]
-        tensors = dst.locals[j]
         if not tensors or not tensors[0].is_meta:
             continue
         if dst_flat.kinds[i] == LEAF_SHARDED:
@@ -685,9 +754,10 @@ def reshard_state_dict(
     source only (``dst_state_dict`` None or empty), a destination only, or both. Each
     byte a rank owns in the destination layout comes straight from one rank that holds
     it in the source layout (spread across ranks where several hold it), coalesced into
-    rounds of at most ``bucket_bytes`` per rank, two rounds in flight: no rank holds a
-    full tensor it does not own, the extra memory is at most two buckets, and the number
-    of messages grows with the buckets, not with the tensors.
+    rounds of at most ``min(bucket_bytes, ROUND_BYTES)`` (16 MiB) per rank, two rounds in
+    flight: no rank holds a full tensor it does not own, the extra memory is at most two
+    rounds (so two buckets), and the number of messages grows with the bytes over the
+    round size, not with the tensors.
 
     Results are bit-exact what gathering the source (``_gather_state_dict``) and
     distributing it into the destination layout (``_distribute_state_dict``) gives.
@@ -703,8 +773,9 @@ def reshard_state_dict(
             a source-only rank.
         pg: the group every source and destination rank belongs to; default the world.
         bucket_bytes: the most bytes a rank sends and receives per round (at least
-            :data:`MIN_BUCKET_BYTES`); two rounds are in flight, so the staging memory
-            is at most twice this.
+            :data:`MIN_BUCKET_BYTES`; rounds are at most :data:`ROUND_BYTES` anyway, to
+            pipeline); two rounds are in flight, so the staging memory is at most twice
+            this.
         device: where meta destinations are allocated; default a DTensor's mesh device
             (the current device of its type), for plain tensors the group's device.
 
@@ -740,11 +811,13 @@ def reshard_state_dict(
         dst_flat = flatten({} if dst_state_dict is None else dst_state_dict, type_check=False)
         key = (id(group), tuple(dist.get_process_group_ranks(group)), me, bucket_bytes,
                device, src_flat.signature, dst_flat.signature)
-        grank = dist.get_rank()
-        src = _describe(src_flat, grank, "source", dst=False)
-        dst = _describe(dst_flat, grank, "destination", dst=True)
         plan = _cached(key)
-        if plan is not None:
+        if plan is None:
+            grank = dist.get_rank()
+            src = _describe(src_flat, grank, "source", dst=False)
+            dst = _describe(dst_flat, grank, "destination", dst=True)
+        else:
+            src, dst = plan.sides[0].bind(src_flat), plan.sides[1].bind(dst_flat)
             leaves = _allocate(dst, dst_flat, device, wire)
     except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
         error = exc
@@ -760,14 +833,17 @@ def reshard_state_dict(
         )
         try:
             plan = _plan(descs, me, bucket_bytes)
-            leaves = _allocate(dst, dst_flat, device, wire)
+            plan.sides = (src.skeleton(), dst.skeleton())
+            if leaves is None:  # (a rank whose cache served it has allocated already)
+                leaves = _allocate(dst, dst_flat, device, wire)
             _check_wire(plan, src, dst, wire)
         except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
             error = exc
         agree(group, error, what=_WHAT, plan_digest=0 if plan is None else plan.digest)
         _remember(key, plan)
+    gathered = _exchange_values(plan, src, group)
     _run(plan, src, dst, group, wire)
-    _move_values(plan, src, dst, leaves, group)
+    _set_values(plan, src, dst, leaves, gathered, me)
     _LAST.clear()
     _LAST.update(
         planned=planned, rounds=len(plan.rounds), p2p_ops=plan.p2p_ops,
