@@ -19,6 +19,7 @@ of what they found wrong (empty when all is well) and the call's statistics.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -239,12 +240,17 @@ def _snapshot(obj: Any) -> Callable[[], list[str]]:
 
 
 def _owned_bytes(dst: Any) -> int:
-    """Bytes of the destination tensors this rank holds, each object once."""
-    seen: dict[int, int] = {}
+    """Bytes of the destination tensors this rank holds, each tied tensor once (one
+    object at several keys, or several views of the same bytes)."""
+    seen: dict[Any, int] = {}
     for _, v in _leaves(dst):
         if isinstance(v, torch.Tensor):
             local = _local(v)
-            seen[id(v)] = local.numel() * local.element_size()
+            tie = id(v) if local.is_meta else (
+                local.untyped_storage().data_ptr(), local.storage_offset(),
+                tuple(local.shape), local.stride(), local.dtype,
+            )
+            seen[tie] = local.numel() * local.element_size()
     return sum(seen.values())
 
 
@@ -411,7 +417,10 @@ def test_reshard_hsdp_2d_mesh_to_1d_shards_matches_gather_distribute():
 # ---------------------------------------------------------------- 4. mixed state dict
 
 
-def _mixed(bucket_bytes: int):
+def _mixed(bucket_bytes: int, tie: str = "same_object"):
+    """``tie``: how the destination's tied keys share: one object at both keys (a
+    ``keep_vars`` state dict), or two objects over one storage (``module.state_dict()``
+    detaches each key), which come back as themselves, each written in place."""
     rank = dist.get_rank()
     full = {
         ("model", "emb"): _full((5, 3), torch.float32, 30),
@@ -458,7 +467,7 @@ def _mixed(bucket_bytes: int):
     dst = {
         "model": _present({
             "emb": dst_emb,
-            "head": dst_emb,  # tied
+            "head": dst_emb if tie == "same_object" else dst_emb.detach(),  # tied
             "norm": _dst(f["norm"], [2, 3], [Shard(0)]),
             "empty_rows": _dst(f["empty_rows"], ALL, [Shard(1)]),
             "empty_cols": _dst(f["empty_cols"], [0, 1], [Replicate()]),
@@ -485,18 +494,19 @@ def _mixed(bucket_bytes: int):
     expect[("model", "head")] = f["emb"]
     return _reshard_checked(
         src, dst, expect, bucket_bytes=bucket_bytes,
-        tied=((("model", "emb"), ("model", "head")),),
+        tied=((("model", "emb"), ("model", "head")),) if tie == "same_object" else (),
     )
 
 
+@pytest.mark.parametrize("tie", ["same_object", "shared_storage"])
 @pytest.mark.parametrize("bucket_bytes", [1 << 20, 1024])  # 1024: the smallest allowed
 def test_reshard_mixed_uneven_tied_empty_scalar_optimizer_state_matches_gather_distribute(
-    bucket_bytes,
+    bucket_bytes, tie
 ):
     # Non-tensor leaves are compared with the reference's rule: the lowest rank whose
     # source has the key path (lr 0.1 from rank 0, extra.seen_by 2 from rank 2), the
     # destination's own value where no source has it (only_in_dst).
-    _assert_all_ranks_clean(run_on_ranks(WORLD, _mixed, bucket_bytes, timeout=120))
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _mixed, bucket_bytes, tie, timeout=120))
 
 
 # ---------------------------------------------------------------- 5. disjoint ranks
@@ -963,6 +973,12 @@ def _error_inputs(kind: str) -> tuple[Any, Any]:
         )
     if kind == "bad_leaf" and rank == 2:
         src["mlp_w3_extra"] = {1, 2}  # a set: not a supported leaf
+    if kind == "unpicklable_leaf":
+        # Rank 2 alone holds a value that cannot be sent; ranks 0 and 1 want it.
+        if rank == 2:
+            src["mlp_w3_lock"] = threading.Lock()
+        if rank < 2:
+            dst["mlp_w3_lock"] = None
     if kind == "sparse_leaf":
         # Rank 2 alone holds it, as a sparse tensor; ranks 0 and 1 want it dense.
         if rank == 2:
@@ -985,7 +1001,7 @@ def _reshard_error(kind: str):
 
 
 ERRORS = ["dst_shape", "src_shapes", "dtype", "no_source", "uncovered", "overlap",
-          "partial", "strided", "bad_leaf", "sparse_leaf"]
+          "partial", "strided", "bad_leaf", "unpicklable_leaf", "sparse_leaf"]
 
 
 @pytest.mark.parametrize("kind", ERRORS)
@@ -997,7 +1013,7 @@ def test_reshard_raises_on_every_rank_naming_the_key_before_writing(kind):
         assert name in ("ValueError", "RankFailure"), (rank, name, text)
         assert "mlp_w3" in text, (rank, text)
         assert changed == [], (rank, changed)
-    if kind in ("bad_leaf", "sparse_leaf"):
+    if kind in ("bad_leaf", "unpicklable_leaf", "sparse_leaf"):
         # Only rank 2 can see it; the others learn it from rank 2.
         assert [name for name, _, _ in results] == [
             "RankFailure", "RankFailure", "ValueError", "RankFailure"]
