@@ -835,6 +835,39 @@ def test_reshard_plan_is_cached_per_layout_and_reused_with_new_values():
         }, f"rank {rank}"
 
 
+def _ties_change(first: str, second: str):
+    """Two calls of one layout (shapes, dtypes, meshes, placements), where the
+    destination's keys "emb" and "head" are tied in one call and not in the other."""
+    seen = []
+    for seed, tie in ((800, first), (810, second)):
+        full = {"emb": _full((6, 4), torch.float32, seed), "head": _full((6, 4), torch.float32,
+                                                                        seed)}
+        if tie == "untied":
+            full["head"] = _full((6, 4), torch.float32, seed + 1)
+        src = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
+        if tie != "untied":
+            src["head"] = src["emb"]
+        emb = _dst(full["emb"], [0, 1], [Shard(1)])
+        head = _dst(full["head"], [0, 1], [Shard(1)])
+        if tie == "tied" and emb is not None:
+            head = emb
+        dst = _present({"emb": emb, "head": head})
+        pairs = ((("emb",), ("head",)),) if tie == "tied" else ()
+        problems, stats = _reshard_checked(src, dst or None,
+                                           {(k,): v for k, v in full.items()}, tied=pairs)
+        seen.append((tie, problems))
+    return seen
+
+
+@pytest.mark.parametrize(("first", "second"), [("tied", "untied"), ("untied", "tied")])
+def test_reshard_cached_plan_follows_destinations_that_stop_or_start_being_tied(
+    first, second
+):
+    for rank, calls in enumerate(run_on_ranks(WORLD, _ties_change, first, second, timeout=120)):
+        for tie, problems in calls:
+            assert problems == [], f"rank {rank}, {tie}"
+
+
 # ---------------------------------------------------------------- 10. bounded buckets
 
 
