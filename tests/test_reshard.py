@@ -793,11 +793,15 @@ def _layout(seed: int, dst_placement: Any):
         "w": _full((12, 8), torch.float32, seed),
         "b": _full((8,), torch.bfloat16, seed + 1),
     }
-    src = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
+    src: dict[str, Any] = {k: _src(v, ALL, [Shard(0)]) for k, v in full.items()}
     dst = _present({
         "w": _dst(full["w"], [0, 1], [dst_placement]),
         "b": _dst(full["b"], [0, 1], [Replicate()]),
     })
+    # A non-tensor value that changes from call to call: the cached plan must carry
+    # this call's value, not the first one's.
+    src["seed"] = seed
+    dst["seed"] = -1
     return src, dst, {(k,): v for k, v in full.items()}
 
 
@@ -809,8 +813,9 @@ def _plan_cache():
     seen.append(("same layouts", *_reshard_checked(src2, dst2 or None, expect2)))
     # The same objects again, new source values written in place.
     src3, _, expect3 = _layout(300, Shard(1))
-    for k in src2:
+    for k in ("w", "b"):
         src2[k]._local_tensor.copy_(src3[k]._local_tensor)
+    src2["seed"] = 300
     seen.append(("same objects", *_reshard_checked(src2, dst2 or None, expect3)))
     src4, dst4, expect4 = _layout(400, Shard(0))  # another destination layout
     seen.append(("other layout", *_reshard_checked(src4, dst4 or None, expect4)))
@@ -989,6 +994,9 @@ def _error_inputs(kind: str) -> tuple[Any, Any]:
     if kind == "src_shapes":
         # Plain whole tensors that disagree on the global shape.
         src["mlp_w3"] = bad.clone() if rank == 0 else _full((9, 4), torch.float32, 601)
+    if kind == "src_dtypes":
+        # Plain whole tensors that disagree on the dtype.
+        src["mlp_w3"] = bad.clone() if rank == 0 else bad.to(torch.float64)
     if kind == "no_source":
         del src["mlp_w3"]
     if kind == "uncovered" and rank == 3:
@@ -1033,7 +1041,7 @@ def _reshard_error(kind: str):
     return None, "", unchanged()
 
 
-ERRORS = ["dst_shape", "src_shapes", "dtype", "no_source", "uncovered", "overlap",
+ERRORS = ["dst_shape", "src_shapes", "dtype", "src_dtypes", "no_source", "uncovered", "overlap",
           "partial", "strided", "bad_leaf", "unpicklable_leaf", "sparse_leaf"]
 
 
@@ -1050,3 +1058,71 @@ def test_reshard_raises_on_every_rank_naming_the_key_before_writing(kind):
         # Only rank 2 can see it; the others learn it from rank 2.
         assert [name for name, _, _ in results] == [
             "RankFailure", "RankFailure", "ValueError", "RankFailure"]
+
+
+# ---------------------------------------------------------------- 12. untrusted peers
+
+
+def _craft(kind: str, desc: tuple) -> Any:
+    """Rank 1's layout description as a faulty or hostile peer could send it. The wire
+    format (docs: (source entries, destination entries, source value paths, destination
+    value paths), an entry (path, global shape, dtype name, [(start, size)], tie)) is
+    what the planner must check before using."""
+    if kind == "not_a_tuple":
+        return "garbage"
+    src = [list(e) for e in desc[0]]
+    first = src[0]
+    if kind == "box_outside":
+        first[3] = [((6, 0), (4, 4))]
+    elif kind == "negative_start":
+        first[3] = [((-2, 0), (2, 4))]
+    elif kind == "huge_shape":
+        first[1] = (1 << 40, 1 << 40)
+        first[3] = [((0, 0), (1 << 40, 1 << 40))]
+    elif kind == "unknown_dtype":
+        first[2] = "torch.not_a_dtype"
+    elif kind == "box_not_a_pair":
+        first[3] = [5]
+    elif kind == "float_sizes":
+        first[3] = [((2.0, 0), (2, 4))]
+    elif kind == "unhashable_path":
+        first[0] = (["mlp_w3"],)
+    return ([tuple(e) for e in src], *desc[1:])
+
+
+def _reshard_with_a_lying_peer(kind: str):
+    rank = dist.get_rank()
+    full = _full((8, 4), torch.float32, 900)
+    src = {"mlp_w3": _src(full, ALL, [Shard(0)])}
+    dst = _present({"mlp_w3": _dst(full, [0, 1], [Shard(1)])}) or None
+    unchanged = _snapshot(dst)
+    original = dist.all_gather_object
+
+    def lying(object_list, obj, group=None):
+        if isinstance(obj, tuple) and len(obj) == 4 and isinstance(obj[0], list):
+            obj = _craft(kind, obj)
+        return original(object_list, obj, group=group)
+
+    if rank == 1:
+        dist.all_gather_object = lying
+    try:
+        utils.reshard_state_dict(src, dst)
+    except Exception as exc:  # noqa: BLE001 - the spec is about which exception
+        return type(exc).__name__, str(exc), unchanged()
+    finally:
+        dist.all_gather_object = original
+    return None, "", unchanged()
+
+
+LIES = ["not_a_tuple", "box_outside", "negative_start", "huge_shape", "unknown_dtype",
+        "box_not_a_pair", "float_sizes", "unhashable_path"]
+
+
+@pytest.mark.parametrize("kind", LIES)
+def test_reshard_raises_on_every_rank_for_a_malformed_peer_description(kind):
+    results = run_fresh(WORLD, _reshard_with_a_lying_peer, kind, pg_timeout=20, timeout=150)
+    for rank, (name, text, changed) in enumerate(results):
+        # A clear error that blames rank 1, the same on every rank, nothing written.
+        assert name in ("ValueError", "RankFailure"), (rank, name, text)
+        assert "rank 1" in text, (rank, text)
+        assert changed == [], (rank, changed)
