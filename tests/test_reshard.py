@@ -34,7 +34,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from sdict_ext import utils
 from tests.mp import run_fresh, run_on_ranks
-from tests.test_utils_dist import _full, _sharded_tensor
+from tests.test_utils_dist import _chunked_boxes, _full, _sharded_tensor, _st_from_boxes
 
 pytestmark = pytest.mark.dist
 
@@ -244,7 +244,9 @@ def _owned_bytes(dst: Any) -> int:
     object at several keys, or several views of the same bytes)."""
     seen: dict[Any, int] = {}
     for _, v in _leaves(dst):
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, ShardedTensor):
+            seen[id(v)] = sum(t.numel() * t.element_size() for t in _parts(v))
+        elif isinstance(v, torch.Tensor):
             local = _local(v)
             tie = id(v) if local.is_meta else (
                 local.untyped_storage().data_ptr(), local.storage_offset(),
@@ -261,14 +263,17 @@ def _reshard_checked(
     *,
     bucket_bytes: int | None = None,
     tied: tuple[tuple[tuple, tuple], ...] = (),
+    gathered: dict[tuple, Any] | None = None,
 ) -> tuple[list[str], dict]:
     """Runs the reference, then ``reshard_state_dict``, and lists what differs.
 
     ``expect`` maps key paths to the seeded full tensors (cross-check of the
     reference); ``tied`` holds pairs of destination paths that share one object (where
-    this rank holds them), whose results must be one object too.
+    this rank holds them), whose results must be one object too. ``gathered`` replaces
+    the reference's gather, for source layouts PyTorch's gather cannot take (then only
+    the distribute half of the reference is PyTorch's).
     """
-    full = _reference_full(src)
+    full = _reference_full(src) if gathered is None else gathered
     problems = [
         f"reference {_name(p)} differs from the seeded full tensor"
         for p, t in expect.items()
@@ -785,6 +790,103 @@ def test_reshard_sharded_tensor_and_whole_plain_sources_match_gather_distribute(
     _assert_all_ranks_clean(run_on_ranks(WORLD, _sharded_and_plain_sources, timeout=120))
 
 
+def _sharded_tensor_grids():
+    """ShardedTensors of arbitrary disjoint boxes (several per rank, interleaved), not
+    the dim-0 chunks PyTorch's gather assumes: the reference distributes the seeded full
+    tensors, and the plan's overlap check must accept them."""
+    full = {
+        "grid": _full((6, 7), torch.float32, 950),
+        "interleaved": _full((10,), torch.bfloat16, 951),
+    }
+    grid = [
+        [((3, 2), (0, 0)), ((1, 5), (5, 2))],  # rank 0: two shards
+        [((1, 5), (0, 2))],
+        [((4, 5), (1, 2))],
+        [((3, 2), (3, 0))],
+    ]
+    interleaved = [[((1,), (i,)) for i in range(r, 10, 4)] for r in range(WORLD)]
+    src = {"grid": _st_from_boxes(full["grid"], grid),
+           "interleaved": _st_from_boxes(full["interleaved"], interleaved)}
+    dst = _present({"grid": _dst(full["grid"], ALL, [Shard(1)]),
+                    "interleaved": _dst(full["interleaved"], [2, 1], [Shard(0)])})
+    if dist.get_rank() == 0:
+        dst["whole_grid"] = torch.zeros(6, 7)
+        src["whole_grid"] = full["grid"].clone()
+    expect = {(k,): v for k, v in full.items()}
+    gathered = {**expect, ("whole_grid",): full["grid"]}
+    return _reshard_checked(src, dst, expect, bucket_bytes=1024, gathered=gathered)
+
+
+def test_reshard_sharded_tensors_of_arbitrary_disjoint_boxes_match_distribute():
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _sharded_tensor_grids, timeout=120))
+
+
+def _inner_cuts():
+    """Rows wider than a bucket: pieces are cut inside the innermost dimension."""
+    full = {
+        "wide3d": _full((3, 2, 700), torch.float64, 960),
+        "wide2d": _full((5, 300), torch.float32, 961),
+    }
+    src = _present({"wide3d": _src(full["wide3d"], ALL, [Shard(2)]),
+                    "wide2d": _src(full["wide2d"], [2, 3], [Replicate()])})
+    dst = _present({"wide3d": _dst(full["wide3d"], [0, 1], [Shard(0)]),
+                    "wide2d": _dst(full["wide2d"], ALL, [Shard(1)])})
+    return _reshard_checked(src, dst, {(k,): v for k, v in full.items()}, bucket_bytes=1024)
+
+
+def test_reshard_cuts_rows_wider_than_a_bucket_and_stays_bit_exact():
+    for s in _assert_all_ranks_clean(run_on_ranks(WORLD, _inner_cuts, timeout=180)):
+        assert s["buffer_bytes"] <= 2 * 1024, s
+
+
+def _sharded_tensor_destination():
+    full = _full((9, 4), torch.float32, 970)
+    src = {"st": _src(full, ALL, [Shard(1)])}
+    dst = {"st": _st_from_boxes(torch.full((9, 4), 7.0), _chunked_boxes((9, 4), 0, WORLD))}
+    shards = [(shard.tensor, shard.tensor.data_ptr()) for shard in dst["st"].local_shards()]
+    offsets = [shard.metadata.shard_offsets[0] for shard in dst["st"].local_shards()]
+    got = utils.reshard_state_dict(src, dst)
+    problems = []
+    if got["st"] is not dst["st"]:
+        problems.append("the ShardedTensor destination was replaced")
+    now = dst["st"].local_shards()
+    for (tensor, ptr), lo, shard in zip(shards, offsets, now):
+        if shard.tensor is not tensor or tensor.data_ptr() != ptr:
+            problems.append(f"shard at row {lo} was not written in place")
+        if not _same_bits(tensor, full[lo : lo + tensor.shape[0]]):
+            problems.append(f"shard at row {lo}: values differ from the full tensor")
+    problems += _stats_problems(dict(utils.last_reshard_stats()), dst, None)
+    return problems, dict(utils.last_reshard_stats())
+
+
+def test_reshard_into_a_sharded_tensor_writes_its_local_shards_in_place():
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _sharded_tensor_destination, timeout=60))
+
+
+def _no_tensors(kind: str):
+    rank = dist.get_rank()
+    if kind == "none":
+        src = dst = None
+    elif kind == "empty":
+        src, dst = {}, {}
+    else:
+        src = {"a": 1, "b": [2, "x"], "c": None} if rank == 0 else {}
+        dst = {"a": 0, "b": [0, ""], "kept": 5}
+    got = utils.reshard_state_dict(src, dst)
+    return got, dict(utils.last_reshard_stats())
+
+
+def test_reshard_without_tensors_returns_the_values_and_moves_no_bytes():
+    for got, s in run_on_ranks(WORLD, _no_tensors, "none", timeout=60):
+        assert got is None and s["bytes_owned"] == s["bytes_sent"] == 0
+    for got, s in run_on_ranks(WORLD, _no_tensors, "empty", timeout=60):
+        assert got == {} and s["bytes_owned"] == s["bytes_sent"] == 0
+    for got, s in run_on_ranks(WORLD, _no_tensors, "values", timeout=60):
+        assert got == {"a": 1, "b": [2, "x"], "kept": 5}
+        assert s["bytes_owned"] == s["bytes_sent"] == s["bytes_received"] == 0
+        assert s["p2p_ops"] == 0
+
+
 # ---------------------------------------------------------------- 9. plan cache
 
 
@@ -985,6 +1087,7 @@ def _error_inputs(kind: str) -> tuple[Any, Any]:
     dst: dict[str, Any] = _present({"good": _dst(good, [0, 1], [Shard(1)])})
     # Meshes used on some ranks only are created on every rank, in one order.
     _mesh([1, 2])
+    _mesh([2, 3])
     bad_dst = _dst(bad, [0, 1], [Shard(1)])
     if kind == "dst_shape":
         bad_dst = _dst(_full((8, 5), torch.float32, 601), [0, 1], [Shard(1)])
@@ -997,6 +1100,11 @@ def _error_inputs(kind: str) -> tuple[Any, Any]:
     if kind == "src_dtypes":
         # Plain whole tensors that disagree on the dtype.
         src["mlp_w3"] = bad.clone() if rank == 0 else bad.to(torch.float64)
+    if kind == "overlap_2d":
+        # Ranks 0, 1 hold row halves, ranks 2, 3 column halves: every box partly
+        # overlaps two others.
+        src["mlp_w3"] = (_src(bad, [0, 1], [Shard(0)]) if rank < 2
+                         else _src(bad, [2, 3], [Shard(1)]))
     if kind == "no_source":
         del src["mlp_w3"]
     if kind == "uncovered" and rank == 3:
@@ -1041,8 +1149,9 @@ def _reshard_error(kind: str):
     return None, "", unchanged()
 
 
-ERRORS = ["dst_shape", "src_shapes", "dtype", "src_dtypes", "no_source", "uncovered", "overlap",
-          "partial", "strided", "bad_leaf", "unpicklable_leaf", "sparse_leaf"]
+ERRORS = ["dst_shape", "src_shapes", "dtype", "src_dtypes", "no_source", "uncovered",
+          "overlap", "overlap_2d", "partial", "strided", "bad_leaf", "unpicklable_leaf",
+          "sparse_leaf"]
 
 
 @pytest.mark.parametrize("kind", ERRORS)
