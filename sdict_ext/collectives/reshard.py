@@ -310,6 +310,23 @@ def _cut(start, shape, itemsize: int, cap: int):
     return out
 
 
+def _overlapping(boxes: list[_Box]):
+    """Pairs of the (distinct) boxes that intersect, by a sweep along the dim with the
+    most distinct starts: a mesh's shards are disjoint along the dims they split, so each
+    box meets only its neighbours there, instead of every pair being compared."""
+    if len(boxes) < 2 or not boxes[0][0]:
+        return []  # (a 0-dim tensor has one box: the whole)
+    d = max(range(len(boxes[0][0])), key=lambda i: len({b[0][i] for b in boxes}))
+    active: list[_Box] = []
+    out = []
+    for box in sorted(boxes, key=lambda b: b[0][d]):
+        lo = box[0][d]
+        active = [a for a in active if a[0][d] + a[1][d] > lo]
+        out += [(a, box) for a in active if _intersect(a[0], a[1], box[0], box[1])]
+        active.append(box)
+    return out
+
+
 def _bad(rank: int, what: str) -> ValueError:
     return ValueError(f"{_WHAT}: rank {rank} sent a malformed layout description: {what}")
 
@@ -419,14 +436,13 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
         itemsize = _DTYPES[dtype].itemsize
         held = sources.get(path, {})
         boxes = list(held)
-        for a, b in itertools.combinations(boxes, 2):
-            if _intersect(a[0], a[1], b[0], b[1]) is not None:
-                raise ValueError(
-                    f"{_WHAT}: key {format_path(path)!r}: source boxes overlap without "
-                    f"being equal: ranks {[h[0] for h in held[a]]} hold start {list(a[0])} "
-                    f"size {list(a[1])}, ranks {[h[0] for h in held[b]]} start "
-                    f"{list(b[0])} size {list(b[1])}"
-                )
+        for a, b in _overlapping(boxes)[:1]:
+            raise ValueError(
+                f"{_WHAT}: key {format_path(path)!r}: source boxes overlap without "
+                f"being equal: ranks {[h[0] for h in held[a]]} hold start {list(a[0])} "
+                f"size {list(a[1])}, ranks {[h[0] for h in held[b]]} start "
+                f"{list(b[0])} size {list(b[1])}"
+            )
         for d, dj, dstart, dsize in owners[path]:
             need = _volume(dsize)
             owned[d] += need * itemsize
