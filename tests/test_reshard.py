@@ -13,7 +13,9 @@ their types, dtypes, shapes, strides, meshes, placements, key sets and container
 
 Workers are module-level functions run by ``tests.mp.run_on_ranks`` (or ``run_fresh``
 where a test needs a cold plan cache or a short collective timeout); they return a list
-of what they found wrong (empty when all is well) and the call's statistics.
+of what they found wrong (empty when all is well) and the call's statistics. The error
+cases run one after another in one fresh group per family (a module fixture), since each
+raises on every rank and leaves the group in step; each kind is still its own test.
 """
 
 from __future__ import annotations
@@ -1154,11 +1156,28 @@ ERRORS = ["dst_shape", "src_shapes", "dtype", "src_dtypes", "no_source", "uncove
           "sparse_leaf"]
 
 
+def _each(worker: Callable[[str], Any], kinds: list[str]) -> list[Any]:
+    """``worker(kind)`` for every kind in turn, in one group: each case raises on every
+    rank (through the agreement), which leaves the group's collectives in step."""
+    return [worker(kind) for kind in kinds]
+
+
+def _by_kind(results: list[list[Any]], kinds: list[str]) -> dict[str, list[Any]]:
+    """Per kind, every rank's result."""
+    return {kind: [per_rank[i] for per_rank in results] for i, kind in enumerate(kinds)}
+
+
+@pytest.fixture(scope="module")
+def error_results() -> dict[str, list[Any]]:
+    # One fresh group with a short collective timeout for every kind: a rank left
+    # waiting on one that raised fails in seconds (and shows as another exception).
+    results = run_fresh(WORLD, _each, _reshard_error, ERRORS, pg_timeout=20, timeout=300)
+    return _by_kind(results, ERRORS)
+
+
 @pytest.mark.parametrize("kind", ERRORS)
-def test_reshard_raises_on_every_rank_naming_the_key_before_writing(kind):
-    # A fresh group with a short collective timeout: a rank left waiting on one that
-    # raised fails in seconds (and that would show as a different exception).
-    results = run_fresh(WORLD, _reshard_error, kind, pg_timeout=20, timeout=150)
+def test_reshard_raises_on_every_rank_naming_the_key_before_writing(kind, error_results):
+    results = error_results[kind]
     for rank, (name, text, changed) in enumerate(results):
         assert name in ("ValueError", "RankFailure"), (rank, name, text)
         assert "mlp_w3" in text, (rank, text)
@@ -1227,10 +1246,16 @@ LIES = ["not_a_tuple", "box_outside", "negative_start", "huge_shape", "unknown_d
         "box_not_a_pair", "float_sizes", "unhashable_path"]
 
 
+@pytest.fixture(scope="module")
+def lie_results() -> dict[str, list[Any]]:
+    results = run_fresh(WORLD, _each, _reshard_with_a_lying_peer, LIES, pg_timeout=20,
+                        timeout=300)
+    return _by_kind(results, LIES)
+
+
 @pytest.mark.parametrize("kind", LIES)
-def test_reshard_raises_on_every_rank_for_a_malformed_peer_description(kind):
-    results = run_fresh(WORLD, _reshard_with_a_lying_peer, kind, pg_timeout=20, timeout=150)
-    for rank, (name, text, changed) in enumerate(results):
+def test_reshard_raises_on_every_rank_for_a_malformed_peer_description(kind, lie_results):
+    for rank, (name, text, changed) in enumerate(lie_results[kind]):
         # A clear error that blames rank 1, the same on every rank, nothing written.
         assert name in ("ValueError", "RankFailure"), (rank, name, text)
         assert "rank 1" in text, (rank, text)
