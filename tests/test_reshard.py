@@ -637,6 +637,36 @@ def test_reshard_replaces_meta_destinations_and_writes_real_ones_in_place():
     _assert_all_ranks_clean(run_on_ranks(WORLD, _meta_destinations, timeout=120))
 
 
+def _parameters():
+    """keep_vars state dicts: DTensor and plain ``nn.Parameter``s that require grad, on
+    both sides (an FSDP2 trainer's parameters into a TP copy's)."""
+    full = {"w": _full((8, 6), torch.float32, 55), "b": _full((6,), torch.float32, 56)}
+    src = {k: torch.nn.Parameter(_src(v, ALL, [Shard(0)])) for k, v in full.items()}
+    dst: dict[str, Any] = {}
+    w = _dst(full["w"], [0, 1], [Shard(1)])
+    if w is not None:
+        dst["w"] = torch.nn.Parameter(w)
+        dst["b"] = torch.nn.Parameter(torch.zeros(6))
+    before = {k: (v, _local(v).data_ptr()) for k, v in dst.items()}
+    got = utils.reshard_state_dict(src, dst or None)
+    problems = []
+    for k, (obj, ptr) in before.items():
+        want = distribute_tensor(full[k], w.device_mesh, [Shard(1)], src_data_rank=None) \
+            if isinstance(obj, DTensor) else full[k]
+        if got[k] is not obj or _local(obj).data_ptr() != ptr:
+            problems.append(f"{k}: not written in place")
+        if not isinstance(got[k], torch.nn.Parameter) or not got[k].requires_grad:
+            problems.append(f"{k}: no longer a Parameter that requires grad")
+        if not _same_bits(_local(got[k]).detach(), _local(want)):
+            problems.append(f"{k}: values differ from PyTorch's distribute")
+    problems += _stats_problems(dict(utils.last_reshard_stats()), dst or None, None)
+    return problems, dict(utils.last_reshard_stats())
+
+
+def test_reshard_between_parameters_that_require_grad_writes_them_in_place():
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _parameters, timeout=60))
+
+
 # ---------------------------------------------------------------- 7. replicated sources
 
 
@@ -871,6 +901,10 @@ def _no_tensors(kind: str):
         src = dst = None
     elif kind == "empty":
         src, dst = {}, {}
+    elif kind == "unused_sources":
+        # Sources that no destination wants are not sent.
+        src = {"w": _src(_full((8, 4), torch.float32, 980), ALL, [Shard(0)])}
+        dst = {}
     else:
         src = {"a": 1, "b": [2, "x"], "c": None} if rank == 0 else {}
         dst = {"a": 0, "b": [0, ""], "kept": 5}
@@ -883,6 +917,8 @@ def test_reshard_without_tensors_returns_the_values_and_moves_no_bytes():
         assert got is None and s["bytes_owned"] == s["bytes_sent"] == 0
     for got, s in run_on_ranks(WORLD, _no_tensors, "empty", timeout=60):
         assert got == {} and s["bytes_owned"] == s["bytes_sent"] == 0
+    for got, s in run_on_ranks(WORLD, _no_tensors, "unused_sources", timeout=60):
+        assert got == {} and s["bytes_sent"] == s["p2p_ops"] == 0, s
     for got, s in run_on_ranks(WORLD, _no_tensors, "values", timeout=60):
         assert got == {"a": 1, "b": [2, "x"], "kept": 5}
         assert s["bytes_owned"] == s["bytes_sent"] == s["bytes_received"] == 0
