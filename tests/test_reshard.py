@@ -516,6 +516,37 @@ def test_reshard_mixed_uneven_tied_empty_scalar_optimizer_state_matches_gather_d
     _assert_all_ranks_clean(run_on_ranks(WORLD, _mixed, bucket_bytes, tie, timeout=120))
 
 
+def _int_keyed_optimizer():
+    """torch.optim's own layout: state keyed by int parameter ids, the destination's
+    keys in another order than the source's."""
+    full = {
+        ("state", 0, "exp_avg"): _full((6, 4), torch.float32, 37),
+        ("state", 1, "exp_avg"): _full((5,), torch.float32, 38),
+        ("state", 1, "step"): torch.tensor(7.0),
+    }
+    src = {
+        "state": {
+            0: {"exp_avg": _src(full[("state", 0, "exp_avg")], ALL, [Shard(0)])},
+            1: {"exp_avg": _src(full[("state", 1, "exp_avg")], ALL, [Shard(0)]),
+                "step": torch.tensor(7.0)},
+        },
+        "param_groups": [{"lr": 0.5, "params": [0, 1]}],
+    }
+    dst = {
+        "param_groups": [{"lr": 0.0, "params": [-1, -1]}],
+        "state": {
+            1: _present({"step": torch.zeros(()),
+                         "exp_avg": _dst(full[("state", 1, "exp_avg")], [2, 3], [Shard(0)])}),
+            0: _present({"exp_avg": _dst(full[("state", 0, "exp_avg")], [0, 1], [Shard(1)])}),
+        },
+    }
+    return _reshard_checked(src, dst, full, bucket_bytes=1024)
+
+
+def test_reshard_optimizer_state_keyed_by_int_ids_in_another_order():
+    _assert_all_ranks_clean(run_on_ranks(WORLD, _int_keyed_optimizer, timeout=60))
+
+
 # ---------------------------------------------------------------- 5. disjoint ranks
 
 
