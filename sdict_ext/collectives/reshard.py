@@ -87,9 +87,8 @@ _SPREAD_MIN_BYTES = 1 << 20
 
 #: Most bytes a rank sends plus receives in one round (and ``bucket_bytes`` where
 #: smaller): two slices of the collective routes. Rounds pipeline, packing round k + 1
-#: while k travels; a bucket-sized round leaves nothing to overlap with (on gloo,
-#: BENCHMARKS.md "Measurements behind constants": 256 MiB rounds reached about 0.8 of an
-#: all_to_all of the same bytes, 8-16 MiB rounds about 1.0).
+#: while k travels; one bucket-sized round leaves nothing to overlap with. The
+#: measurement behind it: BENCHMARKS.md, "Measurements behind constants in the code".
 ROUND_BYTES = 2 * PIPELINE_SLICE_BYTES
 
 #: Plans kept per process (least recently used dropped first).
@@ -171,6 +170,30 @@ class _Side:
         return out
 
 
+def _tie(leaf: Any, local: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two destination leaves one tensor: the same view of one storage (or,
+    on the meta device, where storages have no address, the same object)."""
+    if local.is_meta:
+        return (id(leaf),)
+    return (local.untyped_storage().data_ptr(), local.storage_offset(), local.shape,
+            local.stride(), local.dtype, local.device)
+
+
+def _ties(flat: Any) -> tuple[int, ...]:
+    """The destination's tie structure, part of the plan cache's key: the layout
+    signature does not see which leaves share memory, and a plan writes a tied tensor
+    once. Per tensor leaf (ShardedTensors never tie), the index of the first leaf it is
+    tied to."""
+    seen: dict[Any, int] = {}
+    out = []
+    for i, (leaf, kind) in enumerate(zip(flat.leaves, flat.kinds)):
+        if kind == LEAF_DTENSOR:
+            out.append(seen.setdefault(_tie(leaf, leaf._local_tensor), i))
+        elif kind == LEAF_TENSOR:
+            out.append(seen.setdefault(_tie(leaf, leaf), i))
+    return tuple(out)
+
+
 def _where(side: str, path: tuple[Any, ...]) -> str:
     return f"{_WHAT}: {side} key {format_path(path)!r}"
 
@@ -183,6 +206,12 @@ def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
     seen: dict[Any, int] = {}
     for i, (leaf, kind) in enumerate(zip(flat.leaves, flat.kinds)):
         path = paths[i]
+        if not _is_path(path):
+            raise ValueError(
+                f"{_where(side, path)}: a key of type "
+                f"{next(type(k).__name__ for k in path if type(k) not in (str, int))}; "
+                "key paths are matched across ranks by str and int keys only"
+            )
         if kind in PLAIN_KINDS:
             out.values.append(path)
             out.value_leaf.append(i)
@@ -241,11 +270,7 @@ def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
         alias = -1
         if dst and local is not None and kind != LEAF_SHARDED:
             # Tied destinations (one tensor at several keys) are written once.
-            tie = (id(leaf),) if local.is_meta else (
-                local.untyped_storage().data_ptr(), local.storage_offset(),
-                tuple(local.shape), local.stride(), local.dtype, local.device,
-            )
-            alias = seen.setdefault(tie, len(out.entries))
+            alias = seen.setdefault(_tie(leaf, local), len(out.entries))
             if alias == len(out.entries):
                 alias = -1
         out.entries.append((path, shape, str(dtype), boxes, alias))
@@ -327,6 +352,10 @@ def _overlapping(boxes: list[_Box]):
     return out
 
 
+def _is_path(path: Any) -> bool:
+    return isinstance(path, tuple) and all(type(k) in (str, int) for k in path)
+
+
 def _bad(rank: int, what: str) -> ValueError:
     return ValueError(f"{_WHAT}: rank {rank} sent a malformed layout description: {what}")
 
@@ -339,16 +368,16 @@ def _check_description(rank: int, desc: Any) -> None:
     src, dst, src_values, dst_values = desc
     if not all(isinstance(x, list) for x in desc):
         raise _bad(rank, "lists expected")
-    if not all(isinstance(p, tuple) for p in src_values + dst_values):
-        raise _bad(rank, "a value's key path is not a tuple")
+    if not all(_is_path(p) for p in src_values + dst_values):
+        raise _bad(rank, "a value's key path is not a tuple of str / int")
     for side, entries in (("source", src), ("destination", dst)):
         for j, entry in enumerate(entries):
             if not (isinstance(entry, tuple) and len(entry) == 5):
                 raise _bad(rank, f"{side} entry {j} is not a 5-tuple")
             path, shape, dtype, boxes, alias = entry
             where = f"{side} entry {j}"
-            if not isinstance(path, tuple):
-                raise _bad(rank, f"{where}: the key path is not a tuple")
+            if not _is_path(path):
+                raise _bad(rank, f"{where}: the key path is not a tuple of str / int")
             if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
                 raise _bad(rank, f"{where}: shape {shape!r}")
             if dtype not in _DTYPES:
@@ -357,8 +386,11 @@ def _check_description(rank: int, desc: Any) -> None:
                 raise _bad(rank, f"{where}: shape {shape!r} of {dtype} overflows int64 bytes")
             if type(alias) is not int or not -1 <= alias < (j if side == "destination" else 0):
                 raise _bad(rank, f"{where}: tie index {alias!r}")
-            if not isinstance(boxes, list):
-                raise _bad(rank, f"{where}: boxes")
+            if not isinstance(boxes, list) or not all(
+                isinstance(box, tuple) and len(box) == 2 for box in boxes
+            ):
+                raise _bad(rank, f"{where} ({format_path(path)!r}): boxes are not a list of "
+                           "(start, size) pairs")
             for start, size in boxes:
                 ok = (isinstance(start, tuple) and isinstance(size, tuple)
                       and len(start) == len(shape) == len(size))
@@ -823,10 +855,10 @@ def reshard_state_dict(
                 f"got {bucket_bytes!r}"
             )
         device = indexed_device(device)
-        src_flat = flatten({} if src_state_dict is None else src_state_dict, type_check=False)
-        dst_flat = flatten({} if dst_state_dict is None else dst_state_dict, type_check=False)
+        src_flat = flatten({} if src_state_dict is None else src_state_dict)
+        dst_flat = flatten({} if dst_state_dict is None else dst_state_dict)
         key = (id(group), tuple(dist.get_process_group_ranks(group)), me, bucket_bytes,
-               device, src_flat.signature, dst_flat.signature)
+               device, src_flat.signature, dst_flat.signature, _ties(dst_flat))
         plan = _cached(key)
         if plan is None:
             grank = dist.get_rank()
