@@ -91,6 +91,14 @@ _SPREAD_MIN_BYTES = 1 << 20
 #: measurement behind it: BENCHMARKS.md, "Measurements behind constants in the code".
 ROUND_BYTES = 2 * PIPELINE_SLICE_BYTES
 
+#: A piece of at least this many bytes that is one contiguous range of its tensor (on
+#: the sending or the receiving side) travels as its own message, straight from or
+#: into that tensor, instead of being packed or unpacked. At most
+#: ``ROUND_BYTES / _SOLO_MIN_BYTES`` of them per peer and round: message tags leave
+#: ``_TAG_BITS`` for the index.
+_SOLO_MIN_BYTES = 1 << 20
+_TAG_BITS = 8
+
 #: Plans kept per process (least recently used dropped first).
 _CACHE_SIZE = 16
 
@@ -125,11 +133,13 @@ def last_reshard_stats() -> ReshardStats:
 # Describe: what this rank holds (source) and owns (destination), per key path.
 # ---------------------------------------------------------------------------------
 
-# An entry as it travels: (path, global shape, dtype name, boxes, alias), a box being
-# (start, shape) in the full tensor. ``alias`` is the index of an earlier destination
-# entry of this rank whose tensor is this one (tied weights), or -1.
+# An entry as it travels: (path, global shape, dtype name, boxes, alias, dense), a box
+# being (start, shape) in the full tensor. ``alias`` is the index of an earlier
+# destination entry of this rank whose tensor is this one (tied weights), or -1;
+# ``dense`` tells per box whether its local tensor is contiguous (row-major), so that
+# every rank knows which pieces can travel straight from or into their tensors.
 _Box = tuple[tuple[int, ...], tuple[int, ...]]
-_Entry = tuple[tuple[Any, ...], tuple[int, ...], str, list[_Box], int]
+_Entry = tuple[tuple[Any, ...], tuple[int, ...], str, list[_Box], int, list[bool]]
 
 
 class _Side:
@@ -273,7 +283,8 @@ def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
             alias = seen.setdefault(_tie(leaf, local), len(out.entries))
             if alias == len(out.entries):
                 alias = -1
-        out.entries.append((path, shape, str(dtype), boxes, alias))
+        dense = [t.is_contiguous() for t in tensors]
+        out.entries.append((path, shape, str(dtype), boxes, alias, dense))
         out.leaf_of.append(i)
         out.locals.append(tensors)
     return out
@@ -372,9 +383,9 @@ def _check_description(rank: int, desc: Any) -> None:
         raise _bad(rank, "a value's key path is not a tuple of str / int")
     for side, entries in (("source", src), ("destination", dst)):
         for j, entry in enumerate(entries):
-            if not (isinstance(entry, tuple) and len(entry) == 5):
-                raise _bad(rank, f"{side} entry {j} is not a 5-tuple")
-            path, shape, dtype, boxes, alias = entry
+            if not (isinstance(entry, tuple) and len(entry) == 6):
+                raise _bad(rank, f"{side} entry {j} is not a 6-tuple")
+            path, shape, dtype, boxes, alias, dense = entry
             where = f"{side} entry {j}"
             if not _is_path(path):
                 raise _bad(rank, f"{where}: the key path is not a tuple of str / int")
@@ -391,6 +402,9 @@ def _check_description(rank: int, desc: Any) -> None:
             ):
                 raise _bad(rank, f"{where} ({format_path(path)!r}): boxes are not a list of "
                            "(start, size) pairs")
+            if not (isinstance(dense, list) and len(dense) == len(boxes)
+                    and all(type(x) is bool for x in dense)):
+                raise _bad(rank, f"{where}: contiguity flags {dense!r}")
             for start, size in boxes:
                 ok = (isinstance(start, tuple) and isinstance(size, tuple)
                       and len(start) == len(shape) == len(size))
@@ -407,10 +421,13 @@ class _Rank:
     """What one rank does: its local copies, and per round its sends and receives."""
 
     def __init__(self) -> None:
-        # (src entry, box, start in the source local, dst entry, start in the
-        # destination local, shape); the same for messages, keyed by peer.
-        self.local: list[tuple[int, int, tuple, int, tuple, tuple]] = []
-        self.rounds: list[tuple[int, list[Any], list[Any], int]] = []
+        # (src entry, box, start in the source local, dst entry, box, start in the
+        # destination local, shape).
+        self.local: list[tuple[int, int, tuple, int, int, tuple, tuple]] = []
+        # Per round this rank takes part in: (round, messages, pieces packed into the
+        # buffer with their offsets, pieces unpacked from it, end of the sends' part of
+        # the buffer, end of the buffer); see _messages.
+        self.rounds: list[tuple[int, list[Any], list[Any], list[Any], int, int]] = []
         self.bytes_owned = 0
         self.bytes_local = 0
         self.buffer_bytes = 0
@@ -438,7 +455,7 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
     order: list[Any] = []
     for r, (src, dst, _, _) in enumerate(descs):
         for side, entries in (("source", src), ("destination", dst)):
-            for j, (path, shape, dtype, boxes, alias) in enumerate(entries):
+            for j, (path, shape, dtype, boxes, alias, dense) in enumerate(entries):
                 seen = facts.setdefault(path, (shape, dtype, r, side == "source"))
                 if seen[:2] != (shape, dtype):
                     raise ValueError(
@@ -452,13 +469,13 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
                     held = sources.setdefault(path, {})
                     for b, box in enumerate(boxes):
                         if _volume(box[1]):
-                            held.setdefault(box, []).append((r, j, b))
+                            held.setdefault(box, []).append((r, j, b, dense[b]))
                 elif alias < 0:
                     if path not in owners:
                         owners[path] = []
                         order.append(path)
-                    for start, size in boxes:
-                        owners[path].append((r, j, start, size))
+                    for b, (start, size) in enumerate(boxes):
+                        owners[path].append((r, j, b, start, size, dense[b]))
     load = [0] * world  # bytes each rank sends, for spreading replicated regions
     local_pieces: list[Any] = []
     remote: list[Any] = []  # (src rank, src entry, box, src start, dst rank, ...)
@@ -475,7 +492,7 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
                 f"size {list(a[1])}, ranks {[h[0] for h in held[b]]} start "
                 f"{list(b[0])} size {list(b[1])}"
             )
-        for d, dj, dstart, dsize in owners[path]:
+        for d, dj, db, dstart, dsize, ddense in owners[path]:
             need = _volume(dsize)
             owned[d] += need * itemsize
             covered = 0
@@ -487,7 +504,7 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
                 holders = held[box]
                 mine = [h for h in holders if h[0] == d]
                 if mine:
-                    local_pieces.append((mine[0], box[0], d, dj, dstart, cut, itemsize))
+                    local_pieces.append((mine[0], box[0], d, dj, db, dstart, cut, itemsize))
                     continue
                 nbytes = _volume(cut[1]) * itemsize
                 parts = [cut]
@@ -497,7 +514,7 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
                 for k, part in enumerate(parts):
                     h = ranked[k % len(ranked)]
                     load[h[0]] += _volume(part[1]) * itemsize
-                    remote.append((h, box[0], d, dj, dstart, part, itemsize))
+                    remote.append((h, box, d, dj, db, (dstart, dsize), ddense, part, itemsize))
             if covered != need:
                 ranks = sorted({h[0] for hs in held.values() for h in hs})
                 raise ValueError(
@@ -528,7 +545,7 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
             used[r][k] += _MESSAGE_ALIGNMENT
         used[r][k] += n
 
-    for (s, sj, sb), sstart, d, dj, dstart, (start, size), itemsize in remote:
+    for (s, sj, sb, sdense), sbox, d, dj, db, dbox, ddense, (start, size), itemsize in remote:
         for cstart, csize in _cut(start, size, itemsize, cap):
             n = _volume(csize) * itemsize
             if n == 0:
@@ -541,43 +558,48 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
             last[(s, d)] = k
             while len(rounds) <= k:
                 rounds.append([])
-            rounds[k].append((s, sj, sb, sstart, d, dj, dstart, cstart, csize, itemsize))
+            rounds[k].append((s, sj, sb, sbox, sdense, d, dj, db, dbox, ddense, cstart, csize,
+                              itemsize))
     plan = _Rank()
     plan.bytes_owned = owned[me]
-    for (_, sj, sb), sstart, d, dj, dstart, (start, size), itemsize in local_pieces:
+    for (_, sj, sb, _), sstart, d, dj, db, dstart, (start, size), itemsize in local_pieces:
         if d != me or not _volume(size):
             continue
-        plan.local.append((sj, sb, _minus(start, sstart), dj, _minus(start, dstart), size))
+        plan.local.append((sj, sb, _minus(start, sstart), dj, db, _minus(start, dstart), size))
         plan.bytes_local += _volume(size) * itemsize
     peak = [0, 0]
     for k, pieces in enumerate(rounds):
         sends: dict[int, list[Any]] = {}
         recvs: dict[int, list[Any]] = {}
-        for s, sj, sb, sstart, d, dj, dstart, start, size, itemsize in pieces:
+        for s, sj, sb, sbox, sdense, d, dj, db, dbox, ddense, start, size, itemsize in pieces:
+            if s != me and d != me:
+                continue
+            # A big piece that is one range of its tensor on either side travels as its
+            # own message, read from / written into that tensor where it is one range
+            # there (no pack or unpack on that side); every rank decides the same, from
+            # the descriptions' contiguity flags.
+            straight_src = sdense and _is_range(size, sbox[1])
+            straight_dst = ddense and _is_range(size, dbox[1])
+            solo = (straight_src or straight_dst) and _volume(size) * itemsize >= _SOLO_MIN_BYTES
             if s == me:
                 sends.setdefault(d, []).append(
-                    (sj, sb, _minus(start, sstart), size, itemsize))
+                    ((sj, sb, _minus(start, sbox[0]), size, itemsize), solo, straight_src))
             if d == me:
                 recvs.setdefault(s, []).append(
-                    (dj, 0, _minus(start, dstart), size, itemsize))
+                    ((dj, db, _minus(start, dbox[0]), size, itemsize), solo, straight_dst))
         if not sends and not recvs:
             continue
-        cursor = 0
-        send_msgs = []
-        for peer in sorted(sends):
-            msg, cursor = _layout(sends[peer], cursor)
-            send_msgs.append((peer, msg))
-            plan.bytes_sent += msg[2]
-        send_end = cursor
-        recv_msgs = []
-        for peer in sorted(recvs):
-            msg, cursor = _layout(recvs[peer], cursor)
-            recv_msgs.append((peer, msg))
-            plan.bytes_received += msg[2]
+        msgs: list[Any] = []
+        packs: list[Any] = []
+        unpacks: list[Any] = []
+        send_end = _messages(sends, True, k, 0, packs, msgs)
+        end = _messages(recvs, False, k, send_end, unpacks, msgs)
         parity = len(plan.rounds) % 2
-        plan.rounds.append((k, send_msgs, recv_msgs, send_end, cursor))
-        plan.p2p_ops += len(send_msgs) + len(recv_msgs)
-        peak[parity] = max(peak[parity], cursor)
+        plan.rounds.append((k, msgs, packs, unpacks, send_end, end))
+        plan.p2p_ops += len(msgs)
+        plan.bytes_sent += sum(m[4] for m in msgs if m[0])
+        plan.bytes_received += sum(m[4] for m in msgs if not m[0])
+        peak[parity] = max(peak[parity], end)
     plan.buffers = tuple(peak)
     plan.buffer_bytes = sum(peak)
     # Plain values: each from the lowest rank whose source has its key path; one
@@ -599,6 +621,45 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
                 plan.value_providers[path] = source
     plan.digest = digest((descs, bucket_bytes))
     return plan
+
+
+def _is_range(shape: Sequence[int], box: Sequence[int]) -> bool:
+    """Whether a sub-box of ``shape`` is one contiguous range of a row-major tensor of
+    shape ``box``: ones first, then one dim of any extent, then only whole dims."""
+    i = 0
+    while i < len(shape) and shape[i] == 1:
+        i += 1
+    return all(n == full for n, full in zip(shape[i + 1:], box[i + 1:]))
+
+
+def _messages(per_peer: dict[int, list[Any]], is_send: bool, k: int, cursor: int,
+              placed: list[Any], msgs: list[Any]) -> int:
+    """A round's messages to (or from) each peer, in the order both sides derive: the
+    packed message of the small pieces, then each solo piece; a message's tag is unique
+    in the call for its pair (round k, index). Appends ``(is_send, peer, tag, buffer
+    start, bytes, piece)`` to ``msgs`` (``piece`` set where it travels straight from /
+    into its tensor, else the buffer range is used) and the buffered pieces with their
+    offsets to ``placed``; returns the buffer's end."""
+    for peer in sorted(per_peer):
+        items = per_peer[peer]
+        tag = k << _TAG_BITS
+        packed = [piece for piece, solo, _ in items if not solo]
+        if packed:
+            (start, slots, n), cursor = _layout(packed, cursor)
+            placed += slots
+            msgs.append((is_send, peer, tag, start, n, None))
+            tag += 1
+        for piece, solo, straight in items:
+            if not solo:
+                continue
+            if straight:
+                msgs.append((is_send, peer, tag, -1, _volume(piece[3]) * piece[4], piece))
+            else:
+                (start, slots, n), cursor = _layout([piece], cursor)
+                placed += slots
+                msgs.append((is_send, peer, tag, start, n, None))
+            tag += 1
+    return cursor
 
 
 def _minus(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
@@ -649,37 +710,39 @@ def _run(plan: _Rank, src: _Side, dst: _Side, group: dist.ProcessGroup,
     ]
 
     def post(i: int) -> list[Any]:
-        k, sends, recvs, send_end, _ = rounds[i]
+        _, msgs, packs, _, send_end, _ = rounds[i]
         buf = buffers[i % 2]
-        if sends:
-            placed = [p for _, (_, pieces, _) in sends for p in pieces]
-            ops.pack(_views(src, placed), buf.narrow(0, 0, send_end),
-                     offsets=[at for _, at in placed])
-        p2p = [
-            dist.P2POp(dist.irecv, buf.narrow(0, start, n), group=group, group_peer=peer, tag=k)
-            for peer, (start, _, n) in recvs
-        ] + [
-            dist.P2POp(dist.isend, buf.narrow(0, start, n), group=group, group_peer=peer, tag=k)
-            for peer, (start, _, n) in sends
-        ]
+        if packs:
+            ops.pack(_views(src, packs), buf.narrow(0, 0, send_end),
+                     offsets=[at for _, at in packs])
+        straight = {
+            is_send: iter(_byte_views(src if is_send else dst,
+                                      [m[5] for m in msgs if m[0] is is_send and m[5]]))
+            for is_send in (True, False)
+        }
+        p2p = []
+        for is_send in (False, True):  # receives posted first
+            for _, peer, tag, start, n, piece in (m for m in msgs if m[0] is is_send):
+                tensor = buf.narrow(0, start, n) if piece is None else next(straight[is_send])
+                p2p.append(dist.P2POp(dist.isend if is_send else dist.irecv, tensor,
+                                      group=group, group_peer=peer, tag=tag))
         return dist.batch_isend_irecv(p2p)
 
     def finish(i: int, works: list[Any]) -> None:
         for work in works:
             work.wait()
-        _, _, recvs, _, end = rounds[i]
-        if recvs:
-            placed = [p for _, (_, pieces, _) in recvs for p in pieces]
-            ops.unpack(buffers[i % 2].narrow(0, 0, end), _views(dst, placed),
-                       offsets=[at for _, at in placed])
+        _, _, _, unpacks, _, end = rounds[i]
+        if unpacks:
+            ops.unpack(buffers[i % 2].narrow(0, 0, end), _views(dst, unpacks),
+                       offsets=[at for _, at in unpacks])
 
     with torch.no_grad():
         pending = post(0) if rounds else None
         if plan.local:
-            srcs = ops.box_views([src.locals[j][b] for j, b, _, _, _, _ in plan.local],
-                                 [p[2] for p in plan.local], [p[5] for p in plan.local])
-            dsts = ops.box_views([dst.locals[j][0] for _, _, _, j, _, _ in plan.local],
-                                 [p[4] for p in plan.local], [p[5] for p in plan.local])
+            srcs = ops.box_views([src.locals[j][b] for j, b, _, _, _, _, _ in plan.local],
+                                 [p[2] for p in plan.local], [p[6] for p in plan.local])
+            dsts = ops.box_views([dst.locals[j][b] for _, _, _, j, b, _, _ in plan.local],
+                                 [p[5] for p in plan.local], [p[6] for p in plan.local])
             # On an accelerator the copies are enqueued on the current stream, ordered
             # with the packs and unpacks: nothing waits on the host.
             batched_copy_pairs(dsts, srcs, non_blocking=wire.type != "cpu")
@@ -687,6 +750,17 @@ def _run(plan: _Rank, src: _Side, dst: _Side, group: dist.ProcessGroup,
             following = post(i + 1) if i + 1 < len(rounds) else None
             finish(i, pending)
             pending = following
+
+
+def _byte_views(side: _Side, pieces: list[Any]) -> list[torch.Tensor]:
+    """The bytes of pieces that are each one contiguous range of their tensor, as 1-D
+    uint8 views of it (``view`` raises rather than copy, so a message can never land
+    in a temporary)."""
+    if not pieces:
+        return []
+    views = ops.box_views([side.locals[j][b] for j, b, _, _, _ in pieces],
+                          [p[2] for p in pieces], [p[3] for p in pieces])
+    return [v.view(-1).view(torch.uint8) for v in views]
 
 
 def _exchange_values(plan: _Rank, src: _Side, group: dist.ProcessGroup) -> list[Any]:
@@ -731,17 +805,19 @@ def _set_values(plan: _Rank, src: _Side, dst: _Side, leaves: list[Any],
 
 def _check_wire(plan: _Rank, src: _Side, dst: _Side, wire: torch.device) -> None:
     """Every tensor a message touches must be on the group's device."""
-    for _, sends, recvs, _, _ in plan.rounds:
-        for side, msgs, name in ((src, sends, "source"), (dst, recvs, "destination")):
-            for _, (_, placed, _) in msgs:
-                for (j, b, _, _, _), _ in placed:
-                    t = side.locals[j][b]
-                    if t.device != wire and not t.is_meta:
-                        raise ValueError(
-                            f"{_WHAT}: {name} key {format_path(side.entries[j][0])!r} is on "
-                            f"{t.device}, but this group ({dist.get_backend()}) moves "
-                            f"tensors on {wire}: move it there, or use a group of its device"
-                        )
+    for _, msgs, packs, unpacks, _, _ in plan.rounds:
+        pieces = [(src, p, "source") for p, _ in packs] + [
+            (dst, p, "destination") for p, _ in unpacks] + [
+            (src if m[0] else dst, m[5], "source" if m[0] else "destination")
+            for m in msgs if m[5]]
+        for side, (j, b, _, _, _), name in pieces:
+            t = side.locals[j][b]
+            if t.device != wire and not t.is_meta:
+                raise ValueError(
+                    f"{_WHAT}: {name} key {format_path(side.entries[j][0])!r} is on "
+                    f"{t.device}, but this group ({dist.get_backend()}) moves "
+                    f"tensors on {wire}: move it there, or use a group of its device"
+                )
 
 
 def _allocate(
