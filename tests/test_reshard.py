@@ -769,6 +769,48 @@ def test_reshard_splits_large_replicated_regions_across_their_holders(bucket_byt
     assert min(stats[0]["bytes_sent"], stats[1]["bytes_sent"]) > 640 * 512 * 4 // 2, stats
 
 
+def _big_pieces(bucket_bytes: int):
+    """Pieces of 1 MiB and more, which may travel straight from or into the tensors
+    where they are one contiguous range of a local tensor: on both sides, on the
+    source side only, on the destination side only, split between two holders; next to
+    small pieces in the same rounds."""
+    full = {
+        # Row halves into row halves (1 MiB each): contiguous on both sides.
+        "both": _full((1024, 512), torch.float32, 77),
+        # Column shards (each its own 1 MiB local) into one whole tensor on rank 3:
+        # a column block there.
+        "src_only": _full((1024, 512), torch.float32, 78),
+        # A whole tensor on rank 0 into column shards: a column block of the source.
+        "dst_only": _full((1024, 1024), torch.bfloat16, 79),
+        # 3 MiB two ranks hold, to two ranks: split between the holders.
+        "split": _full((768, 1024), torch.float32, 80),
+        "small": _full((5, 3), torch.float32, 81),
+    }
+    src = _present({
+        "both": _src(full["both"], [0, 1], [Shard(0)]),
+        "src_only": _src(full["src_only"], [0, 1], [Shard(1)]),
+        "dst_only": _src(full["dst_only"], [0], [Replicate()]),
+        "split": _src(full["split"], [0, 1], [Replicate()]),
+        "small": _src(full["small"], ALL, [Shard(0)]),
+    })
+    dst = _present({
+        "both": _dst(full["both"], [3, 2], [Shard(0)]),
+        "src_only": _dst(full["src_only"], [3], [Replicate()]),
+        "dst_only": _dst(full["dst_only"], [2, 3], [Shard(1)]),
+        "split": _dst(full["split"], [2, 3], [Replicate()]),
+        "small": _dst(full["small"], [2, 3], [Shard(1)]),
+    })
+    return _reshard_checked(src, dst, {(k,): v for k, v in full.items()},
+                            bucket_bytes=bucket_bytes)
+
+
+@pytest.mark.parametrize("bucket_bytes", [256 << 20, 64 << 10])
+def test_reshard_of_pieces_over_a_mebibyte_is_bit_exact(bucket_bytes):
+    for rank, s in enumerate(_assert_all_ranks_clean(
+            run_on_ranks(WORLD, _big_pieces, bucket_bytes, timeout=300))):
+        assert s["buffer_bytes"] <= 2 * bucket_bytes, (rank, s)
+
+
 def _every_dtype():
     # (Not int16: gloo cannot all-gather it, so PyTorch's reference cannot run.)
     dtypes = [torch.float64, torch.complex64, torch.int64, torch.float32, torch.int32,
@@ -902,28 +944,42 @@ def test_reshard_cuts_rows_wider_than_a_bucket_and_stays_bit_exact():
         assert s["buffer_bytes"] <= 2 * 1024, s
 
 
-def _sharded_tensor_destination():
+# Several shards per rank (rank 0 two, rank 2 three), boxes along both dims.
+_GRID_9x4 = [
+    [((2, 4), (0, 0)), ((1, 2), (8, 2))],
+    [((3, 2), (2, 0))],
+    [((3, 2), (2, 2)), ((2, 4), (5, 0)), ((1, 2), (7, 2))],
+    [((1, 2), (7, 0)), ((1, 2), (8, 0))],
+]
+
+
+def _sharded_tensor_destination(layout: str):
     full = _full((9, 4), torch.float32, 970)
     src = {"st": _src(full, ALL, [Shard(1)])}
-    dst = {"st": _st_from_boxes(torch.full((9, 4), 7.0), _chunked_boxes((9, 4), 0, WORLD))}
-    shards = [(shard.tensor, shard.tensor.data_ptr()) for shard in dst["st"].local_shards()]
-    offsets = [shard.metadata.shard_offsets[0] for shard in dst["st"].local_shards()]
+    boxes = _chunked_boxes((9, 4), 0, WORLD) if layout == "chunks" else _GRID_9x4
+    dst = {"st": _st_from_boxes(torch.full((9, 4), 7.0), boxes)}
+    shards = [(shard.tensor, shard.tensor.data_ptr(), tuple(shard.metadata.shard_offsets))
+              for shard in dst["st"].local_shards()]
     got = utils.reshard_state_dict(src, dst)
     problems = []
     if got["st"] is not dst["st"]:
         problems.append("the ShardedTensor destination was replaced")
     now = dst["st"].local_shards()
-    for (tensor, ptr), lo, shard in zip(shards, offsets, now):
+    for (tensor, ptr, (r, c)), shard in zip(shards, now):
         if shard.tensor is not tensor or tensor.data_ptr() != ptr:
-            problems.append(f"shard at row {lo} was not written in place")
-        if not _same_bits(tensor, full[lo : lo + tensor.shape[0]]):
-            problems.append(f"shard at row {lo}: values differ from the full tensor")
+            problems.append(f"shard at {(r, c)} was not written in place")
+        want = full[r : r + tensor.shape[0], c : c + tensor.shape[1]]
+        if not _same_bits(tensor, want):
+            problems.append(f"shard at {(r, c)}: values differ from the full tensor")
     problems += _stats_problems(dict(utils.last_reshard_stats()), dst, None)
     return problems, dict(utils.last_reshard_stats())
 
 
-def test_reshard_into_a_sharded_tensor_writes_its_local_shards_in_place():
-    _assert_all_ranks_clean(run_on_ranks(WORLD, _sharded_tensor_destination, timeout=60))
+@pytest.mark.parametrize("layout", ["chunks", "grid"])
+def test_reshard_into_a_sharded_tensor_writes_its_local_shards_in_place(layout):
+    _assert_all_ranks_clean(
+        run_on_ranks(WORLD, _sharded_tensor_destination, layout, timeout=60)
+    )
 
 
 def _no_tensors(kind: str):
