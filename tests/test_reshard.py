@@ -800,8 +800,23 @@ def _big_pieces(bucket_bytes: int):
         "split": _dst(full["split"], [2, 3], [Replicate()]),
         "small": _dst(full["small"], [2, 3], [Shard(1)]),
     })
-    return _reshard_checked(src, dst, {(k,): v for k, v in full.items()},
-                            bucket_bytes=bucket_bytes)
+    # Contiguous views at an offset into bigger buffers, on both sides: the bytes
+    # around them must stay as they were.
+    full["offset_view"] = _full((1024, 512), torch.float32, 82)
+    rank = dist.get_rank()
+    padded = None
+    if rank == 1:
+        padded = torch.full((1027, 512), 5.0)
+        padded[2:1026].copy_(full["offset_view"])
+        src["offset_view"] = padded[2:1026]
+    if rank == 2:
+        padded = torch.full((1027, 512), 7.0)
+        dst["offset_view"] = padded[1:1025]
+    problems, stats = _reshard_checked(src, dst, {(k,): v for k, v in full.items()},
+                                       bucket_bytes=bucket_bytes)
+    if rank == 2 and not (bool((padded[0] == 7).all()) and bool((padded[1025:] == 7).all())):
+        problems.append("bytes around the offset destination view were overwritten")
+    return problems, stats
 
 
 @pytest.mark.parametrize("bucket_bytes", [256 << 20, 64 << 10])
