@@ -80,9 +80,13 @@ class CaseSpec:
         name: human-readable case name, unique within the suite.
         multi_rank: runs on every rank of a process group rather than in this process.
         bound: name of the limits row family this case is compared with (``memcpy``,
-            ``d2h``, ``h2d``, ``d2d``, ``broadcast``, ``all_gather``), or None.
+            ``d2h``, ``h2d``, ``d2d``, ``broadcast``, ``all_gather``), or a family of
+            its own that the case measures itself (its ``bound`` rows), or None.
         params: workload parameters (JSON-able); the suite's ``run`` reads them.
         plot: for sweep cases, ``{"group", "xlabel", "x"}``: a line in the --plot figure.
+        min_world_size: fewest ranks a multi-rank case needs (a layout over 4 ranks);
+            spawned runs start a group of ``max(--world-size, min_world_size)`` ranks
+            for it, torchrun runs with fewer ranks skip it.
     """
 
     suite: str
@@ -91,6 +95,7 @@ class CaseSpec:
     bound: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     plot: dict[str, Any] | None = None
+    min_world_size: int | None = None
 
 
 @dataclass
@@ -123,6 +128,9 @@ class Row:
     collectives: int | None = None
     collective_ops: dict[str, int] | None = None
     extra: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Counters a suite attaches after measuring (JSON-able), e.g. the bytes each rank
+    #: sent: lists hold one value per rank. Keys ending in ``_bytes`` print as MB.
+    info: dict[str, Any] = field(default_factory=dict)
     verified: bool | None = None
     bound_gbps: float | None = None
     pct_of_bound: float | None = None

@@ -169,6 +169,15 @@ def _gbps(value: float | None) -> str:
     return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
 
 
+def _info(key: str, value: Any) -> str:
+    """A suite's counter for the notes: per-rank lists as ``a/b/c``, bytes in MB."""
+    if isinstance(value, list):
+        return "/".join(_info(key, v) for v in value)
+    if key.endswith("_bytes") and isinstance(value, int) and not isinstance(value, bool):
+        return _mb(value)
+    return str(value)
+
+
 def _note(row: Row, repeat: int) -> str:
     if row.status != "ok":
         reason = (row.reason or "").strip()
@@ -183,6 +192,9 @@ def _note(row: Row, repeat: int) -> str:
     for key, stats in sorted(row.extra.items()):
         label = key[:-2] if key.endswith("_s") else key
         notes.append(f"{label} {_ms(stats['median'])} ms")
+    for key, value in row.info.items():
+        label = f"{key[:-6]} MB" if key.endswith("_bytes") else key
+        notes.append(f"{label} {_info(key, value)}")
     if row.repeats and row.repeats < repeat:
         notes.append(f"{row.repeats} of {repeat} runs (time budget)")
     return ", ".join(notes)

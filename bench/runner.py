@@ -77,6 +77,11 @@ def _run_single(spec: CaseSpec, settings: Settings, progress: Progress) -> list[
     return rows
 
 
+def _world(spec: CaseSpec, settings: Settings) -> int:
+    """Ranks a multi-rank case runs on when the benchmark spawns them."""
+    return max(settings.world_size, spec.min_world_size or 0)
+
+
 def run_cases(
     specs: list[CaseSpec], settings: Settings, progress: Progress, multi_rank_skip: str | None
 ) -> list[Row]:
@@ -90,20 +95,25 @@ def run_cases(
     for spec in [s for s in specs if not s.multi_rank]:
         rows.extend(_run_single(spec, settings, progress))
 
+    # A case needing more ranks than --world-size gets a group of its own size; running
+    # the cases by group size (stable, so the listed order holds within a size) starts
+    # each size's group once.
+    multi = sorted((s for s in specs if s.multi_rank), key=lambda s: _world(s, settings))
     group: RankGroup | None = None
     try:
-        for spec in [s for s in specs if s.multi_rank]:
+        for spec in multi:
             progress.start(spec)
+            ws = _world(spec, settings)
             if multi_rank_skip:
-                case_rows = [
-                    case_row(spec, settings, "skipped", multi_rank_skip, settings.world_size)
-                ]
+                case_rows = [case_row(spec, settings, "skipped", multi_rank_skip, ws)]
             else:
                 case_rows = []
                 try:
+                    if group is not None and group.world_size != ws:
+                        group.close()
+                        group = None
                     if group is None:
                         backend = "NCCL" if settings.device == "cuda" else "gloo"
-                        ws = settings.world_size
                         progress.note(f"starting {ws} {backend} ranks on 127.0.0.1")
                         group = RankGroup(ws, settings.device, settings.pg_timeout_s)
                     case_rows = group.run_case(spec, settings, settings.case_timeout_s)
@@ -112,14 +122,14 @@ def run_cases(
                     if exc.details:
                         progress.note(f"{spec.suite}: {spec.name} failed:\n{exc.details}")
                     case_rows = list(exc.rows) + [
-                        case_row(spec, settings, "error", str(exc), settings.world_size)
+                        case_row(spec, settings, "error", str(exc), ws)
                     ]
                 except Exception as exc:
                     if group is not None:
                         group.kill()
                     group = None
                     case_rows = [case_row(spec, settings, "error",
-                                          f"{type(exc).__name__}: {exc}", settings.world_size)]
+                                          f"{type(exc).__name__}: {exc}", ws)]
             rows.extend(case_rows)
             progress.finish(spec, case_rows)
     finally:
@@ -148,6 +158,9 @@ def run_torchrun(
         case_rows: list[Row] = []
         if broken:
             case_rows.append(case_row(spec, settings, "skipped", broken, world))
+        elif (spec.min_world_size or 0) > world:
+            why = f"needs {spec.min_world_size} ranks, torchrun started {world}"
+            case_rows.append(case_row(spec, settings, "skipped", why, world))
         else:
             try:
                 run_case_here(spec, settings, device, case_rows, multi_rank=True)

@@ -21,9 +21,10 @@ import torch.distributed as dist
 from bench import cli
 from bench.case import Settings
 from bench.harness import ROLES, CaseSpec, CollectiveCounter, HostMemory, Row, load_sdict, summarize
-from bench.report import finalize
-from bench.runner import Progress, run_cases
+from bench.report import finalize, machine_info, print_report
+from bench.runner import Progress, run_cases, run_torchrun
 from bench.suites import SUITES, get_suite
+from bench.suites._reshard import Layout, chunk_range, model_tensors
 from tests.mp import run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,10 +118,13 @@ def test_tiny_run_rows_are_well_formed(tiny_run):
 
 @pytest.mark.dist
 def test_tiny_run_baselines_and_bounds_always_run(tiny_run):
-    """PyTorch's functions and the bounds need nothing from sdict_ext: never skipped."""
+    """PyTorch's functions and the bounds need nothing from sdict_ext: never skipped,
+    unless a PyTorch function does not apply to the case at all (``n/a: why``)."""
     _, doc, _ = tiny_run
     for row in doc["rows"]:
-        if row["role"] in ("torch", "bound"):
+        if row["role"] == "torch" and row["status"] == "skipped":
+            assert row["reason"].startswith("n/a: "), (row["case"], row["impl"], row["reason"])
+        elif row["role"] in ("torch", "bound"):
             assert row["status"] == "ok", (row["case"], row["impl"], row["reason"])
     assert {"memcpy", "broadcast", "all_gather"} <= set(doc["bounds"])
     assert all(b["gbps"] > 0 for b in doc["bounds"].values())
@@ -135,14 +139,51 @@ def test_tiny_run_ops_results_are_verified_against_pytorch(tiny_run):
         assert row["status"] == "ok" and row["verified"] is True, (row["case"], row["reason"])
 
 
+def _reshard_layout(spec: CaseSpec) -> Layout:
+    p = spec.params
+    tensors = model_tensors(p["hidden"], p["ffn"], p["vocab"], p["layers"])
+    return Layout(tuple(tensors), src=p["src"], dst=p["dst"])
+
+
+@pytest.mark.dist
+def test_tiny_run_reshard_is_verified_and_moves_exactly_the_bytes_of_the_layouts(tiny_run):
+    _, doc, _ = tiny_run
+    specs = [s for s in get_suite("utils").cases("tiny", "cpu") if s.params["kind"] == "reshard"]
+    assert sorted((s.params["src"], s.params["dst"]) for s in specs) == [(2, 2), (4, 2)]
+    for spec in specs:
+        layout, world = _reshard_layout(spec), max(2, spec.min_world_size or 0)
+        rows = {r["impl"]: r for r in doc["rows"] if r["case"] == spec.name}
+        bound = rows["dist.all_to_all_single (same bytes per rank pair)"]
+        pairs = layout.pair_bytes(world)
+        assert bound["info"]["local_bytes"] == [pairs[r][r] for r in range(world)]
+        ours = [r for name, r in rows.items() if name.startswith("sdict_ext.reshard_state_dict")]
+        # In place (default bucket, then a small one), and into meta destinations.
+        assert [r["role"] for r in ours] == ["sdict_ext", "variant", "variant"]
+        for row in ours:
+            assert row["status"] == "ok" and row["verified"] is True, (spec.name, row["reason"])
+            info = row["info"]
+            for key in ("sent_bytes", "received_bytes", "local_bytes"):
+                assert info[key] == bound["info"][key], (spec.name, row["impl"], key)
+            owned = [layout.owned_bytes(r) for r in range(world)]
+            assert info["owned_bytes"] == owned
+            assert [a + b for a, b in zip(info["received_bytes"], info["local_bytes"],
+                                          strict=True)] == owned
+            assert all(0 < b <= 2 * info["bucket_bytes"] for b in info["buffer_bytes"])
+            assert info["planned"] is False  # the verifying call reuses the timed calls' plan
+        # The variant's small bucket takes more rounds than the default's one.
+        assert max(ours[1]["info"]["rounds"]) > max(ours[0]["info"]["rounds"]) == 1
+
+
 @pytest.mark.dist
 def test_tiny_run_multi_rank_cases_count_collectives_on_two_ranks(tiny_run):
+    """... or on as many ranks as a case needs (``min_world_size``), when that is more."""
     _, doc, _ = tiny_run
-    multi = {s.name for n in SUITES for s in get_suite(n).cases("tiny", "cpu") if s.multi_rank}
+    multi = {s.name: max(2, s.min_world_size or 0)
+             for n in SUITES for s in get_suite(n).cases("tiny", "cpu") if s.multi_rank}
     rows = [r for r in doc["rows"] if r["case"] in multi and r["status"] == "ok"]
     assert rows
     for row in rows:
-        assert row["world_size"] == 2
+        assert row["world_size"] == multi[row["case"]]
         if row["role"] in ("torch", "bound"):
             assert row["collectives"] >= 1
             assert sum(row["collective_ops"].values()) == row["collectives"]
@@ -381,6 +422,60 @@ def test_a_rank_killed_by_a_signal_leaves_its_stacks_and_the_running_implementat
     assert 'bench_crash_suite.py", line' in stderr and "in _segfault" in stderr
     # ... and torch's native stack of it.
     assert "SIGSEGV(11)" in stderr and "frame #0:" in stderr
+
+
+def test_reshard_layout_boxes_are_torch_chunks_and_pairs_cover_each_destination_once():
+    layout = Layout(tuple(model_tensors(63, 171, 251, 2)), src=4, dst=2)
+    for t in layout.tensors:
+        meta = torch.empty(t.shape, device="meta")
+        for r in range(4):
+            lo, hi = layout.src_box(t, r)[0]
+            want = meta.chunk(4, 0)[r].shape[0] if r < len(meta.chunk(4, 0)) else 0
+            assert hi - lo == want, (t.key, r)
+        for s in range(2):
+            box = layout.dst_box(t, s)
+            want = meta.shape if t.dst_dim is None else meta.chunk(2, t.dst_dim)[s].shape
+            assert tuple(hi - lo for lo, hi in box) == tuple(want), (t.key, s)
+    assert chunk_range(3, 4, 3) == (3, 3)  # the 3-row head leaves rank 3 an empty shard
+    pairs = layout.pair_bytes(5)  # a fifth rank, in neither layout, moves nothing
+    assert pairs[4] == [0] * 5 and [row[4] for row in pairs] == [0] * 5
+    for s in range(5):
+        assert sum(pairs[r][s] for r in range(5)) == layout.owned_bytes(s)
+    assert layout.owned_bytes(0) + layout.owned_bytes(1) > layout.total_bytes  # norms replicate
+    assert {t.dtype for t in layout.tensors} == {torch.bfloat16, torch.float32}
+
+
+def test_report_notes_show_a_rows_info_per_rank_with_bytes_in_mb():
+    row = _row("copy", "ours", "sdict_ext", 0.5)
+    row.info = {"sent_bytes": [2**20, 3 * 2**19], "rounds": [1, 2], "planned": False}
+    meta = {**machine_info(), "size": "tiny", "device": "cpu", "world_size": 2,
+            "launcher": "spawned on 127.0.0.1", "backend": "gloo", "command": "python -m bench",
+            "date": "2026-12-07T00:00:00Z", "repeat": 3, "warmup": 1, "budget_s": 1.0}
+    out = io.StringIO()
+    print_report(meta, finalize([row]), [row], out)
+    assert "sent MB 1.0/1.5, rounds 1/2, planned False" in out.getvalue()
+
+
+@pytest.mark.dist
+def test_a_case_needing_more_ranks_than_the_run_gets_a_group_of_its_size():
+    two = _broadcast_bound_spec()
+    four = replace(two, name="broadcast on 4 ranks", min_world_size=4)
+    rows = run_cases([four, two], _SETTINGS, Progress(2, enabled=False), None)
+    # Cases run by group size, so each size's group starts once.
+    assert [(r.case, r.status, r.world_size) for r in rows] == [
+        (two.name, "ok", 2), (four.name, "ok", 4)]
+
+
+def _torchrun_rows(spec: CaseSpec):
+    rows = run_torchrun([spec], _SETTINGS, Progress(1, enabled=False), torch.device("cpu"))
+    return None if rows is None else [(r.status, r.reason, r.world_size) for r in rows]
+
+
+@pytest.mark.dist
+def test_under_torchrun_a_case_needing_more_ranks_is_skipped_and_says_why():
+    spec = replace(_broadcast_bound_spec(), min_world_size=4)
+    results = run_on_ranks(2, _torchrun_rows, spec, timeout=120)
+    assert results == [[("skipped", "needs 4 ranks, torchrun started 2", 2)], None]
 
 
 def _bench_imports() -> dict[str, set[str]]:

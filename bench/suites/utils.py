@@ -9,17 +9,35 @@ Several ranks (gloo on CPU, NCCL on CUDA): ``gather_state_dict`` of DTensors sha
 unevenly on dim 0 (some ranks hold nothing for the smallest tensors),
 ``broadcast_state_dict`` from rank 0's full state dict into every rank's DTensor shards,
 and ``distribute_state_dict`` from a full state dict present on every rank.
+
+``reshard_state_dict`` (issue 25) moves a transformer-shaped state dict (bf16 and fp32,
+odd sizes) from FSDP's Shard(0) into tensor parallelism's Shard(1) (norms replicated):
+over the same 2 ranks, and from 4 ranks to 2 (ranks 2 and 3 source only; such cases
+get a group of 4 ranks whatever ``--world-size`` says). PyTorch's way is gather then
+distribute, and ``DTensor.redistribute`` key by key where both layouts share one mesh;
+the bound is one ``all_to_all_single`` (and one batch of isend/irecv) of exactly the
+bytes per rank pair that the layouts make any plan move.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.distributed._state_dict_utils as tsu
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-from bench.harness import ROLE_SDICT, ROLE_TORCH, ROLE_VARIANT, CaseSpec, Ctx, load_sdict
+from bench.harness import (
+    ROLE_BOUND,
+    ROLE_SDICT,
+    ROLE_TORCH,
+    ROLE_VARIANT,
+    CaseSpec,
+    Ctx,
+    load_sdict,
+)
 from bench.suites._inputs import DTYPE_MIX, fmt_bytes, make_tensors, random_numels, total_bytes
+from bench.suites._reshard import Layout, model_tensors
 
 __all__ = ["cases", "run"]
 
@@ -30,18 +48,21 @@ KB, MB = 1024, 1024 * 1024
 # shared: (count, bytes) of the create_cpu_state_dict(share_memory=True) case.
 # sharded: whether the gather case also runs on ShardedTensors (not at small, whose
 # run time stays what it was; tiny keeps it for CI's check of the results).
+# reshard: the model (hidden, ffn, vocab, layers; medium: 191 MB) and the small bucket of
+# a variant row (rounds are at most 16 MiB anyway: this one bounds memory tighter).
 _SIZES = {
     "tiny": dict(small=(1_000, 256, 16 * KB), large=(4, 4 * MB), gather=(64, 64), bcast=(64, 64),
-                 distribute=(64, 64), shared=(4, 4 * MB), sharded=True),
+                 distribute=(64, 64), shared=(4, 4 * MB), sharded=True,
+                 reshard=(63, 171, 251, 2), reshard_bucket=64 * KB),
     "small": dict(small=(20_000, 256, 16 * KB), large=(16, 16 * MB), gather=(1_000, 64),
                   bcast=(2_000, 64), distribute=(1_000, 64), shared=(4, 16 * MB),
-                  sharded=False),
+                  sharded=False, reshard=(509, 1367, 4001, 2), reshard_bucket=1 * MB),
     "medium": dict(small=(20_000, 1 * KB, 64 * KB), large=(64, 64 * MB), gather=(1_000, 162),
                    bcast=(2_000, 162), distribute=(2_000, 162), shared=(64, 16 * MB),
-                   sharded=True),
+                   sharded=True, reshard=(1021, 2741, 8009, 4), reshard_bucket=4 * MB),
     "large": dict(small=(100_000, 1 * KB, 64 * KB), large=(256, 64 * MB), gather=(5_000, 1024),
                   bcast=(10_000, 1024), distribute=(10_000, 1024), shared=(256, 16 * MB),
-                  sharded=True),
+                  sharded=True, reshard=(2053, 5483, 32003, 8), reshard_bucket=16 * MB),
 }
 
 
@@ -90,6 +111,17 @@ def cases(size: str, device: str) -> list[CaseSpec]:
     count, cols = p["distribute"]
     out.append(CaseSpec("utils", f"distribute_state_dict {count} tensors into DTensor shards",
                         multi_rank=True, params=dict(kind="distribute", count=count, cols=cols)))
+    hidden, ffn, vocab, layers = p["reshard"]
+    nbytes = sum(t.nbytes for t in model_tensors(hidden, ffn, vocab, layers))
+    model = dict(hidden=hidden, ffn=ffn, vocab=vocab, layers=layers, bucket=p["reshard_bucket"])
+    label = f"reshard_state_dict {layers}-layer model {fmt_bytes(nbytes)} bf16/fp32"
+    # Each case is its own bound family: the bound moves that case's bytes.
+    out.append(CaseSpec("utils", f"{label} FSDP Shard(0) x2 -> TP Shard(1) x2 (same ranks)",
+                        multi_rank=True, bound="reshard 2->2",
+                        params=dict(kind="reshard", src=2, dst=2, **model)))
+    out.append(CaseSpec("utils", f"{label} Shard(0) x4 -> TP Shard(1) x2 (ranks 2,3 source only)",
+                        multi_rank=True, bound="reshard 4->2", min_world_size=4,
+                        params=dict(kind="reshard", src=4, dst=2, **model)))
     return out
 
 
@@ -99,6 +131,7 @@ def run(spec: CaseSpec, ctx: Ctx) -> None:
     runner = {
         "copy": _run_copy, "create": _run_create, "offload": _run_offload,
         "gather": _run_gather, "broadcast": _run_broadcast, "distribute": _run_distribute,
+        "reshard": _run_reshard,
     }.get(kind)
     if runner is None:
         raise ValueError(f"utils: unknown case kind {kind!r}")
@@ -343,3 +376,150 @@ def _run_distribute(spec: CaseSpec, ctx: Ctx) -> None:
         setup=lambda: (dict(local),), nbytes=nbytes, tensors=n, missing=why,
         verify=verify if fn else None,
     )
+
+
+# What an sdict_ext reshard row's info holds per rank: last_reshard_stats() keys (and
+# the peak extra host memory of the verifying call) under the bound rows' names.
+_RESHARD_INFO = {"sent_bytes": "bytes_sent", "received_bytes": "bytes_received",
+                 "local_bytes": "bytes_local", "owned_bytes": "bytes_owned",
+                 "buffer_bytes": "buffer_bytes", "host_peak_bytes": None, "rounds": "rounds",
+                 "collectives": "collectives", "p2p_ops": "p2p_ops"}
+
+
+def _per_rank(values: list[int], ctx: Ctx) -> list[list[int]]:
+    """``values`` of every rank (one all-gather), indexed by rank."""
+    mine = torch.tensor(values, dtype=torch.int64, device=ctx.dist.device)
+    every = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(every, mine)
+    return [t.tolist() for t in every]
+
+
+def _same_shards(ours: dict, ref: dict) -> bool:
+    """Same keys, placements, global shapes, dtypes and bit-equal local shards."""
+    return ours.keys() == ref.keys() and all(
+        isinstance(o, DTensor) and o.placements == r.placements and o.shape == r.shape
+        and o.dtype == r.dtype and torch.equal(o.to_local(), r.to_local())
+        for o, r in ((ours[k], ref[k]) for k in ref)
+    )
+
+
+def _run_reshard(spec: CaseSpec, ctx: Ctx) -> None:
+    p = spec.params
+    layout = Layout(tuple(model_tensors(p["hidden"], p["ffn"], p["vocab"], p["layers"])),
+                    src=p["src"], dst=p["dst"])
+    src_mesh, dst_mesh = layout.meshes(ctx.device.type)
+    src = layout.source(ctx.rank, src_mesh, ctx.device)
+    dst = layout.destination(ctx.rank, dst_mesh)
+    nbytes, n = layout.total_bytes, len(layout.tensors)
+    dst_ranks = tuple(range(layout.dst))
+
+    def gather_then_distribute(d: dict) -> dict:
+        full = tsu._gather_state_dict(src, ranks_only=dst_ranks)
+        if d:
+            tsu._distribute_state_dict(full, d, ctx.device)
+        return d
+
+    ctx.measure(
+        "torch _gather_state_dict + _distribute_state_dict", ROLE_TORCH, gather_then_distribute,
+        setup=lambda: (dict(dst),), nbytes=nbytes, tensors=n,
+    )
+    ref = gather_then_distribute(dict(dst))
+    redistribute = "torch DTensor.redistribute key by key"
+    if src_mesh is dst_mesh:
+        ctx.measure(
+            redistribute, ROLE_TORCH,
+            lambda: {k: v.redistribute(dst_mesh, dst[k].placements) for k, v in src.items()},
+            nbytes=nbytes, tensors=n,
+        )
+    else:
+        ctx.skip(redistribute, ROLE_TORCH, "n/a: redistribute moves a DTensor within its own "
+                 "mesh; here the source and destination meshes differ", nbytes, n)
+
+    _measure_reshard_bounds(ctx, layout, nbytes, n)
+    fn, why = load_sdict("utils", "reshard_state_dict")
+    stats, _ = load_sdict("utils", "last_reshard_stats")
+    # The destination exists already (an inference engine's weights, RL weight sync):
+    # written in place, as the bound writes its preallocated buffer. The variants: a
+    # small bucket (less staging memory, more rounds), and meta destinations, which the
+    # call allocates as PyTorch's distribute does (first-touch page faults included).
+    real = layout.allocate(dst, ctx.device)
+    name = "sdict_ext.reshard_state_dict"
+    for impl, role, into, kwargs in (
+        (f"{name} (in place)", ROLE_SDICT, real, {}),
+        (f"{name} (in place, bucket_bytes={fmt_bytes(p['bucket'])})", ROLE_VARIANT, real,
+         dict(bucket_bytes=p["bucket"])),
+        (f"{name} (meta destination, allocates)", ROLE_VARIANT, dst, {}),
+    ):
+        _measure_reshard(ctx, impl, role, (fn, stats, why), (src, into, ref), kwargs, nbytes, n)
+
+
+def _measure_reshard(ctx: Ctx, impl: str, role: str, sdict: tuple, dicts: tuple, kwargs: dict,
+                     nbytes: int, n: int) -> None:
+    """One sdict_ext reshard row; its info holds each rank's bytes, rounds and calls as
+    ``last_reshard_stats()`` reports them for a call whose host peak is probed too."""
+    fn, stats, why = sdict
+    src, dst, ref = dicts
+    counters: list[list[int]] = []
+    planned: list[bool] = []
+
+    def verify() -> bool:
+        for v in dst.values():
+            if not v.is_meta:
+                v.to_local().zero_()
+        memory = ctx.host_memory
+        base = memory.start() if memory.available else None
+        ours = fn(src, dict(dst), **kwargs)
+        peak = memory.peak_since(base) if base is not None else -1
+        got = stats()
+        planned.append(bool(got["planned"]))
+        values = [peak if key is None else int(got[key]) for key in _RESHARD_INFO.values()]
+        counters.extend(_per_rank(values, ctx))
+        return _same_shards(ours, ref)
+
+    row = ctx.measure(
+        impl, role, (lambda d: fn(src, d, **kwargs)) if fn else None,
+        setup=lambda: (dict(dst),), nbytes=nbytes, tensors=n, missing=why,
+        verify=verify if fn else None,
+    )
+    if counters:
+        info = {name: [c[i] for c in counters] for i, name in enumerate(_RESHARD_INFO)}
+        info["bucket_bytes"] = kwargs.get("bucket_bytes", stats()["bucket_bytes"])
+        info["planned"] = planned[0]
+        row.info.update(info)
+
+
+def _measure_reshard_bounds(ctx: Ctx, layout: Layout, nbytes: int, n: int) -> None:
+    """The case's bound: exactly the layouts' bytes per rank pair, moved by one
+    collective (the diagonal, a rank's own share, is copied as any plan must)."""
+    world, rank = ctx.world_size, ctx.rank
+    pairs = layout.pair_bytes(world)
+    send = pairs[rank]
+    recv = [pairs[r][rank] for r in range(world)]
+    inp = torch.ones(sum(send), dtype=torch.uint8, device=ctx.device)
+    out = torch.empty(sum(recv), dtype=torch.uint8, device=ctx.device)
+    info = {
+        "sent_bytes": [sum(pairs[r]) - pairs[r][r] for r in range(world)],
+        "received_bytes": [sum(pairs[r][s] for r in range(world)) - pairs[s][s]
+                           for s in range(world)],
+        "local_bytes": [pairs[r][r] for r in range(world)],
+    }
+
+    def one_all_to_all() -> None:
+        dist.all_to_all_single(out, inp, output_split_sizes=recv, input_split_sizes=send)
+
+    row = ctx.measure("dist.all_to_all_single (same bytes per rank pair)", ROLE_BOUND,
+                      one_all_to_all, nbytes=nbytes, tensors=n)
+    row.info.update(info)
+    sends, recvs = inp.split(send), out.split(recv)
+    ops = [dist.P2POp(dist.isend, sends[s], s) for s in range(world) if s != rank and send[s]]
+    ops += [dist.P2POp(dist.irecv, recvs[r], r) for r in range(world) if r != rank and recv[r]]
+
+    def one_batch() -> None:
+        recvs[rank].copy_(sends[rank])
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+    row = ctx.measure("dist.batch_isend_irecv (same bytes per rank pair)", ROLE_BOUND,
+                      one_batch, nbytes=nbytes, tensors=n)
+    row.info.update(info)

@@ -189,19 +189,56 @@ def _tie(leaf: Any, local: torch.Tensor) -> tuple[Any, ...]:
             local.stride(), local.dtype, local.device)
 
 
-def _ties(flat: Any) -> tuple[int, ...]:
-    """The destination's tie structure, part of the plan cache's key: the layout
+def _ties(src: Any, dst: Any) -> tuple[int, ...]:
+    """The destination's tie structure, part of the plan cache's key (the layout
     signature does not see which leaves share memory, and a plan writes a tied tensor
-    once. Per tensor leaf (ShardedTensors never tie), the index of the first leaf it is
-    tied to."""
+    once): per destination tensor leaf, the index of the first leaf it is tied to.
+
+    Checked on every call, since memory is not part of the layout: destinations that
+    share memory without being one view (``buf[0:8]`` and ``buf[4:12]`` at two keys),
+    or a destination that shares memory with a source other than as the same view,
+    raise ``ValueError`` naming both keys before anything moves.
+    """
     seen: dict[Any, int] = {}
-    out = []
-    for i, (leaf, kind) in enumerate(zip(flat.leaves, flat.kinds)):
-        if kind == LEAF_DTENSOR:
-            out.append(seen.setdefault(_tie(leaf, leaf._local_tensor), i))
-        elif kind == LEAF_TENSOR:
-            out.append(seen.setdefault(_tie(leaf, leaf), i))
-    return tuple(out)
+    ties = []
+    spans = []  # (first byte, end, tie key, side, leaf index)
+    for side, flat in (("source", src), ("destination", dst)):
+        for i, (leaf, kind) in enumerate(zip(flat.leaves, flat.kinds)):
+            if kind == LEAF_DTENSOR:
+                tensors = (leaf._local_tensor,)
+            elif kind == LEAF_TENSOR:
+                tensors = (leaf,)
+            elif kind == LEAF_SHARDED:
+                tensors = tuple(shard.tensor for shard in leaf.local_shards())
+            else:
+                continue
+            for t in tensors:
+                if t.is_meta or t.layout != torch.strided or not t.numel():
+                    continue
+                tie = _tie(leaf, t)
+                first = t.data_ptr()
+                extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+                spans.append((first, first + extent * t.element_size(), tie, side, i))
+            if side == "destination" and kind != LEAF_SHARDED:
+                local = tensors[0]
+                ties.append(seen.setdefault(_tie(leaf, local), i))
+    spans.sort(key=lambda x: x[0])
+    reach = None
+    for span in spans:
+        if reach is not None and span[0] < reach[1] and span[2] != reach[2] and (
+            "destination" in (span[3], reach[3])
+        ):
+            a, b = sorted((reach, span), key=lambda x: (x[3], x[4]))
+            path_a = format_path((src if a[3] == "source" else dst).paths[a[4]])
+            path_b = format_path((src if b[3] == "source" else dst).paths[b[4]])
+            raise ValueError(
+                f"{_WHAT}: {a[3]} key {path_a!r} and {b[3]} key {path_b!r} share memory "
+                "without being the same tensor: a destination must not overlap another "
+                "destination or a source (tied keys must be one view of one storage)"
+            )
+        if reach is None or span[1] > reach[1]:
+            reach = span
+    return tuple(ties)
 
 
 def _where(side: str, path: tuple[Any, ...]) -> str:
@@ -934,7 +971,7 @@ def reshard_state_dict(
         src_flat = flatten({} if src_state_dict is None else src_state_dict)
         dst_flat = flatten({} if dst_state_dict is None else dst_state_dict)
         key = (id(group), tuple(dist.get_process_group_ranks(group)), me, bucket_bytes,
-               device, src_flat.signature, dst_flat.signature, _ties(dst_flat))
+               device, src_flat.signature, dst_flat.signature, _ties(src_flat, dst_flat))
         plan = _cached(key)
         if plan is None:
             grank = dist.get_rank()
