@@ -1276,6 +1276,14 @@ def _error_inputs(kind: str) -> tuple[Any, Any]:
             buf = torch.full((12, 4), 7.0)
             bad_dst = buf[0:8]
             dst["mlp_w3_b"] = buf[4:12]
+    if kind == "dst_overlaps_src":
+        # Rank 0 reads a source from and writes a destination into overlapping memory.
+        buf = torch.full((12, 4), 7.0)
+        buf[0:8].copy_(good)
+        src["mlp_w3_b"] = buf[0:8] if rank == 0 else _full((8, 4), torch.float32, 600)
+        if rank == 0:
+            dst["mlp_w3_c"] = buf[4:12]
+        src["mlp_w3_c"] = _src(_full((8, 4), torch.float32, 603), ALL, [Shard(0)])
     if kind == "sparse_leaf":
         # Rank 2 alone holds it, as a sparse tensor; ranks 0 and 1 want it dense.
         if rank == 2:
@@ -1301,7 +1309,7 @@ ERRORS = ["dst_shape", "src_shapes", "dtype", "src_dtypes", "no_source", "uncove
           "overlap", "overlap_2d", "partial", "strided", "bad_leaf", "unpicklable_leaf",
           "sparse_leaf",
           # Last: where it fails in the data phase it must not disturb the other kinds.
-          "dst_overlap"]
+          "dst_overlap", "dst_overlaps_src"]
 
 
 def _each(worker: Callable[[str], Any], kinds: list[str]) -> list[Any]:
