@@ -51,7 +51,7 @@ from sdict_ext import ops
 from sdict_ext._gc import gc_paused
 from sdict_ext.collectives.agreement import RankFailure, agree, digest, status_device
 from sdict_ext.collectives.boxes import compute_box, dtensor_of, is_plain_placement
-from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, PIPELINE_SLICE_BYTES
+from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, PIPELINE_SLICE_BYTES, buckets
 from sdict_ext.host.copies import batched_copy_pairs, indexed_device
 from sdict_ext.tree import (
     LEAF_DTENSOR,
@@ -459,9 +459,9 @@ class _Rank:
     """What one rank does: its local copies, and per round its sends and receives."""
 
     def __init__(self) -> None:
-        # (src entry, box, start in the source local, dst entry, box, start in the
-        # destination local, shape).
-        self.local: list[tuple[int, int, tuple, int, int, tuple, tuple]] = []
+        # Groups of local copies, one group run per round: (src entry, box, start in
+        # the source local, dst entry, box, start in the destination local, shape).
+        self.local: list[list[tuple[int, int, tuple, int, int, tuple, tuple]]] = []
         # Per round this rank takes part in: (round, messages, pieces packed into the
         # buffer with their offsets, pieces unpacked from it, end of the sends' part of
         # the buffer, end of the buffer); see _messages.
@@ -600,11 +600,16 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
                               itemsize))
     plan = _Rank()
     plan.bytes_owned = owned[me]
+    local: list[Any] = []
+    costs: list[int] = []
     for (_, sj, sb, _), sstart, d, dj, db, dstart, (start, size), itemsize in local_pieces:
         if d != me or not _volume(size):
             continue
-        plan.local.append((sj, sb, _minus(start, sstart), dj, db, _minus(start, dstart), size))
-        plan.bytes_local += _volume(size) * itemsize
+        # Cut like the messages, so the copies can be spread over the rounds below.
+        for cstart, csize in _cut(start, size, itemsize, budget):
+            local.append((sj, sb, _minus(cstart, sstart), dj, db, _minus(cstart, dstart), csize))
+            costs.append(_volume(csize) * itemsize)
+    plan.bytes_local = sum(costs)
     peak = [0, 0]
     for k, pieces in enumerate(rounds):
         sends: dict[int, list[Any]] = {}
@@ -638,6 +643,11 @@ def _plan(descs: list[Any], me: int, bucket_bytes: int) -> _Rank:
         plan.bytes_sent += sum(m[4] for m in msgs if m[0])
         plan.bytes_received += sum(m[4] for m in msgs if not m[0])
         peak[parity] = max(peak[parity], end)
+    # The local copies run while the rounds travel, a share after each round is posted,
+    # instead of all at once between the first two rounds (which would hold back the
+    # second round's pack and so the wire).
+    share = math.ceil(plan.bytes_local / max(1, len(plan.rounds))) or 1
+    plan.local = [[local[i] for i in run] for run in buckets(costs, share)]
     plan.buffers = tuple(peak)
     plan.buffer_bytes = sum(peak)
     # Plain values: each from the lowest rank whose source has its key path; one
@@ -774,20 +784,27 @@ def _run(plan: _Rank, src: _Side, dst: _Side, group: dist.ProcessGroup,
             ops.unpack(buffers[i % 2].narrow(0, 0, end), _views(dst, unpacks),
                        offsets=[at for _, at in unpacks])
 
+    def copy(pieces: list[Any]) -> None:
+        srcs = ops.box_views([src.locals[j][b] for j, b, _, _, _, _, _ in pieces],
+                             [p[2] for p in pieces], [p[6] for p in pieces])
+        dsts = ops.box_views([dst.locals[j][b] for _, _, _, j, b, _, _ in pieces],
+                             [p[5] for p in pieces], [p[6] for p in pieces])
+        # On an accelerator the copies are enqueued on the current stream, ordered
+        # with the packs and unpacks: nothing waits on the host.
+        batched_copy_pairs(dsts, srcs, non_blocking=wire.type != "cpu")
+
     with torch.no_grad():
         pending = post(0) if rounds else None
-        if plan.local:
-            srcs = ops.box_views([src.locals[j][b] for j, b, _, _, _, _, _ in plan.local],
-                                 [p[2] for p in plan.local], [p[6] for p in plan.local])
-            dsts = ops.box_views([dst.locals[j][b] for _, _, _, j, b, _, _ in plan.local],
-                                 [p[5] for p in plan.local], [p[6] for p in plan.local])
-            # On an accelerator the copies are enqueued on the current stream, ordered
-            # with the packs and unpacks: nothing waits on the host.
-            batched_copy_pairs(dsts, srcs, non_blocking=wire.type != "cpu")
+        shares = iter(plan.local)
         for i in range(len(rounds)):
             following = post(i + 1) if i + 1 < len(rounds) else None
+            share = next(shares, None)
+            if share:
+                copy(share)
             finish(i, pending)
             pending = following
+        for share in shares:  # a rank with no rounds: all of them
+            copy(share)
 
 
 def _byte_views(side: _Side, pieces: list[Any]) -> list[torch.Tensor]:
