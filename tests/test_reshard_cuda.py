@@ -48,8 +48,10 @@ def _layouts(world: int):
         torch.zeros((), device="cuda")
         for k, v in full.items()
     }
+    # src_data_rank=None: each rank takes its box without a scatter (none of a meta one).
     meta = {
-        k: distribute_tensor(torch.zeros_like(v, device="meta"), mesh, placements[k])
+        k: distribute_tensor(torch.empty_like(v, device="meta"), mesh, placements[k],
+                             src_data_rank=None)
         if v.dim() else torch.zeros((), device="meta")
         for k, v in full.items()
     }
