@@ -1082,6 +1082,33 @@ def test_reshard_plan_is_cached_per_layout_and_reused_with_new_values():
         }, f"rank {rank}"
 
 
+def _long_run():
+    """A training loop's syncs, many calls in one process: layouts cycling through more
+    distinct plans than the cache keeps (the least recently used one goes), values new
+    on every call, then a stretch of one layout that the cache serves."""
+    seen = []
+    layouts = 18  # more than the cache's 16 plans
+    for call in range(2 * layouts):
+        src, dst, expect = _layout(1000 + call, Shard(1))
+        bucket = 1024 + 64 * (call % layouts)  # a distinct plan per bucket size
+        problems, stats = _reshard_checked(src, dst or None, expect, bucket_bytes=bucket)
+        seen.append((call, problems, stats["planned"], True))
+    for call in range(2 * layouts, 2 * layouts + 6):
+        src, dst, expect = _layout(1000 + call, Shard(1))
+        problems, stats = _reshard_checked(src, dst or None, expect, bucket_bytes=4096)
+        seen.append((call, problems, stats["planned"], call == 2 * layouts))
+    return seen
+
+
+def test_reshard_long_run_evicts_old_plans_and_stays_bit_exact():
+    # A fresh group: the cache starts empty, as in a new trainer process.
+    results = run_fresh(WORLD, _long_run, pg_timeout=60, timeout=400)
+    for rank, calls in enumerate(results):
+        for call, problems, planned, want_planned in calls:
+            assert problems == [], f"rank {rank}, call {call}"
+            assert planned == want_planned, f"rank {rank}, call {call}"
+
+
 def _ties_change(first: str, second: str):
     """Two calls of one layout (shapes, dtypes, meshes, placements), where the
     destination's keys "emb" and "head" are tied in one call and not in the other."""
