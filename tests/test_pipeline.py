@@ -88,6 +88,26 @@ def test_a_bucket_is_reused_while_large_enough_and_grows_when_not():
     assert pipe.bucket(6, 100).data_ptr() == grown.data_ptr()
 
 
+def test_reserved_buckets_serve_every_transfer_up_to_their_size_without_allocating():
+    pipe = HostPipeline("cpu")
+    pipe.reserve(256)
+    reserved = [pipe.bucket(k, 256).data_ptr() for k in range(2)]
+    assert reserved[0] != reserved[1]
+    assert [pipe.bucket(k, 100).data_ptr() for k in range(2, 6)] == reserved * 2
+
+
+def test_reserve_of_one_bucket_leaves_the_other_to_first_use():
+    pipe = HostPipeline("cpu")
+    pipe.reserve(64, 1)
+    assert pipe._hosts[0].numel() == 64 and pipe._hosts[1] is None
+
+
+@pytest.mark.parametrize("nbytes, buckets", [(-1, 2), (8, 3)])
+def test_reserve_rejects_a_negative_size_or_a_third_bucket(nbytes, buckets):
+    with pytest.raises(ValueError, match="HostPipeline.reserve"):
+        HostPipeline("cpu").reserve(nbytes, buckets)
+
+
 def test_cpu_buckets_are_plain_memory():
     pipe = HostPipeline(torch.device("cpu"))
     assert not pipe.bucket(0, 16).is_pinned()
@@ -97,6 +117,9 @@ def test_cpu_buckets_are_plain_memory():
 def test_accelerator_buckets_are_pinned():
     pipe = HostPipeline("cuda")
     assert pipe.bucket(0, 16).is_pinned()
+    reserved = HostPipeline("cuda")
+    reserved.reserve(32)
+    assert reserved.bucket(1, 32).is_pinned()
     assert pipe.download(1, torch.zeros(8, dtype=torch.uint8, device="cuda")).is_pinned()
 
 

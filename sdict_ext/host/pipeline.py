@@ -86,6 +86,25 @@ class HostPipeline:
             )
         return host[:nbytes]
 
+    def reserve(self, nbytes: int, buckets: int = 2) -> None:
+        """Allocates the first ``buckets`` buckets at ``nbytes`` now (pinned on an
+        accelerator), where a caller knows its largest transfer before it starts:
+        while planning, before the agreement, so that a pinned allocation that fails
+        (out of page-locked memory) raises on every rank instead of on one rank in the
+        middle of the transfers, where the others would wait for it."""
+        if nbytes < 0 or buckets not in (0, 1, 2):
+            raise ValueError(
+                f"HostPipeline.reserve: nbytes must be >= 0 and buckets 0, 1 or 2; got "
+                f"{nbytes} and {buckets}"
+            )
+        for slot in range(buckets):
+            host = self._hosts[slot]
+            if host is None or host.numel() < nbytes:
+                self._settle(slot)
+                self._hosts[slot] = torch.empty(
+                    nbytes, dtype=torch.uint8, pin_memory=self._accelerated
+                )
+
     def upload(self, k: int, dst: torch.Tensor) -> None:
         """Copies the first ``dst.numel()`` bytes of bucket ``k`` into ``dst``.
 

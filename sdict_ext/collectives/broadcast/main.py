@@ -182,9 +182,13 @@ def broadcast_state_dict(
             broadcast = routed.broadcast
         broadcasts = collective.plan(broadcast, is_src, srcs, specs, slot_dests, wire, cut)
         # A CPU source crosses to a device wire through pinned host buckets; made
-        # before the agreement, so a failure to make its stream reaches every rank.
+        # before the agreement, so a failure to make its stream or to pin its buckets
+        # reaches every rank.
         if is_src and wire.type != "cpu" and any(s.is_cpu for s in srcs):
             pipeline = HostPipeline(wire)
+            # Its host buckets too: a buffered run is at most a slice buffer's size.
+            if broadcasts.flats:
+                pipeline.reserve(broadcasts.flats[0].numel(), len(broadcasts.flats))
     except Exception as exc:  # reported to every rank by agree()
         error = error or exc
     # Every rank raises here if any failed, before anything is sent or written.
