@@ -1443,3 +1443,43 @@ def test_reshard_raises_on_every_rank_for_a_malformed_peer_description(kind, lie
         assert name in ("ValueError", "RankFailure"), (rank, name, text)
         assert "rank 1" in text, (rank, text)
         assert changed == [], (rank, changed)
+
+
+# ---------------------------------------------------------------- memory checks, in process
+
+
+@pytest.fixture(params=["extension", "python"])
+def memory_pass(request, monkeypatch):
+    """reshard's per-call memory check, through the extension's pass or the Python one
+    taken where the extension lacks it: both must answer alike."""
+    from sdict_ext import ops
+
+    if request.param == "python":
+        real = ops.extension_entry
+        monkeypatch.setattr(ops, "extension_entry",
+                            lambda name: None if name == "shared_memory" else real(name))
+    from sdict_ext.collectives import reshard
+    from sdict_ext.tree import flatten
+
+    return lambda src, dst: reshard._ties(flatten(src), flatten(dst))
+
+
+def test_memory_check_sees_tied_destinations_as_one_tensor(memory_pass):
+    buf = torch.zeros(16)
+    meta = torch.empty(4, device="meta")
+    ties = memory_pass({"s": torch.ones(3)}, {"a": buf[0:8], "b": buf[0:8], "c": buf[8:16],
+                                               "m": meta, "n": meta})
+    assert ties[0] == ties[1] != ties[2]
+    assert ties[3] == ties[4] not in ties[:3]
+
+
+@pytest.mark.parametrize("case", ["destinations", "source"])
+def test_memory_check_rejects_destinations_sharing_memory_naming_both_keys(memory_pass, case):
+    buf = torch.zeros(16)
+    if case == "destinations":
+        src, dst, names = {}, {"a": buf[0:8], "b": buf[4:12]}, ("'a'", "'b'")
+    else:
+        src, dst, names = {"w": buf[2:10]}, {"x": buf[0:8]}, ("'w'", "'x'")
+    with pytest.raises(ValueError, match="share memory") as err:
+        memory_pass(src, dst)
+    assert all(name in str(err.value) for name in names)

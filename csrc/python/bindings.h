@@ -31,6 +31,7 @@ PyObject* carve_views(PyObject* self, PyObject* args);
 PyObject* box_views(PyObject* self, PyObject* args);
 PyObject* dtensor_boxes(PyObject* self, PyObject* args);
 PyObject* describe_tensors(PyObject* self, PyObject* args);
+PyObject* shared_memory(PyObject* self, PyObject* args);
 
 // Item `i`'s `what` as an int64; raises naming `op`, the item and what was expected.
 inline int64_t as_int(PyObject* obj, const char* what, Py_ssize_t i, const char* op = "sdict_ext.carve_views") {

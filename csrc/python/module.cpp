@@ -73,6 +73,9 @@ PyMethodDef methods[] = {
      "This rank's box of each plain-placement DTensor: (values, shapes, dtypes, classes, mesh_facts) -> list."},
     {"describe_tensors", describe_tensors, METH_VARARGS,
      "Per value (shape, dtype, address, readable in place) of plain CPU / CUDA tensors, else None."},
+    {"shared_memory", shared_memory, METH_VARARGS,
+     "Per tensor the first tensor that is the same view (-1: no address), and the first pair whose "
+     "memory overlaps with a destination (sides 1): (tensors, sides) -> (list, pair or None)."},
     {"copy_thresholds", copy_thresholds_py, METH_VARARGS,
      "CUDA copy routing thresholds: (d2h=None, h2d=None) -> the previous (d2h, h2d) bytes."},
     {"direct_read_available", direct_read_available, METH_NOARGS,

@@ -380,5 +380,84 @@ PyObject* describe_tensors(PyObject* /*self*/, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+
+// shared_memory(tensors, sides) -> (same, clash): what reshard_state_dict must know of
+// the memory of a call's local tensors, on every call (memory is not part of a layout):
+// same[i] is the index of the first tensor that is the very same view as tensor i (one
+// device, address, dtype, sizes and strides: tied keys), i itself when none is, or -1
+// where tensor i has no addresses to compare (meta, no storage, not strided: the caller
+// decides those); clash is the first pair (a, b), a < b, of tensors whose spans of
+// memory overlap without being one view and of which at least one has side 1 (a
+// destination), else None. A span runs from a tensor's first element to one past its
+// last (strides are non-negative in torch), so two interleaved views count as
+// overlapping: the conservative answer for a destination that is about to be written.
+// One sort and one sweep instead of attribute reads per tensor in Python.
+PyObject* shared_memory(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* tensors = nullptr;
+  PyObject* sides = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &tensors, &PyList_Type, &sides)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(tensors);
+  TORCH_CHECK(PyList_GET_SIZE(sides) == n, "sdict_ext.shared_memory: pass one side per tensor");
+  struct Span {
+    uintptr_t first;
+    uintptr_t end;
+    Py_ssize_t index;
+    int side;
+  };
+  std::vector<Span> spans;
+  spans.reserve(static_cast<size_t>(n));
+  std::vector<Py_ssize_t> same(static_cast<size_t>(n), -1);
+  std::vector<const at::Tensor*> views(static_cast<size_t>(n), nullptr);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* obj = PyList_GET_ITEM(tensors, i);
+    TORCH_CHECK(THPVariable_Check(obj), "sdict_ext.shared_memory: item ", i, " is not a tensor");
+    const at::Tensor& t = THPVariable_Unpack(obj);
+    const int side = static_cast<int>(as_int(PyList_GET_ITEM(sides, i), "side", i, "sdict_ext.shared_memory"));
+    if (t.is_meta() || t.layout() != at::kStrided || !t.has_storage() || t.storage().data() == nullptr) continue;
+    same[i] = i;
+    views[i] = &t;
+    if (t.numel() == 0) continue;
+    int64_t extent = 1;
+    for (int64_t d = 0; d < t.dim(); ++d) extent = checked_add(extent, checked_mul(t.size(d) - 1, t.stride(d)));
+    const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+    spans.push_back({first, first + static_cast<uintptr_t>(checked_mul(extent, t.element_size())), i, side});
+  }
+  const auto one_view = [&](Py_ssize_t a, Py_ssize_t b) {
+    const at::Tensor& x = *views[a];
+    const at::Tensor& y = *views[b];
+    return x.device() == y.device() && x.data_ptr() == y.data_ptr() && x.scalar_type() == y.scalar_type() &&
+           x.sizes() == y.sizes() && x.strides() == y.strides();
+  };
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.first < b.first; });
+  // Ties: views of one address are neighbours after the sort.
+  for (size_t k = 0; k < spans.size(); ++k) {
+    for (size_t m = k; m-- > 0 && spans[m].first == spans[k].first;) {
+      if (one_view(spans[m].index, spans[k].index)) {
+        same[spans[k].index] = std::min(same[spans[k].index], same[spans[m].index]);
+        same[spans[m].index] = same[spans[k].index];
+      }
+    }
+  }
+  // Ties between empty tensors and others are by view only (no span): compare by address.
+  Py_ssize_t clash_a = -1, clash_b = -1;
+  const Span* reach = nullptr;
+  for (const Span& span : spans) {
+    if (reach != nullptr && span.first < reach->end && same[span.index] != same[reach->index] &&
+        (span.side == 1 || reach->side == 1)) {
+      clash_a = std::min(span.index, reach->index);
+      clash_b = std::max(span.index, reach->index);
+      break;
+    }
+    if (reach == nullptr || span.end > reach->end) reach = &span;
+  }
+  THPObjectPtr out(PyList_New(n));
+  if (!out) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) PyList_SET_ITEM(out.get(), i, PyLong_FromSsize_t(same[i]));
+  if (clash_a < 0) return Py_BuildValue("(OO)", out.get(), Py_None);
+  return Py_BuildValue("(O(nn))", out.get(), clash_a, clash_b);
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace python
 }  // namespace sdict_ext

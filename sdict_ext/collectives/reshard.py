@@ -193,13 +193,47 @@ def _tie(leaf: Any, local: torch.Tensor) -> tuple[Any, ...]:
 def _ties(src: Any, dst: Any) -> tuple[int, ...]:
     """The destination's tie structure, part of the plan cache's key (the layout
     signature does not see which leaves share memory, and a plan writes a tied tensor
-    once): per destination tensor leaf, the index of the first leaf it is tied to.
+    once).
 
     Checked on every call, since memory is not part of the layout: destinations that
     share memory without being one view (``buf[0:8]`` and ``buf[4:12]`` at two keys),
     or a destination that shares memory with a source other than as the same view,
-    raise ``ValueError`` naming both keys before anything moves.
+    raise ``ValueError`` naming both keys before anything moves. One C++ pass over the
+    local tensors (:func:`_ties_in_python` where the extension lacks it).
     """
+    made = ops.extension_entry("shared_memory")
+    if made is None:
+        return _ties_in_python(src, dst)
+    n = len(src.locals)
+    same, clash = made(src.locals + dst.locals, [0] * n + [1] * len(dst.locals))
+    if clash is not None:
+        sides = [("source", src, i) if i < n else ("destination", dst, i - n) for i in clash]
+        raise _clash(src, dst, *(
+            (name, flat.local_owners()[i][0]) for name, flat, i in sides
+        ))
+    ties = same[n:]
+    if -1 in ties:  # meta tensors have no address: one tensor is one object
+        owners = dst.local_owners()
+        first: dict[int, int] = {}
+        ties = [t if t >= 0 else first.setdefault(id(dst.leaves[owners[i][0]]), -2 - i)
+                for i, t in enumerate(ties)]
+    return tuple(ties)
+
+
+def _clash(src: Any, dst: Any, a: tuple[str, int], b: tuple[str, int]) -> ValueError:
+    """The error for two local tensors, (side, leaf index) each, that share memory."""
+    path_a = format_path((src if a[0] == "source" else dst).paths[a[1]])
+    path_b = format_path((src if b[0] == "source" else dst).paths[b[1]])
+    return ValueError(
+        f"{_WHAT}: {a[0]} key {path_a!r} and {b[0]} key {path_b!r} share memory "
+        "without being the same tensor: a destination must not overlap another "
+        "destination or a source (tied keys must be one view of one storage)"
+    )
+
+
+def _ties_in_python(src: Any, dst: Any) -> tuple[int, ...]:
+    """:func:`_ties` where the extension lacks its pass: the same checks, per tensor in
+    Python (the ties as leaf indices)."""
     seen: dict[Any, int] = {}
     ties = []
     spans = []  # (first byte, end, tie key, side, leaf index)
@@ -230,13 +264,7 @@ def _ties(src: Any, dst: Any) -> tuple[int, ...]:
             "destination" in (span[3], reach[3])
         ):
             a, b = sorted((reach, span), key=lambda x: (x[3], x[4]))
-            path_a = format_path((src if a[3] == "source" else dst).paths[a[4]])
-            path_b = format_path((src if b[3] == "source" else dst).paths[b[4]])
-            raise ValueError(
-                f"{_WHAT}: {a[3]} key {path_a!r} and {b[3]} key {path_b!r} share memory "
-                "without being the same tensor: a destination must not overlap another "
-                "destination or a source (tied keys must be one view of one storage)"
-            )
+            raise _clash(src, dst, (a[3], a[4]), (b[3], b[4]))
         if reach is None or span[1] > reach[1]:
             reach = span
     return tuple(ties)
