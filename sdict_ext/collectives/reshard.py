@@ -49,7 +49,7 @@ from torch.distributed.tensor import DTensor
 
 from sdict_ext import ops
 from sdict_ext._gc import gc_paused
-from sdict_ext.collectives.agreement import RankFailure, agree, digest, status_device
+from sdict_ext.collectives.agreement import agree, digest, status_device
 from sdict_ext.collectives.boxes import compute_box, dtensor_of, is_plain_placement
 from sdict_ext.collectives.buckets import DEFAULT_BUCKET_BYTES, PIPELINE_SLICE_BYTES, buckets
 from sdict_ext.host.copies import batched_copy_pairs, indexed_device
@@ -181,31 +181,21 @@ class _Side:
         return out
 
 
-def _tie(leaf: Any, local: torch.Tensor) -> tuple[Any, ...]:
-    """What makes two destination leaves one tensor: the same view of one storage (or,
-    on the meta device, where storages have no address, the same object)."""
-    if local.is_meta:
-        return (id(leaf),)
-    return (local.untyped_storage().data_ptr(), local.storage_offset(), local.shape,
-            local.stride(), local.dtype, local.device)
-
-
-def _ties(src: Any, dst: Any) -> tuple[int, ...]:
-    """The destination's tie structure, part of the plan cache's key (the layout
-    signature does not see which leaves share memory, and a plan writes a tied tensor
-    once).
+def _ties(src: Any, dst: Any) -> list[int]:
+    """The destination's tie structure: per local tensor of ``dst``, a number equal for
+    exactly the tensors that are one tensor (tied keys). Part of the plan cache's key (the
+    layout signature does not see which leaves share memory, and a plan writes a tied
+    tensor once) and where :func:`_describe` takes its ties from.
 
     Checked on every call, since memory is not part of the layout: destinations that
     share memory without being one view (``buf[0:8]`` and ``buf[4:12]`` at two keys),
     or a destination that shares memory with a source other than as the same view,
     raise ``ValueError`` naming both keys before anything moves. One C++ pass over the
-    local tensors (:func:`_ties_in_python` where the extension lacks it).
+    local tensors (:func:`_shared_memory_in_python` where the extension lacks it).
     """
-    made = ops.extension_entry("shared_memory")
-    if made is None:
-        return _ties_in_python(src, dst)
+    shared_memory = ops.extension_entry("shared_memory") or _shared_memory_in_python
     n = len(src.locals)
-    same, clash = made(src.locals + dst.locals, [0] * n + [1] * len(dst.locals))
+    same, clash = shared_memory(src.locals + dst.locals, [0] * n + [1] * len(dst.locals))
     if clash is not None:
         sides = [("source", src, i) if i < n else ("destination", dst, i - n) for i in clash]
         raise _clash(src, dst, *(
@@ -217,7 +207,7 @@ def _ties(src: Any, dst: Any) -> tuple[int, ...]:
         first: dict[int, int] = {}
         ties = [t if t >= 0 else first.setdefault(id(dst.leaves[owners[i][0]]), -2 - i)
                 for i, t in enumerate(ties)]
-    return tuple(ties)
+    return ties
 
 
 def _clash(src: Any, dst: Any, a: tuple[str, int], b: tuple[str, int]) -> ValueError:
@@ -231,55 +221,51 @@ def _clash(src: Any, dst: Any, a: tuple[str, int], b: tuple[str, int]) -> ValueE
     )
 
 
-def _ties_in_python(src: Any, dst: Any) -> tuple[int, ...]:
-    """:func:`_ties` where the extension lacks its pass: the same checks, per tensor in
-    Python (the ties as leaf indices)."""
-    seen: dict[Any, int] = {}
-    ties = []
-    spans = []  # (first byte, end, tie key, side, leaf index)
-    for side, flat in (("source", src), ("destination", dst)):
-        for i, (leaf, kind) in enumerate(zip(flat.leaves, flat.kinds)):
-            if kind == LEAF_DTENSOR:
-                tensors = (leaf._local_tensor,)
-            elif kind == LEAF_TENSOR:
-                tensors = (leaf,)
-            elif kind == LEAF_SHARDED:
-                tensors = tuple(shard.tensor for shard in leaf.local_shards())
-            else:
-                continue
-            for t in tensors:
-                if t.is_meta or t.layout != torch.strided or not t.numel():
-                    continue
-                tie = _tie(leaf, t)
-                first = t.data_ptr()
-                extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-                spans.append((first, first + extent * t.element_size(), tie, side, i))
-            if side == "destination" and kind != LEAF_SHARDED:
-                local = tensors[0]
-                ties.append(seen.setdefault(_tie(leaf, local), i))
+def _shared_memory_in_python(
+    tensors: list[torch.Tensor], sides: list[int]
+) -> tuple[list[int], tuple[int, int] | None]:
+    """``sdict_ext._C.shared_memory``, tensor by tensor in Python, for a build without
+    it: per tensor the index of the first that is the same view (-1 without an
+    address), and the first pair whose spans overlap, not as one view, with a
+    destination (side 1) in it."""
+    views: dict[Any, int] = {}
+    same = []
+    spans = []
+    for i, t in enumerate(tensors):
+        if t.is_meta or t.layout != torch.strided or not t.data_ptr():
+            same.append(-1)
+            continue
+        first = t.data_ptr()
+        same.append(views.setdefault((first, t.shape, t.stride(), t.dtype, t.device), i))
+        if t.numel():
+            extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+            spans.append((first, first + extent * t.element_size(), i))
     spans.sort(key=lambda x: x[0])
     reach = None
-    for span in spans:
-        if reach is not None and span[0] < reach[1] and span[2] != reach[2] and (
-            "destination" in (span[3], reach[3])
+    for first, end, i in spans:
+        if reach is not None and first < reach[1] and same[i] != same[reach[2]] and (
+            sides[i] == 1 or sides[reach[2]] == 1
         ):
-            a, b = sorted((reach, span), key=lambda x: (x[3], x[4]))
-            raise _clash(src, dst, (a[3], a[4]), (b[3], b[4]))
-        if reach is None or span[1] > reach[1]:
-            reach = span
-    return tuple(ties)
+            return same, (min(i, reach[2]), max(i, reach[2]))
+        if reach is None or end > reach[1]:
+            reach = (first, end, i)
+    return same, None
 
 
 def _where(side: str, path: tuple[Any, ...]) -> str:
     return f"{_WHAT}: {side} key {format_path(path)!r}"
 
 
-def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
+def _describe(flat: Any, rank: int, side: str, ties: list[int] | None = None) -> _Side:
+    """This rank's side of the layout; ``ties`` (:func:`_ties`, per local tensor) for a
+    destination, whose tied keys are written once."""
+    dst = ties is not None
     out = _Side()
     # Key paths are made once per call (the cached route needs them for the values and
     # the wire description only when it plans); error messages build theirs lazily.
     paths = flat.paths
-    seen: dict[Any, int] = {}
+    seen: dict[int, int] = {}
+    at = 0  # this leaf's first local tensor
     for i, (leaf, kind) in enumerate(zip(flat.leaves, flat.kinds)):
         path = paths[i]
         if not _is_path(path):
@@ -302,12 +288,11 @@ def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
                     "reduce Partial (and redistribute _StridedShard) before resharding"
                 )
             shape = tuple(leaf.shape)
-            local = leaf._local_tensor
             box = compute_box(shape, leaf.device_mesh, placements, rank)
             if box is None:
                 raise ValueError(f"{_where(side, path)}: this rank is not in the DTensor's mesh")
             box_shape, start = box
-            tensors, boxes = [local], [(tuple(start), tuple(box_shape))]
+            tensors, boxes = [leaf._local_tensor], [(tuple(start), tuple(box_shape))]
         elif kind == LEAF_SHARDED:
             shape = tuple(leaf.size())
             tensors, boxes = [], []
@@ -315,11 +300,9 @@ def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
                 md = shard.metadata
                 tensors.append(shard.tensor)
                 boxes.append((tuple(md.shard_offsets), tuple(md.shard_sizes)))
-            local = tensors[0] if tensors else None
         elif kind == LEAF_TENSOR:
             shape = tuple(leaf.shape)
             tensors, boxes = [leaf], [((0,) * len(shape), shape)]
-            local = leaf
         else:
             raise ValueError(
                 f"{_where(side, path)} has unsupported type {type(leaf).__name__}"
@@ -344,11 +327,12 @@ def _describe(flat: Any, rank: int, side: str, dst: bool) -> _Side:
                     f"{_where(side, path)} is on the meta device: a source must hold data"
                 )
         alias = -1
-        if dst and local is not None and kind != LEAF_SHARDED:
+        if dst and kind != LEAF_SHARDED:
             # Tied destinations (one tensor at several keys) are written once.
-            alias = seen.setdefault(_tie(leaf, local), len(out.entries))
+            alias = seen.setdefault(ties[at], len(out.entries))
             if alias == len(out.entries):
                 alias = -1
+        at += len(tensors)
         dense = [t.is_contiguous() for t in tensors]
         out.entries.append((path, shape, str(dtype), boxes, alias, dense))
         out.leaf_of.append(i)
@@ -846,33 +830,33 @@ def _byte_views(side: _Side, pieces: list[Any]) -> list[torch.Tensor]:
     return [v.view(-1).view(torch.uint8) for v in views]
 
 
-def _exchange_values(plan: _Rank, src: _Side, group: dist.ProcessGroup) -> list[Any]:
-    """The plain values other ranks need from this one, and theirs: one object
-    exchange, before any tensor moves, so a value that cannot be sent (it does not
-    pickle) raises on every rank with nothing written. ``[]`` when no rank needs one."""
+def _pickled_values(plan: _Rank, src: _Side) -> dict[Any, bytes] | None:
+    """The plain values other ranks need from this rank, pickled now, before the
+    agreement, so a value that cannot be sent raises on every rank with nothing moved
+    (``ValueError`` naming its key here). None when no rank needs a value from another."""
     if not plan.needs_values:
-        return []
+        return None
     mine = dict(zip(src.values, src.value_objects))
     payload: dict[Any, bytes] = {}
-    problem = None
     for path in sorted(plan.provides, key=repr):
         try:
             payload[path] = pickle.dumps(mine[path], protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:  # noqa: BLE001 (any object a state dict may hold)
-            problem = (f"{_where('source', path)}: its value of type "
-                       f"{type(mine[path]).__name__} cannot be sent to the ranks that need "
-                       f"it: {exc}")
-            break
+            raise ValueError(
+                f"{_where('source', path)}: its value of type {type(mine[path]).__name__} "
+                f"cannot be sent to the ranks that need it: {exc}"
+            ) from exc
+    return payload
+
+
+def _exchange_values(payload: dict[Any, bytes] | None, group: dist.ProcessGroup) -> list[Any]:
+    """Every rank's :func:`_pickled_values`, in one object exchange (none when no rank
+    needs a value from another: every rank's payload is then None)."""
+    if payload is None:
+        return []
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (problem, None if problem else payload), group=group)
-    failures = {r: text for r, (text, _) in enumerate(gathered) if text is not None}
-    if failures:
-        if problem is not None:
-            raise ValueError(problem)
-        lines = "; ".join(f"rank {r}: {t}" for r, t in sorted(failures.items()))
-        raise RankFailure(f"{_WHAT} failed on another rank, so no rank proceeded: {lines}",
-                          failures)
-    return [blobs for _, blobs in gathered]
+    dist.all_gather_object(gathered, payload, group=group)
+    return gathered
 
 
 def _set_values(plan: _Rank, src: _Side, dst: _Side, leaves: list[Any],
@@ -1006,7 +990,7 @@ def reshard_state_dict(
     world = dist.get_world_size(group)
     wire = status_device(group)
     error: BaseException | None = None
-    plan = src = dst = dst_flat = leaves = key = None
+    plan = src = dst = dst_flat = leaves = key = payload = None
     try:
         if type(bucket_bytes) is not int or bucket_bytes < MIN_BUCKET_BYTES:
             raise ValueError(
@@ -1016,16 +1000,18 @@ def reshard_state_dict(
         device = indexed_device(device)
         src_flat = flatten({} if src_state_dict is None else src_state_dict)
         dst_flat = flatten({} if dst_state_dict is None else dst_state_dict)
+        ties = _ties(src_flat, dst_flat)
         key = (id(group), tuple(dist.get_process_group_ranks(group)), me, bucket_bytes,
-               device, src_flat.signature, dst_flat.signature, _ties(src_flat, dst_flat))
+               device, src_flat.signature, dst_flat.signature, tuple(ties))
         plan = _cached(key)
         if plan is None:
             grank = dist.get_rank()
-            src = _describe(src_flat, grank, "source", dst=False)
-            dst = _describe(dst_flat, grank, "destination", dst=True)
+            src = _describe(src_flat, grank, "source")
+            dst = _describe(dst_flat, grank, "destination", ties)
         else:
             src, dst = plan.sides[0].bind(src_flat), plan.sides[1].bind(dst_flat)
             leaves = _allocate(dst, dst_flat, device, wire)
+            payload = _pickled_values(plan, src)
     except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
         error = exc
     # Every rank serves the call from its cache, with the same plan, or all plan anew.
@@ -1044,11 +1030,12 @@ def reshard_state_dict(
             if leaves is None:  # (a rank whose cache served it has allocated already)
                 leaves = _allocate(dst, dst_flat, device, wire)
             _check_wire(plan, src, dst, wire)
+            payload = _pickled_values(plan, src)
         except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
             error = exc
         agree(group, error, what=_WHAT, plan_digest=0 if plan is None else plan.digest)
         _remember(key, plan)
-    gathered = _exchange_values(plan, src, group)
+    gathered = _exchange_values(payload, group)
     _run(plan, src, dst, group, wire)
     _set_values(plan, src, dst, leaves, gathered, me)
     _LAST.clear()
