@@ -24,12 +24,14 @@ API
     127.0.0.1, timeout ``PG_TIMEOUT_S``), so ``dist.get_rank()`` etc. work. Returns the
     return values ordered by rank; they must be picklable. ``timeout`` bounds the call
     itself (pool start-up has its own, generous, ``STARTUP_TIMEOUT_S``).
-``run_fresh(world_size, fn, *args, timeout=60.0, pg_timeout=10.0, allow_exit=(), **kwargs) -> list``
+``run_fresh(world_size, fn, *args, timeout=60.0, pg_timeout=10.0, allow_exit=(),
+device_type="cpu", **kwargs) -> list``
     The same on a brand-new throwaway group that is torn down afterwards, for tests
     that kill a rank or leave the group unusable. ``pg_timeout`` (seconds) is that
-    group's collective timeout. A rank listed in ``allow_exit`` may exit its process
-    during the call; its slot in the result is then an ``Exited`` (with ``exitcode``)
-    instead of a failure.
+    group's collective timeout. ``device_type="cuda"`` makes it an NCCL group, rank
+    ``r`` on GPU ``r`` (the CUDA tests). A rank listed in ``allow_exit`` may exit its
+    process during the call; its slot in the result is then an ``Exited`` (with
+    ``exitcode``) instead of a failure.
 ``RankFailure(AssertionError)``
     Raised when any rank raised (or a worker died): the message holds every failing
     rank's number and full traceback text; ``.failures`` maps rank -> that text.
@@ -40,10 +42,10 @@ API
     Stops every cached pool; called at exit and by the session fixture in
     ``tests/conftest.py``.
 
-``timeout``, ``pg_timeout`` and ``allow_exit`` are consumed by the harness, never passed
-to ``fn``. A pool whose call failed or timed out is discarded, because a rank that
-raised between collectives leaves the group's collective sequence out of step, and
-the next test must not inherit that.
+``timeout``, ``pg_timeout``, ``allow_exit`` and ``device_type`` are consumed by the
+harness, never passed to ``fn``. A pool whose call failed or timed out is discarded,
+because a rank that raised between collectives leaves the group's collective sequence
+out of step, and the next test must not inherit that.
 
 Workers import ``fn``'s module by name, so test modules must be importable from the
 repository root (``tests`` is a package; pytest runs with ``pythonpath = ["."]``). Every
@@ -135,9 +137,9 @@ def _test_error(failed: RanksFailed, timeout: float) -> Exception:
     return RankFailure(_describe(headline, failures, failed.pending), failures)
 
 
-def _start(world_size: int, pg_timeout: float) -> RankPool:
+def _start(world_size: int, pg_timeout: float, device_type: str = "cpu") -> RankPool:
     try:
-        return RankPool(world_size, pg_timeout, name="mp")
+        return RankPool(world_size, pg_timeout, device_type, name="mp")
     except RanksFailed as failed:
         raise _test_error(failed, STARTUP_TIMEOUT_S) from None
 
@@ -180,6 +182,7 @@ def run_fresh(
     timeout: float = 60.0,
     pg_timeout: float = 10.0,
     allow_exit: Collection[int] = (),
+    device_type: str = "cpu",
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on a new throwaway group, then tear it down.
@@ -187,7 +190,7 @@ def run_fresh(
     See the module docstring for the contract.
     """
     payload = pickle_call(fn, args, kwargs)
-    pool = _start(world_size, pg_timeout)
+    pool = _start(world_size, pg_timeout, device_type)
     try:
         return _call(pool, payload, timeout, allow_exit)
     finally:

@@ -8,12 +8,10 @@ GPUs (NCCL refuses two ranks on one device). Skipped without enough GPUs.
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import traceback
-
 import pytest
 import torch
+
+from tests.mp import run_fresh
 
 pytestmark = pytest.mark.cuda
 
@@ -58,57 +56,33 @@ def _layouts(world: int):
     return src, real, meta, expected
 
 
-def _rank(rank: int, world: int, store_path: str, results: mp.Queue) -> None:
-    try:
-        import torch.distributed as dist
-        from torch.distributed.tensor import DTensor
+def _on_rank() -> list:
+    """One rank of an NCCL group (tests/mp.run_fresh with device_type="cuda")."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
-        from sdict_ext.utils import last_reshard_stats, reshard_state_dict
+    from sdict_ext.utils import last_reshard_stats, reshard_state_dict
 
-        torch.cuda.set_device(rank)
-        store = dist.FileStore(store_path, world)
-        dist.init_process_group("nccl", store=store, rank=rank, world_size=world)
-        src, real, meta, expected = _layouts(world)
-        checks = []
-        for dst in (real, meta):
-            out = reshard_state_dict(src, dst)
-            torch.cuda.synchronize()
-            for key, want in expected.items():
-                got = out[key]
-                local = got.to_local() if isinstance(got, DTensor) else got
-                checks.append((key, local.device.type, torch.equal(local, want)))
-            stats = last_reshard_stats()
-            checks.append(("bytes", stats["bytes_received"] + stats["bytes_local"],
-                           stats["bytes_owned"]))
-        out = reshard_state_dict(src, real)
-        assert all(out[k] is real[k] for k in real)
-        checks.append(("cached", last_reshard_stats()["planned"]))
-        dist.destroy_process_group()
-        results.put((rank, checks))
-    except BaseException:  # noqa: BLE001 (reported to the test)
-        results.put((rank, traceback.format_exc()))
+    src, real, meta, expected = _layouts(dist.get_world_size())
+    checks = []
+    for dst in (real, meta):
+        out = reshard_state_dict(src, dst)
+        torch.cuda.synchronize()
+        for key, want in expected.items():
+            got = out[key]
+            local = got.to_local() if isinstance(got, DTensor) else got
+            checks.append((key, local.device.type, torch.equal(local, want)))
+        stats = last_reshard_stats()
+        checks.append(("bytes", stats["bytes_received"] + stats["bytes_local"],
+                       stats["bytes_owned"]))
+    out = reshard_state_dict(src, real)
+    assert all(out[k] is real[k] for k in real)
+    checks.append(("cached", last_reshard_stats()["planned"]))
+    return checks
 
 
-def _run(world: int, tmp_path) -> list:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    store = os.path.join(tmp_path, "store")
-    procs = [ctx.Process(target=_rank, args=(r, world, store, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        for _ in range(world):
-            rank, value = results.get(timeout=_TIMEOUT_S)
-            got[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    for rank, value in got.items():
-        assert not isinstance(value, str), f"rank {rank} failed:\n{value}"
-    return [got[r] for r in range(world)]
+def _run(world: int) -> list:
+    return run_fresh(world, _on_rank, timeout=_TIMEOUT_S, pg_timeout=60, device_type="cuda")
 
 
 def _assert_checks(per_rank: list) -> None:
@@ -125,10 +99,10 @@ def _assert_checks(per_rank: list) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_reshard_on_one_gpu_copies_every_box_on_the_device(tmp_path):
-    _assert_checks(_run(1, tmp_path))
+def test_reshard_on_one_gpu_copies_every_box_on_the_device():
+    _assert_checks(_run(1))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL)")
-def test_reshard_over_nccl_moves_shard0_to_shard1_bit_exact(tmp_path):
-    _assert_checks(_run(2, tmp_path))
+def test_reshard_over_nccl_moves_shard0_to_shard1_bit_exact():
+    _assert_checks(_run(2))
