@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import pickle
 from collections.abc import Sequence
 from typing import Any
 
@@ -830,32 +829,16 @@ def _byte_views(side: _Side, pieces: list[Any]) -> list[torch.Tensor]:
     return [v.view(-1).view(torch.uint8) for v in views]
 
 
-def _pickled_values(plan: _Rank, src: _Side) -> dict[Any, bytes] | None:
-    """The plain values other ranks need from this rank, pickled now, before the
-    agreement, so a value that cannot be sent raises on every rank with nothing moved
-    (``ValueError`` naming its key here). None when no rank needs a value from another."""
+def _exchange_values(plan: _Rank, src: _Side, group: dist.ProcessGroup) -> list[Any]:
+    """Every rank's plain values that other ranks need from it, in one object exchange
+    (none when no rank needs one from another). Only the supported kinds travel (int,
+    float, str, bytes, ``io.BytesIO``, None: the walk's ``type_check`` refused anything
+    else before the agreement), so the exchange cannot fail on pickling."""
     if not plan.needs_values:
-        return None
-    mine = dict(zip(src.values, src.value_objects))
-    payload: dict[Any, bytes] = {}
-    for path in sorted(plan.provides, key=repr):
-        try:
-            payload[path] = pickle.dumps(mine[path], protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:  # noqa: BLE001 (any object a state dict may hold)
-            raise ValueError(
-                f"{_where('source', path)}: its value of type {type(mine[path]).__name__} "
-                f"cannot be sent to the ranks that need it: {exc}"
-            ) from exc
-    return payload
-
-
-def _exchange_values(payload: dict[Any, bytes] | None, group: dist.ProcessGroup) -> list[Any]:
-    """Every rank's :func:`_pickled_values`, in one object exchange (none when no rank
-    needs a value from another: every rank's payload is then None)."""
-    if payload is None:
         return []
+    mine = dict(zip(src.values, src.value_objects))
     gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, payload, group=group)
+    dist.all_gather_object(gathered, {p: mine[p] for p in plan.provides}, group=group)
     return gathered
 
 
@@ -865,9 +848,8 @@ def _set_values(plan: _Rank, src: _Side, dst: _Side, leaves: list[Any],
     mine = dict(zip(src.values, src.value_objects))
     for path, i in zip(dst.values, dst.value_leaf):
         source = plan.value_providers.get(path)
-        if source is None:
-            continue
-        leaves[i] = mine[path] if source == me else pickle.loads(gathered[source][path])
+        if source is not None:
+            leaves[i] = mine[path] if source == me else gathered[source][path]
 
 
 def _check_wire(plan: _Rank, src: _Side, dst: _Side, wire: torch.device) -> None:
@@ -990,7 +972,7 @@ def reshard_state_dict(
     world = dist.get_world_size(group)
     wire = status_device(group)
     error: BaseException | None = None
-    plan = src = dst = dst_flat = leaves = key = payload = None
+    plan = src = dst = dst_flat = leaves = key = None
     try:
         if type(bucket_bytes) is not int or bucket_bytes < MIN_BUCKET_BYTES:
             raise ValueError(
@@ -1011,7 +993,6 @@ def reshard_state_dict(
         else:
             src, dst = plan.sides[0].bind(src_flat), plan.sides[1].bind(dst_flat)
             leaves = _allocate(dst, dst_flat, device, wire)
-            payload = _pickled_values(plan, src)
     except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
         error = exc
     # Every rank serves the call from its cache, with the same plan, or all plan anew.
@@ -1030,12 +1011,11 @@ def reshard_state_dict(
             if leaves is None:  # (a rank whose cache served it has allocated already)
                 leaves = _allocate(dst, dst_flat, device, wire)
             _check_wire(plan, src, dst, wire)
-            payload = _pickled_values(plan, src)
         except Exception as exc:  # noqa: BLE001 (every rank must learn of it)
             error = exc
         agree(group, error, what=_WHAT, plan_digest=0 if plan is None else plan.digest)
         _remember(key, plan)
-    gathered = _exchange_values(payload, group)
+    gathered = _exchange_values(plan, src, group)
     _run(plan, src, dst, group, wire)
     _set_values(plan, src, dst, leaves, gathered, me)
     _LAST.clear()
